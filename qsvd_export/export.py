@@ -1,0 +1,237 @@
+"""Dense export: transformers model → ONNX (torch dynamo exporter, opset 21) with explicit cache I/O.
+
+Decoder graph contract (optimum / onnxruntime-genai names):
+  inputs  ``input_ids`` int64 [batch, seq], ``attention_mask`` int64 [batch, past+seq],
+          ``position_ids`` int64 [batch, seq],
+          ``past_key_values.{i}.key|value`` float32 [batch, kv_heads, past, head_dim]
+  outputs ``logits`` float32 [batch, seq, vocab], ``present.{i}.key|value`` [batch, kv_heads, past+seq, head_dim]
+One graph serves prefill (past = 0) and decode. ``attention_mask`` covers past and new tokens
+(1 = attend, 0 = padding); the graph builds the causal (and sliding-window) additive mask itself.
+
+Encoder graph: ``input_ids``, ``attention_mask``, ``token_type_ids`` → ``last_hidden_state``.
+Vision graph: ``pixel_values`` [batch, channels, H, W] → ``last_hidden_state``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import logging
+import warnings
+from dataclasses import dataclass
+from typing import Any
+
+import onnx_ir as ir
+
+from qsvd_export.bundle import CacheTensor, LayerCache
+from qsvd_export.errors import UnsupportedModelError
+from qsvd_export.models import adapter_for_config
+from qsvd_export.zoo import LoadedModel
+
+OPSET = 21
+
+BATCH, SEQ, PAST, TOTAL = "batch_size", "sequence_length", "past_sequence_length", "total_sequence_length"
+
+
+@dataclass
+class ExportedGraph:
+    """An exported graph with the I/O contract the bundle config records."""
+
+    model: ir.Model
+    inputs: list[str]
+    outputs: list[str]
+    cache: list[LayerCache]
+
+
+def additive_causal_mask(attention_mask: Any, query_length: int, sliding_window: int | None, dtype: Any) -> Any:
+    """[batch, total] 0/1 padding mask → [batch, 1, query, total] additive mask (0 keep, dtype-min drop).
+
+    Query ``i`` sits at cache position ``total - query + i``; it may attend key ``j`` iff
+    ``j <= pos_i``, ``attention_mask[j] == 1`` and, for sliding layers, ``pos_i - j < window``.
+    """
+    import torch
+
+    total = attention_mask.shape[1]
+    key_pos = torch.arange(total, device=attention_mask.device)
+    query_pos = torch.arange(query_length, device=attention_mask.device) + (total - query_length)
+    allowed = key_pos[None, :] <= query_pos[:, None]
+    if sliding_window is not None:
+        allowed = allowed & (query_pos[:, None] - key_pos[None, :] < sliding_window)
+    allowed = allowed[None, None, :, :] & (attention_mask[:, None, None, :] > 0)
+    return torch.where(allowed, 0.0, torch.finfo(dtype).min).to(dtype)
+
+
+def _decoder_wrapper(model: Any, adapter: Any) -> Any:
+    import torch
+    from transformers import DynamicCache
+
+    config = model.config
+    layer_types = adapter.layer_types(config)
+    window = adapter.sliding_window(config)
+    uses_mapping = "sliding_attention" in layer_types
+
+    class DecoderForExport(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.model = model
+
+        def forward(self, input_ids, attention_mask, position_ids, past):  # type: ignore[no-untyped-def]
+            cache = DynamicCache(ddp_cache_data=[(k, v) for k, v in past])
+            query_length = input_ids.shape[1]
+            dtype = self.model.dtype
+            full = additive_causal_mask(attention_mask, query_length, None, dtype)
+            if uses_mapping:
+                mask: Any = {
+                    "full_attention": full,
+                    "sliding_attention": additive_causal_mask(attention_mask, query_length, window, dtype),
+                }
+            else:
+                mask = full
+            out = self.model(
+                input_ids=input_ids, attention_mask=mask, position_ids=position_ids, cache=cache, use_cache=True
+            )
+            present = [(layer.keys, layer.values) for layer in out.cache.layers]
+            return out.logits, present
+
+    return DecoderForExport()
+
+
+def _encoder_wrapper(model: Any) -> Any:
+    import torch
+
+    class EncoderForExport(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.model = model
+
+        def forward(self, input_ids, attention_mask, token_type_ids):  # type: ignore[no-untyped-def]
+            dtype = self.model.dtype
+            keep = attention_mask[:, None, None, :] > 0
+            mask = torch.where(keep, 0.0, torch.finfo(dtype).min).to(dtype)
+            out = self.model(input_ids=input_ids, attention_mask=mask, token_type_ids=token_type_ids)
+            return out.last_hidden_state
+
+    return EncoderForExport()
+
+
+def _vision_wrapper(model: Any) -> Any:
+    import torch
+
+    class VisionForExport(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.model = model
+
+        def forward(self, pixel_values):  # type: ignore[no-untyped-def]
+            return self.model(pixel_values=pixel_values).last_hidden_state
+
+    return VisionForExport()
+
+
+def decoder_cache_layout(config: Any) -> list[LayerCache]:
+    """Dense cache entries for every decoder layer (DESIGN.md §6)."""
+    adapter = adapter_for_config(config)
+    kv_heads, head_dim = adapter.num_kv_heads(config), adapter.head_dim(config)
+    layers = []
+    for i in range(adapter.num_layers(config)):
+        tensors = [
+            CacheTensor(
+                input=f"past_key_values.{i}.{part}",
+                output=f"present.{i}.{part}",
+                shape=[BATCH, kv_heads, PAST, head_dim],
+                dtype="float32",
+                sequence_axis=2,
+            )
+            for part in ("key", "value")
+        ]
+        layers.append(LayerCache(layer=i, kind="dense", tensors=tensors))
+    return layers
+
+
+def _run_exporter(wrapper: Any, args: tuple, input_names: list[str], output_names: list[str], dynamic: Any) -> ir.Model:
+    import torch
+
+    # The exporter prints progress and warns about optional ops (torchvision); keep the CLI output clean.
+    sink = io.StringIO()
+    logging.getLogger("torch.onnx").setLevel(logging.ERROR)
+    with warnings.catch_warnings(), contextlib.redirect_stdout(sink), torch.no_grad():
+        warnings.simplefilter("ignore")
+        program = torch.onnx.export(
+            wrapper, args, input_names=input_names, output_names=output_names, dynamic_shapes=dynamic,
+            dynamo=True, opset_version=OPSET, optimize=True, verbose=False, report=False,
+        )
+    model = program.model
+    model.producer_name = "qsvd-export"
+    return model
+
+
+def export_decoder(loaded: LoadedModel) -> ExportedGraph:
+    import torch
+
+    model = loaded.model
+    config = model.config
+    adapter = adapter_for_config(config)
+    layers = decoder_cache_layout(config)
+    n_layers = len(layers)
+    kv_heads, head_dim = adapter.num_kv_heads(config), adapter.head_dim(config)
+    # Trace with sizes > 1 so the exporter does not specialize batch / seq / past to constants.
+    batch, seq, past = 2, 3, 4
+    input_ids = torch.randint(0, int(config.vocab_size), (batch, seq))
+    attention_mask = torch.ones(batch, past + seq, dtype=torch.int64)
+    position_ids = torch.arange(past, past + seq)[None].expand(batch, seq).contiguous()
+    cache = [
+        (torch.zeros(batch, kv_heads, past, head_dim), torch.zeros(batch, kv_heads, past, head_dim))
+        for _ in range(n_layers)
+    ]
+    b, s, p, t = (torch.export.Dim(n) for n in (BATCH, SEQ, PAST, TOTAL))
+    dynamic = {
+        "input_ids": {0: b, 1: s},
+        "attention_mask": {0: b, 1: t},
+        "position_ids": {0: b, 1: s},
+        "past": [({0: b, 2: p}, {0: b, 2: p}) for _ in range(n_layers)],
+    }
+    cache_inputs = [tensor.input for layer in layers for tensor in layer.tensors]
+    cache_outputs = [tensor.output for layer in layers for tensor in layer.tensors]
+    inputs = ["input_ids", "attention_mask", "position_ids", *cache_inputs]
+    outputs = ["logits", *cache_outputs]
+    wrapper = _decoder_wrapper(model, adapter)
+    onnx_model = _run_exporter(wrapper, (input_ids, attention_mask, position_ids, cache), inputs, outputs, dynamic)
+    return ExportedGraph(onnx_model, inputs, outputs, layers)
+
+
+def export_encoder(loaded: LoadedModel) -> ExportedGraph:
+    import torch
+
+    config = loaded.model.config
+    batch, seq = 2, 5
+    input_ids = torch.randint(0, int(config.vocab_size), (batch, seq))
+    attention_mask = torch.ones(batch, seq, dtype=torch.int64)
+    token_type_ids = torch.zeros(batch, seq, dtype=torch.int64)
+    b, s = torch.export.Dim(BATCH), torch.export.Dim(SEQ)
+    dynamic = {"input_ids": {0: b, 1: s}, "attention_mask": {0: b, 1: s}, "token_type_ids": {0: b, 1: s}}
+    inputs = ["input_ids", "attention_mask", "token_type_ids"]
+    outputs = ["last_hidden_state"]
+    onnx_model = _run_exporter(
+        _encoder_wrapper(loaded.model), (input_ids, attention_mask, token_type_ids), inputs, outputs, dynamic
+    )
+    return ExportedGraph(onnx_model, inputs, outputs, [])
+
+
+def export_vision(loaded: LoadedModel) -> ExportedGraph:
+    import torch
+
+    config = loaded.model.config
+    size = int(config.image_size)
+    pixel_values = torch.randn(2, int(config.num_channels), size, size)
+    dynamic = {"pixel_values": {0: torch.export.Dim(BATCH)}}
+    inputs, outputs = ["pixel_values"], ["last_hidden_state"]
+    onnx_model = _run_exporter(_vision_wrapper(loaded.model), (pixel_values,), inputs, outputs, dynamic)
+    return ExportedGraph(onnx_model, inputs, outputs, [])
+
+
+def export_graph(loaded: LoadedModel) -> ExportedGraph:
+    """Export ``loaded`` to an in-memory ONNX IR model according to its kind."""
+    exporters = {"decoder": export_decoder, "encoder": export_encoder, "vision": export_vision}
+    if loaded.kind not in exporters:
+        raise UnsupportedModelError(f"{loaded.name}: no exporter for kind '{loaded.kind}'")
+    return exporters[loaded.kind](loaded)

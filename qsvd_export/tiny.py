@@ -1,0 +1,117 @@
+"""Tiny random configs of each supported family, for fast structural and parity tests.
+
+Random weights have flat spectra: they prove structure and numerical parity, never compression quality.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+from qsvd_export.errors import UsageError
+
+_VOCAB = 256
+
+
+def _llama() -> Any:
+    from transformers import LlamaConfig
+
+    return LlamaConfig(
+        vocab_size=_VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096,
+        rope_parameters={"rope_type": "default", "rope_theta": 10000.0}, tie_word_embeddings=True,
+    )
+
+
+def _qwen2() -> Any:
+    from transformers import Qwen2Config
+
+    return Qwen2Config(
+        vocab_size=_VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096,
+        tie_word_embeddings=False,
+    )
+
+
+def _gemma3() -> Any:
+    from transformers import Gemma3TextConfig
+
+    return Gemma3TextConfig(
+        vocab_size=_VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=3,
+        num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=4096,
+        sliding_window=8, layer_types=["sliding_attention", "sliding_attention", "full_attention"],
+        query_pre_attn_scalar=16,
+    )
+
+
+def _gpt2() -> Any:
+    from transformers import GPT2Config
+
+    return GPT2Config(
+        vocab_size=_VOCAB, n_embd=64, n_layer=2, n_head=4, n_positions=1024, bos_token_id=1, eos_token_id=2
+    )
+
+
+def _bert() -> Any:
+    from transformers import BertConfig
+
+    return BertConfig(
+        vocab_size=_VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+        num_attention_heads=4, max_position_embeddings=128,
+    )
+
+
+def _vit() -> Any:
+    from transformers import ViTConfig
+
+    return ViTConfig(
+        hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+        image_size=32, patch_size=8, num_channels=3,
+    )
+
+
+def _dinov2() -> Any:
+    from transformers import Dinov2Config
+
+    return Dinov2Config(
+        hidden_size=64, mlp_ratio=2, num_hidden_layers=2, num_attention_heads=4,
+        image_size=32, patch_size=8, num_channels=3,
+    )
+
+
+TINY_CONFIGS: dict[str, Callable[[], Any]] = {
+    "llama": _llama,
+    "qwen2": _qwen2,
+    "gemma3": _gemma3,
+    "gpt2": _gpt2,
+    "bert": _bert,
+    "vit": _vit,
+    "dinov2": _dinov2,
+}
+
+
+def build_tiny(family: str, seed: int = 0):
+    """Build ``tiny-<family>`` with deterministic random weights (seeded), eval mode, fp32."""
+    import torch
+
+    from qsvd_export.models import adapter_for_config
+    from qsvd_export.zoo import LoadedModel
+
+    if family not in TINY_CONFIGS:
+        raise UsageError(f"unknown tiny family '{family}' (known: {', '.join(sorted(TINY_CONFIGS))})")
+    config = TINY_CONFIGS[family]()
+    config._attn_implementation = "eager"
+    adapter = adapter_for_config(config)
+    generator_state = torch.random.get_rng_state()
+    try:
+        torch.manual_seed(seed)
+        model = adapter.model_class().from_config(config, dtype=torch.float32, attn_implementation="eager")
+        # Random init of tiny models is near-degenerate (zero biases, unit norms); perturb so parity tests
+        # exercise every parameter.
+        with torch.no_grad():
+            for param in model.parameters():
+                param.add_(torch.randn_like(param) * 0.02)
+    finally:
+        torch.random.set_rng_state(generator_state)
+    model.eval()
+    return LoadedModel(name=f"tiny-{family}", model=model, tokenizer=None, kind=adapter.kind,
+                       source={"tiny": family, "seed": seed})

@@ -1,0 +1,88 @@
+"""Decode loop over a decoder bundle: dense and latent caches alike, driven by ``qsvd_config.json``.
+
+The loop never assumes a cache layout: it allocates every cache tensor the config lists (zero length on
+the sequence axis for prefill), feeds ``present.*`` outputs back as the next step's ``past_*`` inputs,
+and grows ``attention_mask`` by the new tokens.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from qsvd_export.bundle import BundleConfig, load_bundle_config
+from qsvd_export.errors import UsageError
+from qsvd_export.runtimes.metrics import window_nll
+from qsvd_export.runtimes.sessions import SessionOptions, create_session
+
+_NP_DTYPES = {"float32": np.float32, "float16": np.float16, "uint16": np.uint16, "uint8": np.uint8}
+
+Cache = dict[str, np.ndarray]
+
+
+class DecoderRunner:
+    """One ONNX Runtime session over a bundle's decoder graph (role ``model``: dynamic shapes)."""
+
+    def __init__(self, bundle: str | Path, target: str = "cpu", options: SessionOptions | None = None) -> None:
+        self.bundle = Path(bundle)
+        self.config: BundleConfig = load_bundle_config(self.bundle)
+        if self.config.kind != "decoder":
+            raise UsageError(f"{bundle}: a {self.config.kind} bundle has no decode loop")
+        spec = self.config.graph("model")
+        self.session = create_session(self.bundle / spec.filename, target, options)
+        self.graph_inputs = {i.name for i in self.session.get_inputs()}
+        self.output_names = [o.name for o in self.session.get_outputs()]
+
+    def empty_cache(self, batch: int) -> Cache:
+        cache: Cache = {}
+        for layer in self.config.cache:
+            for tensor in layer.tensors:
+                shape = [batch if d == "batch_size" else 0 if d == "past_sequence_length" else d for d in tensor.shape]
+                cache[tensor.input] = np.zeros(shape, dtype=_NP_DTYPES[tensor.dtype])
+        return cache
+
+    def step(
+        self, input_ids: np.ndarray, attention_mask: np.ndarray, position_ids: np.ndarray, cache: Cache
+    ) -> tuple[np.ndarray, Cache]:
+        """Run one forward; returns logits [batch, seq, vocab] and the next cache."""
+        feed = {"input_ids": input_ids.astype(np.int64), "attention_mask": attention_mask.astype(np.int64)}
+        if "position_ids" in self.graph_inputs:
+            feed["position_ids"] = position_ids.astype(np.int64)
+        feed.update(cache)
+        values = dict(zip(self.output_names, self.session.run(self.output_names, feed)))
+        present = {t.input: values[t.output] for layer in self.config.cache for t in layer.tensors}
+        return values["logits"], present
+
+    def prefill(self, token_ids: np.ndarray) -> tuple[np.ndarray, Cache]:
+        """Forward a [batch, seq] block with an empty cache."""
+        batch, seq = token_ids.shape
+        mask = np.ones((batch, seq), dtype=np.int64)
+        positions = np.broadcast_to(np.arange(seq, dtype=np.int64), (batch, seq))
+        return self.step(token_ids, mask, positions, self.empty_cache(batch))
+
+    def generate(self, prompt_ids: list[int], max_new_tokens: int, eos_ids: list[int] | None = None) -> list[int]:
+        """Greedy generation for one prompt; returns the new token ids (stops after an EOS id)."""
+        eos = set(eos_ids or [])
+        logits, cache = self.prefill(np.asarray([prompt_ids], dtype=np.int64))
+        length = len(prompt_ids)
+        new: list[int] = []
+        for _ in range(max_new_tokens):
+            token = int(np.argmax(logits[0, -1]))
+            new.append(token)
+            if token in eos:
+                break
+            mask = np.ones((1, length + 1), dtype=np.int64)
+            logits, cache = self.step(np.asarray([[token]]), mask, np.asarray([[length]]), cache)
+            length += 1
+        return new
+
+    def window_nlls(self, windows: np.ndarray, progress=None) -> list[float]:  # type: ignore[no-untyped-def]
+        """Mean NLL per [window_len] row of ``windows`` (each a fresh prefill)."""
+        nlls = []
+        for row in windows:
+            logits, _ = self.prefill(row[None, :])
+            nlls.append(window_nll(logits[0], row))
+            if progress is not None:
+                progress()
+        return nlls

