@@ -74,6 +74,28 @@ def build_parser() -> argparse.ArgumentParser:
     _add_runtime(p)
     _add_common(p)
 
+    p = sub.add_parser("compress", help="QSVD torch stage: calibrate, allocate ranks under a budget, write a plan")
+    p.add_argument("model")
+    p.add_argument("--budget", required=True, help="kv=R2 and/or params=R1, e.g. kv=0.5 or params=0.8,kv=0.75")
+    p.add_argument("-o", "--output", required=True, type=Path)
+    p.add_argument("--allocation", choices=["qsvd", "uniform", "fisher"], default="qsvd")
+    p.add_argument("--grouping", choices=["auto", "qkv", "kv", "separate"], default="auto")
+    p.add_argument("--whitening", choices=["cholesky", "absmean", "none"], default="cholesky")
+    p.add_argument("--calib", default="wiki_calib", help="calibration text file or bundled corpus")
+    p.add_argument("--calib-windows", type=int, default=128)
+    p.add_argument("--calib-length", type=int, default=512)
+    p.add_argument("--grad-windows", type=int, default=32, help="windows for the gradient importance pass")
+    p.add_argument("--bits", default="fp", help="fp, w8a16, w8a8, w4a16, w4a8, w4a4 (β is searched for them)")
+    p.add_argument("--beta", type=float, default=None, help="fixed β instead of the per-group search")
+    p.add_argument("--rotation", choices=["orthogonal", "hadamard", "none"], default="orthogonal")
+    p.add_argument("--min-rank", type=int, default=8)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--eval", action="store_true", help="perplexity of dense and compressed model in torch")
+    p.add_argument("--eval-text", default="wiki_eval")
+    p.add_argument("--eval-windows", type=int, default=32)
+    p.add_argument("--overwrite", action="store_true")
+    _add_common(p)
+
     p = sub.add_parser("models", help="list the bundled models and tiny test families")
     _add_common(p)
     return parser
@@ -188,6 +210,38 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_compress(args: argparse.Namespace) -> int:
+    from qsvd_export.compress.budget import parse_budget
+    from qsvd_export.compress.compressor import CompressOptions
+    from qsvd_export.pipeline import build_plan_folder
+    from qsvd_export.quantize import parse_bits
+
+    for flag in ("calib_windows", "calib_length", "grad_windows", "eval_windows", "min_rank"):
+        if getattr(args, flag) < (2 if flag == "calib_length" else 0 if flag == "grad_windows" else 1):
+            raise UsageError(f"--{flag.replace('_', '-')} is too small ({getattr(args, flag)})")
+    parse_bits(args.bits)
+    if args.beta is not None and not 0.0 <= args.beta <= 1.0:
+        raise UsageError(f"--beta must be in [0, 1], got {args.beta}")
+    options = CompressOptions(
+        budget=parse_budget(args.budget), allocation=args.allocation, grouping=args.grouping,
+        whitening=args.whitening, calib_text=args.calib, calib_windows=args.calib_windows,
+        calib_length=args.calib_length, grad_windows=args.grad_windows, bits=args.bits, beta=args.beta,
+        rotation=args.rotation, min_rank=args.min_rank, seed=args.seed,
+    )
+    result = build_plan_folder(
+        args.model, options, args.output, overwrite=args.overwrite,
+        eval_text=args.eval_text if args.eval else None, eval_windows=args.eval_windows,
+    )
+    report = result.report
+    print(f"wrote {result.out}: R1 {report['r1']:.3f}, R2 {report['r2']:.3f}, "
+          f"KV {report['kv_bytes_per_token_fp16']} B/token fp16 (dense {report['kv_bytes_per_token_dense_fp16']})")
+    if "perplexity" in report:
+        ppl = report["perplexity"]
+        print(f"perplexity ({ppl['windows']} x {ppl['length']} of {ppl['text']}): dense {ppl['dense']:.3f}, "
+              f"compressed {ppl['compressed']:.3f} ({ppl['compressed'] / ppl['dense']:.3f} x)")
+    return 0
+
+
 def cmd_models(args: argparse.Namespace) -> int:
     from qsvd_export.tiny import TINY_CONFIGS
     from qsvd_export.zoo import DEFAULT_MODEL, ZOO
@@ -199,7 +253,7 @@ def cmd_models(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"export": cmd_export, "run": cmd_run, "eval": cmd_eval, "demo": cmd_demo, "models": cmd_models}
+COMMANDS = {"export": cmd_export, "compress": cmd_compress, "run": cmd_run, "eval": cmd_eval, "demo": cmd_demo, "models": cmd_models}
 
 
 def _on_sigterm(signum: int, frame: Any) -> None:

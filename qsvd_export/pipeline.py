@@ -21,7 +21,7 @@ GRAPH_FILE = "model.onnx"
 @dataclass
 class BuildResult:
     out: Path
-    config: BundleConfig
+    config: BundleConfig | None
     report: dict[str, Any]
     timings: dict[str, float]
 
@@ -117,3 +117,63 @@ def build_dense_bundle(spec: str, out: Path, overwrite: bool = False, seed: int 
         write_json(tmp / "timings.json", {k: round(v, 3) for k, v in timings.items()})
     report = json.loads((Path(out) / "report.json").read_text())
     return BuildResult(Path(out), config, report, timings)
+
+
+def plan_report(plan: Any) -> dict[str, Any]:
+    """Deterministic summary of a plan: R1, R2, per-layer grouping, ranks and cache bytes (fp16)."""
+    layers = []
+    for layer in plan.layers:
+        params, width = layer.cost()
+        layers.append({
+            "layer": layer.layer, "grouping": layer.grouping, "ranks": {g.members: g.rank for g in layer.groups},
+            "latent_rank": layer.latent_rank, "params": params, "kv_bytes_per_token_fp16": 2 * width,
+            "betas": {g.members: g.beta for g in layer.groups},
+        })
+    dense_kv = sum(2 * (la.dims["k"] + la.dims["v"]) for la in plan.layers)
+    return {
+        "model": plan.model, "budget": plan.budget, "r1": plan.r1, "r2": plan.r2, "method": plan.method,
+        "calibration": plan.calibration, "kv_bytes_per_token_fp16": sum(la["kv_bytes_per_token_fp16"] for la in layers),
+        "kv_bytes_per_token_dense_fp16": dense_kv, "layers": layers,
+    }
+
+
+def build_plan_folder(spec: str, options: Any, out: Path, overwrite: bool = False,
+                      eval_text: str | None = None, eval_windows: int = 32) -> BuildResult:
+    """``qsvd-export compress``: the torch stage; writes plan.json, plan.safetensors and report.json."""
+    import copy
+
+    from qsvd_export.bundle import check_output_dir
+    from qsvd_export.compress.compressor import compress_model, options_summary
+    from qsvd_export.plan import apply_plan, save_plan
+
+    check_output_dir(out, overwrite)
+    timings: dict[str, float] = {}
+    start = time.perf_counter()
+    loaded = load_model(spec, seed=options.seed)
+    timings["load_s"] = time.perf_counter() - start
+    start = time.perf_counter()
+    plan = compress_model(loaded, options)
+    timings["compress_s"] = time.perf_counter() - start
+    report = plan_report(plan)
+    report["options"] = options_summary(options)
+    if eval_text is not None:
+        from qsvd_export.data import read_text, token_windows
+        from qsvd_export.evaluate import torch_window_nlls
+        from qsvd_export.progress import bar
+        from qsvd_export.runtimes.metrics import perplexity
+
+        start = time.perf_counter()
+        rows = token_windows(loaded.tokenizer, read_text(eval_text), 512, eval_windows, source=eval_text)
+        progress = bar(2 * len(rows), "perplexity (torch)")
+        dense = perplexity(torch_window_nlls(loaded.model, rows, progress.update))
+        compressed_model = apply_plan(copy.deepcopy(loaded.model), plan)
+        compressed = perplexity(torch_window_nlls(compressed_model, rows, progress.update))
+        progress.close()
+        timings["eval_s"] = time.perf_counter() - start
+        report["perplexity"] = {"text": eval_text, "windows": len(rows), "length": 512,
+                                "dense": round(dense, 4), "compressed": round(compressed, 4)}
+    with atomic_output_dir(out, overwrite) as tmp:
+        save_plan(plan, tmp)
+        write_json(tmp / "report.json", report)
+        write_json(tmp / "timings.json", {k: round(v, 3) for k, v in timings.items()})
+    return BuildResult(Path(out), None, report, timings)

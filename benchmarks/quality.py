@@ -1,0 +1,118 @@
+"""Quality of the torch stage: perplexity vs (R1, R2) for QSVD and the baselines, in one run.
+
+    python -m benchmarks.quality [--quick] [--out results/quality.json]
+
+Rows (smollm2-135m): dense; QSVD (gradient importance, per-layer grouping); uniform joint QKV; uniform
+joint KV (Q dense); per-matrix SVD (K and V separately, Q dense); Fisher-per-layer (joint KV).
+All share one calibration (wiki_calib) and one whitening. Perplexity follows EVAL.md (torch, plan
+applied). minilm-l6: mean embedding cosine vs dense over news_eval sentences at several R1.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import platform
+import resource
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from qsvd_export.compress.budget import parse_budget
+from qsvd_export.compress.compressor import CompressOptions, analyze, build_plan
+from qsvd_export.data import read_text, token_windows
+from qsvd_export.evaluate import torch_window_nlls
+from qsvd_export.plan import apply_plan
+from qsvd_export.runtimes.metrics import perplexity
+from qsvd_export.zoo import load_model
+
+METHODS = [
+    ("qsvd", "auto", "QSVD (gradient, best grouping)"),
+    ("qsvd", "qkv", "QSVD (gradient, joint QKV)"),
+    ("uniform", "qkv", "uniform joint QKV"),
+    ("uniform", "kv", "uniform joint KV (Q dense)"),
+    ("uniform", "separate", "per-matrix SVD (K, V)"),
+    ("fisher", "kv", "Fisher-per-layer joint KV"),
+]
+BUDGETS = ["kv=0.5,params=1.0", "params=0.8,kv=0.75", "kv=0.75,params=1.0", "kv=0.3,params=1.0"]
+
+
+def peak_rss_gb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6
+
+
+def smollm2_table(args: argparse.Namespace) -> dict:
+    loaded = load_model("smollm2-135m")
+    torch.set_num_threads(args.threads)
+    eval_sets = {name: token_windows(loaded.tokenizer, read_text(name), 512, args.eval_windows, source=name)
+                 for name in ("wiki_eval", "news_eval")}
+
+    def evaluate(model) -> dict[str, float]:  # type: ignore[no-untyped-def]
+        return {name: perplexity(torch_window_nlls(model, rows)) for name, rows in eval_sets.items()}
+
+    rows = [{"method": "dense", "budget": "-", "r1": 1.0, "r2": 1.0, **evaluate(loaded.model)}]
+    print(json.dumps(rows[-1]), flush=True)
+    results = {"rows": rows, "timing": {}}
+    for whitening in args.whitenings:
+        options = CompressOptions(budget=parse_budget("kv=1.0"), whitening=whitening, calib_windows=args.calib_windows,
+                                  grad_windows=args.grad_windows)
+        start = time.perf_counter()
+        analysis = analyze(loaded, options, groups=("qkv", "kv", "q", "k", "v"))
+        results["timing"][f"analysis_{whitening}_s"] = round(time.perf_counter() - start, 1)
+        results["timing"]["peak_rss_gb"] = round(peak_rss_gb(), 2)
+        for budget in args.budgets:
+            for allocation, grouping, label in METHODS:
+                opts = CompressOptions(budget=parse_budget(budget), allocation=allocation, grouping=grouping,
+                                       whitening=whitening)
+                try:
+                    plan = build_plan(loaded, analysis, opts)
+                except Exception as exc:  # noqa: BLE001 - a budget a baseline cannot meet is a row, not a crash
+                    rows.append({"method": label, "whitening": whitening, "budget": budget, "error": str(exc)})
+                    continue
+                model = apply_plan(copy.deepcopy(loaded.model), plan)
+                row = {"method": label, "whitening": whitening, "budget": budget, "r1": plan.r1, "r2": plan.r2,
+                       "groupings": sorted({la.grouping for la in plan.layers}),
+                       "ranks": [la.latent_rank for la in plan.layers], **evaluate(model)}
+                rows.append(row)
+                print(json.dumps({k: v for k, v in row.items() if k != "ranks"}), flush=True)
+                del model
+    return results
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="8 eval windows, 32 calibration, 8 gradient windows")
+    parser.add_argument("--calib-windows", type=int, default=128)
+    parser.add_argument("--grad-windows", type=int, default=32)
+    parser.add_argument("--eval-windows", type=int, default=32)
+    parser.add_argument("--whitenings", nargs="+", default=["cholesky"])
+    parser.add_argument("--budgets", nargs="+", default=BUDGETS)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--out", type=Path, default=Path("results/quality.json"))
+    args = parser.parse_args()
+    if args.quick:
+        args.calib_windows, args.grad_windows, args.eval_windows = 32, 8, 8
+    start = time.perf_counter()
+    results = smollm2_table(args)
+    results["settings"] = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
+    results["machine"] = f"{platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}"
+    results["wall_s"] = round(time.perf_counter() - start, 1)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(results, indent=1) + "\n")
+    print_table(results["rows"])
+
+
+def print_table(rows: list[dict]) -> None:
+    print(f"{'method':<34} {'budget':<20} {'R1':>6} {'R2':>6} {'wiki':>8} {'news':>8}")
+    for r in rows:
+        if "error" in r:
+            print(f"{r['method']:<34} {r['budget']:<20} {'-':>6} {'-':>6} {r['error'][:40]}")
+            continue
+        print(f"{r['method']:<34} {r['budget']:<20} {r['r1']:>6.3f} {r['r2']:>6.3f} {r['wiki_eval']:>8.3f} {r['news_eval']:>8.3f}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,121 @@
+"""Calibration passes over token windows.
+
+- :func:`collect_input_stats`: forward only (no LM head), hooks on each attention block's input X
+  accumulate XᵀX (float64 [E, E]), Σ|X| per channel and the token count, plus a fixed-size random
+  sample of X rows for error measurements. Memory is O(layers · E²), independent of the token count.
+- :func:`for_each_gradient`: one forward + backward of the LM loss per window, with gradients enabled
+  only on the Q/K/V weights; calls back with the per-window gradients of every block.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable
+
+import numpy as np
+import torch
+
+from qsvd_export.models.projections import AttentionProjections
+
+
+@dataclass
+class InputStats:
+    """Second-moment statistics of one attention block's input X [tokens, E]."""
+
+    xtx: torch.Tensor  # float64 [E, E], Σ xᵀx
+    abs_sum: torch.Tensor  # float64 [E], Σ |x|
+    count: int = 0
+    sample: list[torch.Tensor] = field(default_factory=list)  # float32 rows of X, at most sample_rows
+
+    def covariance(self) -> torch.Tensor:
+        return self.xtx / max(self.count, 1)
+
+    def abs_mean(self) -> torch.Tensor:
+        return self.abs_sum / max(self.count, 1)
+
+    def sample_rows(self) -> torch.Tensor:
+        return torch.cat(self.sample) if self.sample else torch.zeros(0, self.xtx.shape[0])
+
+
+def _base_model(model: torch.nn.Module) -> torch.nn.Module:
+    """The transformer body without its LM head (stats need no logits)."""
+    return getattr(model, "base_model", model)
+
+
+def collect_input_stats(
+    model: torch.nn.Module,
+    blocks: list[AttentionProjections],
+    batches: list[dict[str, torch.Tensor]],
+    sample_rows: int = 2048,
+    seed: int = 0,
+    progress: Callable[[], None] | None = None,
+) -> list[InputStats]:
+    """Run ``batches`` (model kwargs) through the body and return one :class:`InputStats` per block."""
+    dim = blocks[0].dims["e"]
+    stats = [InputStats(torch.zeros(dim, dim, dtype=torch.float64), torch.zeros(dim, dtype=torch.float64)) for _ in blocks]
+    rng = np.random.default_rng(seed)
+    rows_per_batch = max(1, sample_rows // max(len(batches), 1))
+    current_mask: list[torch.Tensor | None] = [None]
+
+    def make_hook(stat: InputStats):  # type: ignore[no-untyped-def]
+        def hook(module, args):  # type: ignore[no-untyped-def]
+            x = args[0].detach()
+            if current_mask[0] is not None:
+                x = x[current_mask[0].bool()]
+            x = x.reshape(-1, x.shape[-1])
+            x64 = x.double()
+            stat.xtx += x64.T @ x64
+            stat.abs_sum += x64.abs().sum(0)
+            stat.count += x.shape[0]
+            take = rng.choice(x.shape[0], size=min(rows_per_batch, x.shape[0]), replace=False)
+            stat.sample.append(x[torch.from_numpy(np.sort(take))].float().clone())
+
+        return hook
+
+    handles = [b.inputs.register_forward_pre_hook(make_hook(s)) for b, s in zip(blocks, stats)]
+    body = _base_model(model)
+    try:
+        with torch.no_grad():
+            for batch in batches:
+                current_mask[0] = batch.get("attention_mask")
+                body(**batch)
+                if progress is not None:
+                    progress()
+    finally:
+        for handle in handles:
+            handle.remove()
+    return stats
+
+
+def for_each_gradient(
+    model: torch.nn.Module,
+    blocks: list[AttentionProjections],
+    windows: np.ndarray,
+    callback: Callable[[int, list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]], None],
+    progress: Callable[[], None] | None = None,
+) -> None:
+    """For each window [length] of ``windows``: LM-loss backward, then ``callback(i, [(Gq, Gk, Gv) per block])``.
+
+    Gradients are [out, in] (``nn.Linear`` orientation). ``requires_grad`` is restored afterwards.
+    """
+    previous = {p: p.requires_grad for p in model.parameters()}
+    targets = [p for b in blocks for p in b.weight_params()]
+    try:
+        for p in model.parameters():
+            p.requires_grad_(False)
+        for p in targets:
+            p.requires_grad_(True)
+        for i, row in enumerate(windows):
+            ids = torch.from_numpy(np.asarray(row)[None, :])
+            for p in targets:
+                p.grad = None
+            loss = model(input_ids=ids, labels=ids, use_cache=False).loss
+            loss.backward()
+            callback(i, [b.weight_grads() for b in blocks])
+            if progress is not None:
+                progress()
+    finally:
+        for p in targets:
+            p.grad = None
+        for p, flag in previous.items():
+            p.requires_grad_(flag)

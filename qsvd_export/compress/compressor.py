@@ -1,0 +1,248 @@
+"""The torch stage end to end: calibration → whitened SVDs → importance → allocation → β, H2 → plan.
+
+Importance of component i of a candidate group (paper, §3): mean over calibration windows n of
+(σ_i · [Uᵀ G_n S⁻ᵀ V]_ii)², G_n the gradient of the window's LM loss w.r.t. the dense joint weight.
+Encoders have no LM loss; they use the whitened spectrum energy σ_i² / Σ_j σ_j² of each layer instead.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+from qsvd_export.compress.allocate import (
+    LayerScores, allocate_fisher, allocate_qsvd, allocate_uniform,
+)
+from qsvd_export.compress.beta import rotated_factors, search_beta
+from qsvd_export.compress.budget import Budget, LayerDims, ratios
+from qsvd_export.compress.calibrate import collect_input_stats, for_each_gradient
+from qsvd_export.compress.rotation import latent_rotation
+from qsvd_export.compress.svd import WhitenedSVD, whitened_svd, whitening
+from qsvd_export.data import read_text, resolve_text, token_windows
+from qsvd_export.errors import UnsupportedModelError, UsageError
+from qsvd_export.models.projections import attention_projections
+from qsvd_export.plan import CompressionPlan, PlanGroup, PlanLayer
+from qsvd_export.progress import bar, info
+from qsvd_export.quantize import Bits, parse_bits
+from qsvd_export.zoo import LoadedModel
+
+ALLOCATIONS = ("qsvd", "uniform", "fisher")
+
+
+@dataclass
+class CompressOptions:
+    budget: Budget
+    allocation: str = "qsvd"
+    grouping: str = "auto"  # auto | qkv | kv | separate
+    whitening: str = "cholesky"
+    alpha: float = 0.5  # absmean exponent
+    calib_text: str = "wiki_calib"
+    calib_windows: int = 128
+    calib_length: int = 512
+    grad_windows: int = 32
+    bits: str = "fp"
+    beta: float | None = None  # None: searched per group when bits are set, else 0.5
+    rotation: str = "orthogonal"
+    min_rank: int = 8
+    seed: int = 0
+
+
+def _candidate_groups(options: CompressOptions) -> tuple[str, ...]:
+    if options.grouping == "separate":
+        return ("k", "v")
+    if options.allocation == "qsvd" and options.grouping == "auto":
+        return ("qkv", "kv", "q")
+    return (options.grouping,)
+
+
+def _member_weight(block_weights: tuple[torch.Tensor, ...], members: str) -> torch.Tensor:
+    return torch.cat([block_weights["qkv".index(m)] for m in members], dim=0)
+
+
+def _calibration_batches(loaded: LoadedModel, options: CompressOptions) -> tuple[np.ndarray, list[dict[str, torch.Tensor]]]:
+    if loaded.tokenizer is None:
+        raise UsageError(f"{loaded.name}: no tokenizer, so no text calibration (tiny test models: pass windows)")
+    windows = token_windows(
+        loaded.tokenizer, read_text(options.calib_text), options.calib_length, options.calib_windows,
+        source=str(options.calib_text),
+    )
+    if loaded.kind == "encoder":
+        cls_id = loaded.tokenizer.cls_token_id
+        sep_id = loaded.tokenizer.sep_token_id
+        if cls_id is not None and sep_id is not None:
+            windows = np.concatenate([np.full((len(windows), 1), cls_id), windows[:, 1:-1], np.full((len(windows), 1), sep_id)], 1)
+    batches = [{"input_ids": torch.from_numpy(w[None, :]), "attention_mask": torch.ones(1, len(w), dtype=torch.int64)} for w in windows]
+    return windows, batches
+
+
+@dataclass
+class Analysis:
+    """Everything allocation needs, computed once per (model, calibration, whitening)."""
+
+    dims: list[LayerDims]
+    blocks_meta: list[dict[str, int]]  # heads, kv_heads, head_dim per block
+    weights: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
+    stats: list[Any]
+    svds: list[dict[str, WhitenedSVD]]
+    scores: list[LayerScores]
+    importance_kind: str
+    calibration: dict[str, Any]
+
+
+def analyze(loaded: LoadedModel, options: CompressOptions, windows: np.ndarray | None = None,
+            groups: tuple[str, ...] | None = None) -> Analysis:
+    """Calibration statistics, whitened SVDs of every candidate group and their importance scores.
+
+    ``windows`` [n, length] int64 overrides text calibration (tiny test models have no tokenizer).
+    ``groups`` defaults to the candidates ``options`` needs; pass more to share one analysis between methods.
+    """
+    if loaded.kind == "vision":
+        raise UnsupportedModelError(f"{loaded.name}: vision encoders need image calibration (not available in compress yet)")
+    model = loaded.model
+    blocks = attention_projections(model)
+    if windows is None:
+        windows, batches = _calibration_batches(loaded, options)
+        text_path = resolve_text(options.calib_text)
+        calib_source = {"text": str(options.calib_text), "sha256": hashlib.sha256(text_path.read_bytes()).hexdigest()}
+    else:
+        batches = [{"input_ids": torch.from_numpy(w[None, :]), "attention_mask": torch.ones(1, len(w), dtype=torch.int64)} for w in windows]
+        calib_source = {"text": "windows given by caller", "sha256": hashlib.sha256(np.ascontiguousarray(windows).tobytes()).hexdigest()}
+
+    progress = bar(len(batches), "calibration statistics")
+    stats = collect_input_stats(model, blocks, batches, seed=options.seed, progress=progress.update)
+    progress.close()
+
+    groups = groups or _candidate_groups(options)
+    dims = [LayerDims(**b.dims) for b in blocks]
+    weights = [b.weights() for b in blocks]
+    progress = bar(len(blocks), "whitened SVDs")
+    svds: list[dict[str, WhitenedSVD]] = []
+    for block_weights, stat in zip(weights, stats):
+        white = whitening(stat, options.whitening, options.alpha)
+        svds.append({g: whitened_svd(_member_weight(block_weights, g), white) for g in groups})
+        progress.update()
+    progress.close()
+
+    use_gradients = loaded.kind == "decoder" and options.grad_windows > 0
+    importance = [{g: torch.zeros(svd[g].size, dtype=torch.float64) for g in groups} for svd in svds]
+    fisher = [{g: 0.0 for g in groups} for _ in svds]
+    grad_windows = 0
+    if use_gradients:
+        grad_rows = windows[: options.grad_windows]
+        grad_windows = len(grad_rows)
+
+        def accumulate(_: int, grads: list[tuple[torch.Tensor, ...]]) -> None:
+            for li, g_qkv in enumerate(grads):
+                for g in groups:
+                    grad = _member_weight(g_qkv, g)
+                    importance[li][g] += svds[li][g].first_order(grad) ** 2
+                    fisher[li][g] += float((grad.double() ** 2).sum())
+
+        progress = bar(grad_windows, "gradients")
+        for_each_gradient(model, blocks, grad_rows, accumulate, progress=progress.update)
+        progress.close()
+        for li in range(len(blocks)):
+            for g in groups:
+                importance[li][g] /= grad_windows
+                fisher[li][g] /= grad_windows
+    else:
+        for li, svd in enumerate(svds):
+            for g in groups:
+                energy = svd[g].sigma**2
+                importance[li][g] = energy / energy.sum()
+                fisher[li][g] = 1.0
+    scores = [LayerScores(d, {g: importance[li][g].numpy() for g in groups}, fisher[li]) for li, d in enumerate(dims)]
+    return Analysis(
+        dims=dims,
+        blocks_meta=[{"num_heads": b.num_heads, "num_kv_heads": b.num_kv_heads, "head_dim": b.head_dim} for b in blocks],
+        weights=weights,
+        stats=stats,
+        svds=svds,
+        scores=scores,
+        importance_kind="gradient" if use_gradients else "energy",
+        calibration={**calib_source, "windows": len(batches), "length": int(windows.shape[1]),
+                     "gradient_windows": grad_windows},
+    )
+
+
+def allocate(analysis: Analysis, options: CompressOptions) -> list[dict[str, np.ndarray]]:
+    if options.allocation not in ALLOCATIONS:
+        raise UsageError(f"unknown allocation '{options.allocation}' (choose from {', '.join(ALLOCATIONS)})")
+    if options.allocation == "qsvd" and options.grouping != "separate":
+        return allocate_qsvd(analysis.scores, options.budget, options.grouping, options.min_rank)
+    if options.allocation == "fisher":
+        return allocate_fisher(analysis.scores, options.budget, options.grouping, options.min_rank)
+    return allocate_uniform(analysis.scores, options.budget, options.grouping)
+
+
+def build_plan(loaded: LoadedModel, analysis: Analysis, options: CompressOptions) -> CompressionPlan:
+    """Allocate ranks under ``options.budget`` and turn the choice into factors (β, H2 folded in)."""
+    bits: Bits = parse_bits(options.bits)
+    choices = allocate(analysis, options)
+    layers: list[PlanLayer] = []
+    tensors: dict[str, torch.Tensor] = {}
+    for li, choice in enumerate(choices):
+        dims = analysis.dims[li]
+        layer_dims = {"e": dims.e, "q": dims.q, "k": dims.k, "v": dims.v}
+        layer = PlanLayer(li, layer_dims, **analysis.blocks_meta[li])
+        for members in sorted(choice, key=lambda m: "qkv".index(m[0])):
+            keep = torch.from_numpy(np.asarray(choice[members], dtype=np.int64))
+            rank = len(keep)
+            rot_kind, rot = latent_rotation(options.rotation, rank, seed=options.seed * 100_003 + li * 7 + len(members))
+            svd = analysis.svds[li][members]
+            if options.beta is not None:
+                beta = float(options.beta)
+            elif bits.weights is not None:
+                x = analysis.stats[li].sample_rows()
+                beta, _ = search_beta(svd, keep, _member_weight(analysis.weights[li], members), x, bits, rot)
+            else:
+                beta = 0.5
+            down, up = rotated_factors(svd, keep, beta, rot)
+            tensors[CompressionPlan.tensor_name(li, members, "down")] = down.float()
+            offset = 0
+            for m in members:
+                width = layer_dims[m]
+                tensors[CompressionPlan.tensor_name(li, members, f"up_{m}")] = up[offset:offset + width].float()
+                offset += width
+            layer.groups.append(PlanGroup(members, rank, beta, rot_kind))
+        layers.append(layer)
+
+    r1, r2 = ratios(analysis.dims, [{g.members: g.rank for g in layer.groups} for layer in layers])
+    plan = CompressionPlan(
+        model=loaded.name,
+        model_type=str(loaded.model.config.model_type),
+        layers=layers,
+        budget={"kv": options.budget.kv, "params": options.budget.params},
+        r1=round(r1, 6),
+        r2=round(r2, 6),
+        method={
+            "allocation": options.allocation,
+            "importance": analysis.importance_kind if options.allocation != "uniform" else "none (top singular values)",
+            "grouping": options.grouping,
+            "whitening": options.whitening if options.whitening != "absmean" else f"absmean^{options.alpha:g}",
+            "bits": bits.name,
+            "beta": "fixed" if options.beta is not None else ("searched" if bits.weights else "0.5 (fp: no effect)"),
+            "rotation": options.rotation,
+            "min_rank": options.min_rank,
+        },
+        calibration=analysis.calibration,
+        seed=options.seed,
+        tensors=tensors,
+    )
+    info(f"plan: R1 {plan.r1:.3f}, R2 {plan.r2:.3f}, groupings " + ", ".join(sorted({la.grouping for la in layers})))
+    return plan
+
+
+def compress_model(loaded: LoadedModel, options: CompressOptions, windows: np.ndarray | None = None) -> CompressionPlan:
+    """Build a :class:`CompressionPlan` for ``loaded`` (its model is not modified)."""
+    return build_plan(loaded, analyze(loaded, options, windows), options)
+
+
+def options_summary(options: CompressOptions) -> dict[str, Any]:
+    data = asdict(options)
+    data["budget"] = options.budget.describe()
+    return data

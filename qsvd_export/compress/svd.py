@@ -1,0 +1,89 @@
+"""Whitened SVD of (joint) projection weights and the factors it yields.
+
+Orientation: W [out, in] (``nn.Linear``). With a whitening S [E, E] (S Sᵀ ≈ E[xᵀx] for ``cholesky``,
+diag(E|x|)^α for ``absmean``): W S = U Σ Vᵀ, so W = Σ_i σ_i u_i (Vᵀ S⁻¹)_i. Keeping components ``idx``
+with split exponent β gives the shared down-projection W_d = diag(σ^β) (Vᵀ S⁻¹)[idx] [r, E] and the
+up-projection W_u = U[:, idx] diag(σ^(1−β)) [out, r]; y = x W_dᵀ W_uᵀ (+ bias, kept exact).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from qsvd_export.compress.calibrate import InputStats
+
+WHITENINGS = ("cholesky", "absmean", "none")
+
+
+@dataclass
+class Whitening:
+    """S and S⁻¹ as dense float64 [E, E] matrices."""
+
+    kind: str
+    s: torch.Tensor
+    s_inv: torch.Tensor
+
+
+def whitening(stats: InputStats, kind: str, alpha: float = 0.5, damping: float = 1e-4) -> Whitening:
+    """Whitening from calibration statistics.
+
+    ``cholesky`` (SVD-LLM): S = chol(E[xᵀx] + δ·mean(diag)·I), the output-error-optimal choice.
+    ``absmean`` (ASVD): S = diag(E|x|^α). ``none``: identity.
+    """
+    dim = stats.xtx.shape[0]
+    eye = torch.eye(dim, dtype=torch.float64)
+    if kind == "none":
+        return Whitening(kind, eye, eye)
+    if kind == "absmean":
+        scale = stats.abs_mean().clamp_min(1e-8) ** alpha
+        return Whitening(kind, torch.diag(scale), torch.diag(1.0 / scale))
+    if kind != "cholesky":
+        raise ValueError(f"unknown whitening '{kind}' (choose from {', '.join(WHITENINGS)})")
+    cov = stats.covariance()
+    cov = (cov + cov.T) / 2
+    jitter = damping * cov.diagonal().mean().clamp_min(1e-12)
+    for _ in range(8):
+        lower, info = torch.linalg.cholesky_ex(cov + jitter * eye)
+        if int(info) == 0:
+            break
+        jitter *= 10
+    else:  # pragma: no cover - only for pathological statistics
+        raise ValueError("input covariance is not positive definite even with damping")
+    return Whitening(kind, lower, torch.linalg.solve_triangular(lower, eye, upper=False))
+
+
+@dataclass
+class WhitenedSVD:
+    """W ≈ U diag(σ) R with R = Vᵀ S⁻¹; ``m`` = min(out, E) components, σ descending (float64)."""
+
+    u: torch.Tensor  # [out, m]
+    sigma: torch.Tensor  # [m]
+    r: torch.Tensor  # [m, E]
+    m_proj: torch.Tensor  # S⁻ᵀ V [E, m]: ⟨G, σ_i u_i r_i⟩ = σ_i (Uᵀ G S⁻ᵀ V)_ii
+
+    @property
+    def size(self) -> int:
+        return int(self.sigma.shape[0])
+
+    def first_order(self, grad: torch.Tensor) -> torch.Tensor:
+        """σ_i · [Uᵀ G S⁻ᵀ V]_ii for one gradient G [out, E] → [m] (float64)."""
+        g = grad.double()
+        return self.sigma * ((self.u * (g @ self.m_proj)).sum(0))
+
+    def factors(self, keep: torch.Tensor, beta: float) -> tuple[torch.Tensor, torch.Tensor]:
+        """(W_d [r, E], W_u [out, r]) for the component indices ``keep`` and split exponent β."""
+        sigma = self.sigma[keep]
+        down = sigma[:, None] ** beta * self.r[keep]
+        up = self.u[:, keep] * sigma[None, :] ** (1.0 - beta)
+        return down, up
+
+
+def whitened_svd(weight: torch.Tensor, white: Whitening) -> WhitenedSVD:
+    """SVD of W·S for W [out, E] (any float dtype), computed in float64."""
+    w = weight.double()
+    u, sigma, vt = torch.linalg.svd(w @ white.s, full_matrices=False)
+    r = vt @ white.s_inv
+    m_proj = white.s_inv.T @ vt.T
+    return WhitenedSVD(u, sigma, r, m_proj)

@@ -1,0 +1,191 @@
+"""CompressionPlan: the contract between the torch stage and the graph stage.
+
+Files: ``plan.json`` (everything but the factors, deterministic key order) and ``plan.safetensors``
+(factors, float32). Per layer, a list of factor groups; each group has ``members`` (a subset of "qkv",
+in that order), a rank r, β and the latent rotation it was built with. Tensors:
+``layers.{i}.{members}.down`` [r, E] and ``layers.{i}.{members}.up_{m}`` [out_m, r] for each member m,
+so that member m's projection is y = (x · downᵀ) · up_mᵀ + b_m (bias kept from the dense model).
+A group containing k or v is *cached*: its latent x·downᵀ [.., r] replaces K/V in the KV cache.
+Members outside every group stay dense.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from qsvd_export.compress.budget import LayerDims, layer_cost
+from qsvd_export.errors import BadInputError
+
+PLAN_JSON = "plan.json"
+PLAN_TENSORS = "plan.safetensors"
+PLAN_FORMAT = "qsvd-plan"
+PLAN_VERSION = 1
+
+
+@dataclass
+class PlanGroup:
+    members: str
+    rank: int
+    beta: float
+    rotation: str = "none"
+
+    @property
+    def cached(self) -> bool:
+        return "k" in self.members or "v" in self.members
+
+
+@dataclass
+class PlanLayer:
+    layer: int
+    dims: dict[str, int]  # e, q, k, v
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    groups: list[PlanGroup] = field(default_factory=list)
+
+    @property
+    def grouping(self) -> str:
+        if not self.groups:
+            return "dense"
+        return "+".join(g.members for g in self.groups)
+
+    @property
+    def latent_rank(self) -> int:
+        return sum(g.rank for g in self.groups if g.cached)
+
+    def group_of(self, member: str) -> PlanGroup | None:
+        return next((g for g in self.groups if member in g.members), None)
+
+    def cost(self) -> tuple[int, int]:
+        """(params, cache width) by the EVAL.md cost model."""
+        return layer_cost(LayerDims(**self.dims), {g.members: g.rank for g in self.groups})
+
+
+@dataclass
+class CompressionPlan:
+    model: str
+    model_type: str
+    layers: list[PlanLayer]
+    budget: dict[str, float | None]
+    r1: float
+    r2: float
+    method: dict[str, Any]  # allocation, grouping, whitening, beta, rotation, bits
+    calibration: dict[str, Any]
+    seed: int = 0
+    format: str = PLAN_FORMAT
+    version: int = PLAN_VERSION
+    tensors: dict[str, torch.Tensor] = field(default_factory=dict, repr=False, compare=False)
+
+    def to_json(self) -> str:
+        data = asdict(self)
+        data.pop("tensors")
+        return json.dumps(data, indent=2) + "\n"
+
+    @staticmethod
+    def tensor_name(layer: int, members: str, part: str) -> str:
+        return f"layers.{layer}.{members}.{part}"
+
+    def factor(self, layer: int, members: str, part: str) -> torch.Tensor:
+        name = self.tensor_name(layer, members, part)
+        if name not in self.tensors:
+            raise BadInputError(f"plan has no tensor {name}")
+        return self.tensors[name]
+
+
+def save_plan(plan: CompressionPlan, folder: Path) -> None:
+    from safetensors.torch import save_file
+
+    folder = Path(folder)
+    (folder / PLAN_JSON).write_text(plan.to_json())
+    tensors = {k: plan.tensors[k].to(torch.float32).contiguous() for k in sorted(plan.tensors)}
+    save_file(tensors, str(folder / PLAN_TENSORS), metadata={"format": "pt"})
+
+
+def load_plan(folder: Path) -> CompressionPlan:
+    """Read a plan folder (no pickle: JSON + safetensors). Raises :class:`BadInputError` if malformed."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    folder = Path(folder)
+    json_path, tensor_path = folder / PLAN_JSON, folder / PLAN_TENSORS
+    if not json_path.is_file() or not tensor_path.is_file():
+        raise BadInputError(f"{folder}: not a plan folder (needs {PLAN_JSON} and {PLAN_TENSORS})")
+    try:
+        data = json.loads(json_path.read_text())
+        if data.get("format") != PLAN_FORMAT or data.get("version") != PLAN_VERSION:
+            raise BadInputError(f"{json_path}: not a {PLAN_FORMAT} v{PLAN_VERSION} plan")
+        data["layers"] = [
+            PlanLayer(**{**layer, "groups": [PlanGroup(**g) for g in layer["groups"]]}) for layer in data["layers"]
+        ]
+        plan = CompressionPlan(**data)
+    except (json.JSONDecodeError, TypeError, KeyError) as exc:
+        raise BadInputError(f"{json_path}: malformed plan ({exc.__class__.__name__}: {exc})") from None
+    try:
+        plan.tensors = load_file(str(tensor_path))
+    except (SafetensorError, OSError) as exc:
+        raise BadInputError(f"{tensor_path}: unreadable factors ({exc})") from None
+    for layer in plan.layers:
+        for group in layer.groups:
+            down = plan.factor(layer.layer, group.members, "down")
+            if tuple(down.shape) != (group.rank, layer.dims["e"]):
+                raise BadInputError(f"plan tensor {CompressionPlan.tensor_name(layer.layer, group.members, 'down')} "
+                                    f"has shape {tuple(down.shape)}, expected {(group.rank, layer.dims['e'])}")
+            for m in group.members:
+                up = plan.factor(layer.layer, group.members, f"up_{m}")
+                if tuple(up.shape) != (layer.dims[m], group.rank):
+                    raise BadInputError(f"plan tensor up_{m} of layer {layer.layer} has shape {tuple(up.shape)}")
+    return plan
+
+
+class LowRankLinear(nn.Module):
+    """y = (x · downᵀ) · upᵀ + bias: one member of a factor group (the down-projection is shared in ONNX)."""
+
+    def __init__(self, down: torch.Tensor, up: torch.Tensor, bias: torch.Tensor | None) -> None:
+        super().__init__()
+        self.down = nn.Parameter(down.detach().clone().float(), requires_grad=False)
+        self.up = nn.Parameter(up.detach().clone().float(), requires_grad=False)
+        self.bias = None if bias is None else nn.Parameter(bias.detach().clone().float(), requires_grad=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = (x @ self.down.T) @ self.up.T
+        return y if self.bias is None else y + self.bias
+
+
+def _dense(weight: torch.Tensor, bias: torch.Tensor | None) -> nn.Linear:
+    layer = nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None)
+    with torch.no_grad():
+        layer.weight.copy_(weight)
+        if bias is not None:
+            layer.bias.copy_(bias)
+    return layer
+
+
+def apply_plan(model: nn.Module, plan: CompressionPlan) -> nn.Module:
+    """Replace the Q/K/V projections of ``model`` in place with the plan's factors; returns ``model``."""
+    from qsvd_export.models.projections import attention_projections
+
+    blocks = attention_projections(model)
+    if len(blocks) != len(plan.layers):
+        raise BadInputError(f"plan has {len(plan.layers)} layers, model has {len(blocks)} attention blocks")
+    for block, layer in zip(blocks, plan.layers):
+        if block.dims != layer.dims:
+            raise BadInputError(f"plan layer {layer.layer} dims {layer.dims} do not match the model's {block.dims}")
+        if not layer.groups:
+            continue
+        weights, biases = block.weights(), block.biases()
+        modules = []
+        for m, w, b in zip("qkv", weights, biases):
+            group = layer.group_of(m)
+            if group is None:
+                modules.append(_dense(w, b))
+            else:
+                down = plan.factor(layer.layer, group.members, "down")
+                modules.append(LowRankLinear(down, plan.factor(layer.layer, group.members, f"up_{m}"), b))
+        block.replace(*modules)
+    return model
