@@ -88,7 +88,7 @@ def main() -> None:
     parser.add_argument("--calib-windows", type=int, default=128)
     parser.add_argument("--grad-windows", type=int, default=32)
     parser.add_argument("--eval-windows", type=int, default=32)
-    parser.add_argument("--whitenings", nargs="+", default=["cholesky"])
+    parser.add_argument("--whitenings", nargs="+", default=["fisher"])
     parser.add_argument("--budgets", nargs="+", default=BUDGETS)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--out", type=Path, default=Path("results/quality.json"))

@@ -80,7 +80,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-o", "--output", required=True, type=Path)
     p.add_argument("--allocation", choices=["qsvd", "uniform", "fisher"], default="qsvd")
     p.add_argument("--grouping", choices=["auto", "qkv", "kv", "separate"], default="auto")
-    p.add_argument("--whitening", choices=["cholesky", "absmean", "none"], default="cholesky")
+    p.add_argument("--whitening", choices=["fisher", "absmean", "cholesky", "none"], default="fisher",
+                   help="fisher: input absmean + output-gradient Fisher (default); absmean: ASVD; cholesky: SVD-LLM")
     p.add_argument("--calib", default="wiki_calib", help="calibration text file or bundled corpus")
     p.add_argument("--calib-windows", type=int, default=128)
     p.add_argument("--calib-length", type=int, default=512)

@@ -148,6 +148,45 @@ def decoder_cache_layout(config: Any) -> list[LayerCache]:
     return layers
 
 
+def cache_layout_from_graph(model: ir.Model) -> list[LayerCache]:
+    """Cache entries read off a graph's I/O: ``past_key_values.{i}.key|value|latent`` → ``present.{i}.*``.
+
+    Dense tensors are [batch, heads, past, head_dim] (sequence axis 2), latent ones [batch, past, r]
+    (sequence axis 1). Non-sequence, non-batch dims must be static.
+    """
+    import re
+
+    pattern = re.compile(r"^past_key_values\.(\d+)\.(key|value|latent)$")
+    outputs = {v.name for v in model.graph.outputs}
+    layers: dict[int, LayerCache] = {}
+    for value in model.graph.inputs:
+        match = pattern.match(value.name or "")
+        if not match:
+            continue
+        index, part = int(match.group(1)), match.group(2)
+        output = f"present.{index}.{part}"
+        if output not in outputs:
+            raise UnsupportedModelError(f"cache input {value.name} has no matching output {output}")
+        sequence_axis = 1 if part == "latent" else 2
+        shape: list[str | int] = []
+        for axis, dim in enumerate(value.shape or []):
+            if axis == 0:
+                shape.append(BATCH)
+            elif axis == sequence_axis:
+                shape.append(PAST)
+            elif isinstance(dim, int):
+                shape.append(dim)
+            else:
+                raise UnsupportedModelError(f"cache input {value.name} has a dynamic dim at axis {axis}")
+        dtype = (value.dtype or ir.DataType.FLOAT).name.lower()
+        dtype = {"float": "float32"}.get(dtype, dtype)
+        layer = layers.setdefault(index, LayerCache(layer=index, kind="latent" if part == "latent" else "dense", tensors=[]))
+        layer.tensors.append(CacheTensor(value.name, output, shape, dtype, sequence_axis))
+        if part == "latent":
+            layer.rank = int(shape[-1])  # type: ignore[arg-type]
+    return [layers[i] for i in sorted(layers)]
+
+
 def _run_exporter(wrapper: Any, args: tuple, input_names: list[str], output_names: list[str], dynamic: Any) -> ir.Model:
     import torch
 

@@ -87,19 +87,34 @@ def collect_input_stats(
     return stats
 
 
+GradCallback = Callable[[int, list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]], list[torch.Tensor] | None], None]
+
+
 def for_each_gradient(
     model: torch.nn.Module,
     blocks: list[AttentionProjections],
     windows: np.ndarray,
-    callback: Callable[[int, list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]], None],
+    callback: GradCallback,
+    capture_outputs: bool = False,
     progress: Callable[[], None] | None = None,
 ) -> None:
-    """For each window [length] of ``windows``: LM-loss backward, then ``callback(i, [(Gq, Gk, Gv) per block])``.
+    """For each window [length]: LM-loss backward, then ``callback(i, weight_grads, output_grads)``.
 
-    Gradients are [out, in] (``nn.Linear`` orientation). ``requires_grad`` is restored afterwards.
+    ``weight_grads``: per block (Gq, Gk, Gv) in [out, in] (``nn.Linear``) orientation.
+    ``output_grads`` (if ``capture_outputs``): per block dL/d[q|k|v] as [tokens, q+k+v], else None.
+    ``requires_grad`` flags are restored afterwards.
     """
     previous = {p: p.requires_grad for p in model.parameters()}
     targets = [p for b in blocks for p in b.weight_params()]
+    captured: dict[tuple[int, int], torch.Tensor] = {}
+    handles = []
+    if capture_outputs:
+        for bi, block in enumerate(blocks):
+            modules = [block.inputs] if block.fused_name else [getattr(block.parent, n) for n in block.names]
+            for mi, module in enumerate(modules):
+                def hook(mod, args, out, key=(bi, mi)):  # type: ignore[no-untyped-def]
+                    out.register_hook(lambda g: captured.__setitem__(key, g.detach()))
+                handles.append(module.register_forward_hook(hook))
     try:
         for p in model.parameters():
             p.requires_grad_(False)
@@ -109,12 +124,21 @@ def for_each_gradient(
             ids = torch.from_numpy(np.asarray(row)[None, :])
             for p in targets:
                 p.grad = None
+            captured.clear()
             loss = model(input_ids=ids, labels=ids, use_cache=False).loss
             loss.backward()
-            callback(i, [b.weight_grads() for b in blocks])
+            outputs = None
+            if capture_outputs:
+                outputs = []
+                for bi, block in enumerate(blocks):
+                    parts = [captured[(bi, mi)] for mi in range(1 if block.fused_name else 3)]
+                    outputs.append(torch.cat(parts, dim=-1).reshape(-1, sum(p.shape[-1] for p in parts)))
+            callback(i, [b.weight_grads() for b in blocks], outputs)
             if progress is not None:
                 progress()
     finally:
+        for handle in handles:
+            handle.remove()
         for p in targets:
             p.grad = None
         for p, flag in previous.items():

@@ -21,7 +21,7 @@ from qsvd_export.compress.beta import rotated_factors, search_beta
 from qsvd_export.compress.budget import Budget, LayerDims, ratios
 from qsvd_export.compress.calibrate import collect_input_stats, for_each_gradient
 from qsvd_export.compress.rotation import latent_rotation
-from qsvd_export.compress.svd import WhitenedSVD, whitened_svd, whitening
+from qsvd_export.compress.svd import WhitenedSVD, output_whitening, whitened_svd, whitening
 from qsvd_export.data import read_text, resolve_text, token_windows
 from qsvd_export.errors import UnsupportedModelError, UsageError
 from qsvd_export.models.projections import attention_projections
@@ -38,8 +38,9 @@ class CompressOptions:
     budget: Budget
     allocation: str = "qsvd"
     grouping: str = "auto"  # auto | qkv | kv | separate
-    whitening: str = "cholesky"
-    alpha: float = 0.5  # absmean exponent
+    whitening: str = "fisher"  # fisher | absmean | cholesky | none
+    alpha: float | None = None  # absmean exponent (default 1.0 with fisher, 0.5 with absmean, as in ASVD)
+    fisher_gamma: float = 0.5  # output side: F^(γ/2)
     calib_text: str = "wiki_calib"
     calib_windows: int = 128
     calib_length: int = 512
@@ -61,6 +62,30 @@ def _candidate_groups(options: CompressOptions) -> tuple[str, ...]:
 
 def _member_weight(block_weights: tuple[torch.Tensor, ...], members: str) -> torch.Tensor:
     return torch.cat([block_weights["qkv".index(m)] for m in members], dim=0)
+
+
+def _member_index(dims: LayerDims, members: str) -> torch.Tensor:
+    """Positions of ``members``' output channels inside the concatenated [q | k | v] outputs."""
+    start = {"q": 0, "k": dims.q, "v": dims.q + dims.k}
+    return torch.cat([torch.arange(start[m], start[m] + dims.out(m)) for m in members])
+
+
+def _output_fisher(model: torch.nn.Module, blocks: list[Any], windows: np.ndarray) -> list[torch.Tensor]:
+    """Per block, the empirical Fisher of the [q | k | v] outputs: mean over windows of Σ_t g_t g_tᵀ (float64)."""
+    fisher: list[torch.Tensor] = []
+
+    def accumulate(_: int, __: Any, outputs: list[torch.Tensor] | None) -> None:
+        assert outputs is not None
+        for bi, g in enumerate(outputs):
+            g64 = g.double()
+            if len(fisher) <= bi:
+                fisher.append(torch.zeros(g64.shape[1], g64.shape[1], dtype=torch.float64))
+            fisher[bi] += g64.T @ g64
+
+    progress = bar(len(windows), "output Fisher")
+    for_each_gradient(model, blocks, windows, accumulate, capture_outputs=True, progress=progress.update)
+    progress.close()
+    return [f / len(windows) for f in fisher]
 
 
 def _calibration_batches(loaded: LoadedModel, options: CompressOptions) -> tuple[np.ndarray, list[dict[str, torch.Tensor]]]:
@@ -90,6 +115,7 @@ class Analysis:
     svds: list[dict[str, WhitenedSVD]]
     scores: list[LayerScores]
     importance_kind: str
+    whitening: str
     calibration: dict[str, Any]
 
 
@@ -119,15 +145,26 @@ def analyze(loaded: LoadedModel, options: CompressOptions, windows: np.ndarray |
     groups = groups or _candidate_groups(options)
     dims = [LayerDims(**b.dims) for b in blocks]
     weights = [b.weights() for b in blocks]
+    use_gradients = loaded.kind == "decoder" and options.grad_windows > 0
+    output_fisher = None
+    if options.whitening == "fisher" and use_gradients:
+        output_fisher = _output_fisher(model, blocks, windows[: options.grad_windows])
+    alpha = options.alpha if options.alpha is not None else (1.0 if options.whitening == "fisher" else 0.5)
     progress = bar(len(blocks), "whitened SVDs")
     svds: list[dict[str, WhitenedSVD]] = []
-    for block_weights, stat in zip(weights, stats):
-        white = whitening(stat, options.whitening, options.alpha)
-        svds.append({g: whitened_svd(_member_weight(block_weights, g), white) for g in groups})
+    for li, (block_weights, stat) in enumerate(zip(weights, stats)):
+        white = whitening(stat, options.whitening, alpha)
+        layer_svds = {}
+        for g in groups:
+            out_side = None
+            if output_fisher is not None:
+                index = _member_index(dims[li], g)
+                out_side = output_whitening(output_fisher[li][index][:, index], options.fisher_gamma)
+            layer_svds[g] = whitened_svd(_member_weight(block_weights, g), white, out_side)
+        svds.append(layer_svds)
         progress.update()
     progress.close()
 
-    use_gradients = loaded.kind == "decoder" and options.grad_windows > 0
     importance = [{g: torch.zeros(svd[g].size, dtype=torch.float64) for g in groups} for svd in svds]
     fisher = [{g: 0.0 for g in groups} for _ in svds]
     grad_windows = 0
@@ -135,7 +172,7 @@ def analyze(loaded: LoadedModel, options: CompressOptions, windows: np.ndarray |
         grad_rows = windows[: options.grad_windows]
         grad_windows = len(grad_rows)
 
-        def accumulate(_: int, grads: list[tuple[torch.Tensor, ...]]) -> None:
+        def accumulate(_: int, grads: list[tuple[torch.Tensor, ...]], __: Any) -> None:
             for li, g_qkv in enumerate(grads):
                 for g in groups:
                     grad = _member_weight(g_qkv, g)
@@ -164,6 +201,9 @@ def analyze(loaded: LoadedModel, options: CompressOptions, windows: np.ndarray |
         svds=svds,
         scores=scores,
         importance_kind="gradient" if use_gradients else "energy",
+        whitening=("fisher (input absmean^{:g}, output F^{:g})".format(alpha, options.fisher_gamma / 2)
+                   if output_fisher is not None else
+                   (f"absmean^{alpha:g}" if options.whitening in ("absmean", "fisher") else options.whitening)),
         calibration={**calib_source, "windows": len(batches), "length": int(windows.shape[1]),
                      "gradient_windows": grad_windows},
     )
@@ -223,7 +263,7 @@ def build_plan(loaded: LoadedModel, analysis: Analysis, options: CompressOptions
             "allocation": options.allocation,
             "importance": analysis.importance_kind if options.allocation != "uniform" else "none (top singular values)",
             "grouping": options.grouping,
-            "whitening": options.whitening if options.whitening != "absmean" else f"absmean^{options.alpha:g}",
+            "whitening": analysis.whitening,
             "bits": bits.name,
             "beta": "fixed" if options.beta is not None else ("searched" if bits.weights else "0.5 (fp: no effect)"),
             "rotation": options.rotation,

@@ -14,7 +14,7 @@ import torch
 
 from qsvd_export.compress.calibrate import InputStats
 
-WHITENINGS = ("cholesky", "absmean", "none")
+WHITENINGS = ("fisher", "absmean", "cholesky", "none")
 
 
 @dataclass
@@ -30,13 +30,14 @@ def whitening(stats: InputStats, kind: str, alpha: float = 0.5, damping: float =
     """Whitening from calibration statistics.
 
     ``cholesky`` (SVD-LLM): S = chol(E[xᵀx] + δ·mean(diag)·I), the output-error-optimal choice.
-    ``absmean`` (ASVD): S = diag(E|x|^α). ``none``: identity.
+    ``absmean`` (ASVD): S = diag(E|x|^α). ``none``: identity. ``fisher``: absmean on the input side;
+    the caller adds the output-gradient Fisher side (:func:`output_whitening`).
     """
     dim = stats.xtx.shape[0]
     eye = torch.eye(dim, dtype=torch.float64)
     if kind == "none":
         return Whitening(kind, eye, eye)
-    if kind == "absmean":
+    if kind in ("absmean", "fisher"):  # fisher: absmean on the input side, output side in output_whitening
         scale = stats.abs_mean().clamp_min(1e-8) ** alpha
         return Whitening(kind, torch.diag(scale), torch.diag(1.0 / scale))
     if kind != "cholesky":
@@ -80,10 +81,27 @@ class WhitenedSVD:
         return down, up
 
 
-def whitened_svd(weight: torch.Tensor, white: Whitening) -> WhitenedSVD:
-    """SVD of W·S for W [out, E] (any float dtype), computed in float64."""
+def whitened_svd(weight: torch.Tensor, white: Whitening,
+                 output: tuple[torch.Tensor, torch.Tensor] | None = None) -> WhitenedSVD:
+    """SVD of T·W·S for W [out, E] (any float dtype), computed in float64.
+
+    ``output`` = (T, T⁻¹) [out, out] weights the output channels (identity if None); the
+    components are then u_i = T⁻¹U_i, so W = Σ σ_i u_i r_i still holds.
+    """
     w = weight.double()
+    if output is not None:
+        w = output[0] @ w
     u, sigma, vt = torch.linalg.svd(w @ white.s, full_matrices=False)
+    if output is not None:
+        u = output[1] @ u
     r = vt @ white.s_inv
     m_proj = white.s_inv.T @ vt.T
     return WhitenedSVD(u, sigma, r, m_proj)
+
+
+def output_whitening(fisher: torch.Tensor, gamma: float = 0.5, floor: float = 1e-6) -> tuple[torch.Tensor, torch.Tensor]:
+    """(T, T⁻¹) = F^(γ/2), F^(−γ/2) of the output-gradient Fisher F [out, out] (eigenvalues floored)."""
+    f = (fisher + fisher.T) / 2
+    values, vectors = torch.linalg.eigh(f)
+    values = values.clamp_min(values.max().clamp_min(1e-30) * floor)
+    return vectors @ torch.diag(values ** (gamma / 2)) @ vectors.T, vectors @ torch.diag(values ** (-gamma / 2)) @ vectors.T

@@ -1,0 +1,155 @@
+"""Small graph helpers shared by the passes: constants, slices, cloning, naming."""
+
+from __future__ import annotations
+
+from typing import Iterable
+
+import numpy as np
+import onnx_ir as ir
+
+
+def const_array(value: ir.Value | None) -> np.ndarray | None:
+    """The value's data if it is an initializer or the output of a Constant node, else None."""
+    if value is None:
+        return None
+    if value.const_value is not None:
+        return value.const_value.numpy()
+    producer = value.producer()
+    if producer is not None and producer.op_type == "Constant" and producer.domain in ("", "ai.onnx"):
+        attr = producer.attributes.get("value")
+        if attr is not None:
+            return attr.value.numpy()
+        for key in ("value_float", "value_int"):
+            if key in producer.attributes:
+                return np.asarray(producer.attributes[key].value)
+        for key in ("value_floats", "value_ints"):
+            if key in producer.attributes:
+                return np.asarray(list(producer.attributes[key].value))
+    return None
+
+
+def graph_inputs_reached(value: ir.Value, limit: int = 10_000) -> set[ir.Value]:
+    """Graph inputs in the backward slice of ``value`` (initializers are constants, not inputs)."""
+    seen: set[int] = set()
+    found: set[ir.Value] = set()
+    stack = [value]
+    while stack:
+        v = stack.pop()
+        if id(v) in seen:
+            continue
+        seen.add(id(v))
+        if len(seen) > limit:
+            raise RecursionError("backward slice too large")
+        if v.is_graph_input():
+            found.add(v)
+            continue
+        producer = v.producer()
+        if producer is None:
+            continue
+        stack.extend(i for i in producer.inputs if i is not None)
+    return found
+
+
+def is_constant_derived(value: ir.Value) -> bool:
+    """True if no graph input feeds ``value`` (initializers and Constant nodes only)."""
+    return not graph_inputs_reached(value)
+
+
+def backward_nodes(value: ir.Value, stop: set[int]) -> list[ir.Node]:
+    """Nodes in the backward slice of ``value``, not crossing values whose id is in ``stop``."""
+    nodes: dict[int, ir.Node] = {}
+    stack = [value]
+    seen: set[int] = set()
+    while stack:
+        v = stack.pop()
+        if id(v) in seen or id(v) in stop:
+            continue
+        seen.add(id(v))
+        producer = v.producer()
+        if producer is None:
+            continue
+        nodes[id(producer)] = producer
+        stack.extend(i for i in producer.inputs if i is not None)
+    return list(nodes.values())
+
+
+def path_nodes(source: ir.Value, target: ir.Value, limit: int = 2000) -> list[ir.Node] | None:
+    """Nodes on some path from ``source`` to ``target`` (forward slice ∩ backward slice), None if none."""
+    forward: dict[int, ir.Node] = {}
+    stack = [source]
+    seen: set[int] = set()
+    while stack:
+        v = stack.pop()
+        if id(v) in seen:
+            continue
+        seen.add(id(v))
+        for node in v.consumers():
+            if id(node) not in forward:
+                forward[id(node)] = node
+                if len(forward) > limit:
+                    return None
+                stack.extend(node.outputs)
+    back = {id(n) for n in backward_nodes(target, stop={id(source)})}
+    nodes = [n for k, n in forward.items() if k in back]
+    return nodes or None
+
+
+def topo_order(nodes: Iterable[ir.Node], graph: ir.Graph) -> list[ir.Node]:
+    order = {id(n): i for i, n in enumerate(graph)}
+    return sorted(nodes, key=lambda n: order.get(id(n), 1 << 60))
+
+
+def clone_nodes(
+    nodes: list[ir.Node], mapping: dict[int, ir.Value], graph: ir.Graph, prefix: str,
+    replace_input=None,  # type: ignore[no-untyped-def]
+) -> dict[int, ir.Value]:
+    """Clone ``nodes`` (topologically ordered) into ``graph``; inputs found in ``mapping`` (by id) are remapped.
+
+    ``replace_input(node, index, value)`` may return a substitute for an external input. Returns the
+    extended mapping (old value id → new value).
+    """
+    for node in nodes:
+        inputs = []
+        for index, value in enumerate(node.inputs):
+            if value is not None and id(value) in mapping:
+                inputs.append(mapping[id(value)])
+            elif replace_input is not None:
+                inputs.append(replace_input(node, index, value))
+            else:
+                inputs.append(value)
+        clone = ir.Node(
+            node.domain, node.op_type, inputs,
+            attributes=[attr for attr in node.attributes.values()],
+            num_outputs=len(node.outputs), name=f"{prefix}/{node.op_type}_{len(graph)}",
+            version=node.version,
+        )
+        for old, new in zip(node.outputs, clone.outputs):
+            new.name = f"{prefix}/{old.name}" if old.name else None
+            new.dtype = old.dtype
+            mapping[id(old)] = new
+        graph.append(clone)
+    return mapping
+
+
+def initializer(graph: ir.Graph, name: str, array: np.ndarray) -> ir.Value:
+    """Register a new initializer (name made unique) and return its value."""
+    base, k = name, 1
+    while name in graph.initializers:
+        name = f"{base}_{k}"
+        k += 1
+    value = ir.Value(name=name, shape=ir.Shape(array.shape), type=ir.TensorType(ir.DataType.from_numpy(array.dtype)),
+                     const_value=ir.tensor(array, name=name))
+    graph.register_initializer(value)
+    return value
+
+
+def add_node(graph: ir.Graph, op: str, inputs: list[ir.Value | None], name: str,
+             attributes: dict | None = None, num_outputs: int = 1) -> ir.Node:
+    """Append a node with deterministic value names ``{name}`` / ``{name}:k``."""
+    from onnx_ir._convenience import convert_attributes
+
+    node = ir.Node("", op, inputs, attributes=convert_attributes(attributes or {}), num_outputs=num_outputs, name=name)
+    for k, out in enumerate(node.outputs):
+        out.name = name if num_outputs == 1 else f"{name}:{k}"
+    graph.append(node)
+    return node

@@ -1,0 +1,93 @@
+"""The graph-stage pass chain: find_attention → split_qkv → latent_kv → cleanup (+ checker, shape inference).
+
+Each pass checks its preconditions (``requires``); the chain ends with dead-code removal, a
+topological sort, ONNX shape inference and the ONNX checker. ``dump_dir`` saves the graph after every
+pass (``NN-<pass>.onnx`` with one external data file each) for debugging.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import onnx_ir as ir
+from onnx_ir.passes import common
+
+from qsvd_export.errors import BadInputError
+from qsvd_export.passes.context import GraphStageContext
+from qsvd_export.passes.find_attention import find_attention
+from qsvd_export.passes.latent_kv import LatentKVPass
+from qsvd_export.passes.split_qkv import SplitQKVPass
+
+
+class FindAttentionPass(ir.passes.InPlacePass):
+    """Analysis only: records the matched attention blocks and the reasons for non-matches."""
+
+    def __init__(self, context: GraphStageContext) -> None:
+        super().__init__()
+        self.context = context
+
+    def call(self, model: ir.Model) -> ir.passes.PassResult:
+        matches = find_attention(model)
+        self.context.blocks = matches.blocks
+        self.context.failures = matches.failures
+        return ir.passes.PassResult(model, False)
+
+
+class CleanupPass(ir.passes.InPlacePass):
+    """Remove dead nodes and initializers, then sort topologically."""
+
+    def call(self, model: ir.Model) -> ir.passes.PassResult:
+        common.RemoveUnusedNodesPass()(model)
+        common.TopologicalSortPass()(model)
+        return ir.passes.PassResult(model, True)
+
+
+class _Dumping(ir.passes.PassBase):
+    """Wraps a pass and saves the model after it."""
+
+    def __init__(self, inner: ir.passes.PassBase, folder: Path, index: int) -> None:
+        super().__init__()
+        self.inner, self.folder, self.index = inner, folder, index
+
+    @property
+    def in_place(self) -> bool:
+        return self.inner.in_place
+
+    @property
+    def changes_input(self) -> bool:
+        return self.inner.changes_input
+
+    def call(self, model: ir.Model) -> ir.passes.PassResult:
+        result = self.inner(model)
+        name = f"{self.index:02d}-{type(self.inner).__name__}"
+        ir.save(result.model, self.folder / f"{name}.onnx", external_data=f"{name}.onnx.data")
+        return result
+
+
+def run_graph_stage(model: ir.Model, plan: Any | None, dump_dir: Path | None = None) -> GraphStageContext:
+    """Apply ``plan`` to ``model`` in place; returns the context with per-layer outcomes."""
+    context = GraphStageContext(plan)
+    passes: list[ir.passes.PassBase] = [FindAttentionPass(context)]
+    if plan is not None:
+        passes += [SplitQKVPass(context), LatentKVPass(context)]
+    passes += [CleanupPass()]
+    if dump_dir is not None:
+        dump_dir.mkdir(parents=True, exist_ok=True)
+        passes = [_Dumping(p, dump_dir, i) for i, p in enumerate(passes)]
+    try:
+        ir.passes.PassManager(passes)(model)
+    except ir.passes.PreconditionError as err:
+        raise BadInputError(f"plan does not match the graph: {err}") from None
+    check_model(model)
+    return context
+
+
+def check_model(model: ir.Model) -> None:
+    """ONNX checker (onnx_ir's CheckerPass moves large weights out of the proto for the check)."""
+    import onnx
+
+    try:
+        common.CheckerPass()(model)
+    except onnx.checker.ValidationError as err:
+        raise BadInputError(f"graph fails the ONNX checker after the passes: {str(err).splitlines()[0]}") from None

@@ -1,0 +1,41 @@
+"""State the graph-stage passes share: the plan, the matched attention blocks, what each pass did."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import onnx_ir as ir
+
+from qsvd_export.passes.find_attention import AttentionBlock, MatchFailure
+
+
+@dataclass
+class LayerRewrite:
+    """What the passes did to one attention block (``report.json`` lists these)."""
+
+    block: AttentionBlock
+    latents: list[tuple[str, ir.Value]] = field(default_factory=list)  # (group members, [B, S, r] latent)
+    ups: dict[str, Any] = field(default_factory=dict)  # member → (up [out, r] ndarray, bias, group members)
+    latent_rank: int = 0
+    cache: str = "dense"  # "dense" | "latent"
+    notes: list[str] = field(default_factory=list)
+
+
+@dataclass
+class GraphStageContext:
+    plan: Any | None  # CompressionPlan
+    blocks: list[AttentionBlock] = field(default_factory=list)
+    failures: list[MatchFailure] = field(default_factory=list)
+    layers: dict[int, LayerRewrite] = field(default_factory=dict)
+    derived: dict[int, ir.Value] = field(default_factory=dict)  # memo of values re-derived for all positions
+
+    def report(self) -> dict[str, Any]:
+        return {
+            "attention_blocks": len(self.blocks),
+            "unmatched": [{"softmax": f.softmax, "reason": f.reason} for f in self.failures],
+            "layers": [
+                {"layer": i, "cache": r.cache, "latent_rank": r.latent_rank, "notes": r.notes}
+                for i, r in sorted(self.layers.items())
+            ],
+        }

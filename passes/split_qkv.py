@@ -1,0 +1,78 @@
+"""split_qkv: replace planned Q/K/V projections by shared down-projections and per-member up-projections.
+
+For each factor group G of a block (plan): ``latent_G = X · W_dᵀ`` [batch, seq, r] (one MatMul), and for
+each member m of G: ``y_m = latent_G · U_mᵀ (+ b_m)``; every use of the member's original output is
+rewired to ``y_m``. Members outside every group keep a dense projection (for fused QKV weights a
+member-sized MatMul is emitted so the fused node can be dropped). Biases are kept exactly.
+The original projection nodes become dead and are removed by the cleanup at the end of the chain.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx_ir as ir
+
+from qsvd_export.passes._graph import add_node, initializer
+from qsvd_export.passes.context import GraphStageContext, LayerRewrite
+
+
+class SplitQKVPass(ir.passes.InPlacePass):
+    def __init__(self, context: GraphStageContext) -> None:
+        super().__init__()
+        self.context = context
+
+    def requires(self, model: ir.Model) -> None:
+        plan = self.context.plan
+        if plan is None:
+            raise ir.passes.PreconditionError("split_qkv needs a CompressionPlan")
+        if len(self.context.blocks) != len(plan.layers):
+            raise ir.passes.PreconditionError(
+                f"plan has {len(plan.layers)} layers but the graph has {len(self.context.blocks)} attention blocks"
+            )
+        for block, layer in zip(self.context.blocks, plan.layers):
+            if block.dims != layer.dims:
+                raise ir.passes.PreconditionError(
+                    f"plan layer {layer.layer} dims {layer.dims} do not match graph block {block.index} {block.dims}"
+                )
+
+    def call(self, model: ir.Model) -> ir.passes.PassResult:
+        graph = model.graph
+        modified = False
+        for block, layer in zip(self.context.blocks, self.context.plan.layers):
+            rewrite = self.context.layers.setdefault(block.index, LayerRewrite(block))
+            if not layer.groups:
+                continue
+            prefix = f"qsvd/layer{block.index}"
+            projections = {"q": block.q, "k": block.k, "v": block.v}
+            for group in layer.groups:
+                down = self.context.plan.factor(layer.layer, group.members, "down").numpy()
+                w_down = initializer(graph, f"{prefix}/{group.members}/down", np.ascontiguousarray(down.T))
+                latent = add_node(graph, "MatMul", [block.x, w_down], f"{prefix}/{group.members}/latent").outputs[0]
+                latent.dtype = ir.DataType.FLOAT
+                if block.x.shape is not None:
+                    latent.shape = ir.Shape([*list(block.x.shape)[:-1], down.shape[0]])
+                rewrite.latents.append((group.members, latent))
+                for m in group.members:
+                    up = self.context.plan.factor(layer.layer, group.members, f"up_{m}").numpy()
+                    bias = projections[m].bias
+                    rewrite.ups[m] = (up, bias, group.members)
+                    self._emit_member(graph, prefix, m, latent, up.T, bias, projections[m])
+            for m in "qkv":
+                if layer.group_of(m) is None and block.fused:
+                    proj = projections[m]
+                    self._emit_member(graph, prefix, m, block.x, proj.weight, proj.bias, proj)
+            modified = True
+        return ir.passes.PassResult(model, modified)
+
+    @staticmethod
+    def _emit_member(graph: ir.Graph, prefix: str, member: str, source: ir.Value, weight: np.ndarray,
+                     bias: np.ndarray | None, projection) -> None:  # type: ignore[no-untyped-def]
+        w = initializer(graph, f"{prefix}/{member}/up", np.ascontiguousarray(weight.astype(np.float32)))
+        out = add_node(graph, "MatMul", [source, w], f"{prefix}/{member}/proj").outputs[0]
+        if bias is not None:
+            b = initializer(graph, f"{prefix}/{member}/bias", bias.astype(np.float32))
+            out = add_node(graph, "Add", [out, b], f"{prefix}/{member}/proj_bias").outputs[0]
+        out.dtype = ir.DataType.FLOAT
+        out.shape = projection.output.shape
+        projection.output.replace_all_uses_with(out, replace_graph_outputs=True)
+        projection.output = out
