@@ -94,6 +94,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--eval", action="store_true", help="perplexity of dense and compressed model in torch")
     p.add_argument("--eval-text", default="wiki_eval")
     p.add_argument("--eval-windows", type=int, default=32)
+    p.add_argument("--dump-passes", type=Path, default=None, help="save the graph after every pass here")
+    p.add_argument("--overwrite", action="store_true")
+    _add_common(p)
+
+    p = sub.add_parser("compile", help="graph stage on an ONNX file (also: qsvd-export model.onnx ...)")
+    p.add_argument("graph", type=Path)
+    p.add_argument("--plan", type=Path, help="CompressionPlan folder (plan.json + plan.safetensors)")
+    p.add_argument("-o", "--output", required=True, type=Path)
+    p.add_argument("--dump-passes", type=Path, default=None)
     p.add_argument("--overwrite", action="store_true")
     _add_common(p)
 
@@ -214,7 +223,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 def cmd_compress(args: argparse.Namespace) -> int:
     from qsvd_export.compress.budget import parse_budget
     from qsvd_export.compress.compressor import CompressOptions
-    from qsvd_export.pipeline import build_plan_folder
+    from qsvd_export.pipeline import build_compressed_bundle
     from qsvd_export.quantize import parse_bits
 
     for flag in ("calib_windows", "calib_length", "grad_windows", "eval_windows", "min_rank"):
@@ -229,17 +238,32 @@ def cmd_compress(args: argparse.Namespace) -> int:
         calib_length=args.calib_length, grad_windows=args.grad_windows, bits=args.bits, beta=args.beta,
         rotation=args.rotation, min_rank=args.min_rank, seed=args.seed,
     )
-    result = build_plan_folder(
+    result = build_compressed_bundle(
         args.model, options, args.output, overwrite=args.overwrite,
         eval_text=args.eval_text if args.eval else None, eval_windows=args.eval_windows,
+        dump_dir=args.dump_passes,
     )
     report = result.report
+    latent = sum(1 for layer in report["graph_stage"]["layers"] if layer["cache"] == "latent")
     print(f"wrote {result.out}: R1 {report['r1']:.3f}, R2 {report['r2']:.3f}, "
-          f"KV {report['kv_bytes_per_token_fp16']} B/token fp16 (dense {report['kv_bytes_per_token_dense_fp16']})")
+          f"KV {report['kv_bytes_per_token_fp16_graph']} B/token at fp16 (dense {report['kv_bytes_per_token_dense_fp16']}), "
+          f"{latent}/{len(report['graph_stage']['layers'])} layers with a latent cache")
     if "perplexity" in report:
         ppl = report["perplexity"]
         print(f"perplexity ({ppl['windows']} x {ppl['length']} of {ppl['text']}): dense {ppl['dense']:.3f}, "
-              f"compressed {ppl['compressed']:.3f} ({ppl['compressed'] / ppl['dense']:.3f} x)")
+              f"compressed {ppl['compressed_torch']:.3f} torch / {ppl['compressed_onnx']:.3f} ONNX "
+              f"({ppl['compressed_onnx'] / ppl['dense']:.3f} x dense)")
+    return 0
+
+
+def cmd_compile(args: argparse.Namespace) -> int:
+    from qsvd_export.pipeline import compile_onnx
+
+    result = compile_onnx(args.graph, args.plan, args.output, overwrite=args.overwrite, dump_dir=args.dump_passes)
+    stage = result.report["graph_stage"]
+    latent = sum(1 for layer in stage["layers"] if layer["cache"] == "latent")
+    print(f"wrote {result.out}: {stage['attention_blocks']} attention blocks, {latent} with a latent cache"
+          + (f", {len(stage['unmatched'])} unmatched" if stage["unmatched"] else ""))
     return 0
 
 
@@ -254,7 +278,7 @@ def cmd_models(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"export": cmd_export, "compress": cmd_compress, "run": cmd_run, "eval": cmd_eval, "demo": cmd_demo, "models": cmd_models}
+COMMANDS = {"export": cmd_export, "compress": cmd_compress, "compile": cmd_compile, "run": cmd_run, "eval": cmd_eval, "demo": cmd_demo, "models": cmd_models}
 
 
 def _on_sigterm(signum: int, frame: Any) -> None:
@@ -274,6 +298,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     debug = "--debug" in argv
     _quiet_libraries()
     signal.signal(signal.SIGTERM, _on_sigterm)
+    if argv and argv[0] not in COMMANDS and not argv[0].startswith("-"):
+        argv = ["compile", *argv]  # qsvd-export model.onnx ... is the graph stage
     try:
         args = build_parser().parse_args(argv)
         if args.command is None:

@@ -64,23 +64,29 @@ def save_graph(model: ir.Model, folder: Path, filename: str = GRAPH_FILE) -> Non
 
 
 def save_tokenizer(loaded: LoadedModel, folder: Path) -> list[str]:
-    if loaded.tokenizer is None:
+    if not hasattr(loaded.tokenizer, "save_pretrained"):
         return []
     before = {p.name for p in folder.iterdir()}
     loaded.tokenizer.save_pretrained(folder)
     return sorted(p.name for p in folder.iterdir() if p.name not in before)
 
 
-def write_bundle(loaded: LoadedModel, exported: ExportedGraph, folder: Path, extra_report: dict[str, Any]) -> BundleConfig:
+def graph_io(model: ir.Model) -> tuple[list[str], list[str]]:
+    return [v.name for v in model.graph.inputs], [v.name for v in model.graph.outputs]  # type: ignore[misc]
+
+
+def write_bundle(loaded: LoadedModel, model: ir.Model, cache: list[Any], folder: Path,
+                 extra_report: dict[str, Any]) -> BundleConfig:
     """Write graph + data + tokenizer + config + report into ``folder`` (already a temp folder)."""
-    save_graph(exported.model, folder)
+    save_graph(model, folder)
     tokenizer_files = save_tokenizer(loaded, folder)
+    inputs, outputs = graph_io(model)
     config = BundleConfig(
         model_name=loaded.name,
         model_type=str(loaded.model.config.model_type),
         kind=loaded.kind,
-        graphs=[GraphSpec("model", GRAPH_FILE, exported.inputs, exported.outputs)],
-        cache=exported.cache,
+        graphs=[GraphSpec("model", GRAPH_FILE, inputs, outputs)],
+        cache=cache,
         model_config=model_config_summary(loaded.model.config),
         generation=generation_summary(loaded) if loaded.kind == "decoder" else {},
         tokenizer_files=tokenizer_files,
@@ -92,7 +98,6 @@ def write_bundle(loaded: LoadedModel, exported: ExportedGraph, folder: Path, ext
         "kind": loaded.kind,
         "graph_bytes": (folder / GRAPH_FILE).stat().st_size,
         "weight_bytes": (folder / f"{GRAPH_FILE}.data").stat().st_size,
-        "parameters": int(sum(p.numel() for p in loaded.model.parameters())),
         "kv_bytes_per_token": config.kv_bytes_per_token(),
         **extra_report,
     }
@@ -113,7 +118,8 @@ def build_dense_bundle(spec: str, out: Path, overwrite: bool = False, seed: int 
     exported = export_graph(loaded)
     timings["export_s"] = time.perf_counter() - start
     with atomic_output_dir(out, overwrite) as tmp:
-        config = write_bundle(loaded, exported, tmp, {"stage": "dense"})
+        parameters = int(sum(p.numel() for p in loaded.model.parameters()))
+        config = write_bundle(loaded, exported.model, exported.cache, tmp, {"stage": "dense", "parameters": parameters})
         write_json(tmp / "timings.json", {k: round(v, 3) for k, v in timings.items()})
     report = json.loads((Path(out) / "report.json").read_text())
     return BuildResult(Path(out), config, report, timings)
@@ -137,14 +143,18 @@ def plan_report(plan: Any) -> dict[str, Any]:
     }
 
 
-def build_plan_folder(spec: str, options: Any, out: Path, overwrite: bool = False,
-                      eval_text: str | None = None, eval_windows: int = 32) -> BuildResult:
-    """``qsvd-export compress``: the torch stage; writes plan.json, plan.safetensors and report.json."""
+def build_compressed_bundle(spec: str, options: Any, out: Path, overwrite: bool = False,
+                            eval_text: str | None = None, eval_windows: int = 32,
+                            dump_dir: Path | None = None) -> BuildResult:
+    """``qsvd-export compress``: torch stage → dense export → graph stage → bundle (graph + plan + report)."""
     import copy
 
     from qsvd_export.bundle import check_output_dir
     from qsvd_export.compress.compressor import compress_model, options_summary
+    from qsvd_export.export import cache_layout_from_graph
+    from qsvd_export.passes.chain import run_graph_stage
     from qsvd_export.plan import apply_plan, save_plan
+    from qsvd_export.progress import info
 
     check_output_dir(out, overwrite)
     timings: dict[str, float] = {}
@@ -154,26 +164,99 @@ def build_plan_folder(spec: str, options: Any, out: Path, overwrite: bool = Fals
     start = time.perf_counter()
     plan = compress_model(loaded, options)
     timings["compress_s"] = time.perf_counter() - start
-    report = plan_report(plan)
-    report["options"] = options_summary(options)
-    if eval_text is not None:
-        from qsvd_export.data import read_text, token_windows
-        from qsvd_export.evaluate import torch_window_nlls
-        from qsvd_export.progress import bar
-        from qsvd_export.runtimes.metrics import perplexity
-
-        start = time.perf_counter()
-        rows = token_windows(loaded.tokenizer, read_text(eval_text), 512, eval_windows, source=eval_text)
-        progress = bar(2 * len(rows), "perplexity (torch)")
-        dense = perplexity(torch_window_nlls(loaded.model, rows, progress.update))
-        compressed_model = apply_plan(copy.deepcopy(loaded.model), plan)
-        compressed = perplexity(torch_window_nlls(compressed_model, rows, progress.update))
-        progress.close()
-        timings["eval_s"] = time.perf_counter() - start
-        report["perplexity"] = {"text": eval_text, "windows": len(rows), "length": 512,
-                                "dense": round(dense, 4), "compressed": round(compressed, 4)}
+    info("exporting the dense graph")
+    start = time.perf_counter()
+    exported = export_graph(loaded)
+    timings["export_s"] = time.perf_counter() - start
+    info("graph stage: find_attention → split_qkv → latent_kv → cleanup")
+    start = time.perf_counter()
+    context = run_graph_stage(exported.model, plan, dump_dir)
+    timings["graph_stage_s"] = time.perf_counter() - start
+    cache = cache_layout_from_graph(exported.model) if loaded.kind == "decoder" else []
+    report: dict[str, Any] = {"stage": "compressed", **plan_report(plan), "options": options_summary(options),
+                              "graph_stage": context.report()}
+    report["kv_bytes_per_token_fp16_graph"] = sum(layer.bytes_per_token() // 2 for layer in cache)
     with atomic_output_dir(out, overwrite) as tmp:
         save_plan(plan, tmp)
+        config = write_bundle(loaded, exported.model, cache, tmp, report)
+        if eval_text is not None:
+            start = time.perf_counter()
+            report["perplexity"] = _evaluate_bundle(loaded, plan, tmp, eval_text, eval_windows)
+            timings["eval_s"] = time.perf_counter() - start
+            report = {**json.loads((tmp / "report.json").read_text()), "perplexity": report["perplexity"]}
+            write_json(tmp / "report.json", report)
+        write_json(tmp / "timings.json", {k: round(v, 3) for k, v in timings.items()})
+    report = json.loads((Path(out) / "report.json").read_text())
+    return BuildResult(Path(out), config, report, timings)
+
+
+def _evaluate_bundle(loaded: LoadedModel, plan: Any, bundle: Path, text: str, windows: int) -> dict[str, Any]:
+    """Perplexity of the dense model and the plan-applied model (torch) and of the compiled bundle (ONNX)."""
+    import copy
+
+    from qsvd_export.data import read_text, token_windows
+    from qsvd_export.evaluate import torch_window_nlls
+    from qsvd_export.plan import apply_plan
+    from qsvd_export.progress import bar
+    from qsvd_export.runtimes.decode import DecoderRunner
+    from qsvd_export.runtimes.metrics import perplexity
+
+    rows = token_windows(loaded.tokenizer, read_text(text), 512, windows, source=text)
+    progress = bar(3 * len(rows), "perplexity (dense, plan in torch, bundle in ONNX)")
+    dense = perplexity(torch_window_nlls(loaded.model, rows, progress.update))
+    compressed = perplexity(torch_window_nlls(apply_plan(copy.deepcopy(loaded.model), plan), rows, progress.update))
+    onnx = perplexity(DecoderRunner(bundle).window_nlls(rows, progress=progress.update))
+    progress.close()
+    return {"text": text, "windows": len(rows), "length": 512, "dense": round(dense, 4),
+            "compressed_torch": round(compressed, 4), "compressed_onnx": round(onnx, 4)}
+
+
+def compile_onnx(graph_path: Path, plan_path: Path | None, out: Path, overwrite: bool = False,
+                 dump_dir: Path | None = None) -> BuildResult:
+    """``qsvd-export model.onnx --plan PLAN``: the graph stage on an existing ONNX graph."""
+    import shutil
+
+    from qsvd_export.bundle import check_output_dir, load_bundle_config
+    from qsvd_export.export import cache_layout_from_graph
+    from qsvd_export.onnx_io import load_onnx
+    from qsvd_export.passes.chain import run_graph_stage
+    from qsvd_export.plan import load_plan, save_plan
+
+    check_output_dir(out, overwrite)
+    timings: dict[str, float] = {}
+    start = time.perf_counter()
+    model = load_onnx(graph_path)
+    plan = load_plan(plan_path) if plan_path is not None else None
+    context = run_graph_stage(model, plan, dump_dir)
+    timings["graph_stage_s"] = time.perf_counter() - start
+    cache = cache_layout_from_graph(model)
+    source_dir = Path(graph_path).resolve().parent
+    source = load_bundle_config(source_dir) if (source_dir / CONFIG_NAME).is_file() else None
+    inputs, outputs = graph_io(model)
+    kind = source.kind if source else ("decoder" if "logits" in outputs else "encoder")
+    config = BundleConfig(
+        model_name=source.model_name if source else Path(graph_path).stem,
+        model_type=source.model_type if source else "unknown",
+        kind=kind,
+        graphs=[GraphSpec("model", GRAPH_FILE, inputs, outputs)],
+        cache=cache,
+        model_config=source.model_config if source else {},
+        generation=source.generation if source else {},
+        tokenizer_files=source.tokenizer_files if source else [],
+        source={"graph": str(Path(graph_path).name), **(source.source if source else {})},
+    )
+    report: dict[str, Any] = {"stage": "graph", "graph_stage": context.report()}
+    if plan is not None:
+        report.update(plan_report(plan))
+    with atomic_output_dir(out, overwrite) as tmp:
+        save_graph(model, tmp)
+        for name in config.tokenizer_files:
+            shutil.copy2(source_dir / name, tmp / name)
+        if plan is not None:
+            save_plan(plan, tmp)
+        (tmp / CONFIG_NAME).write_text(config.to_json())
+        report["kv_bytes_per_token"] = config.kv_bytes_per_token()
+        report["weight_bytes"] = (tmp / f"{GRAPH_FILE}.data").stat().st_size
         write_json(tmp / "report.json", report)
         write_json(tmp / "timings.json", {k: round(v, 3) for k, v in timings.items()})
-    return BuildResult(Path(out), None, report, timings)
+    return BuildResult(Path(out), config, report, timings)

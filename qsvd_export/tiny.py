@@ -12,6 +12,21 @@ from qsvd_export.errors import UsageError
 _VOCAB = 256
 
 
+class ByteTokenizer:
+    """UTF-8 bytes as token ids (the tiny vocab is 256): lets tiny models calibrate and evaluate on text."""
+
+    chat_template = None
+    eos_token_id = None
+    cls_token_id = None
+    sep_token_id = None
+
+    def __call__(self, text: str, add_special_tokens: bool = False, **_: object) -> dict[str, list[int]]:
+        return {"input_ids": list(text.encode("utf-8"))}
+
+    def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
+        return bytes(int(i) for i in ids).decode("utf-8", errors="replace")
+
+
 def _llama() -> Any:
     from transformers import LlamaConfig
 
@@ -113,5 +128,6 @@ def build_tiny(family: str, seed: int = 0):
     finally:
         torch.random.set_rng_state(generator_state)
     model.eval()
-    return LoadedModel(name=f"tiny-{family}", model=model, tokenizer=None, kind=adapter.kind,
+    tokenizer = ByteTokenizer() if adapter.kind != "vision" else None
+    return LoadedModel(name=f"tiny-{family}", model=model, tokenizer=tokenizer, kind=adapter.kind,
                        source={"tiny": family, "seed": seed})

@@ -116,6 +116,7 @@ class Analysis:
     scores: list[LayerScores]
     importance_kind: str
     whitening: str
+    output_fisher: list[torch.Tensor] | None
     calibration: dict[str, Any]
 
 
@@ -201,6 +202,7 @@ def analyze(loaded: LoadedModel, options: CompressOptions, windows: np.ndarray |
         svds=svds,
         scores=scores,
         importance_kind="gradient" if use_gradients else "energy",
+        output_fisher=output_fisher,
         whitening=("fisher (input absmean^{:g}, output F^{:g})".format(alpha, options.fisher_gamma / 2)
                    if output_fisher is not None else
                    (f"absmean^{alpha:g}" if options.whitening in ("absmean", "fisher") else options.whitening)),

@@ -1,0 +1,56 @@
+"""Reading user-supplied ONNX files safely: clear errors, no reads outside the model's folder."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import onnx_ir as ir
+
+from qsvd_export.errors import BadInputError
+
+
+def _external_locations(path: Path) -> list[str]:
+    import onnx
+    from google.protobuf.message import DecodeError
+
+    try:
+        proto = onnx.load(str(path), load_external_data=False)
+    except (DecodeError, ValueError, OSError, RuntimeError) as exc:
+        raise BadInputError(f"{path}: not a valid ONNX file ({exc.__class__.__name__})") from None
+    if not proto.graph.node and not proto.graph.input:
+        raise BadInputError(f"{path}: not a valid ONNX file (empty graph)")
+    locations = []
+    for tensor in proto.graph.initializer:
+        if tensor.data_location == onnx.TensorProto.EXTERNAL:
+            entry = {e.key: e.value for e in tensor.external_data}
+            locations.append(entry.get("location", ""))
+    return sorted(set(locations))
+
+
+def check_external_data(path: Path) -> None:
+    """Refuse external data that is missing or lies outside the model's folder (absolute, '..', symlinks)."""
+    folder = path.resolve().parent
+    for location in _external_locations(path):
+        if not location or os.path.isabs(location) or ".." in Path(location).parts:
+            raise BadInputError(f"{path}: external data location '{location}' escapes the model's folder")
+        target = (folder / location).resolve()
+        if folder not in target.parents:
+            raise BadInputError(f"{path}: external data '{location}' resolves outside the model's folder")
+        if not target.is_file():
+            raise BadInputError(f"{path}: external data file '{location}' is missing")
+
+
+def load_onnx(path: Path) -> ir.Model:
+    """Load an ONNX model for the graph stage (weights stay lazy on disk)."""
+    path = Path(path)
+    if not path.is_file():
+        hint = "" if path.suffix == ".onnx" else f" (or unknown command '{path}')"
+        raise BadInputError(f"{path}: no such ONNX file{hint}")
+    if path.stat().st_size == 0:
+        raise BadInputError(f"{path}: empty file")
+    check_external_data(path)
+    try:
+        return ir.load(path)
+    except Exception as exc:  # noqa: BLE001 - any parse failure is the file's fault
+        raise BadInputError(f"{path}: unreadable ONNX ({exc.__class__.__name__}: {str(exc).splitlines()[0][:120]})") from None
