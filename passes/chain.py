@@ -13,7 +13,7 @@ from typing import Any
 import onnx_ir as ir
 from onnx_ir.passes import common
 
-from qsvd_export.errors import BadInputError
+from qsvd_export.errors import BadInputError, QsvdError
 from qsvd_export.passes.context import GraphStageContext
 from qsvd_export.passes.find_attention import find_attention
 from qsvd_export.passes.latent_kv import LatentKVPass
@@ -77,8 +77,15 @@ def run_graph_stage(model: ir.Model, plan: Any | None, dump_dir: Path | None = N
         passes = [_Dumping(p, dump_dir, i) for i, p in enumerate(passes)]
     try:
         ir.passes.PassManager(passes)(model)
-    except ir.passes.PreconditionError as err:
-        raise BadInputError(f"plan does not match the graph: {err}") from None
+    except ir.passes.PassError as err:
+        cause: BaseException | None = err
+        while cause is not None and not isinstance(cause, (ir.passes.PreconditionError, QsvdError)):
+            cause = cause.__cause__
+        if isinstance(cause, ir.passes.PreconditionError):
+            raise BadInputError(f"plan does not match the graph: {cause}") from None
+        if isinstance(cause, QsvdError):
+            raise cause from None
+        raise
     check_model(model)
     return context
 
@@ -87,6 +94,10 @@ def check_model(model: ir.Model) -> None:
     """ONNX checker (onnx_ir's CheckerPass moves large weights out of the proto for the check)."""
     import onnx
 
+    for value in model.graph.initializers.values():  # small external tensors are kept in the checked proto
+        tensor = value.const_value
+        if isinstance(tensor, ir.ExternalTensor) and tensor.nbytes <= 1000:
+            value.const_value = ir.tensor(tensor.numpy(), name=value.name)
     try:
         common.CheckerPass()(model)
     except onnx.checker.ValidationError as err:

@@ -1,0 +1,202 @@
+"""Graph stage: attention discovery, split_qkv and latent_kv on tiny exports and hand-built graphs."""
+
+from __future__ import annotations
+
+import copy
+
+import numpy as np
+import onnx_ir as ir
+import pytest
+import torch
+
+from conftest import DECODER_FAMILIES
+from qsvd_export.bundle import load_bundle_config
+from qsvd_export.compress.budget import parse_budget
+from qsvd_export.compress.compressor import CompressOptions, compress_model
+from qsvd_export.errors import BadInputError
+from qsvd_export.export import cache_layout_from_graph
+from qsvd_export.passes.chain import run_graph_stage
+from qsvd_export.passes.context import GraphStageContext
+from qsvd_export.passes.find_attention import find_attention
+from qsvd_export.passes.latent_kv import LatentKVPass
+from qsvd_export.passes.split_qkv import SplitQKVPass
+from qsvd_export.plan import apply_plan
+from qsvd_export.runtimes.decode import DecoderRunner
+from qsvd_export.zoo import load_model
+
+WINDOWS = np.random.default_rng(0).integers(0, 256, (8, 24))
+TOL = 1e-4
+
+
+def _plan(family: str, budget: str = "kv=0.5", grouping: str = "auto"):
+    loaded = load_model(f"tiny-{family}")
+    allocation = "uniform" if grouping == "separate" else "qsvd"
+    options = CompressOptions(parse_budget(budget), allocation=allocation, grouping=grouping, grad_windows=4, min_rank=2)
+    return loaded, compress_model(loaded, options, windows=WINDOWS)
+
+
+def _dense_graph(bundles, family: str) -> ir.Model:
+    """The session's dense export of ``tiny-<family>``, loaded fresh (weights stay lazy on disk)."""
+    return ir.load(bundles.dense(family) / "model.onnx")
+
+
+def _save(model: ir.Model, folder, cache) -> None:
+    from qsvd_export.bundle import BundleConfig, GraphSpec
+    from qsvd_export.pipeline import graph_io, save_graph
+
+    folder.mkdir(parents=True, exist_ok=True)
+    save_graph(model, folder)
+    inputs, outputs = graph_io(model)
+    config = BundleConfig("t", "t", "decoder", [GraphSpec("model", "model.onnx", inputs, outputs)], cache=cache)
+    (folder / "qsvd_config.json").write_text(config.to_json())
+
+
+def _assert_decoder_parity(runner: DecoderRunner, model, steps: int = 12) -> None:
+    rng = np.random.default_rng(5)
+    ids = rng.integers(0, 256, (2, 10))
+    logits, cache = runner.prefill(ids)
+    with torch.no_grad():
+        ref = model(input_ids=torch.from_numpy(ids), use_cache=True)
+    assert np.abs(ref.logits.numpy() - logits).max() <= TOL
+    past, length = ref.past_key_values, ids.shape[1]
+    for _ in range(steps):
+        token = rng.integers(0, 256, (2, 1))
+        logits, cache = runner.step(token, np.ones((2, length + 1)), np.full((2, 1), length), cache)
+        with torch.no_grad():
+            ref = model(input_ids=torch.from_numpy(token), past_key_values=past, use_cache=True)
+        past, length = ref.past_key_values, length + 1
+        assert np.abs(ref.logits.numpy() - logits).max() <= TOL
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2", "gemma3", "gpt2", "bert", "vit", "dinov2"])
+def test_find_attention_on_every_family(family, bundles):
+    model = ir.load(bundles.dense(family) / "model.onnx")
+    matches = find_attention(model)
+    config = load_model(f"tiny-{family}").model.config
+    assert len(matches.blocks) == config.num_hidden_layers and not matches.failures
+    block = matches.blocks[0]
+    assert block.dims["e"] == config.hidden_size
+    assert block.fused == (family == "gpt2")
+    decoder = family in DECODER_FAMILIES
+    assert (block.k_cache is not None) == decoder and (block.v_cache is not None) == decoder
+    if decoder:
+        assert block.k_cache.past.name == "past_key_values.0.key"  # found by structure, checked by name here
+
+
+@pytest.mark.parametrize("family", DECODER_FAMILIES)
+def test_latent_graph_matches_torch_with_plan(family, tmp_path, bundles):
+    loaded, plan = _plan(family)
+    graph = _dense_graph(bundles, family)
+    context = run_graph_stage(graph, plan)
+    cache = cache_layout_from_graph(graph)
+    assert [layer.kind for layer in cache] == ["latent"] * len(plan.layers)
+    assert [layer.rank for layer in cache] == [layer.latent_rank for layer in plan.layers]
+    assert all(layer.bytes_per_token() == 4 * layer.rank for layer in cache)
+    assert all(entry["cache"] == "latent" for entry in context.report()["layers"])
+    _save(graph, tmp_path, cache)
+    _assert_decoder_parity(DecoderRunner(tmp_path), apply_plan(copy.deepcopy(loaded.model), plan))
+
+
+@pytest.mark.parametrize("grouping", ["qkv", "separate"])
+def test_other_groupings_keep_parity(grouping, tmp_path, bundles):
+    loaded, plan = _plan("llama", grouping=grouping)
+    exported = type("E", (), {"model": _dense_graph(bundles, "llama")})
+    run_graph_stage(exported.model, plan)
+    cache = cache_layout_from_graph(exported.model)
+    assert all(layer.kind == "latent" for layer in cache)
+    _save(exported.model, tmp_path, cache)
+    _assert_decoder_parity(DecoderRunner(tmp_path), apply_plan(copy.deepcopy(loaded.model), plan))
+
+
+def test_dense_layer_in_plan_keeps_dense_cache(tmp_path, bundles):
+    loaded, plan = _plan("qwen2")
+    plan.layers[0].groups = []
+    exported = type("E", (), {"model": _dense_graph(bundles, "qwen2")})
+    run_graph_stage(exported.model, plan)
+    cache = cache_layout_from_graph(exported.model)
+    assert [layer.kind for layer in cache] == ["dense", "latent"]
+    names = [v.name for v in exported.model.graph.inputs]
+    assert "past_key_values.0.key" in names and "past_key_values.1.latent" in names
+    _save(exported.model, tmp_path, cache)
+    _assert_decoder_parity(DecoderRunner(tmp_path), apply_plan(copy.deepcopy(loaded.model), plan))
+
+
+def test_latent_kv_declines_cleanly_and_keeps_a_working_graph(tmp_path, bundles):
+    loaded, plan = _plan("llama")
+    exported = type("E", (), {"model": _dense_graph(bundles, "llama")})
+    context = GraphStageContext(plan)
+    matches = find_attention(exported.model)
+    context.blocks = matches.blocks
+    SplitQKVPass(context)(exported.model)
+    LatentKVPass(context, mask_input="no_such_input")(exported.model)
+    from qsvd_export.passes.chain import CleanupPass
+
+    CleanupPass()(exported.model)
+    report = context.report()["layers"]
+    assert all(entry["cache"] == "dense" for entry in report)
+    assert "no 'no_such_input' input" in report[0]["notes"][0]
+    cache = cache_layout_from_graph(exported.model)
+    _save(exported.model, tmp_path, cache)
+    _assert_decoder_parity(DecoderRunner(tmp_path), apply_plan(copy.deepcopy(loaded.model), plan), steps=3)
+
+
+def test_encoder_split_matches_torch(tmp_path, bundles):
+    from qsvd_export.runtimes.sessions import create_session
+
+    loaded, plan = _plan("bert", budget="params=0.7")
+    graph = _dense_graph(bundles, "bert")
+    run_graph_stage(graph, plan)
+    ir.save(graph, tmp_path / "m.onnx", external_data="m.onnx.data")
+    session = create_session(tmp_path / "m.onnx")
+    ids = np.random.default_rng(3).integers(0, 256, (2, 9))
+    mask = np.ones_like(ids)
+    (out,) = session.run(None, {"input_ids": ids, "attention_mask": mask, "token_type_ids": np.zeros_like(ids)})
+    with torch.no_grad():
+        ref = apply_plan(copy.deepcopy(loaded.model), plan)(input_ids=torch.from_numpy(ids)).last_hidden_state
+    assert np.abs(ref.numpy() - out).max() <= TOL
+
+
+def test_plan_that_does_not_match_the_graph_is_refused(bundles):
+    _, plan = _plan("gemma3")
+    with pytest.raises(BadInputError, match="plan does not match the graph"):
+        run_graph_stage(_dense_graph(bundles, "llama"), plan)
+
+
+def test_dump_passes_writes_one_graph_per_pass(tmp_path, bundles):
+    loaded, plan = _plan("llama")
+    run_graph_stage(_dense_graph(bundles, "llama"), plan, dump_dir=tmp_path)
+    names = sorted(p.name for p in tmp_path.glob("*.onnx"))
+    assert names == ["00-FindAttentionPass.onnx", "01-SplitQKVPass.onnx", "02-LatentKVPass.onnx", "03-CleanupPass.onnx"]
+
+
+def _attention_graph(shared_input: bool) -> ir.Model:
+    """Hand-built single-head attention: X·Wq, X·Wk, (Y or X)·Wv → softmax(QKᵀ)V."""
+    rng = np.random.default_rng(0)
+    x = ir.Value(name="x", shape=ir.Shape([1, 4, 8]), type=ir.TensorType(ir.DataType.FLOAT))
+    y = ir.Value(name="y", shape=ir.Shape([1, 4, 8]), type=ir.TensorType(ir.DataType.FLOAT))
+    weights = {n: ir.Value(name=n, const_value=ir.tensor(rng.standard_normal((8, 8)).astype(np.float32)),
+                           shape=ir.Shape([8, 8]), type=ir.TensorType(ir.DataType.FLOAT)) for n in "qkv"}
+    nodes = []
+
+    def op(kind, inputs, **attrs):  # type: ignore[no-untyped-def]
+        node = ir.Node("", kind, inputs, attributes=[ir.AttrInt64s(k, v) if isinstance(v, list) else ir.AttrInt64(k, v)
+                                                      for k, v in attrs.items()])
+        nodes.append(node)
+        return node.outputs[0]
+
+    q = op("MatMul", [x, weights["q"]])
+    k = op("MatMul", [x, weights["k"]])
+    v = op("MatMul", [x if shared_input else y, weights["v"]])
+    scores = op("MatMul", [q, op("Transpose", [k], perm=[0, 2, 1])])
+    out = op("MatMul", [op("Softmax", [scores], axis=-1), v])
+    out.name = "out"
+    graph = ir.Graph([x, y], [out], nodes=nodes, initializers=list(weights.values()), opset_imports={"": 21})
+    return ir.Model(graph, ir_version=10)
+
+
+def test_hand_built_attention_is_found_and_a_broken_one_is_reported():
+    found = find_attention(_attention_graph(shared_input=True))
+    assert len(found.blocks) == 1 and found.blocks[0].k_cache is None
+    broken = find_attention(_attention_graph(shared_input=False))
+    assert not broken.blocks
+    assert broken.failures[0].reason == "Q, K and V projections do not share one input"
