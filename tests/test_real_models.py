@@ -81,3 +81,52 @@ def test_minilm_encoder_matches_transformers(tmp_path):
         ref = loaded.model(**{k: torch.from_numpy(v) for k, v in batch.items()}).last_hidden_state.numpy()
     valid = batch["attention_mask"].astype(bool)
     assert np.abs(ref[valid] - hidden[valid]).max() <= 1e-4
+
+
+@pytest.fixture(scope="module")
+def smollm2_latent(tmp_path_factory):
+    from qsvd_export.compress.budget import parse_budget
+    from qsvd_export.compress.compressor import CompressOptions
+    from qsvd_export.pipeline import build_compressed_bundle
+    from qsvd_export.plan import load_plan
+
+    out = tmp_path_factory.mktemp("smollm2-latent") / "bundle"
+    # Small calibration: this checks graph/torch parity, not compression quality (see benchmarks.quality).
+    options = CompressOptions(parse_budget("kv=0.5,params=1.0"), calib_windows=8, grad_windows=4)
+    result = build_compressed_bundle("smollm2-135m", options, out)
+    return load_model("smollm2-135m"), load_plan(out), DecoderRunner(out), result.report
+
+
+def test_smollm2_latent_bundle_matches_torch_with_plan(smollm2_latent):
+    import copy
+
+    from qsvd_export.plan import apply_plan
+
+    loaded, plan, runner, report = smollm2_latent
+    model = apply_plan(copy.deepcopy(loaded.model), plan)
+    assert all(layer["cache"] == "latent" for layer in report["graph_stage"]["layers"])
+    ids = token_windows(loaded.tokenizer, read_text("wiki_eval"), 128, 1)
+    logits, cache = runner.prefill(ids)
+    with torch.no_grad():
+        ref = model(input_ids=torch.from_numpy(ids), use_cache=True)
+    assert np.abs(ref.logits.numpy() - logits).max() <= 1e-3
+    ref_cache, length, ours, theirs = ref.past_key_values, ids.shape[1], [], []
+    for _ in range(32):
+        ours.append(int(logits[0, -1].argmax()))
+        theirs.append(int(ref.logits[0, -1].argmax()))
+        token = np.asarray([[theirs[-1]]])
+        logits, cache = runner.step(token, np.ones((1, length + 1)), np.asarray([[length]]), cache)
+        with torch.no_grad():
+            ref = model(input_ids=torch.from_numpy(token), past_key_values=ref_cache, use_cache=True)
+        ref_cache, length = ref.past_key_values, length + 1
+        assert np.abs(ref.logits.numpy() - logits).max() <= 1e-3
+    assert ours == theirs
+
+
+def test_smollm2_latent_cache_is_half_of_dense(smollm2_latent):
+    _, plan, runner, report = smollm2_latent
+    dense_fp16 = 30 * 2 * 192 * 2
+    assert report["kv_bytes_per_token_dense_fp16"] == dense_fp16
+    latent_fp16 = sum(layer.bytes_per_token() // 2 for layer in runner.config.cache)
+    assert latent_fp16 == sum(2 * layer.latent_rank for layer in plan.layers)
+    assert latent_fp16 <= 0.5 * dense_fp16
