@@ -19,6 +19,10 @@ class LayerRewrite:
     ups: dict[str, Any] = field(default_factory=dict)  # member → (up [out, r] ndarray, bias, group members)
     latent_rank: int = 0
     cache: str = "dense"  # "dense" | "latent"
+    latent_all: ir.Value | None = None  # [B, past+seq, r] after latent_kv
+    rebuilt: dict[str, ir.Value] = field(default_factory=dict)  # member → K/V of all tokens, [B, Hkv, T, D]
+    full_ups: dict[str, Any] = field(default_factory=dict)  # member → ([r, out] over the whole latent, bias)
+    chains: dict[str, list[ir.Node]] = field(default_factory=dict)  # member → original per-token chain
     notes: list[str] = field(default_factory=list)
 
 

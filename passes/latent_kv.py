@@ -173,6 +173,7 @@ class LatentKVPass(ir.passes.InPlacePass):
             full = np.zeros((rank, up.shape[0]), dtype=np.float32)
             lo, hi = offsets[members]
             full[lo:hi] = up.T
+            rewrite.full_ups[member] = (full, bias)
             w = initializer(graph, f"{prefix}/{member}_up_all", full)
             lin = add_node(graph, "MatMul", [present, w], f"{prefix}/{member}_all").outputs[0]
             if bias is not None:
@@ -180,6 +181,7 @@ class LatentKVPass(ir.passes.InPlacePass):
                 lin = add_node(graph, "Add", [lin, b], f"{prefix}/{member}_all_bias").outputs[0]
             projection_output = getattr(block, member).output
             nodes = self._chain(projection_output, cache, graph)  # type: ignore[arg-type]
+            rewrite.chains[member] = nodes
             mapping = clone_nodes(nodes, {id(projection_output): lin}, graph, f"{prefix}/{member}",
                                   replace_input=self._substitute(graph, f"{prefix}/{member}"))
             for node in nodes:
@@ -204,6 +206,8 @@ class LatentKVPass(ir.passes.InPlacePass):
         outputs.insert(position_out, present)
         rewrite.cache = "latent"
         rewrite.latent_rank = rank
+        rewrite.latent_all = present
+        rewrite.rebuilt = rebuilt
 
     @staticmethod
     def _redirect_shape(graph: ir.Graph, node: ir.Node, latent: ir.Value, cache: CacheConcat, prefix: str) -> None:

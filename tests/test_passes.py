@@ -166,7 +166,8 @@ def test_dump_passes_writes_one_graph_per_pass(tmp_path, bundles):
     loaded, plan = _plan("llama")
     run_graph_stage(_dense_graph(bundles, "llama"), plan, dump_dir=tmp_path)
     names = sorted(p.name for p in tmp_path.glob("*.onnx"))
-    assert names == ["00-FindAttentionPass.onnx", "01-SplitQKVPass.onnx", "02-LatentKVPass.onnx", "03-CleanupPass.onnx"]
+    assert names == ["00-FindAttentionPass.onnx", "01-SplitQKVPass.onnx", "02-LatentKVPass.onnx",
+                     "03-FoldValuePass.onnx", "04-CleanupPass.onnx"]
 
 
 def _attention_graph(shared_input: bool) -> ir.Model:
@@ -200,3 +201,16 @@ def test_hand_built_attention_is_found_and_a_broken_one_is_reported():
     broken = find_attention(_attention_graph(shared_input=False))
     assert not broken.blocks
     assert broken.failures[0].reason == "Q, K and V projections do not share one input"
+
+
+def test_value_up_projection_is_folded_after_attention_weights(bundles):
+    _, plan = _plan("llama")
+    graph = _dense_graph(bundles, "llama")
+    context = run_graph_stage(graph, plan)
+    notes = [note for layer in context.report()["layers"] for note in layer["notes"]]
+    assert notes == ["V up-projection applied after attention weights"] * 2
+    # P·V now multiplies the attention weights with the latent: [B, H, S, T] x [B, 1, T, r]
+    weighted = [n for n in graph if n.op_type == "MatMul" and n.inputs[1] is not None
+                and n.inputs[1].producer() is not None and n.inputs[1].producer().op_type == "Unsqueeze"
+                and n.inputs[0].producer() is not None and n.inputs[0].producer().op_type == "Softmax"]
+    assert len(weighted) == 2
