@@ -1,4 +1,4 @@
-"""The graph-stage pass chain: find_attention → split_qkv → latent_kv → fold_value → cleanup (+ checker).
+"""The graph-stage pass chain: find_attention → split_qkv → latent_kv → fold_value → absorb_key → cleanup (+ checker).
 
 Each pass checks its preconditions (``requires``); the chain ends with dead-code removal, a
 topological sort, ONNX shape inference and the ONNX checker. ``dump_dir`` saves the graph after every
@@ -15,6 +15,7 @@ from onnx_ir.passes import common
 
 from qsvd_export.errors import BadInputError, QsvdError
 from qsvd_export.passes.context import GraphStageContext
+from qsvd_export.passes.absorb_key import AbsorbKeyPass
 from qsvd_export.passes.find_attention import find_attention
 from qsvd_export.passes.fold_value import FoldValuePass
 from qsvd_export.passes.latent_kv import LatentKVPass
@@ -39,8 +40,8 @@ class CleanupPass(ir.passes.InPlacePass):
     """Remove dead nodes and initializers, then sort topologically."""
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
+        common.TopologicalSortPass()(model)  # the removal sweeps in reverse order: sort first
         common.RemoveUnusedNodesPass()(model)
-        common.TopologicalSortPass()(model)
         return ir.passes.PassResult(model, True)
 
 
@@ -71,7 +72,7 @@ def run_graph_stage(model: ir.Model, plan: Any | None, dump_dir: Path | None = N
     context = GraphStageContext(plan)
     passes: list[ir.passes.PassBase] = [FindAttentionPass(context)]
     if plan is not None:
-        passes += [SplitQKVPass(context), LatentKVPass(context), FoldValuePass(context)]
+        passes += [SplitQKVPass(context), LatentKVPass(context), FoldValuePass(context), AbsorbKeyPass(context)]
     passes += [CleanupPass()]
     if dump_dir is not None:
         dump_dir.mkdir(parents=True, exist_ok=True)

@@ -167,7 +167,7 @@ def test_dump_passes_writes_one_graph_per_pass(tmp_path, bundles):
     run_graph_stage(_dense_graph(bundles, "llama"), plan, dump_dir=tmp_path)
     names = sorted(p.name for p in tmp_path.glob("*.onnx"))
     assert names == ["00-FindAttentionPass.onnx", "01-SplitQKVPass.onnx", "02-LatentKVPass.onnx",
-                     "03-FoldValuePass.onnx", "04-CleanupPass.onnx"]
+                     "03-FoldValuePass.onnx", "04-AbsorbKeyPass.onnx", "05-CleanupPass.onnx"]
 
 
 def _attention_graph(shared_input: bool) -> ir.Model:
@@ -208,9 +208,25 @@ def test_value_up_projection_is_folded_after_attention_weights(bundles):
     graph = _dense_graph(bundles, "llama")
     context = run_graph_stage(graph, plan)
     notes = [note for layer in context.report()["layers"] for note in layer["notes"]]
-    assert notes == ["V up-projection applied after attention weights"] * 2
+    assert notes == ["V up-projection applied after attention weights",
+                     "K up-projection not absorbed: keys are rotated or normalized per position (RoPE / k-norm): "
+                     "they must be rebuilt"] * 2
     # P·V now multiplies the attention weights with the latent: [B, H, S, T] x [B, 1, T, r]
-    weighted = [n for n in graph if n.op_type == "MatMul" and n.inputs[1] is not None
+    weighted = [n for n in graph.graph if n.op_type == "MatMul" and n.inputs[1] is not None
                 and n.inputs[1].producer() is not None and n.inputs[1].producer().op_type == "Unsqueeze"
                 and n.inputs[0].producer() is not None and n.inputs[0].producer().op_type == "Softmax"]
     assert len(weighted) == 2
+
+
+def test_keys_are_absorbed_into_queries_without_rope(bundles):
+    _, plan = _plan("gpt2")
+    graph = _dense_graph(bundles, "gpt2")
+    context = run_graph_stage(graph, plan)
+    for layer in context.report()["layers"]:
+        assert "K up-projection absorbed into the queries" in layer["notes"]
+    # no key is rebuilt: nothing multiplies the latent cache by a [r, Ek] matrix any more
+    latent_inputs = {v.name for v in graph.graph.inputs if v.name.endswith(".latent")}
+    rebuilt = [n for n in graph.graph if n.op_type == "MatMul" and n.inputs[0] is not None
+               and n.inputs[0].producer() is not None and n.inputs[0].producer().op_type == "Concat"
+               and any(i is not None and i.name in latent_inputs for i in n.inputs[0].producer().inputs)]
+    assert rebuilt == []
