@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import dataclasses
 import json
 import platform
 import resource
@@ -22,7 +23,8 @@ import numpy as np
 import torch
 
 from qsvd_export.compress.budget import parse_budget
-from qsvd_export.compress.compressor import CompressOptions, analyze, build_plan
+from qsvd_export.compress.allocate import LayerScores
+from qsvd_export.compress.compressor import CompressOptions, analyze, build_plan, kfac_importance
 from qsvd_export.data import read_text, token_windows
 from qsvd_export.evaluate import torch_window_nlls
 from qsvd_export.plan import apply_plan
@@ -31,6 +33,7 @@ from qsvd_export.zoo import load_model
 
 METHODS = [
     ("qsvd", "auto", "QSVD (gradient, best grouping)"),
+    ("qsvd-kfac", "auto", "QSVD (K-FAC importance, best grouping)"),
     ("qsvd", "qkv", "QSVD (gradient, joint QKV)"),
     ("uniform", "qkv", "uniform joint QKV"),
     ("uniform", "kv", "uniform joint KV (Q dense)"),
@@ -63,12 +66,24 @@ def smollm2_table(args: argparse.Namespace) -> dict:
         analysis = analyze(loaded, options, groups=("qkv", "kv", "q", "k", "v"))
         results["timing"][f"analysis_{whitening}_s"] = round(time.perf_counter() - start, 1)
         results["timing"]["peak_rss_gb"] = round(peak_rss_gb(), 2)
+        kfac_analysis = analysis
+        if analysis.output_fisher is not None:
+            groups = tuple(analysis.svds[0])
+            importance, fisher = kfac_importance(analysis.dims, analysis.stats, analysis.svds, analysis.output_fisher, groups)
+            kfac_analysis = dataclasses.replace(analysis, importance_kind="kfac", scores=[
+                LayerScores(d, {g: importance[li][g].numpy() for g in groups}, fisher[li])
+                for li, d in enumerate(analysis.dims)])
         for budget in args.budgets:
             for allocation, grouping, label in METHODS:
+                scored = analysis
+                if allocation == "qsvd-kfac":
+                    if analysis.output_fisher is None:
+                        continue
+                    allocation, scored = "qsvd", kfac_analysis
                 opts = CompressOptions(budget=parse_budget(budget), allocation=allocation, grouping=grouping,
                                        whitening=whitening)
                 try:
-                    plan = build_plan(loaded, analysis, opts)
+                    plan = build_plan(loaded, scored, opts)
                 except Exception as exc:  # noqa: BLE001 - a budget a baseline cannot meet is a row, not a crash
                     rows.append({"method": label, "whitening": whitening, "budget": budget, "error": str(exc)})
                     continue

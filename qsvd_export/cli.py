@@ -85,7 +85,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--calib", default="wiki_calib", help="calibration text file or bundled corpus")
     p.add_argument("--calib-windows", type=int, default=128)
     p.add_argument("--calib-length", type=int, default=512)
-    p.add_argument("--grad-windows", type=int, default=32, help="windows for the gradient importance pass")
+    p.add_argument("--grad-windows", type=int, default=32, help="windows for the gradient passes")
+    p.add_argument("--importance", choices=["gradient", "kfac"], default="gradient",
+                   help="gradient: the paper's (σ·uᵀGS⁻ᵀv)² (one more backward pass); kfac: from the Fisher statistics")
     p.add_argument("--bits", default="fp", help="fp, w8a16, w8a8, w4a16, w4a8, w4a4 (β is searched for them)")
     p.add_argument("--beta", type=float, default=None, help="fixed β instead of the per-group search")
     p.add_argument("--rotation", choices=["orthogonal", "hadamard", "none"], default="orthogonal")
@@ -235,7 +237,8 @@ def cmd_compress(args: argparse.Namespace) -> int:
     options = CompressOptions(
         budget=parse_budget(args.budget), allocation=args.allocation, grouping=args.grouping,
         whitening=args.whitening, calib_text=args.calib, calib_windows=args.calib_windows,
-        calib_length=args.calib_length, grad_windows=args.grad_windows, bits=args.bits, beta=args.beta,
+        calib_length=args.calib_length, grad_windows=args.grad_windows, importance=args.importance,
+        bits=args.bits, beta=args.beta,
         rotation=args.rotation, min_rank=args.min_rank, seed=args.seed,
     )
     result = build_compressed_bundle(

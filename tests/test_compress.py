@@ -148,3 +148,13 @@ def test_rotations_are_orthogonal():
         assert torch.allclose(matrix @ matrix.T, eye, atol=1e-12)
     with pytest.raises(ValueError):
         randomized_hadamard(12, 0)
+
+
+def test_kfac_importance_needs_fisher_whitening_and_meets_the_budget():
+    loaded = load_model("tiny-llama")
+    plan = compress_model(loaded, CompressOptions(parse_budget("kv=0.5"), importance="kfac", grad_windows=4),
+                          windows=WINDOWS)
+    assert plan.r2 <= 0.5 and plan.method["importance"] == "kfac"
+    with pytest.raises(UsageError, match="needs the output Fisher"):
+        compress_model(loaded, CompressOptions(parse_budget("kv=0.5"), importance="kfac", whitening="absmean",
+                                               grad_windows=4), windows=WINDOWS)

@@ -45,6 +45,7 @@ class CompressOptions:
     calib_windows: int = 128
     calib_length: int = 512
     grad_windows: int = 32
+    importance: str = "gradient"  # gradient (paper) | kfac (from the Fisher whitening statistics, no extra pass)
     bits: str = "fp"
     beta: float | None = None  # None: searched per group when bits are set, else 0.5
     rotation: str = "orthogonal"
@@ -86,6 +87,30 @@ def _output_fisher(model: torch.nn.Module, blocks: list[Any], windows: np.ndarra
     for_each_gradient(model, blocks, windows, accumulate, capture_outputs=True, progress=progress.update)
     progress.close()
     return [f / len(windows) for f in fisher]
+
+
+def kfac_importance(dims: list[LayerDims], stats: list[Any], svds: list[dict[str, WhitenedSVD]],
+                    output_fisher: list[torch.Tensor], groups: tuple[str, ...]):  # type: ignore[no-untyped-def]
+    """Second-order (K-FAC) loss increase of dropping component i: ½ σ_i² (r_iᵀ C r_i)(u_iᵀ F u_i).
+
+    C = E[xᵀx] of the block input, F = output-gradient Fisher of the group's outputs. Also returns a
+    per-layer Fisher proxy tr(F)·tr(C) for the Palu-style baseline.
+    """
+    importance: list[dict[str, torch.Tensor]] = []
+    fisher: list[dict[str, float]] = []
+    for li, svd in enumerate(svds):
+        cov = stats[li].covariance()
+        importance.append({})
+        fisher.append({})
+        for g in groups:
+            index = _member_index(dims[li], g)
+            out_f = output_fisher[li][index][:, index]
+            comp = svd[g]
+            input_side = ((comp.r @ cov) * comp.r).sum(1)
+            output_side = ((out_f @ comp.u) * comp.u).sum(0)
+            importance[li][g] = 0.5 * comp.sigma**2 * input_side * output_side
+            fisher[li][g] = float(torch.trace(out_f) * torch.trace(cov))
+    return importance, fisher
 
 
 def _calibration_batches(loaded: LoadedModel, options: CompressOptions) -> tuple[np.ndarray, list[dict[str, torch.Tensor]]]:
@@ -169,7 +194,15 @@ def analyze(loaded: LoadedModel, options: CompressOptions, windows: np.ndarray |
     importance = [{g: torch.zeros(svd[g].size, dtype=torch.float64) for g in groups} for svd in svds]
     fisher = [{g: 0.0 for g in groups} for _ in svds]
     grad_windows = 0
-    if use_gradients:
+    kind = options.importance if use_gradients else "energy"
+    if kind not in ("gradient", "kfac", "energy"):
+        raise UsageError(f"unknown importance '{kind}' (gradient or kfac)")
+    if kind == "kfac" and output_fisher is None:
+        raise UsageError("kfac importance needs the output Fisher: use --whitening fisher")
+    if kind == "kfac":
+        grad_windows = min(options.grad_windows, len(windows))
+        importance, fisher = kfac_importance(dims, stats, svds, output_fisher, groups)  # type: ignore[arg-type]
+    elif kind == "gradient":
         grad_rows = windows[: options.grad_windows]
         grad_windows = len(grad_rows)
 
@@ -201,7 +234,7 @@ def analyze(loaded: LoadedModel, options: CompressOptions, windows: np.ndarray |
         stats=stats,
         svds=svds,
         scores=scores,
-        importance_kind="gradient" if use_gradients else "energy",
+        importance_kind=kind,
         output_fisher=output_fisher,
         whitening=("fisher (input absmean^{:g}, output F^{:g})".format(alpha, options.fisher_gamma / 2)
                    if output_fisher is not None else
