@@ -17,83 +17,38 @@ from __future__ import annotations
 import numpy as np
 import onnx_ir as ir
 
-from qsvd_export.passes._graph import add_node, const_array, initializer, path_nodes, topo_order
-from qsvd_export.passes.context import GraphStageContext, LayerRewrite
+from qsvd_export.passes._graph import add_node, initializer, path_nodes, topo_order
+from qsvd_export.passes._latent_layer import LatentLayerPass, Skip, head_chain, per_head, repeat_heads
+from qsvd_export.passes.context import LayerRewrite
 
 
-class _Skip(Exception):
-    pass
+class AbsorbKeyPass(LatentLayerPass):
+    applied_note = "K up-projection absorbed into the queries"
+    skipped_note = "K up-projection not absorbed"
 
-
-def _scores_path_has(block, op: str) -> bool:  # type: ignore[no-untyped-def]
-    """Whether an ``op`` node sits between the Q·Kᵀ MatMul and the Softmax."""
-    nodes = path_nodes(block.scores.outputs[0], block.softmax.inputs[0]) or []
-    return any(n.op_type == op for n in nodes)
-
-
-class AbsorbKeyPass(ir.passes.InPlacePass):
-    def __init__(self, context: GraphStageContext) -> None:
-        super().__init__()
-        self.context = context
-
-    def call(self, model: ir.Model) -> ir.passes.PassResult:
-        modified = False
-        for index, rewrite in sorted(self.context.layers.items()):
-            if rewrite.cache != "latent" or "k" not in rewrite.rebuilt:
-                continue
-            try:
-                kv_heads, head_dim, heads = self._verify(model.graph, rewrite)
-            except _Skip as reason:
-                rewrite.notes.append(f"K up-projection not absorbed: {reason}")
-                continue
-            self._absorb(model.graph, index, rewrite, kv_heads, head_dim, heads)
-            rewrite.notes.append("K up-projection absorbed into the queries")
-            modified = True
-        return ir.passes.PassResult(model, modified)
-
-    @staticmethod
-    def _verify(graph: ir.Graph, rewrite: LayerRewrite) -> tuple[int, int, int]:
+    def apply(self, graph: ir.Graph, index: int, rewrite: LayerRewrite) -> None:
         chain = rewrite.chains.get("k", [])
         if [n.op_type for n in chain] != ["Reshape", "Transpose"]:
-            raise _Skip("keys are rotated or normalized per position (RoPE / k-norm): they must be rebuilt")
-        reshape, transpose = chain
-        shape = reshape.outputs[0].shape
-        if shape is None or shape.rank() != 4 or not all(isinstance(d, int) for d in list(shape)[2:]):
-            raise _Skip("K head reshape without static [heads, head_dim]")
-        if list(transpose.attributes["perm"].value) != [0, 2, 1, 3]:
-            raise _Skip("K transpose is not (0, 2, 1, 3)")
-        kv_heads, head_dim = int(shape[2]), int(shape[3])
+            raise Skip("keys are rotated or normalized per position (RoPE / k-norm): they must be rebuilt")
+        kv_heads, head_dim = head_chain(chain, "K")
         block = rewrite.block
-        _, bias = rewrite.full_ups["k"]
-        if bias is not None and _scores_path_has(block, "Tanh"):
-            raise _Skip("soft-capped scores with a key bias")
+        up, bias = rewrite.full_ups["k"]  # [r, Ek]
+        score_path = path_nodes(block.scores.outputs[0], block.softmax.inputs[0]) or []
+        if bias is not None and any(n.op_type == "Tanh" for n in score_path):
+            raise Skip("soft-capped scores with a key bias")
         nodes = topo_order(path_nodes(rewrite.rebuilt["k"], block.scores.inputs[1]) or [], graph)
-        ops = [n.op_type for n in nodes]
-        if ops == ["Transpose"]:
+        if [n.op_type for n in nodes] == ["Transpose"]:
             heads = kv_heads
-        elif ops == ["Unsqueeze", "Expand", "Reshape", "Transpose"]:
-            axes = const_array(nodes[0].inputs[1]) if len(nodes[0].inputs) > 1 else None
-            out_shape = nodes[2].outputs[0].shape
-            if axes is None or [int(a) for a in np.atleast_1d(axes)] != [2] or out_shape is None \
-                    or not isinstance(out_shape[1], int):
-                raise _Skip("unrecognised repeat_kv layout")
-            heads = int(out_shape[1])
+        elif len(nodes) == 4 and nodes[-1].op_type == "Transpose":
+            heads = repeat_heads(nodes[:3], kv_heads)
         else:
-            raise _Skip(f"between the K cache and Q·Kᵀ: {ops}")
+            raise Skip(f"between the K cache and Q·Kᵀ: {[n.op_type for n in nodes]}")
         if list(nodes[-1].attributes["perm"].value) != [0, 1, 3, 2]:
-            raise _Skip("keys are not transposed (0, 1, 3, 2) for Q·Kᵀ")
-        if heads % kv_heads:
-            raise _Skip("query heads are not a multiple of kv heads")
-        return kv_heads, head_dim, heads
-
-    @staticmethod
-    def _absorb(graph: ir.Graph, index: int, rewrite: LayerRewrite, kv_heads: int, head_dim: int, heads: int) -> None:
+            raise Skip("keys are not transposed (0, 1, 3, 2) for Q·Kᵀ")
         prefix = f"qsvd/layer{index}/absorb_key"
-        up, _ = rewrite.full_ups["k"]  # [r, Ek]
-        rep = heads // kv_heads
-        stacked = np.stack([up[:, (h // rep) * head_dim:(h // rep + 1) * head_dim].T for h in range(heads)])  # [H, D, r]
-        scores = rewrite.block.scores
-        w = initializer(graph, f"{prefix}/up_heads", stacked.astype(np.float32))
+        stacked = per_head(up, heads, kv_heads, head_dim).transpose(0, 2, 1)  # [H, D, r]
+        scores = block.scores
+        w = initializer(graph, f"{prefix}/up_heads", np.ascontiguousarray(stacked, dtype=np.float32))
         q_latent = add_node(graph, "MatMul", [scores.inputs[0], w], f"{prefix}/queries").outputs[0]
         axes = initializer(graph, f"{prefix}/axes", np.asarray([1], dtype=np.int64))
         latent4 = add_node(graph, "Unsqueeze", [rewrite.latent_all, axes], f"{prefix}/latent4").outputs[0]

@@ -1,0 +1,76 @@
+"""Shared pieces of the passes that rework a latent layer's attention (fold_value, absorb_key)."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx_ir as ir
+
+from qsvd_export.passes._graph import const_array
+from qsvd_export.passes.context import GraphStageContext, LayerRewrite
+
+
+class Skip(Exception):
+    """The layer's structure is not the verified one; the reason goes to the report."""
+
+
+def head_chain(chain: list[ir.Node], name: str) -> tuple[int, int]:
+    """(kv_heads, head_dim) if ``chain`` is exactly Reshape [.., Hkv, D] → Transpose (0, 2, 1, 3)."""
+    if [n.op_type for n in chain] != ["Reshape", "Transpose"]:
+        raise Skip(f"{name} chain is {[n.op_type for n in chain]}, not Reshape → Transpose")
+    reshape, transpose = chain
+    shape = reshape.outputs[0].shape
+    if shape is None or shape.rank() != 4 or not all(isinstance(d, int) for d in list(shape)[2:]):
+        raise Skip(f"{name} head reshape without static [heads, head_dim]")
+    if list(transpose.attributes["perm"].value) != [0, 2, 1, 3]:
+        raise Skip(f"{name} transpose is not (0, 2, 1, 3)")
+    return int(shape[2]), int(shape[3])
+
+
+def repeat_heads(nodes: list[ir.Node], kv_heads: int) -> int:
+    """Query heads after the HF repeat_kv pattern Unsqueeze(axis 2) → Expand → Reshape [B, H, T, D]."""
+    if [n.op_type for n in nodes[:3]] != ["Unsqueeze", "Expand", "Reshape"]:
+        raise Skip(f"unrecognised layout between the cache and attention: {[n.op_type for n in nodes]}")
+    axes = const_array(nodes[0].inputs[1]) if len(nodes[0].inputs) > 1 else None
+    out_shape = nodes[2].outputs[0].shape
+    if axes is None or [int(a) for a in np.atleast_1d(axes)] != [2]:
+        raise Skip("repeat_kv unsqueezes another axis")
+    if out_shape is None or out_shape.rank() != 4 or not isinstance(out_shape[1], int):
+        raise Skip("repeat_kv output heads unknown")
+    heads = int(out_shape[1])
+    if heads % kv_heads:
+        raise Skip("query heads are not a multiple of kv heads")
+    return heads
+
+
+def per_head(matrix: np.ndarray, heads: int, kv_heads: int, head_dim: int) -> np.ndarray:
+    """[rows, Hkv·D] → [H, rows, D]: query head h takes kv group h // (H / Hkv)."""
+    rep = heads // kv_heads
+    return np.stack([matrix[:, (h // rep) * head_dim:(h // rep + 1) * head_dim] for h in range(heads)])
+
+
+class LatentLayerPass(ir.passes.InPlacePass):
+    """Runs ``apply(graph, index, rewrite)`` on every latent layer; a :class:`Skip` becomes a report note."""
+
+    applied_note = ""
+    skipped_note = ""
+
+    def __init__(self, context: GraphStageContext) -> None:
+        super().__init__()
+        self.context = context
+
+    def apply(self, graph: ir.Graph, index: int, rewrite: LayerRewrite) -> None:
+        raise NotImplementedError
+
+    def call(self, model: ir.Model) -> ir.passes.PassResult:
+        modified = False
+        for index, rewrite in sorted(self.context.layers.items()):
+            if rewrite.cache != "latent":
+                continue
+            try:
+                self.apply(model.graph, index, rewrite)
+            except Skip as reason:
+                rewrite.notes.append(f"{self.skipped_note}: {reason}")
+                continue
+            rewrite.notes.append(self.applied_note)
+            modified = True
+        return ir.passes.PassResult(model, modified)
