@@ -70,6 +70,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", default="smollm2-135m")
     p.add_argument("-o", "--output", type=Path, default=Path("qsvd-demo"))
     p.add_argument("--windows", type=int, default=4, help="perplexity windows of 512 tokens (EVAL.md: 32)")
+    p.add_argument("--budget", default="kv=0.5,params=1.0")
+    p.add_argument("--calib-windows", type=int, default=32, help="calibration windows (compress default: 128)")
+    p.add_argument("--grad-windows", type=int, default=8, help="gradient windows (compress default: 32)")
     p.add_argument("--prompt", default="What is the capital of France?")
     _add_runtime(p)
     _add_common(p)
@@ -117,8 +120,12 @@ def _tokenizer(bundle: Path) -> Any:
     from qsvd_export.bundle import load_bundle_config
 
     config = load_bundle_config(bundle)
+    if not config.tokenizer_files and config.model_name.startswith("tiny-"):
+        from qsvd_export.tiny import ByteTokenizer
+
+        return ByteTokenizer()  # tiny test models read UTF-8 bytes
     if not config.tokenizer_files:
-        raise UsageError(f"{bundle}: bundle has no tokenizer (tiny test models have none)")
+        raise UsageError(f"{bundle}: bundle has no tokenizer files")
     from transformers import AutoTokenizer
 
     return AutoTokenizer.from_pretrained(bundle, trust_remote_code=False)
@@ -194,28 +201,43 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 def cmd_demo(args: argparse.Namespace) -> int:
     from qsvd_export.bundle import CONFIG_NAME
-    from qsvd_export.pipeline import build_dense_bundle
+    from qsvd_export.compress.budget import parse_budget
+    from qsvd_export.compress.compressor import CompressOptions
+    from qsvd_export.pipeline import build_compressed_bundle, build_dense_bundle
 
     out: Path = args.output
-    # The demo replaces only its own earlier output (a bundle folder), never an unrelated folder.
-    overwrite = (out / CONFIG_NAME).is_file()
-    info(f"[1/3] exporting {args.model} (dense fp32, opset 21) → {out}")
-    result = build_dense_bundle(args.model, out, overwrite=overwrite)
-    info("[2/3] generating")
-    options = _session_options(args)
-    text = generate_text(out, args.prompt, 48, False, args.target, options)
-    info(f"[3/3] perplexity on {args.windows} x 512 tokens of wiki_eval")
-    ppl = bundle_perplexity(out, "wiki_eval", args.windows, 512, args.target, options)
-    report = result.report
+    dense_dir, latent_dir = out / "dense", out / f"qsvd-{args.budget.replace('=', '').replace(',', '-')}"
+    # The demo replaces only its own earlier output (bundle folders), never an unrelated folder.
+    for folder in (dense_dir, latent_dir):
+        if folder.exists() and not (folder / CONFIG_NAME).is_file():
+            raise UsageError(f"{folder} exists and is not a bundle from an earlier demo; choose another -o")
+    info(f"[1/4] exporting {args.model} (dense fp32, opset 21) → {dense_dir}")
+    dense = build_dense_bundle(args.model, dense_dir, overwrite=True)
+    info(f"[2/4] QSVD at {args.budget} ({args.calib_windows} calibration windows, {args.grad_windows} gradient "
+         f"windows) → {latent_dir}")
+    options = CompressOptions(parse_budget(args.budget), calib_windows=args.calib_windows,
+                              grad_windows=args.grad_windows)
+    latent = build_compressed_bundle(args.model, options, latent_dir, overwrite=True,
+                                     dense_graph=dense_dir / "model.onnx")
+    session = _session_options(args)
+    info("[3/4] generating with both bundles")
+    answers = {name: generate_text(folder, args.prompt, 48, False, args.target, session)
+               for name, folder in (("dense", dense_dir), ("qsvd", latent_dir))}
+    info(f"[4/4] perplexity on {args.windows} x 512 tokens of wiki_eval")
+    ppl = {name: bundle_perplexity(folder, "wiki_eval", args.windows, 512, args.target, session)
+           for name, folder in (("dense", dense_dir), ("qsvd", latent_dir))}
+    d, q = dense.report, latent.report
     rows = [
-        ("model", f"{args.model} ({report['parameters']:,} parameters)"),
-        ("bundle", str(out)),
-        ("weights on disk", f"{report['weight_bytes'] / 1e6:.1f} MB (fp32)"),
-        ("KV cache", f"{report['kv_bytes_per_token']:,} B/token (fp32)"),
-        ("export time", f"{result.timings['export_s']:.1f} s"),
-        (f"perplexity ({args.windows} x 512, wiki_eval)", f"{ppl:.3f}"),
+        ("model", f"{args.model} ({d['parameters']:,} parameters, fp32)"),
+        ("bundles", f"{dense_dir}  |  {latent_dir}"),
+        ("QSVD budget", f"{args.budget}: R1 {q['r1']:.3f} (Q/K/V params), R2 {q['r2']:.3f} (KV cache)"),
+        ("KV cache per token", f"dense {d['kv_bytes_per_token']:,} B  |  qsvd {q['kv_bytes_per_token']:,} B (fp32)"),
+        ("weights on disk", f"dense {d['weight_bytes'] / 1e6:.1f} MB  |  qsvd {q['weight_bytes'] / 1e6:.1f} MB"),
+        (f"perplexity ({args.windows} x 512 wiki_eval)", f"dense {ppl['dense']:.3f}  |  qsvd {ppl['qsvd']:.3f} "
+                                                         f"({ppl['qsvd'] / ppl['dense']:.3f} x)"),
         ("prompt", args.prompt),
-        ("answer", text.strip().replace("\n", " ")),
+        ("dense answer", answers["dense"].strip().replace("\n", " ")),
+        ("qsvd answer", answers["qsvd"].strip().replace("\n", " ")),
     ]
     width = max(len(k) for k, _ in rows)
     print("\n".join(f"{k:<{width}}  {v}" for k, v in rows))

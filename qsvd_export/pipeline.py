@@ -145,8 +145,12 @@ def plan_report(plan: Any) -> dict[str, Any]:
 
 def build_compressed_bundle(spec: str, options: Any, out: Path, overwrite: bool = False,
                             eval_text: str | None = None, eval_windows: int = 32,
-                            dump_dir: Path | None = None) -> BuildResult:
-    """``qsvd-export compress``: torch stage → dense export → graph stage → bundle (graph + plan + report)."""
+                            dump_dir: Path | None = None, dense_graph: Path | None = None) -> BuildResult:
+    """``qsvd-export compress``: torch stage → dense export → graph stage → bundle (graph + plan + report).
+
+    ``dense_graph``: an existing dense export of the same model (e.g. a dense bundle's model.onnx) to
+    start the graph stage from instead of exporting again.
+    """
     import copy
 
     from qsvd_export.bundle import check_output_dir
@@ -164,21 +168,26 @@ def build_compressed_bundle(spec: str, options: Any, out: Path, overwrite: bool 
     start = time.perf_counter()
     plan = compress_model(loaded, options)
     timings["compress_s"] = time.perf_counter() - start
-    info("exporting the dense graph")
     start = time.perf_counter()
-    exported = export_graph(loaded)
+    if dense_graph is not None:
+        from qsvd_export.onnx_io import load_onnx
+
+        graph = load_onnx(dense_graph)
+    else:
+        info("exporting the dense graph")
+        graph = export_graph(loaded).model
     timings["export_s"] = time.perf_counter() - start
-    info("graph stage: find_attention → split_qkv → latent_kv → cleanup")
+    info("graph stage: find_attention → split_qkv → latent_kv → fold_value → absorb_key → cleanup")
     start = time.perf_counter()
-    context = run_graph_stage(exported.model, plan, dump_dir)
+    context = run_graph_stage(graph, plan, dump_dir)
     timings["graph_stage_s"] = time.perf_counter() - start
-    cache = cache_layout_from_graph(exported.model) if loaded.kind == "decoder" else []
+    cache = cache_layout_from_graph(graph) if loaded.kind == "decoder" else []
     report: dict[str, Any] = {"stage": "compressed", **plan_report(plan), "options": options_summary(options),
                               "graph_stage": context.report()}
     report["kv_bytes_per_token_fp16_graph"] = sum(layer.bytes_per_token() // 2 for layer in cache)
     with atomic_output_dir(out, overwrite) as tmp:
         save_plan(plan, tmp)
-        config = write_bundle(loaded, exported.model, cache, tmp, report)
+        config = write_bundle(loaded, graph, cache, tmp, report)
         if eval_text is not None:
             start = time.perf_counter()
             report["perplexity"] = _evaluate_bundle(loaded, plan, tmp, eval_text, eval_windows)

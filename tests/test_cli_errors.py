@@ -134,10 +134,26 @@ def test_missing_npu_package_names_the_fix(monkeypatch, bundles, capsys):
     assert "pip install 'qsvd-export[npu]'" in err
 
 
-def test_run_on_bundle_without_tokenizer(bundles, capsys):
-    code = main(["run", str(bundles.dense("llama")), "--prompt", "hi"])
+def test_run_on_bundle_without_tokenizer(bundles, tmp_path, capsys):
+    import shutil
+
+    bundle = tmp_path / "bundle"
+    shutil.copytree(bundles.dense("llama"), bundle)
+    config = json.loads((bundle / "qsvd_config.json").read_text())
+    config["model_name"] = "someone-elses-model"
+    (bundle / "qsvd_config.json").write_text(json.dumps(config))
+    code = main(["run", str(bundle), "--prompt", "hi"])
     assert code == 2
-    assert "no tokenizer" in capsys.readouterr().err
+    assert "no tokenizer files" in capsys.readouterr().err
+
+
+def test_demo_runs_end_to_end_on_a_tiny_model(tmp_path, capsys):
+    code = main(["demo", "--model", "tiny-llama", "-o", str(tmp_path / "demo"), "--windows", "1",
+                 "--calib-windows", "4", "--grad-windows", "2", "-q"])
+    assert code == 0
+    out = capsys.readouterr().out
+    assert "R2 0.500" in out and "perplexity (1 x 512 wiki_eval)" in out
+    assert sorted(p.name for p in (tmp_path / "demo").iterdir()) == ["dense", "qsvd-kv0.5-params1.0"]
 
 
 def test_not_a_bundle(tmp_path, capsys):
