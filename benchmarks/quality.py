@@ -97,6 +97,30 @@ def smollm2_table(args: argparse.Namespace) -> dict:
     return results
 
 
+def minilm_table(args: argparse.Namespace) -> list[dict]:
+    """minilm-l6: mean embedding cosine vs dense over news_eval sentences (EVAL.md) at several R1."""
+    from qsvd_export.evaluate import embedding_cosine, eval_sentences, sentence_embeddings
+
+    loaded = load_model("minilm-l6")
+    sentences = eval_sentences(read_text("news_eval"), count=256)
+    dense = sentence_embeddings(loaded.model, loaded.tokenizer, sentences)
+    options = CompressOptions(budget=parse_budget("params=1.0"), calib_windows=args.calib_windows,
+                              calib_length=128, grad_windows=0)
+    analysis = analyze(loaded, options, groups=("qkv", "kv", "q", "k", "v"))
+    rows = []
+    for r1 in args.minilm_r1:
+        for allocation, grouping, label in [("qsvd", "qkv", "QSVD (energy importance, joint QKV)"),
+                                            ("uniform", "qkv", "uniform joint QKV")]:
+            opts = CompressOptions(budget=parse_budget(f"params={r1}"), allocation=allocation, grouping=grouping)
+            plan = build_plan(loaded, analysis, opts)
+            model = apply_plan(copy.deepcopy(loaded.model), plan)
+            cosine = embedding_cosine(dense, sentence_embeddings(model, loaded.tokenizer, sentences))
+            rows.append({"model": "minilm-l6", "method": label, "r1": plan.r1, "sentences": len(sentences),
+                         "cosine": cosine})
+            print(json.dumps(rows[-1]), flush=True)
+    return rows
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="8 eval windows, 32 calibration, 8 gradient windows")
@@ -106,12 +130,16 @@ def main() -> None:
     parser.add_argument("--whitenings", nargs="+", default=["fisher"])
     parser.add_argument("--budgets", nargs="+", default=BUDGETS)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--minilm-r1", nargs="+", type=float, default=[0.6, 0.8])
+    parser.add_argument("--only", choices=["smollm2", "minilm"], default=None)
     parser.add_argument("--out", type=Path, default=Path("results/quality.json"))
     args = parser.parse_args()
     if args.quick:
         args.calib_windows, args.grad_windows, args.eval_windows = 32, 8, 8
     start = time.perf_counter()
-    results = smollm2_table(args)
+    results = smollm2_table(args) if args.only != "minilm" else {"rows": [], "timing": {}}
+    if args.only != "smollm2":
+        results["minilm"] = minilm_table(args)
     results["settings"] = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
     results["machine"] = f"{platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}"
     results["wall_s"] = round(time.perf_counter() - start, 1)

@@ -73,25 +73,37 @@ def backward_nodes(value: ir.Value, stop: set[int]) -> list[ir.Node]:
     return list(nodes.values())
 
 
-def path_nodes(source: ir.Value, target: ir.Value, limit: int = 2000) -> list[ir.Node] | None:
-    """Nodes on some path from ``source`` to ``target`` (forward slice ∩ backward slice), None if none."""
+def path_nodes(source: ir.Value, target: ir.Value, max_depth: int = 64) -> list[ir.Node] | None:
+    """Nodes on some path from ``source`` to ``target`` (forward slice ∩ backward slice), None if none.
+
+    The forward slice is explored breadth-first up to ``max_depth`` node levels; the backward walk from
+    ``target`` stays inside it, so the cost is bounded by the graph size.
+    """
     forward: dict[int, ir.Node] = {}
-    stack = [source]
-    seen: set[int] = set()
+    frontier = [source]
+    for _ in range(max_depth):
+        following = []
+        for value in frontier:
+            for node in value.consumers():
+                if id(node) not in forward:
+                    forward[id(node)] = node
+                    following.extend(node.outputs)
+        if not following:
+            break
+        frontier = following
+    found: dict[int, ir.Node] = {}
+    stack, seen = [target], set()
     while stack:
-        v = stack.pop()
-        if id(v) in seen:
+        value = stack.pop()
+        if id(value) in seen or value is source:
             continue
-        seen.add(id(v))
-        for node in v.consumers():
-            if id(node) not in forward:
-                forward[id(node)] = node
-                if len(forward) > limit:
-                    return None
-                stack.extend(node.outputs)
-    back = {id(n) for n in backward_nodes(target, stop={id(source)})}
-    nodes = [n for k, n in forward.items() if k in back]
-    return nodes or None
+        seen.add(id(value))
+        producer = value.producer()
+        if producer is None or id(producer) not in forward:
+            continue
+        found[id(producer)] = producer
+        stack.extend(i for i in producer.inputs if i is not None)
+    return list(found.values()) or None
 
 
 def topo_order(nodes: Iterable[ir.Node], graph: ir.Graph) -> list[ir.Node]:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import onnx_ir as ir
 
-from qsvd_export.passes._graph import const_array
+from qsvd_export.passes._graph import add_node, const_array, initializer
 from qsvd_export.passes.context import GraphStageContext, LayerRewrite
 
 
@@ -42,10 +42,26 @@ def repeat_heads(nodes: list[ir.Node], kv_heads: int) -> int:
     return heads
 
 
-def per_head(matrix: np.ndarray, heads: int, kv_heads: int, head_dim: int) -> np.ndarray:
-    """[rows, Hkv·D] → [H, rows, D]: query head h takes kv group h // (H / Hkv)."""
-    rep = heads // kv_heads
-    return np.stack([matrix[:, (h // rep) * head_dim:(h // rep + 1) * head_dim] for h in range(heads)])
+def per_kv_head(matrix: np.ndarray, kv_heads: int, head_dim: int) -> np.ndarray:
+    """[rows, Hkv·D] → [Hkv, rows, D]."""
+    return np.stack([matrix[:, g * head_dim:(g + 1) * head_dim] for g in range(kv_heads)])
+
+
+def grouped_head_matmul(graph: ir.Graph, x: ir.Value, weight: ir.Value, heads: int, kv_heads: int,
+                        width: int, prefix: str) -> ir.Value:
+    """[B, H, S, a] · per-kv-group [Hkv, a, b] → [B, H, S, b]; query head h uses group h // (H / Hkv).
+
+    Heads of one group are consecutive, so [B, H, S, a] reshapes to [B, Hkv, (H/Hkv)·S, a] and one
+    batched MatMul applies each group's matrix to all its query heads without duplicating weights.
+    """
+    if heads == kv_heads:
+        return add_node(graph, "MatMul", [x, weight], f"{prefix}/matmul").outputs[0]
+    a = int(weight.shape[1])  # type: ignore[index]
+    grouped_shape = initializer(graph, f"{prefix}/grouped_shape", np.asarray([0, kv_heads, -1, a], dtype=np.int64))
+    grouped = add_node(graph, "Reshape", [x, grouped_shape], f"{prefix}/grouped").outputs[0]
+    product = add_node(graph, "MatMul", [grouped, weight], f"{prefix}/matmul").outputs[0]
+    heads_shape = initializer(graph, f"{prefix}/heads_shape", np.asarray([0, heads, -1, width], dtype=np.int64))
+    return add_node(graph, "Reshape", [product, heads_shape], f"{prefix}/heads").outputs[0]
 
 
 class LatentLayerPass(ir.passes.InPlacePass):

@@ -3,7 +3,7 @@
 Without a position-dependent rotation between the key projection and Q·Kᵀ, per query head h
 (kv group g(h)): Q_h·K_hᵀ = (Q_h·U_k,h)·Cᵀ + Q_h·b_k,h. The second term is the same for every key
 of a query row, so softmax ignores it (only applied when the score path has no Tanh soft-capping).
-The rewrite: ``Q̃ = MatMul(Q, W̃)`` with W̃ [H, D, r] the stacked per-head key up-projections, then
+The rewrite: ``Q̃ = Q·W̃`` with W̃ [Hkv, D, r] the per-group key up-projections (one batched MatMul), then
 ``scores = MatMul(Q̃, Transpose(Unsqueeze(C, 1)))`` [B, H, S, T], replacing the Q·Kᵀ MatMul. This is
 the MLA-style absorption; rebuilt keys are no longer computed at all.
 
@@ -18,7 +18,9 @@ import numpy as np
 import onnx_ir as ir
 
 from qsvd_export.passes._graph import add_node, initializer, path_nodes, topo_order
-from qsvd_export.passes._latent_layer import LatentLayerPass, Skip, head_chain, per_head, repeat_heads
+from qsvd_export.passes._latent_layer import (
+    LatentLayerPass, Skip, grouped_head_matmul, head_chain, per_kv_head, repeat_heads,
+)
 from qsvd_export.passes.context import LayerRewrite
 
 
@@ -46,10 +48,10 @@ class AbsorbKeyPass(LatentLayerPass):
         if list(nodes[-1].attributes["perm"].value) != [0, 1, 3, 2]:
             raise Skip("keys are not transposed (0, 1, 3, 2) for Q·Kᵀ")
         prefix = f"qsvd/layer{index}/absorb_key"
-        stacked = per_head(up, heads, kv_heads, head_dim).transpose(0, 2, 1)  # [H, D, r]
+        stacked = per_kv_head(up, kv_heads, head_dim).transpose(0, 2, 1)  # [Hkv, D, r]
         scores = block.scores
-        w = initializer(graph, f"{prefix}/up_heads", np.ascontiguousarray(stacked, dtype=np.float32))
-        q_latent = add_node(graph, "MatMul", [scores.inputs[0], w], f"{prefix}/queries").outputs[0]
+        w = initializer(graph, f"{prefix}/up_groups", np.ascontiguousarray(stacked, dtype=np.float32))
+        q_latent = grouped_head_matmul(graph, scores.inputs[0], w, heads, kv_heads, up.shape[0], f"{prefix}/queries")
         axes = initializer(graph, f"{prefix}/axes", np.asarray([1], dtype=np.int64))
         latent4 = add_node(graph, "Unsqueeze", [rewrite.latent_all, axes], f"{prefix}/latent4").outputs[0]
         keys = add_node(graph, "Transpose", [latent4], f"{prefix}/latent_t", {"perm": [0, 1, 3, 2]}).outputs[0]

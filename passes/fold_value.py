@@ -3,8 +3,8 @@
 After latent_kv, V for all T tokens is rebuilt every step: V = C·U_vᵀ (+b_v), [T, Ev] from the latent
 C [T, r] — T·r·Ev multiply-adds per layer and step. Since softmax rows sum to one,
 P·V = (P·C)·U_v,hᵀ (+ b_v,h) per query head h (kv group g(h)), which costs H·T·r + H·r·D instead.
-The rewrite: ``PC = MatMul(P, Unsqueeze(C, 1))`` [B, H, S, r], then one batched MatMul with the
-stacked per-head up-projections [H, r, D] (+ per-head bias) replaces the P·V MatMul.
+The rewrite: ``PC = MatMul(P, Unsqueeze(C, 1))`` [B, H, S, r], then one batched MatMul per kv group
+with the stacked up-projections [Hkv, r, D] (+ per-head bias) replaces the P·V MatMul.
 
 Applies only where the structure is verified: the V chain is Reshape [.., Hkv, D] → Transpose
 (0, 2, 1, 3), and between the cache and P·V there is nothing (MHA) or the repeat_kv pattern
@@ -17,7 +17,9 @@ import numpy as np
 import onnx_ir as ir
 
 from qsvd_export.passes._graph import add_node, initializer, path_nodes, topo_order
-from qsvd_export.passes._latent_layer import LatentLayerPass, Skip, head_chain, per_head, repeat_heads
+from qsvd_export.passes._latent_layer import (
+    LatentLayerPass, Skip, grouped_head_matmul, head_chain, per_kv_head, repeat_heads,
+)
 from qsvd_export.passes.context import LayerRewrite
 
 
@@ -40,10 +42,11 @@ class FoldValuePass(LatentLayerPass):
         axes = initializer(graph, f"{prefix}/axes", np.asarray([1], dtype=np.int64))
         latent4 = add_node(graph, "Unsqueeze", [rewrite.latent_all, axes], f"{prefix}/latent4").outputs[0]
         weighted = add_node(graph, "MatMul", [pv.inputs[0], latent4], f"{prefix}/weighted_latent").outputs[0]
-        w = initializer(graph, f"{prefix}/up_heads", per_head(up, heads, kv_heads, head_dim).astype(np.float32))
-        out = add_node(graph, "MatMul", [weighted, w], f"{prefix}/heads").outputs[0]
+        w = initializer(graph, f"{prefix}/up_groups", per_kv_head(up, kv_heads, head_dim).astype(np.float32))
+        out = grouped_head_matmul(graph, weighted, w, heads, kv_heads, head_dim, prefix)
         if bias is not None:
-            b = per_head(bias[None, :], heads, kv_heads, head_dim)  # [H, 1, D]
+            rep = heads // kv_heads
+            b = np.repeat(per_kv_head(bias[None, :], kv_heads, head_dim), rep, axis=0)  # [H, 1, D]
             out = add_node(graph, "Add", [out, initializer(graph, f"{prefix}/bias_heads", b.astype(np.float32))],
                            f"{prefix}/heads_bias").outputs[0]
         out.dtype = pv.outputs[0].dtype
