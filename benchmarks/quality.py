@@ -104,13 +104,14 @@ def minilm_table(args: argparse.Namespace) -> list[dict]:
     loaded = load_model("minilm-l6")
     sentences = eval_sentences(read_text("news_eval"), count=256)
     dense = sentence_embeddings(loaded.model, loaded.tokenizer, sentences)
-    options = CompressOptions(budget=parse_budget("params=1.0"), calib_windows=args.calib_windows,
-                              calib_length=128, grad_windows=0)
+    options = CompressOptions(budget=parse_budget("params=1.0"))  # encoder calibration defaults
     analysis = analyze(loaded, options, groups=("qkv", "kv", "q", "k", "v"))
     rows = []
     for r1 in args.minilm_r1:
-        for allocation, grouping, label in [("qsvd", "qkv", "QSVD (energy importance, joint QKV)"),
-                                            ("uniform", "qkv", "uniform joint QKV")]:
+        for allocation, grouping, label in [("qsvd", "auto", "QSVD (gradient, best grouping)"),
+                                            ("uniform", "qkv", "uniform joint QKV"),
+                                            ("uniform", "separate", "per-matrix SVD (K, V; Q dense)"),
+                                            ("fisher", "qkv", "Fisher-per-layer joint QKV")]:
             opts = CompressOptions(budget=parse_budget(f"params={r1}"), allocation=allocation, grouping=grouping)
             plan = build_plan(loaded, analysis, opts)
             model = apply_plan(copy.deepcopy(loaded.model), plan)
@@ -145,7 +146,12 @@ def main() -> None:
     results["wall_s"] = round(time.perf_counter() - start, 1)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(results, indent=1) + "\n")
-    print_table(results["rows"])
+    if results["rows"]:
+        print_table(results["rows"])
+    if results.get("minilm"):
+        print(f"{'minilm-l6 method':<34} {'R1':>6} {'cosine':>8}")
+        for r in results["minilm"]:
+            print(f"{r['method']:<34} {r['r1']:>6.3f} {r['cosine']:>8.4f}")
 
 
 def print_table(rows: list[dict]) -> None:

@@ -84,11 +84,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--allocation", choices=["qsvd", "uniform", "fisher"], default="qsvd")
     p.add_argument("--grouping", choices=["auto", "qkv", "kv", "separate"], default="auto")
     p.add_argument("--whitening", choices=["fisher", "absmean", "cholesky", "none"], default="fisher",
-                   help="fisher: input absmean + output-gradient Fisher (default); absmean: ASVD; cholesky: SVD-LLM")
+                   help="fisher: input absmean (decoders) or Cholesky (encoders) + output-gradient Fisher "
+                        "(default); absmean: ASVD; cholesky: SVD-LLM")
     p.add_argument("--calib", default="wiki_calib", help="calibration text file or bundled corpus")
-    p.add_argument("--calib-windows", type=int, default=128)
-    p.add_argument("--calib-length", type=int, default=512)
-    p.add_argument("--grad-windows", type=int, default=32, help="windows for the gradient passes")
+    p.add_argument("--calib-windows", type=int, default=None, help="default: 128 (decoders), 256 (encoders)")
+    p.add_argument("--calib-length", type=int, default=None, help="tokens per window; default: 512 (decoders), 32 (encoders)")
+    p.add_argument("--grad-windows", type=int, default=None,
+                   help="windows for the gradient passes; default: 32 (decoders), 128 (encoders)")
     p.add_argument("--importance", choices=["gradient", "kfac"], default="gradient",
                    help="gradient: the paper's (σ·uᵀGS⁻ᵀv)² (one more backward pass); kfac: from the Fisher statistics")
     p.add_argument("--bits", default="fp", help="fp, w8a16, w8a8, w4a16, w4a8, w4a4 (β is searched for them)")
@@ -251,7 +253,7 @@ def cmd_compress(args: argparse.Namespace) -> int:
     from qsvd_export.quantize import parse_bits
 
     for flag in ("calib_windows", "calib_length", "grad_windows", "eval_windows", "min_rank"):
-        if getattr(args, flag) < (2 if flag == "calib_length" else 0 if flag == "grad_windows" else 1):
+        if getattr(args, flag) is not None and getattr(args, flag) < (2 if flag == "calib_length" else 0 if flag == "grad_windows" else 1):
             raise UsageError(f"--{flag.replace('_', '-')} is too small ({getattr(args, flag)})")
     parse_bits(args.bits)
     if args.beta is not None and not 0.0 <= args.beta <= 1.0:

@@ -32,6 +32,7 @@ class SessionOptions:
     htp_arch: str | None = None  # npu: e.g. "73", "75"; None keeps the backend default
     extra_config: dict[str, str] = field(default_factory=dict)
     optimization: str = "all"  # "all" | "basic" | "none"
+    profile_prefix: str | None = None  # write an ORT profile (JSON trace) with this file prefix
 
 
 def _qnn_plugin() -> Any:
@@ -73,6 +74,9 @@ def create_session(model_path: str | Path, target: str = "cpu", options: Session
         "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
         "none": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
     }[options.optimization]
+    if options.profile_prefix:
+        so.enable_profiling = True
+        so.profile_file_prefix = options.profile_prefix
     for key, value in options.extra_config.items():
         so.add_session_config_entry(key, value)
     providers: list[Any] | None = None

@@ -158,3 +158,26 @@ def test_kfac_importance_needs_fisher_whitening_and_meets_the_budget():
     with pytest.raises(UsageError, match="needs the output Fisher"):
         compress_model(loaded, CompressOptions(parse_budget("kv=0.5"), importance="kfac", whitening="absmean",
                                                grad_windows=4), windows=WINDOWS)
+
+
+def test_encoder_gradient_importance_uses_the_hidden_state_probe():
+    loaded = load_model("tiny-bert")
+    options = CompressOptions(parse_budget("params=0.7"), grad_windows=4)
+    plan = compress_model(loaded, options, windows=WINDOWS)
+    assert plan.method["importance"] == "gradient"
+    assert plan.method["whitening"].startswith("fisher (input cholesky")
+    assert plan.calibration["gradient_windows"] == 4
+    assert plan.r1 <= 0.7
+    # the probe is seeded by the window index: same plan bytes twice
+    again = compress_model(loaded, options, windows=WINDOWS)
+    assert all(torch.equal(again.tensors[k], v) for k, v in plan.tensors.items())
+
+
+def test_hidden_state_probe_is_seeded_by_the_window_index():
+    from qsvd_export.compress.calibrate import hidden_state_probe_loss
+
+    loaded = load_model("tiny-bert")
+    ids = torch.from_numpy(WINDOWS[:1])
+    loss = hidden_state_probe_loss(loaded.model, ids, 3)
+    assert torch.equal(loss, hidden_state_probe_loss(loaded.model, ids, 3))
+    assert not torch.equal(loss, hidden_state_probe_loss(loaded.model, ids, 4))

@@ -3,7 +3,8 @@
 - :func:`collect_input_stats`: forward only (no LM head), hooks on each attention block's input X
   accumulate XᵀX (float64 [E, E]), Σ|X| per channel and the token count, plus a fixed-size random
   sample of X rows for error measurements. Memory is O(layers · E²), independent of the token count.
-- :func:`for_each_gradient`: one forward + backward of the LM loss per window, with gradients enabled
+- :func:`for_each_gradient`: one forward + backward of the LM loss (encoders: a
+  random hidden-state probe, :func:`hidden_state_probe_loss`) per window, with gradients enabled
   only on the Q/K/V weights; calls back with the per-window gradients of every block.
 """
 
@@ -87,6 +88,27 @@ def collect_input_stats(
     return stats
 
 
+LossFn = Callable[[torch.nn.Module, torch.Tensor, int], torch.Tensor]
+
+
+def lm_loss(model: torch.nn.Module, ids: torch.Tensor, index: int) -> torch.Tensor:
+    """Next-token cross-entropy of a causal LM on window ``ids`` [1, length]."""
+    return model(input_ids=ids, labels=ids, use_cache=False).loss
+
+
+def hidden_state_probe_loss(model: torch.nn.Module, ids: torch.Tensor, index: int) -> torch.Tensor:
+    """<v, h> / sqrt(T) with h the final hidden states [1, T, H] and v ~ N(0, I) seeded by ``index``.
+
+    For encoders, which have no LM loss: its gradient g = Jᵀv satisfies E_v[g gᵀ] = JᵀJ, the
+    Gauss-Newton (Fisher) matrix of the squared error of the output hidden states, so output-gradient
+    Fisher statistics and first-order importance measure damage to the output embeddings.
+    """
+    hidden = model(input_ids=ids).last_hidden_state
+    generator = torch.Generator().manual_seed(int(index))
+    probe = torch.randn(hidden.shape, generator=generator, dtype=hidden.dtype)
+    return (hidden * probe).sum() / hidden.shape[1] ** 0.5
+
+
 GradCallback = Callable[[int, list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]], list[torch.Tensor] | None], None]
 
 
@@ -97,8 +119,9 @@ def for_each_gradient(
     callback: GradCallback,
     capture_outputs: bool = False,
     progress: Callable[[], None] | None = None,
+    loss_fn: LossFn = lm_loss,
 ) -> None:
-    """For each window [length]: LM-loss backward, then ``callback(i, weight_grads, output_grads)``.
+    """For each window [length]: ``loss_fn`` backward, then ``callback(i, weight_grads, output_grads)``.
 
     ``weight_grads``: per block (Gq, Gk, Gv) in [out, in] (``nn.Linear``) orientation.
     ``output_grads`` (if ``capture_outputs``): per block dL/d[q|k|v] as [tokens, q+k+v], else None.
@@ -125,7 +148,7 @@ def for_each_gradient(
             for p in targets:
                 p.grad = None
             captured.clear()
-            loss = model(input_ids=ids, labels=ids, use_cache=False).loss
+            loss = loss_fn(model, ids, i)
             loss.backward()
             outputs = None
             if capture_outputs:

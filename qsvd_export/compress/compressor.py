@@ -2,13 +2,15 @@
 
 Importance of component i of a candidate group (paper, §3): mean over calibration windows n of
 (σ_i · [Uᵀ G_n S⁻ᵀ V]_ii)², G_n the gradient of the window's LM loss w.r.t. the dense joint weight.
-Encoders have no LM loss; they use the whitened spectrum energy σ_i² / Σ_j σ_j² of each layer instead.
+Encoders have no LM loss; they use a random hidden-state probe whose gradients estimate the Gauss-Newton
+matrix of the output embeddings (:func:`~qsvd_export.compress.calibrate.hidden_state_probe_loss`).
+With ``grad_windows=0`` the whitened spectrum energy σ_i² / Σ_j σ_j² of each layer is used instead.
 """
 
 from __future__ import annotations
 
 import hashlib
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import Any
 
 import numpy as np
@@ -19,7 +21,7 @@ from qsvd_export.compress.allocate import (
 )
 from qsvd_export.compress.beta import rotated_factors, search_beta
 from qsvd_export.compress.budget import Budget, LayerDims, ratios
-from qsvd_export.compress.calibrate import collect_input_stats, for_each_gradient
+from qsvd_export.compress.calibrate import LossFn, collect_input_stats, for_each_gradient, hidden_state_probe_loss, lm_loss
 from qsvd_export.compress.rotation import latent_rotation
 from qsvd_export.compress.svd import WhitenedSVD, output_whitening, whitened_svd, whitening
 from qsvd_export.data import read_text, resolve_text, token_windows
@@ -31,6 +33,21 @@ from qsvd_export.quantize import Bits, parse_bits
 from qsvd_export.zoo import LoadedModel
 
 ALLOCATIONS = ("qsvd", "uniform", "fisher")
+# Input side of the fisher whitening, chosen by measurement (docs/decisions.md): absmean on smollm2,
+# Cholesky (SVD-LLM) on minilm.
+FISHER_INPUT_DEFAULT = {"decoder": "absmean", "encoder": "cholesky"}
+# (windows, tokens per window, gradient windows). Decoders: EVAL.md's 128 x 512. Sentence encoders embed
+# sentences, so they calibrate on sentence-length windows (measured on minilm: 256 x 32 beats 128 x 128).
+CALIBRATION_DEFAULTS = {"decoder": (128, 512, 32), "encoder": (256, 32, 128)}
+
+
+def with_calibration_defaults(options: CompressOptions, kind: str) -> CompressOptions:
+    """``options`` with unset calibration sizes filled in for a model of ``kind``."""
+    windows, length, grads = CALIBRATION_DEFAULTS.get(kind, CALIBRATION_DEFAULTS["decoder"])
+    return replace(options,
+                   calib_windows=windows if options.calib_windows is None else options.calib_windows,
+                   calib_length=length if options.calib_length is None else options.calib_length,
+                   grad_windows=grads if options.grad_windows is None else options.grad_windows)
 
 
 @dataclass
@@ -41,10 +58,11 @@ class CompressOptions:
     whitening: str = "fisher"  # fisher | absmean | cholesky | none
     alpha: float | None = None  # absmean exponent (default 1.0 with fisher, 0.5 with absmean, as in ASVD)
     fisher_gamma: float = 0.5  # output side: F^(γ/2)
+    fisher_input: str | None = None  # input side of fisher whitening: absmean | cholesky (None: per model kind)
     calib_text: str = "wiki_calib"
-    calib_windows: int = 128
-    calib_length: int = 512
-    grad_windows: int = 32
+    calib_windows: int | None = None  # None: CALIBRATION_DEFAULTS for the model kind
+    calib_length: int | None = None
+    grad_windows: int | None = None
     importance: str = "gradient"  # gradient (paper) | kfac (from the Fisher whitening statistics, no extra pass)
     bits: str = "fp"
     beta: float | None = None  # None: searched per group when bits are set, else 0.5
@@ -71,7 +89,7 @@ def _member_index(dims: LayerDims, members: str) -> torch.Tensor:
     return torch.cat([torch.arange(start[m], start[m] + dims.out(m)) for m in members])
 
 
-def _output_fisher(model: torch.nn.Module, blocks: list[Any], windows: np.ndarray) -> list[torch.Tensor]:
+def _output_fisher(model: torch.nn.Module, blocks: list[Any], windows: np.ndarray, loss_fn: LossFn) -> list[torch.Tensor]:
     """Per block, the empirical Fisher of the [q | k | v] outputs: mean over windows of Σ_t g_t g_tᵀ (float64)."""
     fisher: list[torch.Tensor] = []
 
@@ -84,7 +102,7 @@ def _output_fisher(model: torch.nn.Module, blocks: list[Any], windows: np.ndarra
             fisher[bi] += g64.T @ g64
 
     progress = bar(len(windows), "output Fisher")
-    for_each_gradient(model, blocks, windows, accumulate, capture_outputs=True, progress=progress.update)
+    for_each_gradient(model, blocks, windows, accumulate, capture_outputs=True, progress=progress.update, loss_fn=loss_fn)
     progress.close()
     return [f / len(windows) for f in fisher]
 
@@ -154,6 +172,7 @@ def analyze(loaded: LoadedModel, options: CompressOptions, windows: np.ndarray |
     """
     if loaded.kind == "vision":
         raise UnsupportedModelError(f"{loaded.name}: vision encoders need image calibration (not available in compress yet)")
+    options = with_calibration_defaults(options, loaded.kind)
     model = loaded.model
     blocks = attention_projections(model)
     if windows is None:
@@ -171,15 +190,21 @@ def analyze(loaded: LoadedModel, options: CompressOptions, windows: np.ndarray |
     groups = groups or _candidate_groups(options)
     dims = [LayerDims(**b.dims) for b in blocks]
     weights = [b.weights() for b in blocks]
-    use_gradients = loaded.kind == "decoder" and options.grad_windows > 0
+    use_gradients = options.grad_windows > 0
+    loss_fn = lm_loss if loaded.kind == "decoder" else hidden_state_probe_loss
     output_fisher = None
     if options.whitening == "fisher" and use_gradients:
-        output_fisher = _output_fisher(model, blocks, windows[: options.grad_windows])
+        output_fisher = _output_fisher(model, blocks, windows[: options.grad_windows], loss_fn)
     alpha = options.alpha if options.alpha is not None else (1.0 if options.whitening == "fisher" else 0.5)
+    input_side = options.whitening
+    if options.whitening == "fisher":
+        input_side = options.fisher_input or FISHER_INPUT_DEFAULT[loaded.kind]
+        if input_side not in ("absmean", "cholesky"):
+            raise UsageError(f"unknown fisher input whitening '{input_side}' (absmean or cholesky)")
     progress = bar(len(blocks), "whitened SVDs")
     svds: list[dict[str, WhitenedSVD]] = []
     for li, (block_weights, stat) in enumerate(zip(weights, stats)):
-        white = whitening(stat, options.whitening, alpha)
+        white = whitening(stat, input_side, alpha)
         layer_svds = {}
         for g in groups:
             out_side = None
@@ -214,7 +239,7 @@ def analyze(loaded: LoadedModel, options: CompressOptions, windows: np.ndarray |
                     fisher[li][g] += float((grad.double() ** 2).sum())
 
         progress = bar(grad_windows, "gradients")
-        for_each_gradient(model, blocks, grad_rows, accumulate, progress=progress.update)
+        for_each_gradient(model, blocks, grad_rows, accumulate, progress=progress.update, loss_fn=loss_fn)
         progress.close()
         for li in range(len(blocks)):
             for g in groups:
@@ -236,7 +261,8 @@ def analyze(loaded: LoadedModel, options: CompressOptions, windows: np.ndarray |
         scores=scores,
         importance_kind=kind,
         output_fisher=output_fisher,
-        whitening=("fisher (input absmean^{:g}, output F^{:g})".format(alpha, options.fisher_gamma / 2)
+        whitening=("fisher (input {}, output F^{:g})".format(
+                       f"absmean^{alpha:g}" if input_side == "absmean" else input_side, options.fisher_gamma / 2)
                    if output_fisher is not None else
                    (f"absmean^{alpha:g}" if options.whitening in ("absmean", "fisher") else options.whitening)),
         calibration={**calib_source, "windows": len(batches), "length": int(windows.shape[1]),
