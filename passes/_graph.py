@@ -156,11 +156,11 @@ def initializer(graph: ir.Graph, name: str, array: np.ndarray) -> ir.Value:
 
 
 def add_node(graph: ir.Graph, op: str, inputs: list[ir.Value | None], name: str,
-             attributes: dict | None = None, num_outputs: int = 1) -> ir.Node:
+             attributes: dict | None = None, num_outputs: int = 1, domain: str = "") -> ir.Node:
     """Append a node with deterministic value names ``{name}`` / ``{name}:k``."""
     from onnx_ir._convenience import convert_attributes
 
-    node = ir.Node("", op, inputs, attributes=convert_attributes(attributes or {}), num_outputs=num_outputs, name=name)
+    node = ir.Node(domain, op, inputs, attributes=convert_attributes(attributes or {}), num_outputs=num_outputs, name=name)
     for k, out in enumerate(node.outputs):
         out.name = name if num_outputs == 1 else f"{name}:{k}"
     graph.append(node)

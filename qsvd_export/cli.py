@@ -33,6 +33,16 @@ def _add_common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("-q", "--quiet", action="store_true", help="no progress output")
 
 
+def _add_rotation_and_target(parser: argparse.ArgumentParser, bits: bool = True) -> None:
+    parser.add_argument("--rotate", action="store_true",
+                        help="H1: fold norm gains and rotate the residual stream (QuaRot) before export")
+    parser.add_argument("--target", choices=["cpu", "gpu", "npu"], default=None,
+                        help="quantize the graph for this execution provider (default: keep fp32)")
+    if bits:
+        parser.add_argument("--bits", default=None, help="bit-width preset for --target (cpu default: w8a8)")
+    parser.add_argument("--strict", action="store_true", help="fail if the target check finds violations")
+
+
 def _add_runtime(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--target", default="cpu", choices=["cpu", "gpu", "npu"], help="execution provider")
     parser.add_argument("--threads", type=int, default=None, help="intra-op threads (default: all cores, max 8)")
@@ -47,7 +57,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("model")
     p.add_argument("-o", "--output", required=True, type=Path)
     p.add_argument("--overwrite", action="store_true")
-    p.add_argument("--seed", type=int, default=0, help="seed for tiny random models")
+    p.add_argument("--seed", type=int, default=0, help="seed for tiny random models and the rotation")
+    _add_rotation_and_target(p)
     _add_common(p)
 
     p = sub.add_parser("run", help="greedy generation from a decoder bundle")
@@ -93,9 +104,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="windows for the gradient passes; default: 32 (decoders), 128 (encoders)")
     p.add_argument("--importance", choices=["gradient", "kfac"], default="gradient",
                    help="gradient: the paper's (σ·uᵀGS⁻ᵀv)² (one more backward pass); kfac: from the Fisher statistics")
-    p.add_argument("--bits", default="fp", help="fp, w8a16, w8a8, w4a16, w4a8, w4a4 (β is searched for them)")
+    p.add_argument("--bits", default=None,
+                   help="fp, w8a16, w8a8, w4a16, w4a8, w4a4: β is searched for them; with --target also the graph's preset")
     p.add_argument("--beta", type=float, default=None, help="fixed β instead of the per-group search")
-    p.add_argument("--rotation", choices=["orthogonal", "hadamard", "none"], default="orthogonal")
+    p.add_argument("--rotation", choices=["orthogonal", "hadamard", "none"], default="orthogonal",
+                   help="H2 on the latent")
+    _add_rotation_and_target(p, bits=False)
     p.add_argument("--min-rank", type=int, default=8)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--eval", action="store_true", help="perplexity of dense and compressed model in torch")
@@ -109,6 +123,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("graph", type=Path)
     p.add_argument("--plan", type=Path, help="CompressionPlan folder (plan.json + plan.safetensors)")
     p.add_argument("-o", "--output", required=True, type=Path)
+    p.add_argument("--target", choices=["cpu", "gpu", "npu"], default=None,
+                   help="quantize for this execution provider (default: keep fp32)")
+    p.add_argument("--bits", default=None, help="bit-width preset for --target (cpu default: w8a8)")
+    p.add_argument("--strict", action="store_true", help="fail if the target check finds violations")
     p.add_argument("--dump-passes", type=Path, default=None)
     p.add_argument("--overwrite", action="store_true")
     _add_common(p)
@@ -153,7 +171,10 @@ def cmd_export(args: argparse.Namespace) -> int:
     from qsvd_export.pipeline import build_dense_bundle
 
     info(f"exporting {args.model} → {args.output}")
-    result = build_dense_bundle(args.model, args.output, overwrite=args.overwrite, seed=args.seed)
+    if args.bits is not None and args.target is None:
+        raise UsageError("--bits needs --target")
+    result = build_dense_bundle(args.model, args.output, overwrite=args.overwrite, seed=args.seed,
+                                rotate=args.rotate, target=args.target, bits=args.bits, strict=args.strict)
     report = result.report
     print(
         f"wrote {result.out}: {report['kind']} graph, {report['parameters']:,} parameters, "
@@ -255,20 +276,21 @@ def cmd_compress(args: argparse.Namespace) -> int:
     for flag in ("calib_windows", "calib_length", "grad_windows", "eval_windows", "min_rank"):
         if getattr(args, flag) is not None and getattr(args, flag) < (2 if flag == "calib_length" else 0 if flag == "grad_windows" else 1):
             raise UsageError(f"--{flag.replace('_', '-')} is too small ({getattr(args, flag)})")
-    parse_bits(args.bits)
+    if args.bits is not None:
+        parse_bits(args.bits)
     if args.beta is not None and not 0.0 <= args.beta <= 1.0:
         raise UsageError(f"--beta must be in [0, 1], got {args.beta}")
     options = CompressOptions(
         budget=parse_budget(args.budget), allocation=args.allocation, grouping=args.grouping,
         whitening=args.whitening, calib_text=args.calib, calib_windows=args.calib_windows,
         calib_length=args.calib_length, grad_windows=args.grad_windows, importance=args.importance,
-        bits=args.bits, beta=args.beta,
-        rotation=args.rotation, min_rank=args.min_rank, seed=args.seed,
+        bits=args.bits or "fp", beta=args.beta, rotation=args.rotation, residual_rotation=args.rotate,
+        min_rank=args.min_rank, seed=args.seed,
     )
     result = build_compressed_bundle(
         args.model, options, args.output, overwrite=args.overwrite,
         eval_text=args.eval_text if args.eval else None, eval_windows=args.eval_windows,
-        dump_dir=args.dump_passes,
+        dump_dir=args.dump_passes, target=args.target, target_bits=args.bits, target_strict=args.strict,
     )
     report = result.report
     latent = sum(1 for layer in report["graph_stage"]["layers"] if layer["cache"] == "latent")
@@ -286,11 +308,18 @@ def cmd_compress(args: argparse.Namespace) -> int:
 def cmd_compile(args: argparse.Namespace) -> int:
     from qsvd_export.pipeline import compile_onnx
 
-    result = compile_onnx(args.graph, args.plan, args.output, overwrite=args.overwrite, dump_dir=args.dump_passes)
+    if args.bits is not None and args.target is None:
+        raise UsageError("--bits needs --target")
+    result = compile_onnx(args.graph, args.plan, args.output, overwrite=args.overwrite, dump_dir=args.dump_passes,
+                          target=args.target, bits=args.bits, strict=args.strict)
     stage = result.report["graph_stage"]
     latent = sum(1 for layer in stage["layers"] if layer["cache"] == "latent")
     print(f"wrote {result.out}: {stage['attention_blocks']} attention blocks, {latent} with a latent cache"
           + (f", {len(stage['unmatched'])} unmatched" if stage["unmatched"] else ""))
+    target = result.report.get("target")
+    if target and target["bits"] != "fp":
+        print(f"target {target['target']} {target['bits']}: {target['quantized_matmuls']} MatMuls → MatMulNBits, "
+              f"weights {result.report['weight_bytes'] / 1e6:.1f} MB")
     return 0
 
 

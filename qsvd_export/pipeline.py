@@ -11,6 +11,7 @@ from typing import Any
 import onnx_ir as ir
 
 from qsvd_export.bundle import CONFIG_NAME, BundleConfig, GraphSpec, atomic_output_dir, write_json
+from qsvd_export.errors import UsageError
 from qsvd_export.export import ExportedGraph, export_graph
 from qsvd_export.models import adapter_for_config
 from qsvd_export.zoo import LoadedModel, load_model
@@ -105,21 +106,36 @@ def write_bundle(loaded: LoadedModel, model: ir.Model, cache: list[Any], folder:
     return config
 
 
-def build_dense_bundle(spec: str, out: Path, overwrite: bool = False, seed: int = 0) -> BuildResult:
-    """``qsvd-export export``: the dense fp32 bundle of ``spec``."""
+def build_dense_bundle(spec: str, out: Path, overwrite: bool = False, seed: int = 0, rotate: bool = False,
+                       target: str | None = None, bits: str | None = None, strict: bool = False) -> BuildResult:
+    """``qsvd-export export``: the dense bundle of ``spec`` (fp32, or quantized for ``target``).
+
+    ``rotate``: fold the norm gains and rotate the residual stream first (H1, QuaRot; outputs unchanged).
+    """
     from qsvd_export.bundle import check_output_dir
 
     check_output_dir(out, overwrite)  # fail before the slow steps
+    _check_target_options(target, bits)
     timings: dict[str, float] = {}
     start = time.perf_counter()
     loaded = load_model(spec, seed=seed)
+    extra: dict[str, Any] = {}
+    if rotate:
+        from qsvd_export.compress.residual_rotation import rotate_residual_stream
+
+        extra["residual_rotation"] = rotate_residual_stream(loaded.model, seed)
     timings["load_s"] = time.perf_counter() - start
     start = time.perf_counter()
     exported = export_graph(loaded)
     timings["export_s"] = time.perf_counter() - start
+    target_report = apply_target(exported.model, target, bits)
     with atomic_output_dir(out, overwrite) as tmp:
         parameters = int(sum(p.numel() for p in loaded.model.parameters()))
-        config = write_bundle(loaded, exported.model, exported.cache, tmp, {"stage": "dense", "parameters": parameters})
+        config = write_bundle(loaded, exported.model, exported.cache, tmp,
+                              {"stage": "dense", "parameters": parameters, **extra})
+        if target_report is not None:
+            check_target(tmp / GRAPH_FILE, target_report, strict)
+            write_json(tmp / "report.json", {**json.loads((tmp / "report.json").read_text()), "target": target_report})
         write_json(tmp / "timings.json", {k: round(v, 3) for k, v in timings.items()})
     report = json.loads((Path(out) / "report.json").read_text())
     return BuildResult(Path(out), config, report, timings)
@@ -145,7 +161,9 @@ def plan_report(plan: Any) -> dict[str, Any]:
 
 def build_compressed_bundle(spec: str, options: Any, out: Path, overwrite: bool = False,
                             eval_text: str | None = None, eval_windows: int = 32,
-                            dump_dir: Path | None = None, dense_graph: Path | None = None) -> BuildResult:
+                            dump_dir: Path | None = None, dense_graph: Path | None = None,
+                            target: str | None = None, target_bits: str | None = None,
+                            target_strict: bool = False) -> BuildResult:
     """``qsvd-export compress``: torch stage → dense export → graph stage → bundle (graph + plan + report).
 
     ``dense_graph``: an existing dense export of the same model (e.g. a dense bundle's model.onnx) to
@@ -161,9 +179,17 @@ def build_compressed_bundle(spec: str, options: Any, out: Path, overwrite: bool 
     from qsvd_export.progress import info
 
     check_output_dir(out, overwrite)
+    _check_target_options(target, target_bits)
     timings: dict[str, float] = {}
     start = time.perf_counter()
     loaded = load_model(spec, seed=options.seed)
+    rotation_report: dict[str, Any] = {}
+    if options.residual_rotation:
+        if dense_graph is not None:
+            raise UsageError("residual rotation changes the weights: it cannot start from an existing dense graph")
+        from qsvd_export.compress.residual_rotation import rotate_residual_stream
+
+        rotation_report["residual_rotation"] = rotate_residual_stream(loaded.model, options.seed)
     timings["load_s"] = time.perf_counter() - start
     start = time.perf_counter()
     plan = compress_model(loaded, options)
@@ -183,11 +209,16 @@ def build_compressed_bundle(spec: str, options: Any, out: Path, overwrite: bool 
     timings["graph_stage_s"] = time.perf_counter() - start
     cache = cache_layout_from_graph(graph) if loaded.kind == "decoder" else []
     report: dict[str, Any] = {"stage": "compressed", **plan_report(plan), "options": options_summary(options),
-                              "graph_stage": context.report()}
+                              "graph_stage": context.report(), **rotation_report}
+    target_report = apply_target(graph, target, target_bits)
     report["kv_bytes_per_token_fp16_graph"] = sum(layer.bytes_per_token() // 2 for layer in cache)
     with atomic_output_dir(out, overwrite) as tmp:
         save_plan(plan, tmp)
         config = write_bundle(loaded, graph, cache, tmp, report)
+        if target_report is not None:
+            check_target(tmp / GRAPH_FILE, target_report, target_strict)
+            report = {**json.loads((tmp / "report.json").read_text()), "target": target_report}
+            write_json(tmp / "report.json", report)
         if eval_text is not None:
             start = time.perf_counter()
             report["perplexity"] = _evaluate_bundle(loaded, plan, tmp, eval_text, eval_windows)
@@ -220,9 +251,50 @@ def _evaluate_bundle(loaded: LoadedModel, plan: Any, bundle: Path, text: str, wi
             "compressed_torch": round(compressed, 4), "compressed_onnx": round(onnx, 4)}
 
 
+def _check_target_options(target: str | None, bits: str | None) -> None:
+    """Option errors (unknown target, preset not allowed there) before any slow work."""
+    if target is None:
+        return
+    from qsvd_export.targets import policy_for
+
+    policy_for(target).bits(bits)
+
+
+def apply_target(model: ir.Model, target: str | None, bits: str | None) -> dict[str, Any] | None:
+    """The target stage after the graph stage: quantize for ``target``'s policy (None: leave fp32)."""
+    if target is None:
+        return None
+    from onnx_ir.passes import common
+
+    from qsvd_export.passes.chain import check_model
+    from qsvd_export.targets import policy_for
+
+    policy = policy_for(target)
+    chosen = policy.bits(bits)
+    report = {"target": target, "bits": chosen.name, **policy.quantize(model, chosen)}
+    common.RemoveUnusedNodesPass()(model)
+    check_model(model)
+    return report
+
+
+def check_target(graph_path: Path, report: dict[str, Any], strict: bool) -> None:
+    """Inspect the graph ONNX Runtime will run; with ``strict``, any float constant-weight MatMul is an error."""
+    from qsvd_export.errors import RuntimeFailure
+    from qsvd_export.targets import optimized_op_counts
+
+    if report["bits"] == "fp":
+        return
+    counts = optimized_op_counts(graph_path)
+    report["onnxruntime_optimized_graph"] = counts
+    if strict and counts["float_matmuls_with_constant_weight"]:
+        raise RuntimeFailure(f"--strict: {counts['float_matmuls_with_constant_weight']} MatMuls with constant "
+                             f"weights stay float for target {report['target']}, e.g. {', '.join(counts['examples'])}")
+
+
 def compile_onnx(graph_path: Path, plan_path: Path | None, out: Path, overwrite: bool = False,
-                 dump_dir: Path | None = None) -> BuildResult:
-    """``qsvd-export model.onnx --plan PLAN``: the graph stage on an existing ONNX graph."""
+                 dump_dir: Path | None = None, target: str | None = None, bits: str | None = None,
+                 strict: bool = False) -> BuildResult:
+    """``qsvd-export model.onnx [--plan PLAN] [--target T --bits B]``: graph stage (+ target stage)."""
     import shutil
 
     from qsvd_export.bundle import check_output_dir, load_bundle_config
@@ -232,6 +304,7 @@ def compile_onnx(graph_path: Path, plan_path: Path | None, out: Path, overwrite:
     from qsvd_export.plan import load_plan, save_plan
 
     check_output_dir(out, overwrite)
+    _check_target_options(target, bits)
     timings: dict[str, float] = {}
     start = time.perf_counter()
     model = load_onnx(graph_path)
@@ -239,6 +312,9 @@ def compile_onnx(graph_path: Path, plan_path: Path | None, out: Path, overwrite:
     context = run_graph_stage(model, plan, dump_dir)
     timings["graph_stage_s"] = time.perf_counter() - start
     cache = cache_layout_from_graph(model)
+    start = time.perf_counter()
+    target_report = apply_target(model, target, bits)
+    timings["target_stage_s"] = time.perf_counter() - start
     source_dir = Path(graph_path).resolve().parent
     source = load_bundle_config(source_dir) if (source_dir / CONFIG_NAME).is_file() else None
     inputs, outputs = graph_io(model)
@@ -259,6 +335,9 @@ def compile_onnx(graph_path: Path, plan_path: Path | None, out: Path, overwrite:
         report.update(plan_report(plan))
     with atomic_output_dir(out, overwrite) as tmp:
         save_graph(model, tmp)
+        if target_report is not None:
+            check_target(tmp / GRAPH_FILE, target_report, strict)
+            report["target"] = target_report
         for name in config.tokenizer_files:
             shutil.copy2(source_dir / name, tmp / name)
         if plan is not None:

@@ -66,7 +66,8 @@ class CompressOptions:
     importance: str = "gradient"  # gradient (paper) | kfac (from the Fisher whitening statistics, no extra pass)
     bits: str = "fp"
     beta: float | None = None  # None: searched per group when bits are set, else 0.5
-    rotation: str = "orthogonal"
+    rotation: str = "orthogonal"  # H2 on the latent
+    residual_rotation: bool = False  # H1: norms folded, residual stream rotated before calibration
     min_rank: int = 8
     seed: int = 0
 

@@ -1,0 +1,101 @@
+"""``quantize_weights``: MatMuls with a constant weight → ONNX Runtime ``com.microsoft.MatMulNBits``.
+
+Weight-only integer quantization for the ``cpu`` and ``gpu`` targets (blockwise with an MSE range search,
+see :mod:`qsvd_export.blockquant`). Symmetric weights omit the zero points: ONNX Runtime's CPU kernels
+run that case markedly faster (measured on smollm2 int4: 42 vs 30 tok/s). A weight is a 2-D float initializer [K, N], or
+``Transpose(initializer [N, K])`` — the tied lm_head of a dynamo export. ``accuracy_level`` 4 lets the
+CPU kernel quantize activations to int8 per block on the fly (integer dot products); 1 keeps fp32
+compute. K need not be a multiple of the block (the last block is zero-padded). Weights that are not
+float32 are left alone and reported.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import onnx_ir as ir
+
+from qsvd_export.blockquant import pack_matmulnbits, quantize_blockwise
+from onnx_ir._convenience import convert_attributes
+
+from qsvd_export.passes._graph import initializer
+
+MS_DOMAIN = "com.microsoft"
+
+
+@dataclass
+class WeightQuantReport:
+    quantized: list[str] = field(default_factory=list)
+    skipped: dict[str, str] = field(default_factory=dict)
+    float_bytes: int = 0
+    packed_bytes: int = 0
+
+    def as_dict(self) -> dict:
+        return {"quantized_matmuls": len(self.quantized), "skipped": self.skipped,
+                "float_weight_bytes": self.float_bytes, "packed_weight_bytes": self.packed_bytes}
+
+
+def constant_weight(node: ir.Node) -> np.ndarray | None:
+    """The [K, N] weight of ``MatMul(x, W)`` if W is an initializer or a transposed one, else None."""
+    b = node.inputs[1]
+    if b is None:
+        return None
+    if b.const_value is not None and len(b.shape or ()) == 2:
+        return b.const_value.numpy()
+    producer = b.producer()
+    if producer is not None and producer.op_type == "Transpose" and producer.domain in ("", "ai.onnx"):
+        source = producer.inputs[0]
+        perm = producer.attributes.get("perm")
+        if source is not None and source.const_value is not None and len(source.shape or ()) == 2 and \
+                (perm is None or list(perm.value) == [1, 0]):
+            return source.const_value.numpy().T
+    return None
+
+
+class QuantizeWeightsPass(ir.passes.InPlacePass):
+    """Replace float MatMuls with constant weights by MatMulNBits (``bits`` 4 or 8, ``block`` rows per block)."""
+
+    def __init__(self, bits: int, block: int = 32, accuracy_level: int = 4,
+                 exclude: frozenset[str] = frozenset(), symmetric: bool = False) -> None:
+        super().__init__()
+        self.symmetric = symmetric
+        self.bits, self.block, self.accuracy_level = bits, block, accuracy_level
+        self.exclude = exclude
+        self.report = WeightQuantReport()
+
+    def call(self, model: ir.Model) -> ir.passes.PassResult:
+        graph = model.graph
+        changed = False
+        for node in list(graph):
+            if node.op_type != "MatMul" or node.domain not in ("", "ai.onnx") or node.name in self.exclude:
+                continue
+            weight = constant_weight(node)
+            if weight is None:
+                continue
+            if weight.dtype != np.float32:
+                self.report.skipped[node.name] = f"weight dtype {weight.dtype}"
+                continue
+            k, n = weight.shape
+            quant = quantize_blockwise(weight, self.bits, self.block, symmetric=self.symmetric)
+            packed, scales, zeros = pack_matmulnbits(quant)
+            base = f"{node.name}/q{self.bits}"
+            inputs = [node.inputs[0], initializer(graph, f"{base}/B", packed), initializer(graph, f"{base}/scales", scales)]
+            if not self.symmetric:  # symmetric: the kernel's default zero point 2^(bits-1), and its fast path
+                inputs.append(initializer(graph, f"{base}/zero_points", zeros))
+            new = ir.Node(MS_DOMAIN, "MatMulNBits", inputs, name=base, attributes=convert_attributes({
+                "K": k, "N": n, "bits": self.bits, "block_size": self.block, "accuracy_level": self.accuracy_level}))
+            old = node.outputs[0]
+            out = new.outputs[0]
+            out.shape, out.dtype, out.name = old.shape, old.dtype or ir.DataType.FLOAT, old.name
+            old.name = f"{old.name}/float"
+            graph.insert_after(node, new)
+            old.replace_all_uses_with(out, replace_graph_outputs=True)
+            graph.remove(node, safe=True)
+            self.report.quantized.append(node.name)
+            self.report.float_bytes += weight.nbytes
+            self.report.packed_bytes += sum(v.const_value.nbytes for v in inputs[1:])
+            changed = True
+        if changed:
+            model.opset_imports.setdefault(MS_DOMAIN, 1)
+        return ir.passes.PassResult(model, changed)

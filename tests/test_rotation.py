@@ -1,0 +1,48 @@
+"""H1 residual rotation (QuaRot-style, folded offline): outputs unchanged, weights rotated, bad models refused."""
+
+from __future__ import annotations
+
+import copy
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from qsvd_export.cli import main
+from qsvd_export.compress.residual_rotation import rotate_residual_stream
+from qsvd_export.errors import UnsupportedModelError
+from qsvd_export.runtimes.decode import DecoderRunner
+from qsvd_export.zoo import load_model
+
+IDS = torch.tensor([[1, 5, 9, 20, 3, 7, 11, 2]])
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2"])
+def test_rotation_keeps_the_outputs_and_changes_the_weights(family):
+    loaded = load_model(f"tiny-{family}")
+    rotated = copy.deepcopy(loaded.model)
+    summary = rotate_residual_stream(rotated, seed=3)
+    assert summary["norm_gains_folded"]
+    with torch.no_grad():
+        a, b = loaded.model(input_ids=IDS).logits, rotated(input_ids=IDS).logits
+    assert (a - b).abs().max() <= 1e-5 * max(1.0, a.abs().max().item())
+    layer = rotated.model.layers[0]
+    assert torch.equal(layer.input_layernorm.weight, torch.ones_like(layer.input_layernorm.weight))
+    assert not torch.allclose(layer.self_attn.q_proj.weight, loaded.model.model.layers[0].self_attn.q_proj.weight)
+    assert rotated.lm_head.weight.data_ptr() != rotated.model.embed_tokens.weight.data_ptr()
+
+
+def test_rotation_refuses_models_it_does_not_know():
+    with pytest.raises(UnsupportedModelError, match="residual rotation"):
+        rotate_residual_stream(load_model("tiny-gpt2").model)
+
+
+def test_rotated_export_matches_the_unrotated_bundle(tmp_path, bundles, capsys):
+    out = tmp_path / "rotated"
+    assert main(["export", "tiny-llama", "--rotate", "-o", str(out), "-q"]) == 0, capsys.readouterr().err
+    assert json.loads((out / "report.json").read_text())["residual_rotation"]["width"] == 64
+    ids = np.asarray([[5, 6, 7, 8, 9]])
+    a, _ = DecoderRunner(bundles.dense("llama")).prefill(ids)
+    b, _ = DecoderRunner(out).prefill(ids)
+    assert np.abs(a - b).max() <= 1e-4

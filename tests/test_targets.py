@@ -1,0 +1,114 @@
+"""Target stage: blockwise weight quantization, MatMulNBits packing, the cpu policy end to end."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import onnx_ir as ir
+import onnxruntime as ort
+import pytest
+
+from qsvd_export.blockquant import RANGE_GRID, quantize_blockwise
+from qsvd_export.cli import main
+from qsvd_export.passes.quantize_weights import QuantizeWeightsPass
+from qsvd_export.runtimes.decode import DecoderRunner
+
+RNG = np.random.default_rng(0)
+
+
+def _matmul_model(weight: np.ndarray, transposed: bool) -> ir.Model:
+    """y = x · W with W stored as [K, N], or as Transpose([N, K]) like a tied lm_head."""
+    k, n = weight.shape
+    x = ir.Value(name="x", shape=ir.Shape([2, k]), type=ir.TensorType(ir.DataType.FLOAT))
+    stored = weight.T.copy() if transposed else weight
+    w = ir.Value(name="w", shape=ir.Shape(stored.shape), type=ir.TensorType(ir.DataType.FLOAT),
+                 const_value=ir.tensor(stored, name="w"))
+    nodes = []
+    b = w
+    if transposed:
+        nodes.append(ir.Node("", "Transpose", [w], attributes=[ir.AttrInt64s("perm", [1, 0])], name="t"))
+        b = nodes[-1].outputs[0]
+    nodes.append(ir.Node("", "MatMul", [x, b], name="mm"))
+    y = nodes[-1].outputs[0]
+    y.name, y.shape, y.dtype = "y", ir.Shape([2, n]), ir.DataType.FLOAT
+    graph = ir.Graph([x], [y], nodes=nodes, initializers=[w], opset_imports={"": 21})
+    return ir.Model(graph, ir_version=10)
+
+
+def _run(model: ir.Model, x: np.ndarray) -> np.ndarray:
+    proto = ir.serde.serialize_model(model)
+    session = ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"])
+    return session.run(None, {"x": x})[0]
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+@pytest.mark.parametrize("symmetric", [False, True])
+@pytest.mark.parametrize("transposed", [False, True])
+def test_matmulnbits_computes_exactly_the_dequantized_weight(bits, symmetric, transposed):
+    weight = RNG.standard_normal((80, 48)).astype(np.float32)  # K = 80: the last block of 32 is padded
+    weight[3, 5] = 9.0
+    model = _matmul_model(weight, transposed)
+    quantizer = QuantizeWeightsPass(bits, 32, accuracy_level=1, symmetric=symmetric)
+    quantizer(model)
+    assert [n.op_type for n in model.graph] == ["MatMulNBits"] or transposed  # the Transpose is left dead
+    assert model.graph.outputs[0].name == "y"
+    assert quantizer.report.quantized == ["mm"]
+    x = RNG.standard_normal((2, 80)).astype(np.float32)
+    dequantized = quantize_blockwise(weight, bits, 32, symmetric=symmetric).dequantize()
+    np.testing.assert_allclose(_run(model, x), x @ dequantized, rtol=1e-5, atol=1e-5)
+    # and the quantization is close to the float weight: error well under one step of the block range
+    step = (weight.max() - weight.min()) / (2**bits - 1)
+    assert np.abs(dequantized - weight).max() <= step
+
+
+def test_range_search_never_does_worse_than_min_max():
+    weight = RNG.standard_t(3, (256, 64)).astype(np.float32)  # heavy tails: clipping pays
+    plain = quantize_blockwise(weight, 4, 32, grid=(1.0,)).dequantize()
+    searched = quantize_blockwise(weight, 4, 32, grid=RANGE_GRID).dequantize()
+    assert ((searched - weight) ** 2).sum() < ((plain - weight) ** 2).sum()
+
+
+def test_cpu_target_quantizes_every_weight_matmul_and_still_decodes(tmp_path, bundles, capsys):
+    dense = bundles.dense("llama")
+    out = tmp_path / "w8a8"
+    code = main([str(dense / "model.onnx"), "--target", "cpu", "-o", str(out), "--strict", "-q"])
+    assert code == 0, capsys.readouterr().err
+    report = json.loads((out / "report.json").read_text())["target"]
+    assert report["bits"] == "w8a8" and report["accuracy_level"] == 4
+    optimized = report["onnxruntime_optimized_graph"]
+    assert optimized["float_matmuls_with_constant_weight"] == 0
+    assert optimized["MatMulNBits"] == report["quantized_matmuls"] == 2 * 7 + 1  # q k v o gate up down, lm_head
+    ids = np.asarray([[5, 6, 7, 8, 9, 10]])
+    a, _ = DecoderRunner(dense).prefill(ids)
+    b, _ = DecoderRunner(out).prefill(ids)
+    assert np.abs(a - b).max() < 0.05 * np.abs(a).max()
+    assert (a.argmax(-1) == b.argmax(-1)).mean() >= 0.8
+
+
+def test_cpu_target_on_a_latent_bundle(tmp_path, bundles, capsys):
+    planned = tmp_path / "planned"
+    assert main(["compress", "tiny-qwen2", "--budget", "kv=0.5", "-o", str(planned), "--calib-windows", "4",
+                 "--calib-length", "64", "--grad-windows", "2", "-q"]) == 0
+    out = tmp_path / "latent-w4a8"
+    code = main([str(bundles.dense("qwen2") / "model.onnx"), "--plan", str(planned), "--target", "cpu",
+                 "--bits", "w4a8", "-o", str(out), "-q"])
+    assert code == 0, capsys.readouterr().err
+    report = json.loads((out / "report.json").read_text())
+    assert report["target"]["bits"] == "w4a8" and report["target"]["quantized_matmuls"] > 0
+    assert [layer["cache"] for layer in report["graph_stage"]["layers"]] == ["latent", "latent"]
+    assert len(DecoderRunner(out).generate([1, 2, 3], max_new_tokens=4)) == 4
+
+
+@pytest.mark.parametrize("args,fragment", [
+    (["--target", "npu"], "target npu"),
+    (["--target", "cpu", "--bits", "w4a4"], "not available for target cpu"),
+    (["--bits", "w8a8"], "--bits needs --target"),
+    (["--target", "cpu", "--bits", "w3a8"], "invalid bit widths"),
+])
+def test_bad_target_options_are_one_line_usage_errors(tmp_path, bundles, capsys, args, fragment):
+    out = tmp_path / "out"
+    code = main([str(bundles.dense("llama") / "model.onnx"), "-o", str(out), *args])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and fragment in err and len(err.splitlines()) == 1
+    assert not out.exists()
