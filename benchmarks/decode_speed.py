@@ -84,19 +84,31 @@ def main() -> None:
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--runs", type=int, default=5)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--rounds", type=int, default=1,
+                        help="repeat the bundle sequence this many times (interleaved) and take medians: "
+                             "machine speed drifts, interleaving spreads the drift over all bundles")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--out", type=Path, default=Path("results/decode_speed.json"))
     args = parser.parse_args()
     if args.worker:
         print(json.dumps(worker(args.bundles[0], args.contexts, args.new_tokens, args.runs, args.threads)))
         return
+    samples: list[list[dict]] = [[] for _ in args.bundles]
+    for _ in range(args.rounds):
+        for i, bundle in enumerate(args.bundles):
+            cmd = [sys.executable, "-m", "benchmarks.decode_speed", str(bundle), "--worker", "--contexts",
+                   *map(str, args.contexts), "--new-tokens", str(args.new_tokens), "--runs", str(args.runs),
+                   "--threads", str(args.threads)]
+            out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout.strip().splitlines()[-1]
+            samples[i].append(json.loads(out))
     rows = []
-    for bundle in args.bundles:
-        cmd = [sys.executable, "-m", "benchmarks.decode_speed", str(bundle), "--worker", "--contexts",
-               *map(str, args.contexts), "--new-tokens", str(args.new_tokens), "--runs", str(args.runs),
-               "--threads", str(args.threads)]
-        out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout.strip().splitlines()[-1]
-        rows.append(json.loads(out))
+    for runs in samples:
+        row = dict(runs[0])
+        for key in row:
+            if key.startswith(("decode_", "prefill_", "peak_rss")):
+                row[key] = statistics.median(r[key] for r in runs)
+        row["rounds"] = len(runs)
+        rows.append(row)
     # Measured after the workers: ru_maxrss survives exec, so the big copy must not precede them.
     bandwidth = measure_bandwidth()
     for row in rows:

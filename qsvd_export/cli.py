@@ -59,6 +59,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true")
     p.add_argument("--seed", type=int, default=0, help="seed for tiny random models and the rotation")
     _add_rotation_and_target(p)
+    p.add_argument("--smooth", action=argparse.BooleanOptionalAction, default=None,
+                   help="activation-aware weight scaling for --target's weight bits (16 x 512 calibration tokens); "
+                        "default with --target cpu and no --bits: on, with w4a8, for llama-family models")
     _add_common(p)
 
     p = sub.add_parser("run", help="greedy generation from a decoder bundle")
@@ -174,7 +177,8 @@ def cmd_export(args: argparse.Namespace) -> int:
     if args.bits is not None and args.target is None:
         raise UsageError("--bits needs --target")
     result = build_dense_bundle(args.model, args.output, overwrite=args.overwrite, seed=args.seed,
-                                rotate=args.rotate, target=args.target, bits=args.bits, strict=args.strict)
+                                rotate=args.rotate, target=args.target, bits=args.bits, strict=args.strict,
+                                smooth=args.smooth)
     report = result.report
     print(
         f"wrote {result.out}: {report['kind']} graph, {report['parameters']:,} parameters, "

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+import numpy as np
 import onnx_ir as ir
 
 from qsvd_export.errors import BadInputError
@@ -51,6 +52,23 @@ def load_onnx(path: Path) -> ir.Model:
         raise BadInputError(f"{path}: empty file")
     check_external_data(path)
     try:
-        return ir.load(path)
+        model = ir.load(path)
     except Exception as exc:  # noqa: BLE001 - any parse failure is the file's fault
         raise BadInputError(f"{path}: unreadable ONNX ({exc.__class__.__name__}: {str(exc).splitlines()[0][:120]})") from None
+    check_finite_weights(model, path)
+    return model
+
+
+def check_finite_weights(model: ir.Model, path: Path) -> None:
+    """Refuse float initializers holding NaN or ±Inf, naming the first one (tensors read one at a time)."""
+    for name, value in model.graph.initializers.items():
+        tensor = value.const_value
+        if tensor is None or not tensor.dtype.is_floating_point():
+            continue
+        try:
+            data = tensor.numpy()
+        except Exception as exc:  # noqa: BLE001 - truncated or unreadable external data
+            raise BadInputError(f"{path}: weight '{name}' cannot be read ({exc.__class__.__name__})") from None
+        if not np.isfinite(data).all():
+            kind = "NaN" if np.isnan(data).any() else "Inf"
+            raise BadInputError(f"{path}: weight '{name}' contains {kind}")

@@ -107,10 +107,15 @@ def write_bundle(loaded: LoadedModel, model: ir.Model, cache: list[Any], folder:
 
 
 def build_dense_bundle(spec: str, out: Path, overwrite: bool = False, seed: int = 0, rotate: bool = False,
-                       target: str | None = None, bits: str | None = None, strict: bool = False) -> BuildResult:
+                       target: str | None = None, bits: str | None = None, strict: bool = False,
+                       smooth: bool | None = None, smooth_windows: int = 16) -> BuildResult:
     """``qsvd-export export``: the dense bundle of ``spec`` (fp32, or quantized for ``target``).
 
     ``rotate``: fold the norm gains and rotate the residual stream first (H1, QuaRot; outputs unchanged).
+    ``smooth``: activation-aware weight scaling for the target's weight bits, calibrated on
+    ``smooth_windows`` × 512 tokens of wiki_calib (outputs unchanged in fp32). With ``target`` set and
+    neither ``bits`` nor ``smooth`` given, the policy's export preset applies (cpu: smoothed w4a8 for
+    the llama family with a tokenizer, else the plain default).
     """
     from qsvd_export.bundle import check_output_dir
 
@@ -125,6 +130,12 @@ def build_dense_bundle(spec: str, out: Path, overwrite: bool = False, seed: int 
 
         extra["residual_rotation"] = rotate_residual_stream(loaded.model, seed)
     timings["load_s"] = time.perf_counter() - start
+    if target is not None and bits is None and smooth is None:
+        bits, smooth = _export_preset(loaded, target)
+    if smooth:
+        start = time.perf_counter()
+        extra["smoothing"] = _smooth(loaded, target, bits, smooth_windows, seed)
+        timings["smooth_s"] = time.perf_counter() - start
     start = time.perf_counter()
     exported = export_graph(loaded)
     timings["export_s"] = time.perf_counter() - start
@@ -249,6 +260,38 @@ def _evaluate_bundle(loaded: LoadedModel, plan: Any, bundle: Path, text: str, wi
     progress.close()
     return {"text": text, "windows": len(rows), "length": 512, "dense": round(dense, 4),
             "compressed_torch": round(compressed, 4), "compressed_onnx": round(onnx, 4)}
+
+
+def _export_preset(loaded: LoadedModel, target: str) -> tuple[str | None, bool]:
+    """(bits, smooth) when the user chose neither: smoothing needs the torch model, a supported family
+    and calibration text, which only ``export`` has."""
+    from qsvd_export.compress.smooth import SUPPORTED
+    from qsvd_export.targets import policy_for
+
+    preset = policy_for(target).smoothed_default
+    if preset and loaded.tokenizer is not None and getattr(loaded.model.config, "model_type", "") in SUPPORTED:
+        return preset, True
+    return None, False
+
+
+def _smooth(loaded: LoadedModel, target: str | None, bits: str | None, windows: int, seed: int) -> dict[str, Any]:
+    import torch
+
+    from qsvd_export.compress.smooth import smooth_for_weight_bits
+    from qsvd_export.data import read_text, token_windows
+    from qsvd_export.targets import policy_for
+
+    if target is None:
+        raise UsageError("--smooth needs --target (it scales weights for the target's weight bits)")
+    policy = policy_for(target)
+    chosen = policy.bits(bits)
+    if chosen.weights is None:
+        raise UsageError("--smooth needs an integer weight preset (--bits w4a8, w8a8, ...)")
+    if loaded.tokenizer is None:
+        raise UsageError(f"{loaded.name}: no tokenizer, so no text calibration for --smooth")
+    rows = token_windows(loaded.tokenizer, read_text("wiki_calib"), 512, windows, source="wiki_calib")
+    batches = [torch.from_numpy(row[None, :]) for row in rows]
+    return smooth_for_weight_bits(loaded.model, batches, chosen.weights, policy.block_size, seed)
 
 
 def _check_target_options(target: str | None, bits: str | None) -> None:

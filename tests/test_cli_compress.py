@@ -68,3 +68,31 @@ def test_invalid_compress_options_are_usage_errors(tmp_path, capsys):
         assert main(["compress", "tiny-llama", "-o", str(tmp_path / "o"), *extra]) == 2
         assert capsys.readouterr().err.startswith("qsvd-export: error:")
     assert not (tmp_path / "o").exists()
+
+
+def test_non_finite_weights_are_refused_by_name(tmp_path, bundles, capsys):
+    import onnx
+    from onnx import numpy_helper
+
+    proto = onnx.load(str(bundles.dense("llama") / "model.onnx"))
+    target = next(t for t in proto.graph.initializer if t.data_type == onnx.TensorProto.FLOAT and len(t.dims) == 2)
+    data = numpy_helper.to_array(target).copy()
+    data[0, 0] = np.nan
+    target.CopyFrom(numpy_helper.from_array(data, target.name))
+    onnx.save(proto, str(tmp_path / "nan.onnx"), save_as_external_data=True, location="nan.onnx.data")
+    assert main([str(tmp_path / "nan.onnx"), "-o", str(tmp_path / "out")]) == 3
+    err = capsys.readouterr().err.strip()
+    assert f"weight '{target.name}' contains NaN" in err and len(err.splitlines()) == 1
+    assert not (tmp_path / "out").exists()
+
+
+def test_truncated_external_data_is_a_clean_error(tmp_path, bundles, capsys):
+    import shutil
+
+    shutil.copy(bundles.dense("llama") / "model.onnx", tmp_path / "model.onnx")
+    data = (bundles.dense("llama") / "model.onnx.data").read_bytes()
+    (tmp_path / "model.onnx.data").write_bytes(data[: len(data) // 2])
+    assert main([str(tmp_path / "model.onnx"), "-o", str(tmp_path / "out")]) == 3
+    err = capsys.readouterr().err.strip()
+    assert "cannot be read" in err and len(err.splitlines()) == 1
+    assert not (tmp_path / "out").exists()

@@ -46,3 +46,33 @@ def test_rotated_export_matches_the_unrotated_bundle(tmp_path, bundles, capsys):
     a, _ = DecoderRunner(bundles.dense("llama")).prefill(ids)
     b, _ = DecoderRunner(out).prefill(ids)
     assert np.abs(a - b).max() <= 1e-4
+
+
+def test_smoothing_keeps_fp_outputs_and_lowers_the_quantized_error():
+    from qsvd_export.compress.smooth import fake_quant_rows, smooth_for_weight_bits
+
+    loaded = load_model("tiny-llama")
+    model = copy.deepcopy(loaded.model)
+    layer = model.model.layers[0]
+    layer.post_attention_layernorm.weight.data[:4] *= 30  # a few large channels, as in real LLMs
+    reference = copy.deepcopy(model)
+    batches = [torch.from_numpy(np.random.default_rng(i).integers(0, 256, (1, 48))) for i in range(4)]
+    summary = smooth_for_weight_bits(model, batches, bits=4, block=32)
+    assert summary["calibration_error_after"] <= summary["calibration_error_before"]
+    assert any(alpha > 0 for alpha in summary["alphas"].values())
+    with torch.no_grad():
+        a, b = reference(input_ids=IDS).logits, model(input_ids=IDS).logits
+    assert (a - b).abs().max() <= 1e-4 * max(1.0, a.abs().max().item())
+    # the mirrored quantizer is the graph's: symmetric, signed scale, block extreme exact
+    w = torch.randn(3, 40)
+    q = fake_quant_rows(w, 4, 32)
+    blocks = torch.nn.functional.pad(w, (0, 24)).reshape(3, 2, 32)
+    extreme = torch.gather(blocks, -1, blocks.abs().argmax(-1, keepdim=True)).flatten()
+    q_blocks = torch.nn.functional.pad(q, (0, 24)).reshape(3, 2, 32)
+    assert torch.allclose(torch.gather(q_blocks, -1, blocks.abs().argmax(-1, keepdim=True)).flatten(), extreme)
+
+
+def test_smoothing_without_a_target_is_a_usage_error(tmp_path, capsys):
+    assert main(["export", "tiny-llama", "--smooth", "-o", str(tmp_path / "o")]) == 2
+    assert "--smooth needs --target" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()

@@ -112,3 +112,28 @@ def test_bad_target_options_are_one_line_usage_errors(tmp_path, bundles, capsys,
     err = capsys.readouterr().err.strip()
     assert code == 2 and fragment in err and len(err.splitlines()) == 1
     assert not out.exists()
+
+
+def test_torch_mirror_of_the_weight_quantizer_matches_the_graph_quantizer():
+    import torch
+
+    from qsvd_export.compress.smooth import fake_quant_rows
+
+    linear_weight = RNG.standard_normal((24, 80)).astype(np.float32)  # nn.Linear [out, in]
+    graph = quantize_blockwise(linear_weight.T, 4, 32, symmetric=True).dequantize().T
+    mirror = fake_quant_rows(torch.from_numpy(linear_weight), 4, 32).numpy()
+    np.testing.assert_allclose(mirror, graph, rtol=1e-6, atol=1e-6)
+
+
+def test_export_default_for_cpu_is_smoothed_w4a8_only_where_smoothing_works():
+    import dataclasses
+
+    from qsvd_export.pipeline import _export_preset
+    from qsvd_export.zoo import load_model
+
+    llama = load_model("tiny-llama")
+    assert _export_preset(dataclasses.replace(llama, tokenizer=None), "cpu") == (None, False)  # no calibration text
+    assert _export_preset(dataclasses.replace(llama, tokenizer=object()), "cpu") == ("w4a8", True)
+    gpt2 = load_model("tiny-gpt2")
+    assert _export_preset(dataclasses.replace(gpt2, tokenizer=object()), "cpu") == (None, False)
+    assert _export_preset(dataclasses.replace(llama, tokenizer=object()), "gpu") == (None, False)
