@@ -57,12 +57,14 @@ class QuantizeWeightsPass(ir.passes.InPlacePass):
     """Replace float MatMuls with constant weights by MatMulNBits (``bits`` 4 or 8, ``block`` rows per block)."""
 
     def __init__(self, bits: int, block: int = 32, accuracy_level: int = 4,
-                 exclude: frozenset[str] = frozenset(), symmetric: bool = False) -> None:
+                 exclude: frozenset[str] = frozenset(), symmetric: bool = False,
+                 report: WeightQuantReport | None = None) -> None:
+        """``report``: accumulate into an existing report (several passes at different bit widths)."""
         super().__init__()
         self.symmetric = symmetric
         self.bits, self.block, self.accuracy_level = bits, block, accuracy_level
         self.exclude = exclude
-        self.report = WeightQuantReport()
+        self.report = report if report is not None else WeightQuantReport()
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         graph = model.graph

@@ -46,26 +46,20 @@ def _blocks(weight: np.ndarray, block: int) -> tuple[np.ndarray, int]:
 
 
 def quantize_blockwise(weight: np.ndarray, bits: int, block: int, grid: tuple[float, ...] = (1.0,),
-                       row_importance: np.ndarray | None = None, symmetric: bool = False) -> BlockQuantized:
-    """Blockwise quantization; per block the range shrink in ``grid`` with the least error.
+                       symmetric: bool = False) -> BlockQuantized:
+    """Blockwise quantization; per block the range shrink in ``grid`` with the least squared error.
 
     Asymmetric: the block's [min, max] (extended to include 0) maps to [0, 2^bits − 1] with an integer zero
     point. Symmetric: zero point 2^(bits−1) and a *signed* scale s = w_ext / −2^(bits−1), w_ext the block's
     largest-magnitude weight with its sign: that weight is exact (level 0) and the step is |w_ext|/2^(bits−1),
     finer than |w_ext|/(2^(bits−1) − 1) (ONNX Runtime's RTN does the same).
-    Error = Σ_k importance[k]·(W'[k] − W[k])² (importance = 1 if None; e.g. E[x_k²] of the MatMul input).
     """
     if bits not in (4, 8):
         raise ValueError(f"MatMulNBits weights are 4 or 8 bits, not {bits}")
     w, k = _blocks(np.asarray(weight, dtype=np.float32), block)
     levels = 2**bits - 1
-    if row_importance is None:
-        importance = np.ones((1, 1, block), dtype=np.float32)
-    else:
-        imp, _ = _blocks(np.asarray(row_importance, dtype=np.float32)[:, None], block)
-        importance = imp  # [1, n_blocks, block]
     if symmetric:
-        return _quantize_symmetric(w, k, bits, grid, importance)
+        return _quantize_symmetric(w, k, bits, grid)
     lo = np.minimum(w.min(axis=-1), 0.0)
     hi = np.maximum(w.max(axis=-1), 0.0)
     best_err = np.full(lo.shape, np.inf, dtype=np.float32)
@@ -75,7 +69,7 @@ def quantize_blockwise(weight: np.ndarray, bits: int, block: int, grid: tuple[fl
         scale = np.maximum((hi - lo) * shrink / levels, 1e-12)
         zero = np.clip(np.round(-lo * shrink / scale), 0, levels)
         q = np.clip(np.round(w / scale[..., None]) + zero[..., None], 0, levels)
-        err = (((q - zero[..., None]) * scale[..., None] - w) ** 2 * importance).sum(-1)
+        err = (((q - zero[..., None]) * scale[..., None] - w) ** 2).sum(-1)
         better = err < best_err
         best_err = np.where(better, err, best_err)
         best_scale = np.where(better, scale, best_scale)
@@ -84,8 +78,7 @@ def quantize_blockwise(weight: np.ndarray, bits: int, block: int, grid: tuple[fl
     return BlockQuantized(q.astype(np.uint8), best_scale.astype(np.float32), best_zero.astype(np.uint8), k, bits)
 
 
-def _quantize_symmetric(w: np.ndarray, k: int, bits: int, grid: tuple[float, ...],
-                        importance: np.ndarray) -> BlockQuantized:
+def _quantize_symmetric(w: np.ndarray, k: int, bits: int, grid: tuple[float, ...]) -> BlockQuantized:
     """Signed-scale symmetric quantization of blocks w [N, n_blocks, block] (see :func:`quantize_blockwise`)."""
     half = 2 ** (bits - 1)
     index = np.abs(w).argmax(axis=-1)[..., None]
@@ -96,7 +89,7 @@ def _quantize_symmetric(w: np.ndarray, k: int, bits: int, grid: tuple[float, ...
         scale = extreme * shrink / -half
         scale = np.where(np.abs(scale) < 1e-12, 1e-12, scale)
         q = np.clip(np.round(w / scale[..., None]), -half, half - 1)
-        err = ((q * scale[..., None] - w) ** 2 * importance).sum(-1)
+        err = ((q * scale[..., None] - w) ** 2).sum(-1)
         better = err < best_err
         best_err = np.where(better, err, best_err)
         best_scale = np.where(better, scale, best_scale)

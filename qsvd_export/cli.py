@@ -33,14 +33,18 @@ def _add_common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("-q", "--quiet", action="store_true", help="no progress output")
 
 
-def _add_rotation_and_target(parser: argparse.ArgumentParser, bits: bool = True) -> None:
-    parser.add_argument("--rotate", action="store_true",
-                        help="H1: fold norm gains and rotate the residual stream (QuaRot) before export")
+def _add_target(parser: argparse.ArgumentParser, bits: bool = True) -> None:
+    """--target/--bits/--strict: the target stage (``bits=False`` where the command has its own --bits)."""
     parser.add_argument("--target", choices=["cpu", "gpu", "npu"], default=None,
                         help="quantize the graph for this execution provider (default: keep fp32)")
     if bits:
         parser.add_argument("--bits", default=None, help="bit-width preset for --target (cpu default: w8a8)")
     parser.add_argument("--strict", action="store_true", help="fail if the target check finds violations")
+
+
+def _add_rotation(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--rotate", action="store_true",
+                        help="H1: fold norm gains and rotate the residual stream (QuaRot) before export")
 
 
 def _add_runtime(parser: argparse.ArgumentParser) -> None:
@@ -58,7 +62,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-o", "--output", required=True, type=Path)
     p.add_argument("--overwrite", action="store_true")
     p.add_argument("--seed", type=int, default=0, help="seed for tiny random models and the rotation")
-    _add_rotation_and_target(p)
+    _add_rotation(p)
+    _add_target(p)
     p.add_argument("--smooth", action=argparse.BooleanOptionalAction, default=None,
                    help="activation-aware weight scaling for --target's weight bits (16 x 512 calibration tokens); "
                         "default with --target cpu and no --bits: on, with w4a8, for llama-family models")
@@ -112,7 +117,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--beta", type=float, default=None, help="fixed β instead of the per-group search")
     p.add_argument("--rotation", choices=["orthogonal", "hadamard", "none"], default="orthogonal",
                    help="H2 on the latent")
-    _add_rotation_and_target(p, bits=False)
+    _add_rotation(p)
+    _add_target(p, bits=False)
     p.add_argument("--min-rank", type=int, default=8)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--eval", action="store_true", help="perplexity of dense and compressed model in torch")
@@ -126,10 +132,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("graph", type=Path)
     p.add_argument("--plan", type=Path, help="CompressionPlan folder (plan.json + plan.safetensors)")
     p.add_argument("-o", "--output", required=True, type=Path)
-    p.add_argument("--target", choices=["cpu", "gpu", "npu"], default=None,
-                   help="quantize for this execution provider (default: keep fp32)")
-    p.add_argument("--bits", default=None, help="bit-width preset for --target (cpu default: w8a8)")
-    p.add_argument("--strict", action="store_true", help="fail if the target check finds violations")
+    _add_target(p)
     p.add_argument("--dump-passes", type=Path, default=None)
     p.add_argument("--overwrite", action="store_true")
     _add_common(p)
@@ -174,8 +177,6 @@ def cmd_export(args: argparse.Namespace) -> int:
     from qsvd_export.pipeline import build_dense_bundle
 
     info(f"exporting {args.model} → {args.output}")
-    if args.bits is not None and args.target is None:
-        raise UsageError("--bits needs --target")
     result = build_dense_bundle(args.model, args.output, overwrite=args.overwrite, seed=args.seed,
                                 rotate=args.rotate, target=args.target, bits=args.bits, strict=args.strict,
                                 smooth=args.smooth)
@@ -294,7 +295,8 @@ def cmd_compress(args: argparse.Namespace) -> int:
     result = build_compressed_bundle(
         args.model, options, args.output, overwrite=args.overwrite,
         eval_text=args.eval_text if args.eval else None, eval_windows=args.eval_windows,
-        dump_dir=args.dump_passes, target=args.target, target_bits=args.bits, target_strict=args.strict,
+        dump_dir=args.dump_passes, target=args.target, target_bits=args.bits if args.target else None,
+        target_strict=args.strict,
     )
     report = result.report
     latent = sum(1 for layer in report["graph_stage"]["layers"] if layer["cache"] == "latent")
@@ -312,8 +314,6 @@ def cmd_compress(args: argparse.Namespace) -> int:
 def cmd_compile(args: argparse.Namespace) -> int:
     from qsvd_export.pipeline import compile_onnx
 
-    if args.bits is not None and args.target is None:
-        raise UsageError("--bits needs --target")
     result = compile_onnx(args.graph, args.plan, args.output, overwrite=args.overwrite, dump_dir=args.dump_passes,
                           target=args.target, bits=args.bits, strict=args.strict)
     stage = result.report["graph_stage"]

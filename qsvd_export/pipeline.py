@@ -120,7 +120,7 @@ def build_dense_bundle(spec: str, out: Path, overwrite: bool = False, seed: int 
     from qsvd_export.bundle import check_output_dir
 
     check_output_dir(out, overwrite)  # fail before the slow steps
-    _check_target_options(target, bits)
+    _check_target_options(target, bits, smooth)
     timings: dict[str, float] = {}
     start = time.perf_counter()
     loaded = load_model(spec, seed=seed)
@@ -274,19 +274,17 @@ def _export_preset(loaded: LoadedModel, target: str) -> tuple[str | None, bool]:
     return None, False
 
 
-def _smooth(loaded: LoadedModel, target: str | None, bits: str | None, windows: int, seed: int) -> dict[str, Any]:
+def _smooth(loaded: LoadedModel, target: str, bits: str | None, windows: int, seed: int) -> dict[str, Any]:
+    """Smooth ``loaded`` for ``target``'s weight bits (options already checked by _check_target_options)."""
     import torch
 
     from qsvd_export.compress.smooth import smooth_for_weight_bits
     from qsvd_export.data import read_text, token_windows
     from qsvd_export.targets import policy_for
 
-    if target is None:
-        raise UsageError("--smooth needs --target (it scales weights for the target's weight bits)")
     policy = policy_for(target)
     chosen = policy.bits(bits)
-    if chosen.weights is None:
-        raise UsageError("--smooth needs an integer weight preset (--bits w4a8, w8a8, ...)")
+    assert chosen.weights is not None
     if loaded.tokenizer is None:
         raise UsageError(f"{loaded.name}: no tokenizer, so no text calibration for --smooth")
     rows = token_windows(loaded.tokenizer, read_text("wiki_calib"), 512, windows, source="wiki_calib")
@@ -294,13 +292,19 @@ def _smooth(loaded: LoadedModel, target: str | None, bits: str | None, windows: 
     return smooth_for_weight_bits(loaded.model, batches, chosen.weights, policy.block_size, seed)
 
 
-def _check_target_options(target: str | None, bits: str | None) -> None:
-    """Option errors (unknown target, preset not allowed there) before any slow work."""
+def _check_target_options(target: str | None, bits: str | None, smooth: bool | None = None) -> None:
+    """Option errors (unknown target, preset not allowed there, --bits or --smooth alone) before any slow work."""
     if target is None:
+        if bits is not None:
+            raise UsageError("--bits needs --target")
+        if smooth:
+            raise UsageError("--smooth needs --target (it scales weights for the target's weight bits)")
         return
     from qsvd_export.targets import policy_for
 
-    policy_for(target).bits(bits)
+    chosen = policy_for(target).bits(bits)
+    if smooth and chosen.weights is None:
+        raise UsageError("--smooth needs an integer weight preset (--bits w4a8, w8a8, ...)")
 
 
 def apply_target(model: ir.Model, target: str | None, bits: str | None) -> dict[str, Any] | None:

@@ -22,7 +22,7 @@ from typing import Any
 import onnx_ir as ir
 
 from qsvd_export.errors import UsageError
-from qsvd_export.passes.quantize_weights import QuantizeWeightsPass
+from qsvd_export.passes.quantize_weights import QuantizeWeightsPass, WeightQuantReport
 from qsvd_export.quantize import Bits, parse_bits
 
 
@@ -53,23 +53,15 @@ class TargetPolicy:
         accuracy_level = 4 if bits.activations == 8 else 1
         report: dict[str, Any] = {"block_size": self.block_size, "accuracy_level": accuracy_level,
                                   "weights": "symmetric round-to-nearest, signed block scale"}
-        quantized = 0
+        done = WeightQuantReport()
         if bits.weights < 8:
             outputs = {v.name for v in model.graph.outputs}
             heads = frozenset(n.name for n in model.graph if n.op_type == "MatMul" and n.outputs[0].name in outputs)
             others = frozenset(n.name for n in model.graph if n.op_type == "MatMul") - heads
-            head_pass = QuantizeWeightsPass(8, self.block_size, accuracy_level, exclude=others, symmetric=True)
-            head_pass(model)
-            report["output_matmuls_at_8_bits"] = head_pass.report.quantized
-            quantized += len(head_pass.report.quantized)
-        quantizer = QuantizeWeightsPass(bits.weights, self.block_size, accuracy_level, symmetric=True)
-        quantizer(model)
-        report.update(quantizer.report.as_dict())
-        report["quantized_matmuls"] += quantized
-        if bits.weights < 8:
-            report["float_weight_bytes"] += head_pass.report.float_bytes
-            report["packed_weight_bytes"] += head_pass.report.packed_bytes
-        return report
+            QuantizeWeightsPass(8, self.block_size, accuracy_level, exclude=others, symmetric=True, report=done)(model)
+            report["output_matmuls_at_8_bits"] = list(done.quantized)
+        QuantizeWeightsPass(bits.weights, self.block_size, accuracy_level, symmetric=True, report=done)(model)
+        return {**report, **done.as_dict()}
 
 
 POLICIES = {
@@ -87,7 +79,7 @@ def policy_for(target: str) -> TargetPolicy:
     return POLICIES[target]
 
 
-def optimized_op_counts(graph_path: Path) -> dict[str, int]:
+def optimized_op_counts(graph_path: Path) -> dict[str, Any]:
     """Op types of the graph ONNX Runtime's CPU EP runs after its own optimizations (all levels)."""
     import onnx
     import onnxruntime as ort

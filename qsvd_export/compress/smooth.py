@@ -14,6 +14,7 @@ llama-style decoders only (same families as the residual rotation).
 
 from __future__ import annotations
 
+from functools import partial
 from typing import Callable
 
 import numpy as np
@@ -40,7 +41,7 @@ def fake_quant_rows(weight: torch.Tensor, bits: int, block: int) -> torch.Tensor
 
 
 class _InputRecorder:
-    """Mean |x| per channel and a reservoir of input rows for one module's input."""
+    """Mean |x| per channel over all calls, and 256 random rows per call until SAMPLE_ROWS are kept."""
 
     def __init__(self, seed: int) -> None:
         self.abs_sum: torch.Tensor | None = None
@@ -52,8 +53,9 @@ class _InputRecorder:
         x = args[0].detach().reshape(-1, args[0].shape[-1]).double()
         self.abs_sum = x.abs().sum(0) if self.abs_sum is None else self.abs_sum + x.abs().sum(0)
         self.count += x.shape[0]
-        take = self.rng.choice(x.shape[0], size=min(x.shape[0], 256), replace=False)
-        self.rows.append(x[np.sort(take)].float())
+        if sum(len(r) for r in self.rows) < SAMPLE_ROWS:  # rows past the sample size are never read
+            take = self.rng.choice(x.shape[0], size=min(x.shape[0], 256), replace=False)
+            self.rows.append(x[np.sort(take)].float())
 
     def mean_abs(self) -> torch.Tensor:
         assert self.abs_sum is not None
@@ -64,25 +66,25 @@ class _InputRecorder:
         return rows[:SAMPLE_ROWS]
 
 
+def _divide_norm_gain(norm: torch.nn.Module, s: torch.Tensor) -> None:
+    norm.weight.data = (norm.weight.data.double() / s).to(norm.weight.dtype)
+
+
 def _groups(model: torch.nn.Module) -> list[tuple[str, torch.nn.Module, list[torch.nn.Linear], Callable[[torch.Tensor], None]]]:
     """(name, module whose input is recorded, linears reading it, fold of 1/s into the producer)."""
     groups = []
     for i, layer in enumerate(model.model.layers):
         attn, mlp = layer.self_attn, layer.mlp
 
-        def fold_norm(s: torch.Tensor, norm: torch.nn.Module = layer.input_layernorm) -> None:
-            norm.weight.data = (norm.weight.data.double() / s).to(norm.weight.dtype)
-
-        def fold_post(s: torch.Tensor, norm: torch.nn.Module = layer.post_attention_layernorm) -> None:
-            norm.weight.data = (norm.weight.data.double() / s).to(norm.weight.dtype)
-
         def fold_up(s: torch.Tensor, up: torch.nn.Linear = mlp.up_proj) -> None:
             up.weight.data = (up.weight.data.double() / s[:, None]).to(up.weight.dtype)
             if up.bias is not None:
                 up.bias.data = (up.bias.data.double() / s).to(up.bias.dtype)
 
-        groups.append((f"layer{i}.qkv", attn.q_proj, [attn.q_proj, attn.k_proj, attn.v_proj], fold_norm))
-        groups.append((f"layer{i}.gate_up", mlp.gate_proj, [mlp.gate_proj, mlp.up_proj], fold_post))
+        groups.append((f"layer{i}.qkv", attn.q_proj, [attn.q_proj, attn.k_proj, attn.v_proj],
+                       partial(_divide_norm_gain, layer.input_layernorm)))
+        groups.append((f"layer{i}.gate_up", mlp.gate_proj, [mlp.gate_proj, mlp.up_proj],
+                       partial(_divide_norm_gain, layer.post_attention_layernorm)))
         groups.append((f"layer{i}.down", mlp.down_proj, [mlp.down_proj], fold_up))
     return groups
 
