@@ -73,6 +73,8 @@ class BundleConfig:
     generation: dict[str, Any] = field(default_factory=dict)
     tokenizer_files: list[str] = field(default_factory=list)
     source: dict[str, Any] = field(default_factory=dict)
+    # npu bundles: {"context_length": T, "prefill_length": S, "cache": "right-aligned"} (runtimes/static_decode.py)
+    static_shapes: dict[str, Any] = field(default_factory=dict)
     format: str = FORMAT
     format_version: int = FORMAT_VERSION
 
@@ -113,6 +115,20 @@ def load_bundle_config(bundle: Path) -> BundleConfig:
         return BundleConfig.from_dict(json.loads(path.read_text()))
     except (json.JSONDecodeError, TypeError, KeyError) as exc:
         raise BadInputError(f"{path}: malformed bundle config ({exc.__class__.__name__}: {exc})") from None
+
+
+def bundle_tokenizer(bundle: Path) -> Any:
+    """The tokenizer saved in a bundle (tiny test bundles: UTF-8 bytes)."""
+    config = load_bundle_config(bundle)
+    if not config.tokenizer_files and config.model_name.startswith("tiny-"):
+        from qsvd_export.tiny import ByteTokenizer
+
+        return ByteTokenizer()  # tiny test models read UTF-8 bytes
+    if not config.tokenizer_files:
+        raise UsageError(f"{bundle}: bundle has no tokenizer files")
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(bundle, trust_remote_code=False)
 
 
 def check_output_dir(out: Path, overwrite: bool) -> None:

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from qsvd_export import __version__
+from qsvd_export.bundle import bundle_tokenizer
 from qsvd_export.errors import Interrupted, QsvdError, UsageError
 from qsvd_export.progress import info, set_quiet
 
@@ -40,6 +41,24 @@ def _add_target(parser: argparse.ArgumentParser, bits: bool = True) -> None:
     if bits:
         parser.add_argument("--bits", default=None, help="bit-width preset for --target (cpu default: w8a8)")
     parser.add_argument("--strict", action="store_true", help="fail if the target check finds violations")
+    npu = parser.add_argument_group("npu target (static graphs for QNN HTP)")
+    npu.add_argument("--context-length", type=int, default=1024, help="cache slots of the static graphs (default 1024)")
+    npu.add_argument("--prefill-length", type=int, default=128, help="tokens per prefill call (default 128)")
+    npu.add_argument("--htp-arch", default="73", help="QNN HTP architecture to compile for (default 73)")
+    npu.add_argument("--calibration-method", default="minmax", choices=["minmax", "percentile", "entropy"],
+                     help="activation range calibration (default minmax)")
+    npu.add_argument("--no-verify", dest="verify", action="store_false",
+                     help="skip the QNN HTP compile and greedy check (default: run it when onnxruntime-qnn is installed)")
+
+
+def _npu_options(args: argparse.Namespace) -> Any:
+    """NpuOptions from --context-length/--prefill-length/--htp-arch/--calibration-method (validated)."""
+    from qsvd_export.npu import NpuOptions
+
+    options = NpuOptions(prefill_length=args.prefill_length, context_length=args.context_length,
+                         htp_arch=args.htp_arch, calibration_method=args.calibration_method)
+    options.check()
+    return options
 
 
 def _add_rotation(parser: argparse.ArgumentParser) -> None:
@@ -142,21 +161,6 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _tokenizer(bundle: Path) -> Any:
-    from qsvd_export.bundle import load_bundle_config
-
-    config = load_bundle_config(bundle)
-    if not config.tokenizer_files and config.model_name.startswith("tiny-"):
-        from qsvd_export.tiny import ByteTokenizer
-
-        return ByteTokenizer()  # tiny test models read UTF-8 bytes
-    if not config.tokenizer_files:
-        raise UsageError(f"{bundle}: bundle has no tokenizer files")
-    from transformers import AutoTokenizer
-
-    return AutoTokenizer.from_pretrained(bundle, trust_remote_code=False)
-
-
 def _session_options(args: argparse.Namespace) -> Any:
     from qsvd_export.runtimes.sessions import SessionOptions
 
@@ -179,23 +183,32 @@ def cmd_export(args: argparse.Namespace) -> int:
     info(f"exporting {args.model} → {args.output}")
     result = build_dense_bundle(args.model, args.output, overwrite=args.overwrite, seed=args.seed,
                                 rotate=args.rotate, target=args.target, bits=args.bits, strict=args.strict,
-                                smooth=args.smooth)
+                                smooth=args.smooth, npu_options=_npu_options(args), verify=args.verify)
     report = result.report
     print(
         f"wrote {result.out}: {report['kind']} graph, {report['parameters']:,} parameters, "
         f"weights {report['weight_bytes'] / 1e6:.1f} MB, KV {report['kv_bytes_per_token']} B/token "
         f"(load {result.timings['load_s']:.1f} s, export {result.timings['export_s']:.1f} s)"
     )
+    _print_target(report)
     return 0
 
 
 def generate_text(bundle: Path, prompt: str, max_new_tokens: int, raw: bool, target: str, options: Any) -> str:
-    from qsvd_export.runtimes.decode import DecoderRunner
+    from qsvd_export.bundle import load_bundle_config
 
-    runner = DecoderRunner(bundle, target, options)
-    tokenizer = _tokenizer(bundle)
-    ids = encode_prompt(tokenizer, prompt, chat=runner.config.generation.get("chat_template", False) and not raw)
-    new = runner.generate(ids, max_new_tokens, runner.config.generation.get("eos_token_ids"))
+    config = load_bundle_config(bundle)
+    tokenizer = bundle_tokenizer(bundle)
+    ids = encode_prompt(tokenizer, prompt, chat=config.generation.get("chat_template", False) and not raw)
+    eos = config.generation.get("eos_token_ids")
+    if config.static_shapes:
+        from qsvd_export.runtimes.static_decode import StaticDecoder
+
+        new, _ = StaticDecoder.from_bundle(bundle, target, options).generate(ids, max_new_tokens, eos)
+    else:
+        from qsvd_export.runtimes.decode import DecoderRunner
+
+        new = DecoderRunner(bundle, target, options).generate(ids, max_new_tokens, eos)
     return tokenizer.decode(new, skip_special_tokens=True)
 
 
@@ -212,8 +225,17 @@ def bundle_perplexity(bundle: Path, text: str, windows: int, window_len: int, ta
     from qsvd_export.runtimes.decode import DecoderRunner
     from qsvd_export.runtimes.metrics import perplexity
 
-    runner = DecoderRunner(bundle, target, options)
-    rows = token_windows(_tokenizer(bundle), read_text(text), window_len, windows, source=str(text))
+    from qsvd_export.bundle import load_bundle_config
+
+    if load_bundle_config(bundle).static_shapes:
+        from qsvd_export.runtimes.static_decode import StaticDecoder
+
+        runner: Any = StaticDecoder.from_bundle(bundle, target, options)
+        if window_len != runner.prefill_length:
+            raise UsageError(f"this static bundle scores windows of its prefill length: --window-len {runner.prefill_length}")
+    else:
+        runner = DecoderRunner(bundle, target, options)
+    rows = token_windows(bundle_tokenizer(bundle), read_text(text), window_len, windows, source=str(text))
     progress = bar(len(rows), "perplexity")
     try:
         return perplexity(runner.window_nlls(rows, progress=progress.update))
@@ -296,7 +318,7 @@ def cmd_compress(args: argparse.Namespace) -> int:
         args.model, options, args.output, overwrite=args.overwrite,
         eval_text=args.eval_text if args.eval else None, eval_windows=args.eval_windows,
         dump_dir=args.dump_passes, target=args.target, target_bits=args.bits if args.target else None,
-        target_strict=args.strict,
+        target_strict=args.strict, npu_options=_npu_options(args), verify=args.verify,
     )
     report = result.report
     latent = sum(1 for layer in report["graph_stage"]["layers"] if layer["cache"] == "latent")
@@ -308,6 +330,7 @@ def cmd_compress(args: argparse.Namespace) -> int:
         print(f"perplexity ({ppl['windows']} x {ppl['length']} of {ppl['text']}): dense {ppl['dense']:.3f}, "
               f"compressed {ppl['compressed_torch']:.3f} torch / {ppl['compressed_onnx']:.3f} ONNX "
               f"({ppl['compressed_onnx'] / ppl['dense']:.3f} x dense)")
+    _print_target(report)
     return 0
 
 
@@ -315,16 +338,36 @@ def cmd_compile(args: argparse.Namespace) -> int:
     from qsvd_export.pipeline import compile_onnx
 
     result = compile_onnx(args.graph, args.plan, args.output, overwrite=args.overwrite, dump_dir=args.dump_passes,
-                          target=args.target, bits=args.bits, strict=args.strict)
+                          target=args.target, bits=args.bits, strict=args.strict, npu_options=_npu_options(args),
+                          verify=args.verify)
     stage = result.report["graph_stage"]
     latent = sum(1 for layer in stage["layers"] if layer["cache"] == "latent")
     print(f"wrote {result.out}: {stage['attention_blocks']} attention blocks, {latent} with a latent cache"
           + (f", {len(stage['unmatched'])} unmatched" if stage["unmatched"] else ""))
-    target = result.report.get("target")
-    if target and target["bits"] != "fp":
-        print(f"target {target['target']} {target['bits']}: {target['quantized_matmuls']} MatMuls → MatMulNBits, "
-              f"weights {result.report['weight_bytes'] / 1e6:.1f} MB")
+    _print_target(result.report)
     return 0
+
+
+def _print_target(report: dict[str, Any]) -> None:
+    """One line per target stage result (nothing without --target)."""
+    target = report.get("target")
+    if not target or target["bits"] == "fp":
+        return
+    weights = f"weights {report['weight_bytes'] / 1e6:.1f} MB"
+    if target["target"] != "npu":
+        print(f"target {target['target']} {target['bits']}: {target['quantized_matmuls']} MatMuls → MatMulNBits, {weights}")
+        return
+    options = target["options"]
+    print(f"target npu {target['bits']}: static prefill ({options['prefill_length']}) + decode graphs, "
+          f"{options['context_length']} cache slots, {weights}")
+    check = target.get("verification")
+    if check is None:
+        return
+    if check["qnn"] != "compiled":
+        print(f"QNN HTP check {check['qnn']}")
+        return
+    print(f"QNN HTP v{check['htp_arch']}: both graphs compiled with CPU fallback disabled; greedy tokens "
+          f"{'match' if check['tokens_match'] else 'DIFFER from'} the CPU EP (max |Δlogit| {check['max_abs_logit_diff']})")
 
 
 def cmd_models(args: argparse.Namespace) -> int:

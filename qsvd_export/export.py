@@ -46,6 +46,8 @@ class ExportedGraph:
 def additive_causal_mask(attention_mask: Any, query_length: int, sliding_window: int | None, dtype: Any) -> Any:
     """[batch, total] 0/1 padding mask → [batch, 1, query, total] additive mask (0 keep, dtype-min drop).
 
+    ``attention_mask`` must hold 0/1 values.
+
     Query ``i`` sits at cache position ``total - query + i``; it may attend key ``j`` iff
     ``j <= pos_i``, ``attention_mask[j] == 1`` and, for sliding layers, ``pos_i - j < window``.
     """
@@ -57,8 +59,10 @@ def additive_causal_mask(attention_mask: Any, query_length: int, sliding_window:
     allowed = key_pos[None, :] <= query_pos[:, None]
     if sliding_window is not None:
         allowed = allowed & (query_pos[:, None] - key_pos[None, :] < sliding_window)
-    allowed = allowed[None, None, :, :] & (attention_mask[:, None, None, :] > 0)
-    return torch.where(allowed, 0.0, torch.finfo(dtype).min).to(dtype)
+    # Float arithmetic, no boolean ops on the input: once shapes are static the causal part folds to a
+    # constant and the graph holds only Cast/Mul/Sub, which NPU compilers run (QNN HTP has no bool Select).
+    keep = allowed.to(dtype)[None, None, :, :] * attention_mask.to(dtype)[:, None, None, :]
+    return (1.0 - keep) * torch.finfo(dtype).min
 
 
 def _decoder_wrapper(model: Any, adapter: Any) -> Any:

@@ -10,7 +10,7 @@ from typing import Any
 
 import onnx_ir as ir
 
-from qsvd_export.bundle import CONFIG_NAME, BundleConfig, GraphSpec, atomic_output_dir, write_json
+from qsvd_export.bundle import CONFIG_NAME, BundleConfig, GraphSpec, atomic_output_dir, bundle_tokenizer, write_json
 from qsvd_export.errors import UsageError
 from qsvd_export.export import ExportedGraph, export_graph
 from qsvd_export.models import adapter_for_config
@@ -108,7 +108,8 @@ def write_bundle(loaded: LoadedModel, model: ir.Model, cache: list[Any], folder:
 
 def build_dense_bundle(spec: str, out: Path, overwrite: bool = False, seed: int = 0, rotate: bool = False,
                        target: str | None = None, bits: str | None = None, strict: bool = False,
-                       smooth: bool | None = None, smooth_windows: int = 16) -> BuildResult:
+                       smooth: bool | None = None, smooth_windows: int = 16, npu_options: Any = None,
+                       verify: bool = True) -> BuildResult:
     """``qsvd-export export``: the dense bundle of ``spec`` (fp32, or quantized for ``target``).
 
     ``rotate``: fold the norm gains and rotate the residual stream first (H1, QuaRot; outputs unchanged).
@@ -144,9 +145,10 @@ def build_dense_bundle(spec: str, out: Path, overwrite: bool = False, seed: int 
         parameters = int(sum(p.numel() for p in loaded.model.parameters()))
         config = write_bundle(loaded, exported.model, exported.cache, tmp,
                               {"stage": "dense", "parameters": parameters, **extra})
+        target_report = finish_target(tmp, config, target_report, strict, loaded.tokenizer, npu_options, verify)
         if target_report is not None:
-            check_target(tmp / GRAPH_FILE, target_report, strict)
-            write_json(tmp / "report.json", {**json.loads((tmp / "report.json").read_text()), "target": target_report})
+            write_json(tmp / "report.json", {**json.loads((tmp / "report.json").read_text()), "target": target_report,
+                                             "weight_bytes": graph_weight_bytes(tmp, config)})
         write_json(tmp / "timings.json", {k: round(v, 3) for k, v in timings.items()})
     report = json.loads((Path(out) / "report.json").read_text())
     return BuildResult(Path(out), config, report, timings)
@@ -174,7 +176,7 @@ def build_compressed_bundle(spec: str, options: Any, out: Path, overwrite: bool 
                             eval_text: str | None = None, eval_windows: int = 32,
                             dump_dir: Path | None = None, dense_graph: Path | None = None,
                             target: str | None = None, target_bits: str | None = None,
-                            target_strict: bool = False) -> BuildResult:
+                            target_strict: bool = False, npu_options: Any = None, verify: bool = True) -> BuildResult:
     """``qsvd-export compress``: torch stage → dense export → graph stage → bundle (graph + plan + report).
 
     ``dense_graph``: an existing dense export of the same model (e.g. a dense bundle's model.onnx) to
@@ -226,11 +228,12 @@ def build_compressed_bundle(spec: str, options: Any, out: Path, overwrite: bool 
     with atomic_output_dir(out, overwrite) as tmp:
         save_plan(plan, tmp)
         config = write_bundle(loaded, graph, cache, tmp, report)
+        target_report = finish_target(tmp, config, target_report, target_strict, loaded.tokenizer, npu_options, verify)
         if target_report is not None:
-            check_target(tmp / GRAPH_FILE, target_report, target_strict)
-            report = {**json.loads((tmp / "report.json").read_text()), "target": target_report}
+            report = {**json.loads((tmp / "report.json").read_text()), "target": target_report,
+                      "weight_bytes": graph_weight_bytes(tmp, config)}
             write_json(tmp / "report.json", report)
-        if eval_text is not None:
+        if eval_text is not None and not config.static_shapes:
             start = time.perf_counter()
             report["perplexity"] = _evaluate_bundle(loaded, plan, tmp, eval_text, eval_windows)
             timings["eval_s"] = time.perf_counter() - start
@@ -318,10 +321,53 @@ def apply_target(model: ir.Model, target: str | None, bits: str | None) -> dict[
 
     policy = policy_for(target)
     chosen = policy.bits(bits)
+    if target == "npu":
+        return {"target": target, "bits": chosen.name}  # static graphs + QDQ are built on files: finish_target
     report = {"target": target, "bits": chosen.name, **policy.quantize(model, chosen)}
     common.RemoveUnusedNodesPass()(model)
     check_model(model)
     return report
+
+
+def finish_target(folder: Path, config: BundleConfig, target_report: dict[str, Any] | None, strict: bool,
+                  tokenizer: Any, npu_options: Any = None, verify: bool = True) -> dict[str, Any] | None:
+    """File-level target steps once ``folder`` holds ``model.onnx``: the cpu/gpu check of ONNX Runtime's
+    optimized graph, or for npu the static prefill/decode QDQ graphs replacing ``model.onnx`` (config
+    rewritten) and their QNN HTP verification. Returns the completed target report."""
+    if target_report is None:
+        return None
+    if target_report["target"] != "npu":
+        check_target(folder / GRAPH_FILE, target_report, strict)
+        return target_report
+    from qsvd_export.errors import RuntimeFailure, UnsupportedModelError
+    from qsvd_export.npu import NpuOptions, build_npu_graphs, verify_on_qnn
+    from qsvd_export.quantize import parse_bits
+
+    if config.kind != "decoder":
+        raise UnsupportedModelError(f"target npu builds static decoder graphs; this is a {config.kind} model")
+    options = npu_options or NpuOptions()
+    specs, npu_report = build_npu_graphs(folder / GRAPH_FILE, folder, config.cache, parse_bits(target_report["bits"]),
+                                         tokenizer, options)
+    for name in (GRAPH_FILE, f"{GRAPH_FILE}.data"):
+        (folder / name).unlink()
+    config.graphs = specs
+    config.static_shapes = {"context_length": options.context_length, "prefill_length": options.prefill_length,
+                            "cache": "right-aligned", "htp_arch": options.htp_arch}
+    (folder / CONFIG_NAME).write_text(config.to_json())
+    violations = [v for graph in npu_report["graphs"].values() for v in graph["htp_violations"]]
+    if strict and violations:
+        raise RuntimeFailure(f"--strict: {len(violations)} nodes QNN HTP would not run, e.g. {violations[0]}")
+    report = {**target_report, **npu_report}
+    if verify:
+        from qsvd_export.progress import info
+
+        info(f"npu: QNN HTP sessions (htp_arch {options.htp_arch}, CPU fallback disabled) and a greedy check")
+        report["verification"] = verify_on_qnn(folder, config.cache, tokenizer, options)
+    return report
+
+
+def graph_weight_bytes(folder: Path, config: BundleConfig) -> int:
+    return sum((folder / f"{spec.filename}.data").stat().st_size for spec in config.graphs)
 
 
 def check_target(graph_path: Path, report: dict[str, Any], strict: bool) -> None:
@@ -340,7 +386,7 @@ def check_target(graph_path: Path, report: dict[str, Any], strict: bool) -> None
 
 def compile_onnx(graph_path: Path, plan_path: Path | None, out: Path, overwrite: bool = False,
                  dump_dir: Path | None = None, target: str | None = None, bits: str | None = None,
-                 strict: bool = False) -> BuildResult:
+                 strict: bool = False, npu_options: Any = None, verify: bool = True) -> BuildResult:
     """``qsvd-export model.onnx [--plan PLAN] [--target T --bits B]``: graph stage (+ target stage)."""
     import shutil
 
@@ -382,16 +428,16 @@ def compile_onnx(graph_path: Path, plan_path: Path | None, out: Path, overwrite:
         report.update(plan_report(plan))
     with atomic_output_dir(out, overwrite) as tmp:
         save_graph(model, tmp)
-        if target_report is not None:
-            check_target(tmp / GRAPH_FILE, target_report, strict)
-            report["target"] = target_report
         for name in config.tokenizer_files:
             shutil.copy2(source_dir / name, tmp / name)
         if plan is not None:
             save_plan(plan, tmp)
         (tmp / CONFIG_NAME).write_text(config.to_json())
+        if target_report is not None:
+            tokenizer = bundle_tokenizer(tmp) if target_report["target"] == "npu" else None
+            report["target"] = finish_target(tmp, config, target_report, strict, tokenizer, npu_options, verify)
         report["kv_bytes_per_token"] = config.kv_bytes_per_token()
-        report["weight_bytes"] = (tmp / f"{GRAPH_FILE}.data").stat().st_size
+        report["weight_bytes"] = graph_weight_bytes(tmp, config)
         write_json(tmp / "report.json", report)
         write_json(tmp / "timings.json", {k: round(v, 3) for k, v in timings.items()})
     return BuildResult(Path(out), config, report, timings)

@@ -8,7 +8,8 @@
   runs: the session's optimized graph must hold no float MatMul with a constant weight.
 - ``gpu``: the same weight-only MatMulNBits graph (CUDA has MatMulNBits kernels); fp16 activations are
   not converted yet and nothing was verified on a GPU in this project so far.
-- ``npu``: QNN HTP needs static shapes and QDQ at 16/8 bits — not built yet; refused with a clear error.
+- ``npu``: QNN HTP: static prefill/decode graphs with QDQ (uint16/uint8 activations, int8 weights), built
+  on files after the bundle is written (:mod:`qsvd_export.npu`); default ``w8a16``.
 """
 
 from __future__ import annotations
@@ -68,12 +69,11 @@ POLICIES = {
     "cpu": TargetPolicy("cpu", default_bits="w8a8", allowed_bits=("fp", "w8a16", "w8a8", "w4a16", "w4a8"),
                         smoothed_default="w4a8"),
     "gpu": TargetPolicy("gpu", default_bits="w4a16", allowed_bits=("fp", "w8a16", "w4a16")),
+    "npu": TargetPolicy("npu", default_bits="w8a16", allowed_bits=("w8a16", "w8a8", "w4a16")),
 }
 
 
 def policy_for(target: str) -> TargetPolicy:
-    if target == "npu":
-        raise UsageError("target npu (static shapes + QDQ for QNN HTP) is not built yet; use --target cpu or gpu")
     if target not in POLICIES:
         raise UsageError(f"unknown target '{target}' (choose from cpu, gpu, npu)")
     return POLICIES[target]

@@ -101,7 +101,6 @@ def test_cpu_target_on_a_latent_bundle(tmp_path, bundles, capsys):
 
 
 @pytest.mark.parametrize("args,fragment", [
-    (["--target", "npu"], "target npu"),
     (["--target", "cpu", "--bits", "w4a4"], "not available for target cpu"),
     (["--bits", "w8a8"], "--bits needs --target"),
     (["--target", "cpu", "--bits", "w3a8"], "invalid bit widths"),

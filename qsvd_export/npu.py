@@ -1,0 +1,211 @@
+"""The ``npu`` target: static prefill/decode graphs with QDQ for Qualcomm QNN HTP.
+
+From the dynamic float decoder graph (after the graph stage, dense or latent cache):
+1. ``static_shapes``: a prefill graph (``prefill_length`` tokens) and a decode graph (1 token), both over
+   a right-aligned cache window of ``context_length`` slots;
+2. ``npu_legalize``: RMSNorm → SimplifiedLayerNormalization, mask constants clamped to ±``mask_value``;
+3. calibration feeds made by running the *float* static graphs on ``wiki_calib`` text (first prefill
+   chunks with an empty cache, second chunks and decode steps with the cache the float graphs built);
+4. QDQ insertion with ONNX Runtime's QNN recipe (``get_qnn_qdq_config``: per-op rules, shared scales for
+   data movement, 16-bit fixed scales for Sigmoid/Tanh): activations per-tensor uint16/uint8 (static,
+   calibrated), weights symmetric per-channel int8;
+5. a check of every node against the HTP op set (:func:`npu_violations`), and, when ``onnxruntime-qnn``
+   is installed, a QNN HTP session per graph with CPU fallback disabled plus a greedy generation compared
+   with the CPU EP on the same QDQ graphs.
+"""
+
+from __future__ import annotations
+
+import logging
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx_ir as ir
+
+from qsvd_export.bundle import GraphSpec, LayerCache
+from qsvd_export.errors import RuntimeFailure, UsageError
+from qsvd_export.quantize import Bits
+
+HTP_ARCH = "73"  # Snapdragon 8 Gen 2 generation: 16-bit x 16-bit MatMul (v68, the backend default, has none)
+
+
+@dataclass(frozen=True)
+class NpuOptions:
+    prefill_length: int = 128
+    context_length: int = 1024
+    mask_value: float = 100.0
+    calibration_windows: int = 8  # each gives 2 prefill chunks and `calibration_decode_steps` decode feeds
+    calibration_decode_steps: int = 4
+    calibration_method: str = "minmax"
+    htp_arch: str = HTP_ARCH
+    verify_prompt: str = "The capital of France is"
+    verify_tokens: int = 4
+
+    def check(self) -> None:
+        if not 1 < self.prefill_length < self.context_length:
+            raise UsageError(f"--prefill-length must be in (1, context length {self.context_length})")
+        if self.calibration_method not in _CALIBRATION_METHODS:
+            raise UsageError(f"unknown calibration method '{self.calibration_method}' "
+                             f"(choose from {', '.join(_CALIBRATION_METHODS)})")
+
+
+_CALIBRATION_METHODS = ("minmax", "percentile", "entropy")
+GRAPH_FILES = {"prefill": "prefill.onnx", "decode": "decode.onnx"}
+
+
+def static_float_graphs(dynamic_path: Path, work: Path, options: NpuOptions) -> tuple[dict[str, Path], dict[str, Any]]:
+    """Write ``prefill`` and ``decode`` float static graphs into ``work``; returns paths and what was done."""
+    from qsvd_export.passes.npu_legalize import legalize_for_npu
+    from qsvd_export.passes.static_shapes import specialize_decoder
+
+    paths, report = {}, {}
+    for role, seq in (("prefill", options.prefill_length), ("decode", 1)):
+        model = ir.load(dynamic_path)
+        specialize_decoder(model, seq, options.context_length)
+        report[role] = legalize_for_npu(model, options.mask_value).as_dict()
+        paths[role] = work / f"{role}_float.onnx"
+        ir.save(model, paths[role], external_data=f"{role}_float.onnx.data")
+        del model
+    return paths, report
+
+
+def calibration_feeds(float_paths: dict[str, Path], cache: list[LayerCache], windows: np.ndarray,
+                      options: NpuOptions) -> dict[str, list[dict[str, np.ndarray]]]:
+    """Graph inputs for calibration: per window of 2·prefill + decode_steps tokens, two prefill feeds
+    (empty cache, then the cache the float graphs built) and ``decode_steps`` decode feeds."""
+    from qsvd_export.runtimes.static_decode import StaticDecoder
+
+    decoder = StaticDecoder.from_files(float_paths["prefill"], float_paths["decode"], cache,
+                                       options.context_length, options.prefill_length)
+    size = options.prefill_length
+    feeds: dict[str, list[dict[str, np.ndarray]]] = {"prefill": [], "decode": []}
+    for row in windows:
+        tokens = [int(t) for t in row]
+        state = decoder.empty_state()
+        for chunk in (tokens[:size], tokens[size:2 * size]):
+            feeds["prefill"].append(decoder.feed(state, chunk, [True] * size)[1])
+            _, state = decoder.step(state, chunk)
+        for token in tokens[2 * size:2 * size + options.calibration_decode_steps]:
+            feeds["decode"].append(decoder.feed(state, [token], [True])[1])
+            _, state = decoder.step(state, [token])
+    return feeds
+
+
+class _FeedReader:
+    """onnxruntime CalibrationDataReader over a list of feeds."""
+
+    def __init__(self, feeds: list[dict[str, np.ndarray]]) -> None:
+        self.feeds = feeds
+        self.index = 0
+
+    def get_next(self) -> dict[str, np.ndarray] | None:
+        if self.index >= len(self.feeds):
+            return None
+        self.index += 1
+        return self.feeds[self.index - 1]
+
+    def rewind(self) -> None:
+        self.index = 0
+
+
+def insert_qdq(float_path: Path, out_path: Path, bits: Bits, feeds: list[dict[str, np.ndarray]],
+               method: str) -> dict[str, Any]:
+    """Calibrate activation ranges on ``feeds`` and write the QDQ graph (external data) to ``out_path``."""
+    import onnxruntime as ort
+    from onnxruntime.quantization import CalibrationMethod, QuantType, quantize
+    from onnxruntime.quantization.execution_providers.qnn import get_qnn_qdq_config
+
+    activation = {16: QuantType.QUInt16, 8: QuantType.QUInt8}[bits.activations or 16]
+    weight = {8: QuantType.QInt8, 4: QuantType.QInt4}[bits.weights or 8]
+    calibrate = {"minmax": CalibrationMethod.MinMax, "percentile": CalibrationMethod.Percentile,
+                 "entropy": CalibrationMethod.Entropy}[method]
+    config = get_qnn_qdq_config(str(float_path), _FeedReader(feeds), calibrate_method=calibrate,
+                                activation_type=activation, weight_type=weight, per_channel=True,
+                                weight_symmetric=True)
+    config.use_external_data_format = True
+    ort.set_default_logger_severity(3)  # the quantizer's sessions warn about every unused initializer
+    root = logging.getLogger()
+    level = root.level
+    root.setLevel(logging.ERROR)  # and it logs a pre-processing hint through the root logger
+    try:
+        quantize(str(float_path), str(out_path), config)
+    finally:
+        root.setLevel(level)
+    return {"activations": activation.name, "weights": f"{weight.name} symmetric per channel",
+            "calibration": {"method": method, "feeds": len(feeds)}}
+
+
+def build_npu_graphs(dynamic_path: Path, folder: Path, cache: list[LayerCache], bits: Bits, tokenizer: Any,
+                     options: NpuOptions) -> tuple[list[GraphSpec], dict[str, Any]]:
+    """Write ``prefill.onnx`` and ``decode.onnx`` (QDQ, each with its ``.data``) into ``folder``."""
+    from qsvd_export.data import read_text, token_windows
+    from qsvd_export.passes.npu_legalize import npu_violations
+    from qsvd_export.progress import info
+
+    options.check()
+    if bits.weights not in (8, 4) or bits.activations not in (8, 16):
+        raise UsageError(f"--bits {bits.name} is not available for target npu (choose from w8a16, w8a8, w4a16)")
+    if tokenizer is None:
+        raise UsageError("target npu calibrates activation ranges on text; this model has no tokenizer")
+    report: dict[str, Any] = {"options": asdict(options), "graphs": {}}
+    span = 2 * options.prefill_length + options.calibration_decode_steps
+    windows = token_windows(tokenizer, read_text("wiki_calib"), span, options.calibration_windows, source="wiki_calib")
+    specs = []
+    with tempfile.TemporaryDirectory(prefix="qsvd-npu-") as tmp:
+        work = Path(tmp)
+        info(f"npu: static graphs (prefill {options.prefill_length}, decode 1, context {options.context_length})")
+        float_paths, legalized = static_float_graphs(dynamic_path, work, options)
+        info("npu: calibration feeds from the float static graphs")
+        feeds = calibration_feeds(float_paths, cache, windows, options)
+        for role, filename in GRAPH_FILES.items():
+            info(f"npu: QDQ {bits.name} for the {role} graph ({len(feeds[role])} calibration feeds)")
+            start = time.perf_counter()
+            qdq = insert_qdq(float_paths[role], work / filename, bits, feeds[role], options.calibration_method)
+            out = folder / filename
+            model = ir.load(work / filename)
+            violations = npu_violations(model)
+            ir.save(model, out, external_data=f"{filename}.data")
+            inputs = [v.name for v in model.graph.inputs]
+            outputs = [v.name for v in model.graph.outputs]
+            del model
+            specs.append(GraphSpec(role, filename, inputs, outputs))
+            report["graphs"][role] = {**legalized[role], **qdq, "htp_violations": violations,
+                                      "seconds": round(time.perf_counter() - start, 1)}
+    return specs, report
+
+
+def verify_on_qnn(folder: Path, cache: list[LayerCache], tokenizer: Any, options: NpuOptions) -> dict[str, Any]:
+    """QNN HTP sessions (CPU fallback disabled) for both graphs, then greedy tokens vs the CPU EP."""
+    import importlib.util
+
+    from qsvd_export.runtimes.sessions import SessionOptions
+    from qsvd_export.runtimes.static_decode import StaticDecoder
+
+    if importlib.util.find_spec("onnxruntime_qnn") is None:
+        return {"qnn": "skipped: onnxruntime-qnn is not installed (pip install 'qsvd-export[npu]')"}
+    paths = [folder / GRAPH_FILES["prefill"], folder / GRAPH_FILES["decode"]]
+    start = time.perf_counter()
+    try:
+        npu = StaticDecoder.from_files(*paths, cache, options.context_length, options.prefill_length, "npu",
+                                       SessionOptions(strict=True, htp_arch=options.htp_arch))
+    except RuntimeFailure as exc:
+        raise RuntimeFailure(f"QNN HTP (htp_arch {options.htp_arch}, CPU fallback disabled) refused the graphs: {exc}") from None
+    compile_s = time.perf_counter() - start
+    cpu = StaticDecoder.from_files(*paths, cache, options.context_length, options.prefill_length, "cpu")
+    prompt = [int(t) for t in tokenizer(options.verify_prompt, add_special_tokens=False)["input_ids"]]
+    start = time.perf_counter()
+    npu_tokens, npu_logits = npu.generate(prompt, options.verify_tokens)
+    run_s = time.perf_counter() - start
+    cpu_tokens, cpu_logits = cpu.generate(prompt, options.verify_tokens)
+    steps = min(len(npu_logits), len(cpu_logits))
+    diffs = [float(np.abs(npu_logits[i] - cpu_logits[i]).max()) for i in range(steps)]
+    return {
+        "qnn": "compiled", "htp_arch": options.htp_arch, "cpu_fallback": "disabled", "nodes_on_cpu": 0,
+        "compile_s": round(compile_s, 1), "generate_s": round(run_s, 1), "prompt": options.verify_prompt,
+        "tokens_npu": npu_tokens, "tokens_cpu": cpu_tokens, "tokens_match": npu_tokens == cpu_tokens,
+        "max_abs_logit_diff": round(max(diffs), 4) if diffs else None,
+    }

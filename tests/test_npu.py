@@ -1,0 +1,131 @@
+"""npu target: static prefill/decode graphs, HTP legalization, QDQ, and the QNN HTP session when installed."""
+
+from __future__ import annotations
+
+import collections
+import importlib.util
+import json
+
+import numpy as np
+import onnx
+import onnx_ir as ir
+import pytest
+
+from qsvd_export.cli import main
+from qsvd_export.npu import NpuOptions, static_float_graphs
+from qsvd_export.passes.npu_legalize import npu_violations
+from qsvd_export.runtimes.decode import DecoderRunner
+from qsvd_export.runtimes.static_decode import StaticDecoder
+
+from conftest import DECODER_FAMILIES
+
+HAS_QNN = importlib.util.find_spec("onnxruntime_qnn") is not None
+SMALL = ["--context-length", "48", "--prefill-length", "8"]
+
+
+def _static_float(bundle, tmp_path, prefill=8, context=48):
+    from qsvd_export.bundle import load_bundle_config
+
+    config = load_bundle_config(bundle)
+    options = NpuOptions(prefill_length=prefill, context_length=context)
+    paths, report = static_float_graphs(bundle / "model.onnx", tmp_path, options)
+    return config, paths, report, StaticDecoder.from_files(paths["prefill"], paths["decode"], config.cache,
+                                                           context, prefill)
+
+
+@pytest.mark.parametrize("family", DECODER_FAMILIES)
+def test_static_graphs_reproduce_the_dynamic_graph(family, bundles, tmp_path):
+    """Chunked prefill (a left-padded chunk, then a full one) and decode steps = the dynamic graph's logits."""
+    bundle = bundles.dense(family)
+    _, paths, _, static = _static_float(bundle, tmp_path)
+    dynamic = DecoderRunner(bundle)
+    prompt = [int(t) for t in np.random.default_rng(0).integers(0, 256, 13)]  # 5 padded + 8 tokens
+    reference, cache = dynamic.prefill(np.asarray([prompt]))
+    logits, state = static.prefill(prompt)
+    assert np.abs(logits - reference[0, -1]).max() < 1e-4
+    length = len(prompt)
+    for token in (7, 99, 42):
+        reference, cache = dynamic.step(np.asarray([[token]]), np.ones((1, length + 1)), np.asarray([[length]]), cache)
+        step_logits, state = static.step(state, [token])
+        assert np.abs(step_logits[-1] - reference[0, -1]).max() < 1e-4
+        length += 1
+    assert state.next_position == length and int(state.mask.sum()) == length
+
+
+@pytest.mark.parametrize("family", DECODER_FAMILIES)
+def test_static_graphs_hold_only_htp_ops(family, bundles, tmp_path):
+    _, paths, report, _ = _static_float(bundles.dense(family), tmp_path)
+    for role, path in paths.items():
+        model = ir.load(path)
+        assert npu_violations(model) == [], role
+        ops = collections.Counter(n.op_type for n in model.graph)
+        assert "Where" not in ops and "ReduceMean" not in ops  # bool mask gone, RMSNorm / LayerNorm fused
+        assert report[role]["mask_constants_clamped"] >= 1
+
+
+def test_violations_name_the_nodes(bundles):
+    problems = npu_violations(ir.load(bundles.dense("llama") / "model.onnx"))
+    assert any(p.startswith("input input_ids: dynamic shape") for p in problems)
+    assert any("Range" in p and "not run by QNN HTP" in p for p in problems)
+
+
+def _qdq_ops(path):
+    return collections.Counter(n.op_type for n in onnx.load(path, load_external_data=False).graph.node)
+
+
+def test_export_target_npu_writes_qdq_prefill_and_decode(tmp_path, capsys):
+    out = tmp_path / "npu"
+    code = main(["export", "tiny-llama", "-o", str(out), "--target", "npu", *SMALL, "-q"])
+    assert code == 0, capsys.readouterr().err
+    config = json.loads((out / "qsvd_config.json").read_text())
+    assert [g["role"] for g in config["graphs"]] == ["prefill", "decode"]
+    assert config["static_shapes"] == {"context_length": 48, "prefill_length": 8, "cache": "right-aligned",
+                                     "htp_arch": "73"}
+    assert not (out / "model.onnx").exists()
+    report = json.loads((out / "report.json").read_text())["target"]
+    assert report["bits"] == "w8a16"
+    for role in ("prefill", "decode"):
+        ops = _qdq_ops(out / f"{role}.onnx")
+        assert ops["QuantizeLinear"] > 20 and ops["SimplifiedLayerNormalization"] == 5
+        assert report["graphs"][role]["htp_violations"] == []
+    check = report["verification"]
+    if HAS_QNN:
+        assert check["qnn"] == "compiled" and check["cpu_fallback"] == "disabled"
+        assert check["tokens_match"], check
+    else:
+        assert check["qnn"].startswith("skipped: onnxruntime-qnn is not installed")
+    # the static bundle drives `run` and `eval` like any bundle
+    assert main(["run", str(out), "--prompt", "hello", "--max-new-tokens", "3"]) == 0
+    assert main(["eval", str(out), "--ppl", "wiki_eval", "--windows", "2", "--window-len", "8"]) == 0
+    assert "perplexity" in capsys.readouterr().out
+
+
+@pytest.mark.skipif(not HAS_QNN, reason="onnxruntime-qnn is not installed (pip install 'qsvd-export[npu]')")
+def test_latent_bundle_compiles_whole_on_qnn_htp(tmp_path, capsys):
+    out = tmp_path / "latent-npu"
+    code = main(["compress", "tiny-qwen2", "--budget", "kv=0.5", "-o", str(out), "--calib-windows", "4",
+                 "--calib-length", "64", "--grad-windows", "2", "--target", "npu", "--bits", "w8a8", *SMALL, "-q"])
+    assert code == 0, capsys.readouterr().err
+    config = json.loads((out / "qsvd_config.json").read_text())
+    assert {layer["kind"] for layer in config["cache"]} == {"latent"}
+    check = json.loads((out / "report.json").read_text())["target"]["verification"]
+    assert check["qnn"] == "compiled" and check["tokens_match"], check
+
+
+@pytest.mark.parametrize("args,fragment", [
+    (["--target", "npu", "--bits", "w4a8"], "not available for target npu"),
+    (["--target", "npu", "--prefill-length", "64", "--context-length", "32"], "--prefill-length"),
+])
+def test_bad_npu_options_are_usage_errors(tmp_path, bundles, capsys, args, fragment):
+    out = tmp_path / "out"
+    code = main([str(bundles.dense("llama") / "model.onnx"), "-o", str(out), *args])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and fragment in err and len(err.splitlines()) == 1
+    assert not out.exists()
+
+
+def test_npu_refuses_an_encoder(tmp_path, capsys):
+    out = tmp_path / "out"
+    code = main(["export", "tiny-bert", "-o", str(out), "--target", "npu", *SMALL])
+    err = capsys.readouterr().err.strip()
+    assert code == 4 and "static decoder graphs" in err and not out.exists()
