@@ -64,6 +64,8 @@ def _npu_options(args: argparse.Namespace) -> Any:
 def _add_rotation(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--rotate", action="store_true",
                         help="H1: fold norm gains and rotate the residual stream (QuaRot) before export")
+    parser.add_argument("--rotate-mlp", action="store_true",
+                        help="with --rotate: also rotate each down_proj input online (for 8-bit activations)")
 
 
 def _add_runtime(parser: argparse.ArgumentParser) -> None:
@@ -182,8 +184,9 @@ def cmd_export(args: argparse.Namespace) -> int:
 
     info(f"exporting {args.model} → {args.output}")
     result = build_dense_bundle(args.model, args.output, overwrite=args.overwrite, seed=args.seed,
-                                rotate=args.rotate, target=args.target, bits=args.bits, strict=args.strict,
-                                smooth=args.smooth, npu_options=_npu_options(args), verify=args.verify)
+                                rotate=args.rotate, rotate_mlp=args.rotate_mlp, target=args.target, bits=args.bits,
+                                strict=args.strict, smooth=args.smooth, npu_options=_npu_options(args),
+                                verify=args.verify)
     report = result.report
     print(
         f"wrote {result.out}: {report['kind']} graph, {report['parameters']:,} parameters, "
@@ -312,6 +315,7 @@ def cmd_compress(args: argparse.Namespace) -> int:
         whitening=args.whitening, calib_text=args.calib, calib_windows=args.calib_windows,
         calib_length=args.calib_length, grad_windows=args.grad_windows, importance=args.importance,
         bits=args.bits or "fp", beta=args.beta, rotation=args.rotation, residual_rotation=args.rotate,
+        rotate_mlp=args.rotate_mlp,
         min_rank=args.min_rank, seed=args.seed,
     )
     result = build_compressed_bundle(
@@ -366,8 +370,9 @@ def _print_target(report: dict[str, Any]) -> None:
     if check["qnn"] != "compiled":
         print(f"QNN HTP check {check['qnn']}")
         return
-    print(f"QNN HTP v{check['htp_arch']}: both graphs compiled with CPU fallback disabled; greedy tokens "
-          f"{'match' if check['tokens_match'] else 'DIFFER from'} the CPU EP (max |Δlogit| {check['max_abs_logit_diff']})")
+    print(f"QNN HTP v{check['htp_arch']}: both graphs compiled with CPU fallback disabled; vs the CPU EP: argmax "
+          f"agreement {check['argmax_agreement']:.1%} over a prefill window (max |Δlogit| {check['max_abs_logit_diff']}), "
+          f"greedy tokens {'match' if check['tokens_match'] else 'DIFFER'}")
 
 
 def cmd_models(args: argparse.Namespace) -> int:

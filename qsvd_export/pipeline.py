@@ -107,12 +107,14 @@ def write_bundle(loaded: LoadedModel, model: ir.Model, cache: list[Any], folder:
 
 
 def build_dense_bundle(spec: str, out: Path, overwrite: bool = False, seed: int = 0, rotate: bool = False,
+                       rotate_mlp: bool = False,
                        target: str | None = None, bits: str | None = None, strict: bool = False,
                        smooth: bool | None = None, smooth_windows: int = 16, npu_options: Any = None,
                        verify: bool = True) -> BuildResult:
     """``qsvd-export export``: the dense bundle of ``spec`` (fp32, or quantized for ``target``).
 
-    ``rotate``: fold the norm gains and rotate the residual stream first (H1, QuaRot; outputs unchanged).
+    ``rotate``: fold the norm gains and rotate the residual stream first (H1, QuaRot; outputs unchanged);
+    ``rotate_mlp``: also rotate every down_proj input online (one constant MatMul per layer).
     ``smooth``: activation-aware weight scaling for the target's weight bits, calibrated on
     ``smooth_windows`` × 512 tokens of wiki_calib (outputs unchanged in fp32). With ``target`` set and
     neither ``bits`` nor ``smooth`` given, the policy's export preset applies (cpu: smoothed w4a8 for
@@ -122,6 +124,8 @@ def build_dense_bundle(spec: str, out: Path, overwrite: bool = False, seed: int 
 
     check_output_dir(out, overwrite)  # fail before the slow steps
     _check_target_options(target, bits, smooth)
+    if rotate_mlp and not rotate:
+        raise UsageError("--rotate-mlp needs --rotate (the MLP rotation is part of the rotated model)")
     timings: dict[str, float] = {}
     start = time.perf_counter()
     loaded = load_model(spec, seed=seed)
@@ -129,7 +133,7 @@ def build_dense_bundle(spec: str, out: Path, overwrite: bool = False, seed: int 
     if rotate:
         from qsvd_export.compress.residual_rotation import rotate_residual_stream
 
-        extra["residual_rotation"] = rotate_residual_stream(loaded.model, seed)
+        extra["residual_rotation"] = rotate_residual_stream(loaded.model, seed, online_mlp=rotate_mlp)
     timings["load_s"] = time.perf_counter() - start
     if target is not None and bits is None and smooth is None:
         bits, smooth = _export_preset(loaded, target)
@@ -145,7 +149,8 @@ def build_dense_bundle(spec: str, out: Path, overwrite: bool = False, seed: int 
         parameters = int(sum(p.numel() for p in loaded.model.parameters()))
         config = write_bundle(loaded, exported.model, exported.cache, tmp,
                               {"stage": "dense", "parameters": parameters, **extra})
-        target_report = finish_target(tmp, config, target_report, strict, loaded.tokenizer, npu_options, verify)
+        target_report = finish_target(tmp, config, target_report, strict, loaded.tokenizer, npu_options, verify,
+                                      timings)
         if target_report is not None:
             write_json(tmp / "report.json", {**json.loads((tmp / "report.json").read_text()), "target": target_report,
                                              "weight_bytes": graph_weight_bytes(tmp, config)})
@@ -193,6 +198,8 @@ def build_compressed_bundle(spec: str, options: Any, out: Path, overwrite: bool 
 
     check_output_dir(out, overwrite)
     _check_target_options(target, target_bits)
+    if options.rotate_mlp and not options.residual_rotation:
+        raise UsageError("--rotate-mlp needs --rotate (the MLP rotation is part of the rotated model)")
     timings: dict[str, float] = {}
     start = time.perf_counter()
     loaded = load_model(spec, seed=options.seed)
@@ -202,7 +209,8 @@ def build_compressed_bundle(spec: str, options: Any, out: Path, overwrite: bool 
             raise UsageError("residual rotation changes the weights: it cannot start from an existing dense graph")
         from qsvd_export.compress.residual_rotation import rotate_residual_stream
 
-        rotation_report["residual_rotation"] = rotate_residual_stream(loaded.model, options.seed)
+        rotation_report["residual_rotation"] = rotate_residual_stream(loaded.model, options.seed,
+                                                                      online_mlp=options.rotate_mlp)
     timings["load_s"] = time.perf_counter() - start
     start = time.perf_counter()
     plan = compress_model(loaded, options)
@@ -228,7 +236,8 @@ def build_compressed_bundle(spec: str, options: Any, out: Path, overwrite: bool 
     with atomic_output_dir(out, overwrite) as tmp:
         save_plan(plan, tmp)
         config = write_bundle(loaded, graph, cache, tmp, report)
-        target_report = finish_target(tmp, config, target_report, target_strict, loaded.tokenizer, npu_options, verify)
+        target_report = finish_target(tmp, config, target_report, target_strict, loaded.tokenizer, npu_options, verify,
+                                      timings)
         if target_report is not None:
             report = {**json.loads((tmp / "report.json").read_text()), "target": target_report,
                       "weight_bytes": graph_weight_bytes(tmp, config)}
@@ -330,10 +339,12 @@ def apply_target(model: ir.Model, target: str | None, bits: str | None) -> dict[
 
 
 def finish_target(folder: Path, config: BundleConfig, target_report: dict[str, Any] | None, strict: bool,
-                  tokenizer: Any, npu_options: Any = None, verify: bool = True) -> dict[str, Any] | None:
+                  tokenizer: Any, npu_options: Any = None, verify: bool = True,
+                  timings: dict[str, float] | None = None) -> dict[str, Any] | None:
     """File-level target steps once ``folder`` holds ``model.onnx``: the cpu/gpu check of ONNX Runtime's
     optimized graph, or for npu the static prefill/decode QDQ graphs replacing ``model.onnx`` (config
-    rewritten) and their QNN HTP verification. Returns the completed target report."""
+    rewritten) and their QNN HTP verification. Returns the completed target report (wall times go to
+    ``timings``, never into the deterministic report)."""
     if target_report is None:
         return None
     if target_report["target"] != "npu":
@@ -357,17 +368,28 @@ def finish_target(folder: Path, config: BundleConfig, target_report: dict[str, A
     violations = [v for graph in npu_report["graphs"].values() for v in graph["htp_violations"]]
     if strict and violations:
         raise RuntimeFailure(f"--strict: {len(violations)} nodes QNN HTP would not run, e.g. {violations[0]}")
+    timings = timings if timings is not None else {}
+    timings.update(npu_report.pop("timings"))
     report = {**target_report, **npu_report}
     if verify:
         from qsvd_export.progress import info
 
         info(f"npu: QNN HTP sessions (htp_arch {options.htp_arch}, CPU fallback disabled) and a greedy check")
         report["verification"] = verify_on_qnn(folder, config.cache, tokenizer, options)
+        timings.update(report["verification"].pop("timings", {}))
     return report
 
 
 def graph_weight_bytes(folder: Path, config: BundleConfig) -> int:
-    return sum((folder / f"{spec.filename}.data").stat().st_size for spec in config.graphs)
+    """Bytes of the external data files the bundle's graphs use (a shared file counted once)."""
+    import onnx
+
+    files: set[str] = set()
+    for spec in config.graphs:
+        proto = onnx.load(folder / spec.filename, load_external_data=False)
+        files.update(entry.value for tensor in proto.graph.initializer for entry in tensor.external_data
+                     if entry.key == "location")
+    return sum((folder / name).stat().st_size for name in files)
 
 
 def check_target(graph_path: Path, report: dict[str, Any], strict: bool) -> None:
@@ -435,7 +457,8 @@ def compile_onnx(graph_path: Path, plan_path: Path | None, out: Path, overwrite:
         (tmp / CONFIG_NAME).write_text(config.to_json())
         if target_report is not None:
             tokenizer = bundle_tokenizer(tmp) if target_report["target"] == "npu" else None
-            report["target"] = finish_target(tmp, config, target_report, strict, tokenizer, npu_options, verify)
+            report["target"] = finish_target(tmp, config, target_report, strict, tokenizer, npu_options, verify,
+                                             timings)
         report["kv_bytes_per_token"] = config.kv_bytes_per_token()
         report["weight_bytes"] = graph_weight_bytes(tmp, config)
         write_json(tmp / "report.json", report)

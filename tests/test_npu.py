@@ -84,6 +84,9 @@ def test_export_target_npu_writes_qdq_prefill_and_decode(tmp_path, capsys):
     assert not (out / "model.onnx").exists()
     report = json.loads((out / "report.json").read_text())["target"]
     assert report["bits"] == "w8a16"
+    # both graphs read their quantized weights from one file, each weight stored once
+    assert report["weights"]["weight_file"] == "weights.data" and report["weights"]["bytes_shared"] > 0
+    assert sorted(p.name for p in out.iterdir() if p.suffix == ".data") == ["weights.data"]
     for role in ("prefill", "decode"):
         ops = _qdq_ops(out / f"{role}.onnx")
         assert ops["QuantizeLinear"] > 20 and ops["SimplifiedLayerNormalization"] == 5
@@ -129,3 +132,15 @@ def test_npu_refuses_an_encoder(tmp_path, capsys):
     code = main(["export", "tiny-bert", "-o", str(out), "--target", "npu", *SMALL])
     err = capsys.readouterr().err.strip()
     assert code == 4 and "static decoder graphs" in err and not out.exists()
+
+
+def test_npu_bundles_are_byte_identical_across_runs(tmp_path, bundles, capsys):
+    outs = [tmp_path / f"run{i}" for i in range(2)]
+    for out in outs:
+        code = main([str(bundles.dense("llama") / "model.onnx"), "--target", "npu", *SMALL, "--no-verify",
+                     "-o", str(out), "-q"])
+        assert code == 0, capsys.readouterr().err
+    names = sorted(p.name for p in outs[0].iterdir() if p.name != "timings.json")
+    assert names == sorted(p.name for p in outs[1].iterdir() if p.name != "timings.json")
+    for name in names:
+        assert (outs[0] / name).read_bytes() == (outs[1] / name).read_bytes(), name

@@ -18,11 +18,12 @@ from qsvd_export.zoo import load_model
 IDS = torch.tensor([[1, 5, 9, 20, 3, 7, 11, 2]])
 
 
-@pytest.mark.parametrize("family", ["llama", "qwen2"])
-def test_rotation_keeps_the_outputs_and_changes_the_weights(family):
+@pytest.mark.parametrize("family,online_mlp", [("llama", False), ("qwen2", False), ("llama", True)])
+def test_rotation_keeps_the_outputs_and_changes_the_weights(family, online_mlp):
     loaded = load_model(f"tiny-{family}")
     rotated = copy.deepcopy(loaded.model)
-    summary = rotate_residual_stream(rotated, seed=3)
+    summary = rotate_residual_stream(rotated, seed=3, online_mlp=online_mlp)
+    assert isinstance(rotated.model.layers[0].mlp.down_proj, torch.nn.Sequential) == online_mlp
     assert summary["norm_gains_folded"]
     with torch.no_grad():
         a, b = loaded.model(input_ids=IDS).logits, rotated(input_ids=IDS).logits

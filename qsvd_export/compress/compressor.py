@@ -68,6 +68,7 @@ class CompressOptions:
     beta: float | None = None  # None: searched per group when bits are set, else 0.5
     rotation: str = "orthogonal"  # H2 on the latent
     residual_rotation: bool = False  # H1: norms folded, residual stream rotated before calibration
+    rotate_mlp: bool = False  # with residual_rotation: down_proj inputs rotated online (one MatMul per layer)
     min_rank: int = 8
     seed: int = 0
 

@@ -8,6 +8,11 @@ whole residual stream can live in the rotated basis h' = h·Q at no runtime cost
 - linears reading the stream (q/k/v, gate/up, lm_head), weights [out, in]: W' = W·Q;
 - linears writing to it (o_proj, down_proj): W' = Qᵀ·W, bias b' = b·Q.
 
+With ``online_mlp`` the input of every down_proj is rotated too (QuaRot's online rotation): down_proj
+becomes ``x·Q_m`` followed by the linear with W' = W·Q_m, exported as one extra MatMul with a constant
+[intermediate, intermediate] orthogonal matrix. The SiLU·up product has the largest activation outliers
+of the block; rotating it is what lets one static 8-bit range cover it (npu ``w8a8``).
+
 The outputs are unchanged in exact arithmetic (fp32: ~1e-5); the point is that rotated weights have no
 outlier input channels, so they quantize far better at 4 bits. Tied embeddings are untied (the lm_head
 absorbs the final norm gain, the embedding does not). Q is a seeded Haar-random orthogonal matrix
@@ -48,8 +53,19 @@ def _write_side(linear: torch.nn.Linear, q: torch.Tensor) -> None:
         linear.bias.data = (linear.bias.data.double() @ q).to(linear.bias.dtype)
 
 
+class OnlineRotation(torch.nn.Module):
+    """x [..., n] → x·Q (Q [n, n] orthogonal, a buffer: exported as a constant MatMul)."""
+
+    def __init__(self, q: torch.Tensor) -> None:
+        super().__init__()
+        self.register_buffer("q", q)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x @ self.q
+
+
 @torch.no_grad()
-def rotate_residual_stream(model: torch.nn.Module, seed: int = 0) -> dict[str, object]:
+def rotate_residual_stream(model: torch.nn.Module, seed: int = 0, online_mlp: bool = False) -> dict[str, object]:
     """Fold norms and rotate ``model`` (a ``*ForCausalLM``) in place; returns a summary for reports."""
     config = model.config
     if config.model_type not in SUPPORTED:
@@ -69,8 +85,12 @@ def rotate_residual_stream(model: torch.nn.Module, seed: int = 0) -> dict[str, o
             _read_side(linear, q)
         _write_side(attn.o_proj, q)
         _write_side(mlp.down_proj, q)
+        if online_mlp:
+            q_mlp = residual_rotation_matrix(mlp.down_proj.in_features, seed + 1)
+            _read_side(mlp.down_proj, q_mlp)
+            mlp.down_proj = torch.nn.Sequential(OnlineRotation(q_mlp.to(mlp.down_proj.weight.dtype)), mlp.down_proj)
     _fold_gain(base.norm, [model.lm_head])
     _read_side(model.lm_head, q)
     base.embed_tokens.weight.data = (base.embed_tokens.weight.data.double() @ q).to(base.embed_tokens.weight.dtype)
     return {"residual_rotation": "randomized Hadamard" if width & (width - 1) == 0 else "random orthogonal",
-            "width": width, "seed": seed, "norm_gains_folded": True}
+            "width": width, "seed": seed, "norm_gains_folded": True, "online_mlp_rotation": online_mlp}
