@@ -111,6 +111,18 @@ class _FeedReader:
         self.index = 0
 
 
+def _per_channel_matmul_weights(float_path: Path, weight: Any) -> dict[str, list[dict[str, Any]]]:
+    """Tensor overrides: every 2-D initializer a MatMul reads as its weight [K, N] gets symmetric
+    per-output-channel scales (axis 1). The QNN recipe's default is per-tensor for MatMul, which on smollm2
+    alone costs 7% perplexity at int8; QNN HTP compiles the per-channel form (checked in tests)."""
+    import onnx
+
+    proto = onnx.load(float_path, load_external_data=False)
+    matrices = {i.name for i in proto.graph.initializer if len(i.dims) == 2}
+    return {node.input[1]: [{"quant_type": weight, "symmetric": True, "axis": 1}]
+            for node in proto.graph.node if node.op_type == "MatMul" and node.input[1] in matrices}
+
+
 def insert_qdq(float_path: Path, out_path: Path, bits: Bits, feeds: list[dict[str, np.ndarray]],
                method: str) -> dict[str, Any]:
     """Calibrate activation ranges on ``feeds`` and write the QDQ graph (external data) to ``out_path``."""
@@ -123,8 +135,8 @@ def insert_qdq(float_path: Path, out_path: Path, bits: Bits, feeds: list[dict[st
     calibrate = {"minmax": CalibrationMethod.MinMax, "percentile": CalibrationMethod.Percentile,
                  "entropy": CalibrationMethod.Entropy}[method]
     config = get_qnn_qdq_config(str(float_path), _FeedReader(feeds), calibrate_method=calibrate,
-                                activation_type=activation, weight_type=weight, per_channel=True,
-                                weight_symmetric=True)
+                                activation_type=activation, weight_type=weight, weight_symmetric=True,
+                                init_overrides=_per_channel_matmul_weights(float_path, weight))
     config.use_external_data_format = True
     ort.set_default_logger_severity(3)  # the quantizer's sessions warn about every unused initializer
     root = logging.getLogger()
@@ -134,7 +146,7 @@ def insert_qdq(float_path: Path, out_path: Path, bits: Bits, feeds: list[dict[st
         quantize(str(float_path), str(out_path), config)
     finally:
         root.setLevel(level)
-    return {"activations": activation.name, "weights": f"{weight.name} symmetric per channel",
+    return {"activations": activation.name, "weights": f"{weight.name} symmetric per output channel (MatMul)",
             "calibration": {"method": method, "feeds": len(feeds)}}
 
 

@@ -91,6 +91,12 @@ def test_export_target_npu_writes_qdq_prefill_and_decode(tmp_path, capsys):
         ops = _qdq_ops(out / f"{role}.onnx")
         assert ops["QuantizeLinear"] > 20 and ops["SimplifiedLayerNormalization"] == 5
         assert report["graphs"][role]["htp_violations"] == []
+        # every projection weight is int8 with one scale per output channel
+        proto = onnx.load(out / f"{role}.onnx", load_external_data=False)
+        weights = {i.name: i for i in proto.graph.initializer if i.data_type == onnx.TensorProto.INT8}
+        per_channel = [n for n in proto.graph.node if n.op_type == "DequantizeLinear" and n.input[0] in weights
+                       and any(a.name == "axis" and a.i == 1 for a in n.attribute)]
+        assert len(per_channel) == 2 * 7  # q k v o gate up down in each of the 2 layers
     check = report["verification"]
     if HAS_QNN:
         assert check["qnn"] == "compiled" and check["cpu_fallback"] == "disabled"
