@@ -7,8 +7,8 @@ From the dynamic float decoder graph (after the graph stage, dense or latent cac
 3. calibration feeds made by running the *float* static graphs on ``wiki_calib`` text (first prefill
    chunks with an empty cache, second chunks and decode steps with the cache the float graphs built);
 4. QDQ insertion with ONNX Runtime's QNN recipe (``get_qnn_qdq_config``: per-op rules, shared scales for
-   data movement, 16-bit fixed scales for Sigmoid/Tanh): activations per-tensor uint16/uint8 (static,
-   calibrated), weights symmetric per-channel int8;
+   data movement, 16-bit fixed scales for Sigmoid/Tanh): activations per-tensor uint16 (static,
+   calibrated; ``a8`` presets: uint8 at the inputs of weight MatMuls), weights symmetric per-channel int8;
 5. a check of every node against the HTP op set (:func:`npu_violations`), and, when ``onnxruntime-qnn``
    is installed, a QNN HTP session per graph with CPU fallback disabled plus a greedy generation compared
    with the CPU EP on the same QDQ graphs.
@@ -111,16 +111,39 @@ class _FeedReader:
         self.index = 0
 
 
-def _per_channel_matmul_weights(float_path: Path, weight: Any) -> dict[str, list[dict[str, Any]]]:
-    """Tensor overrides: every 2-D initializer a MatMul reads as its weight [K, N] gets symmetric
-    per-output-channel scales (axis 1). The QNN recipe's default is per-tensor for MatMul, which on smollm2
-    alone costs 7% perplexity at int8; QNN HTP compiles the per-channel form (checked in tests)."""
+def _tensor_overrides(float_path: Path, weight: Any, matmul_inputs: Any | None) -> dict[str, list[dict[str, Any]]]:
+    """Tensor overrides for the QNN recipe.
+
+    - Every 2-D initializer a MatMul reads as its weight [K, N]: symmetric per-output-channel scales
+      (axis 1). The recipe's default is per-tensor for MatMul, which on smollm2 alone costs 7% perplexity
+      at int8; QNN HTP compiles the per-channel form (checked in tests).
+    - ``matmul_inputs`` (the ``a8`` presets): the activation read by such a MatMul is converted to that
+      type for the MatMul only (a QNN Convert; the producer keeps 16 bits — RmsNorm, for one, must output
+      its input's type). Every other activation keeps the 16-bit default: the residual stream (massive
+      per-token outliers that no rotation removes) and the score/softmax chain cannot live in one static
+      8-bit range (smollm2: ppl > 1e6 with everything at 8 bits, even with the residual or the attention
+      chain in float)."""
     import onnx
+    from onnxruntime.quantization import QuantType
 
     proto = onnx.load(float_path, load_external_data=False)
+    if any(not node.name for node in proto.graph.node):
+        raise RuntimeFailure("QDQ overrides need named nodes; the static graph has unnamed ones")
     matrices = {i.name for i in proto.graph.initializer if len(i.dims) == 2}
-    return {node.input[1]: [{"quant_type": weight, "symmetric": True, "axis": 1}]
-            for node in proto.graph.node if node.op_type == "MatMul" and node.input[1] in matrices}
+    overrides: dict[str, list[dict[str, Any]]] = {}
+    readers: dict[str, set[str]] = {}
+    producers = {output: node for node in proto.graph.node for output in node.output}
+    for node in proto.graph.node:
+        if node.op_type == "MatMul" and node.input[1] in matrices:
+            overrides[node.input[1]] = [{"quant_type": weight, "symmetric": True, "axis": 1}]
+            source = producers.get(node.input[0])
+            if matmul_inputs is not None and source is not None and source.op_type == "SimplifiedLayerNormalization":
+                readers.setdefault(node.input[0], set()).add(node.name)
+                overrides[node.output[0]] = [{"quant_type": matmul_inputs}]
+    for tensor, nodes in readers.items():
+        overrides[tensor] = [{"quant_type": QuantType.QUInt16,
+                              "convert": {"quant_type": matmul_inputs, "recv_nodes": nodes}}]
+    return overrides
 
 
 def insert_qdq(float_path: Path, out_path: Path, bits: Bits, feeds: list[dict[str, np.ndarray]],
@@ -130,13 +153,13 @@ def insert_qdq(float_path: Path, out_path: Path, bits: Bits, feeds: list[dict[st
     from onnxruntime.quantization import CalibrationMethod, QuantType, quantize
     from onnxruntime.quantization.execution_providers.qnn import get_qnn_qdq_config
 
-    activation = {16: QuantType.QUInt16, 8: QuantType.QUInt8}[bits.activations or 16]
+    matmul_inputs = {16: None, 8: QuantType.QUInt8}[bits.activations or 16]
     weight = {8: QuantType.QInt8, 4: QuantType.QInt4}[bits.weights or 8]
     calibrate = {"minmax": CalibrationMethod.MinMax, "percentile": CalibrationMethod.Percentile,
                  "entropy": CalibrationMethod.Entropy}[method]
     config = get_qnn_qdq_config(str(float_path), _FeedReader(feeds), calibrate_method=calibrate,
-                                activation_type=activation, weight_type=weight, weight_symmetric=True,
-                                init_overrides=_per_channel_matmul_weights(float_path, weight))
+                                activation_type=QuantType.QUInt16, weight_type=weight, weight_symmetric=True,
+                                init_overrides=_tensor_overrides(float_path, weight, matmul_inputs))
     config.use_external_data_format = True
     ort.set_default_logger_severity(3)  # the quantizer's sessions warn about every unused initializer
     root = logging.getLogger()
@@ -146,7 +169,8 @@ def insert_qdq(float_path: Path, out_path: Path, bits: Bits, feeds: list[dict[st
         quantize(str(float_path), str(out_path), config)
     finally:
         root.setLevel(level)
-    return {"activations": activation.name, "weights": f"{weight.name} symmetric per output channel (MatMul)",
+    activations = "QUInt16" if matmul_inputs is None else "QUInt8 at weight-MatMul inputs, QUInt16 elsewhere"
+    return {"activations": activations, "weights": f"{weight.name} symmetric per output channel (MatMul)",
             "calibration": {"method": method, "feeds": len(feeds)}}
 
 

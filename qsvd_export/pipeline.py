@@ -420,6 +420,11 @@ def compile_onnx(graph_path: Path, plan_path: Path | None, out: Path, overwrite:
 
     check_output_dir(out, overwrite)
     _check_target_options(target, bits)
+    source_dir = Path(graph_path).resolve().parent
+    source = load_bundle_config(source_dir) if (source_dir / CONFIG_NAME).is_file() else None
+    if target == "npu" and not (source and (source.tokenizer_files or source.model_name.startswith("tiny-"))):
+        raise UsageError("target npu calibrates activation ranges on text: it needs the graph's bundle "
+                         f"(qsvd_config.json and tokenizer files) beside {Path(graph_path).name}")
     timings: dict[str, float] = {}
     start = time.perf_counter()
     model = load_onnx(graph_path)
@@ -430,8 +435,6 @@ def compile_onnx(graph_path: Path, plan_path: Path | None, out: Path, overwrite:
     start = time.perf_counter()
     target_report = apply_target(model, target, bits)
     timings["target_stage_s"] = time.perf_counter() - start
-    source_dir = Path(graph_path).resolve().parent
-    source = load_bundle_config(source_dir) if (source_dir / CONFIG_NAME).is_file() else None
     inputs, outputs = graph_io(model)
     kind = source.kind if source else ("decoder" if "logits" in outputs else "encoder")
     config = BundleConfig(

@@ -133,6 +133,17 @@ def test_bad_npu_options_are_usage_errors(tmp_path, bundles, capsys, args, fragm
     assert not out.exists()
 
 
+def test_npu_on_a_bare_onnx_file_asks_for_its_tokenizer(tmp_path, bundles, capsys):
+    bare = tmp_path / "bare"
+    bare.mkdir()
+    for name in ("model.onnx", "model.onnx.data"):
+        (bare / name).write_bytes((bundles.dense("llama") / name).read_bytes())
+    out = tmp_path / "out"
+    code = main([str(bare / "model.onnx"), "-o", str(out), "--target", "npu"])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and "needs the graph's bundle" in err and not out.exists()
+
+
 def test_npu_refuses_an_encoder(tmp_path, capsys):
     out = tmp_path / "out"
     code = main(["export", "tiny-bert", "-o", str(out), "--target", "npu", *SMALL])

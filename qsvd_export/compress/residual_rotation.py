@@ -9,8 +9,9 @@ whole residual stream can live in the rotated basis h' = h·Q at no runtime cost
 - linears writing to it (o_proj, down_proj): W' = Qᵀ·W, bias b' = b·Q.
 
 With ``online_mlp`` the input of every down_proj is rotated too (QuaRot's online rotation): down_proj
-becomes ``x·Q_m`` followed by the linear with W' = W·Q_m, exported as one extra MatMul with a constant
-[intermediate, intermediate] orthogonal matrix. The SiLU·up product has the largest activation outliers
+becomes ``x·Q_m`` followed by the linear with W' = W·Q_m. Q_m = A ⊗ B is a Kronecker product of a
+random orthogonal A [a, a] and a randomized Hadamard B [b, b] (n = a·b, b a power of two near √n), run
+as x.view(a, b) → Aᵀ·X·B: two small MatMuls (smollm2: 48×48 and 32×32 instead of one 1536×1536). The SiLU·up product has the largest activation outliers
 of the block; rotating it is what lets one static 8-bit range cover it (npu ``w8a8``).
 
 The outputs are unchanged in exact arithmetic (fp32: ~1e-5); the point is that rotated weights have no
@@ -53,15 +54,25 @@ def _write_side(linear: torch.nn.Linear, q: torch.Tensor) -> None:
         linear.bias.data = (linear.bias.data.double() @ q).to(linear.bias.dtype)
 
 
-class OnlineRotation(torch.nn.Module):
-    """x [..., n] → x·Q (Q [n, n] orthogonal, a buffer: exported as a constant MatMul)."""
+def kronecker_factors(n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(A [a, a], B [b, b]) float64, orthogonal, n = a·b; b = the largest power of two dividing n, ≤ √n·2."""
+    b = 1
+    while n % (2 * b) == 0 and (2 * b) ** 2 <= 4 * n:
+        b *= 2
+    return random_orthogonal(n // b, seed), randomized_hadamard(b, seed + 1)
 
-    def __init__(self, q: torch.Tensor) -> None:
+
+class OnlineRotation(torch.nn.Module):
+    """x [..., a·b] → (Aᵀ·X·B) flattened, X = x viewed [..., a, b]: x·(A ⊗ B) without the dense matrix."""
+
+    def __init__(self, a: torch.Tensor, b: torch.Tensor) -> None:
         super().__init__()
-        self.register_buffer("q", q)
+        self.register_buffer("a_t", a.T.contiguous())
+        self.register_buffer("b", b)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x @ self.q
+        grid = x.unflatten(-1, (self.a_t.shape[0], self.b.shape[0]))
+        return (self.a_t @ (grid @ self.b)).flatten(-2)
 
 
 @torch.no_grad()
@@ -86,9 +97,10 @@ def rotate_residual_stream(model: torch.nn.Module, seed: int = 0, online_mlp: bo
         _write_side(attn.o_proj, q)
         _write_side(mlp.down_proj, q)
         if online_mlp:
-            q_mlp = residual_rotation_matrix(mlp.down_proj.in_features, seed + 1)
-            _read_side(mlp.down_proj, q_mlp)
-            mlp.down_proj = torch.nn.Sequential(OnlineRotation(q_mlp.to(mlp.down_proj.weight.dtype)), mlp.down_proj)
+            a, b = kronecker_factors(mlp.down_proj.in_features, seed + 1)
+            _read_side(mlp.down_proj, torch.kron(a, b))
+            dtype = mlp.down_proj.weight.dtype
+            mlp.down_proj = torch.nn.Sequential(OnlineRotation(a.to(dtype), b.to(dtype)), mlp.down_proj)
     _fold_gain(base.norm, [model.lm_head])
     _read_side(model.lm_head, q)
     base.embed_tokens.weight.data = (base.embed_tokens.weight.data.double() @ q).to(base.embed_tokens.weight.dtype)
