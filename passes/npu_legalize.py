@@ -29,7 +29,7 @@ HTP_OPS = frozenset({
     "Add", "Sub", "Mul", "Div", "Neg", "Pow", "Sqrt", "Reciprocal", "Exp", "Log", "Abs", "Max", "Min",
     "MatMul", "Gemm", "Softmax", "Sigmoid", "Tanh", "Relu", "Gelu", "Erf", "Cos", "Sin", "Cast",
     "Reshape", "Transpose", "Concat", "Split", "Slice", "Gather", "Unsqueeze", "Squeeze", "Expand", "Tile",
-    "ReduceMean", "ReduceMax", "ReduceSum", "LayerNormalization", "SimplifiedLayerNormalization",
+    "ReduceMean", "ReduceMax", "ReduceSum", "CumSum", "LayerNormalization", "SimplifiedLayerNormalization",
     "QuantizeLinear", "DequantizeLinear", "Identity",
 })
 

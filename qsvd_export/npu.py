@@ -8,10 +8,11 @@ From the dynamic float decoder graph (after the graph stage, dense or latent cac
    chunks with an empty cache, second chunks and decode steps with the cache the float graphs built);
 4. QDQ insertion with ONNX Runtime's QNN recipe (``get_qnn_qdq_config``: per-op rules, shared scales for
    data movement, 16-bit fixed scales for Sigmoid/Tanh): activations per-tensor uint16 (static,
-   calibrated; ``a8`` presets: uint8 at the inputs of weight MatMuls), weights symmetric per-channel int8;
-5. a check of every node against the HTP op set (:func:`npu_violations`), and, when ``onnxruntime-qnn``
-   is installed, a QNN HTP session per graph with CPU fallback disabled plus a greedy generation compared
-   with the CPU EP on the same QDQ graphs.
+   calibrated; ``a8`` presets: uint8 where the normalized stream enters q/k/v/gate/up and at those
+   MatMuls' outputs), MatMul weights symmetric per-output-channel int8;
+5. one ``weights.data`` for both graphs, a check of every node against the HTP op set
+   (:func:`npu_violations`), and, when ``onnxruntime-qnn`` is installed, a QNN HTP session per graph with
+   CPU fallback disabled plus a prefill window and greedy steps compared with the CPU EP.
 """
 
 from __future__ import annotations
@@ -117,12 +118,13 @@ def _tensor_overrides(float_path: Path, weight: Any, matmul_inputs: Any | None) 
     - Every 2-D initializer a MatMul reads as its weight [K, N]: symmetric per-output-channel scales
       (axis 1). The recipe's default is per-tensor for MatMul, which on smollm2 alone costs 7% perplexity
       at int8; QNN HTP compiles the per-channel form (checked in tests).
-    - ``matmul_inputs`` (the ``a8`` presets): the activation read by such a MatMul is converted to that
-      type for the MatMul only (a QNN Convert; the producer keeps 16 bits — RmsNorm, for one, must output
-      its input's type). Every other activation keeps the 16-bit default: the residual stream (massive
-      per-token outliers that no rotation removes) and the score/softmax chain cannot live in one static
-      8-bit range (smollm2: ppl > 1e6 with everything at 8 bits, even with the residual or the attention
-      chain in float)."""
+    - ``matmul_inputs`` (the ``a8`` presets): where a MatMul reads the RMSNorm output (q/k/v, gate/up:
+      66% of smollm2's weight MACs) its input is converted to that type for the MatMul only (a QNN
+      Convert; RmsNorm must output its input's type) and its output uses that type too (QNN's quantized
+      MatMul takes one activation width in and out). Every other activation keeps 16 bits: the residual
+      stream (massive per-token outliers that no rotation removes), the attention core and the
+      o_proj/down_proj outputs that write into the residual (smollm2: ppl > 1e6 with everything at 8
+      bits, even with the residual or the attention core left in float)."""
     import onnx
     from onnxruntime.quantization import QuantType
 

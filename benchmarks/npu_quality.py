@@ -1,0 +1,65 @@
+"""npu target quality: build the static QDQ graphs from a bundle and score them on the CPU EP.
+
+    python -m benchmarks.npu_quality BUNDLE --bits w8a16 [--windows 32] [--verify] [--json OUT.json]
+
+BUNDLE is a dynamic-graph bundle (``qsvd-export export`` / ``compress`` output). Prints one JSON line:
+dense perplexity of the bundle's fp32 graph and of the QDQ prefill graph on the same ``--windows`` ×
+prefill-length windows of wiki_eval, build time, HTP violations, peak RSS and, with ``--verify``, the QNN
+HTP check (CPU fallback disabled; argmax agreement with the CPU EP).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import tempfile
+import time
+from pathlib import Path
+
+from qsvd_export.bundle import bundle_tokenizer, load_bundle_config
+from qsvd_export.data import read_text, token_windows
+from qsvd_export.npu import NpuOptions, build_npu_graphs, verify_on_qnn
+from qsvd_export.quantize import parse_bits
+from qsvd_export.runtimes.decode import DecoderRunner
+from qsvd_export.runtimes.metrics import perplexity
+from qsvd_export.runtimes.static_decode import StaticDecoder
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("bundle", type=Path)
+    parser.add_argument("--bits", default="w8a16")
+    parser.add_argument("--windows", type=int, default=32)
+    parser.add_argument("--calibration-windows", type=int, default=8)
+    parser.add_argument("--verify", action="store_true", help="also run the QNN HTP check (minutes)")
+    parser.add_argument("--json", type=Path, default=None)
+    args = parser.parse_args()
+    config, tokenizer = load_bundle_config(args.bundle), bundle_tokenizer(args.bundle)
+    options = NpuOptions(calibration_windows=args.calibration_windows)
+    rows = token_windows(tokenizer, read_text("wiki_eval"), options.prefill_length, args.windows, source="wiki_eval")
+    result: dict = {"bundle": str(args.bundle), "bits": args.bits, "windows": args.windows,
+                    "window_length": options.prefill_length}
+    result["dense"] = round(perplexity(DecoderRunner(args.bundle).window_nlls(rows)), 4)
+    with tempfile.TemporaryDirectory(prefix="npu-quality-") as tmp:
+        out = Path(tmp)
+        start = time.perf_counter()
+        _, report = build_npu_graphs(args.bundle / "model.onnx", out, config.cache, parse_bits(args.bits),
+                                     tokenizer, options)
+        result["build_s"] = round(time.perf_counter() - start, 1)
+        result["htp_violations"] = sum(len(g["htp_violations"]) for g in report["graphs"].values())
+        decoder = StaticDecoder.from_files(out / "prefill.onnx", out / "decode.onnx", config.cache,
+                                           options.context_length, options.prefill_length)
+        result["qdq_cpu"] = round(perplexity(decoder.window_nlls(rows)), 4)
+        result["ratio"] = round(result["qdq_cpu"] / result["dense"], 4)
+        if args.verify:
+            result["qnn"] = verify_on_qnn(out, config.cache, tokenizer, options)
+    result["peak_rss_gb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6, 2)
+    line = json.dumps(result)
+    print(line)
+    if args.json is not None:
+        args.json.write_text(line + "\n")
+
+
+if __name__ == "__main__":
+    main()
