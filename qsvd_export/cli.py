@@ -47,6 +47,8 @@ def _add_target(parser: argparse.ArgumentParser, bits: bool = True) -> None:
     npu.add_argument("--htp-arch", default="73", help="QNN HTP architecture to compile for (default 73)")
     npu.add_argument("--calibration-method", default="minmax", choices=["minmax", "percentile", "entropy"],
                      help="activation range calibration (default minmax)")
+    npu.add_argument("--precompile", action="store_true",
+                     help="also write QNN HTP context binaries (prefill_ctx.onnx / decode_ctx.onnx + .bin)")
     npu.add_argument("--no-verify", dest="verify", action="store_false",
                      help="skip the QNN HTP compile and greedy check (default: run it when onnxruntime-qnn is installed)")
 
@@ -55,8 +57,11 @@ def _npu_options(args: argparse.Namespace) -> Any:
     """NpuOptions from --context-length/--prefill-length/--htp-arch/--calibration-method (validated)."""
     from qsvd_export.npu import NpuOptions
 
+    if args.precompile and args.target != "npu":
+        raise UsageError("--precompile needs --target npu")
     options = NpuOptions(prefill_length=args.prefill_length, context_length=args.context_length,
-                         htp_arch=args.htp_arch, calibration_method=args.calibration_method)
+                         htp_arch=args.htp_arch, calibration_method=args.calibration_method,
+                         precompile=args.precompile)
     options.check()
     return options
 
@@ -367,10 +372,10 @@ def _print_target(report: dict[str, Any]) -> None:
     check = target.get("verification")
     if check is None:
         return
-    if check["qnn"] != "compiled":
+    if check["qnn"].startswith("skipped"):
         print(f"QNN HTP check {check['qnn']}")
         return
-    print(f"QNN HTP v{check['htp_arch']}: both graphs compiled with CPU fallback disabled; vs the CPU EP: argmax "
+    print(f"QNN HTP v{check['htp_arch']}: both graphs {check['qnn']} with CPU fallback disabled; vs the CPU EP: argmax "
           f"agreement {check['argmax_agreement']:.1%} over a prefill window (max |Δlogit| {check['max_abs_logit_diff']}), "
           f"greedy tokens {'match' if check['tokens_match'] else 'DIFFER'}")
 

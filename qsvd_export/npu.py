@@ -44,6 +44,7 @@ class NpuOptions:
     calibration_method: str = "minmax"
     htp_arch: str = HTP_ARCH
     verify_tokens: int = 4  # greedy decode steps after one prefill window, on HTP and on the CPU EP
+    precompile: bool = False  # write QNN context binaries (EPContext models) beside the QDQ graphs
 
     def check(self) -> None:
         if not 1 < self.prefill_length < self.context_length:
@@ -51,10 +52,13 @@ class NpuOptions:
         if self.calibration_method not in _CALIBRATION_METHODS:
             raise UsageError(f"unknown calibration method '{self.calibration_method}' "
                              f"(choose from {', '.join(_CALIBRATION_METHODS)})")
+        if self.precompile:
+            _require_qnn("--precompile")  # before any slow step
 
 
 _CALIBRATION_METHODS = ("minmax", "percentile", "entropy")
 GRAPH_FILES = {"prefill": "prefill.onnx", "decode": "decode.onnx"}
+CONTEXT_FILES = {"prefill": "prefill_ctx.onnx", "decode": "decode_ctx.onnx"}  # + <name>_qnn.bin each
 
 
 def static_float_graphs(dynamic_path: Path, work: Path, options: NpuOptions) -> tuple[dict[str, Path], dict[str, Any]]:
@@ -254,6 +258,37 @@ def build_npu_graphs(dynamic_path: Path, folder: Path, cache: list[LayerCache], 
     return specs, report
 
 
+def _require_qnn(what: str) -> None:
+    import importlib.util
+
+    if importlib.util.find_spec("onnxruntime_qnn") is None:
+        raise RuntimeFailure(f"{what} needs the QNN execution provider; fix: pip install 'qsvd-export[npu]'")
+
+
+def precompile_contexts(folder: Path, options: NpuOptions) -> dict[str, Any]:
+    """Compile both QDQ graphs on QNN HTP (CPU fallback disabled) and write EPContext models
+    (``prefill_ctx.onnx`` + ``prefill_ctx_qnn.bin``, same for decode): a device loads the binary
+    instead of compiling at start-up. Returns {role: context model file} and the compile times."""
+    from qsvd_export.runtimes.sessions import SessionOptions, create_session
+
+    _require_qnn("--precompile")
+    files, timings = {}, {}
+    for role, filename in GRAPH_FILES.items():
+        start = time.perf_counter()
+        config = {"ep.context_enable": "1", "ep.context_file_path": str(folder / CONTEXT_FILES[role]),
+                  "ep.context_embed_mode": "0"}
+        try:
+            create_session(folder / filename, "npu", SessionOptions(strict=True, htp_arch=options.htp_arch,
+                                                                    extra_config=config))
+        except RuntimeFailure as exc:
+            raise RuntimeFailure(f"QNN HTP (htp_arch {options.htp_arch}) could not compile {filename}: {exc}") from None
+        if not (folder / CONTEXT_FILES[role]).is_file():
+            raise RuntimeFailure(f"QNN EP wrote no context model for {filename}")
+        files[role] = CONTEXT_FILES[role]
+        timings[f"qnn_{role}_context_s"] = round(time.perf_counter() - start, 1)
+    return {"files": files, "timings": timings}
+
+
 def _greedy_after_window(decoder: Any, window: list[int], steps: int) -> tuple[np.ndarray, list[int]]:
     """Prefill one full window, then ``steps`` greedy tokens; returns the window's logits and the tokens."""
     logits, state = decoder.step(decoder.empty_state(), window)
@@ -265,10 +300,12 @@ def _greedy_after_window(decoder: Any, window: list[int], steps: int) -> tuple[n
     return window_logits, tokens
 
 
-def verify_on_qnn(folder: Path, cache: list[LayerCache], tokenizer: Any, options: NpuOptions) -> dict[str, Any]:
-    """QNN HTP sessions (CPU fallback disabled) for both graphs; one prefill window of ``wiki_eval`` and
-    ``verify_tokens`` greedy decode steps on HTP and on the CPU EP (same QDQ graphs): per-position argmax
-    agreement and max |Δlogit| over the window, and whether the greedy tokens match."""
+def verify_on_qnn(folder: Path, cache: list[LayerCache], tokenizer: Any, options: NpuOptions,
+                  contexts: dict[str, str] | None = None) -> dict[str, Any]:
+    """QNN HTP sessions (CPU fallback disabled) for both graphs — from the context binaries when
+    ``contexts`` names them; one prefill window of ``wiki_eval`` and ``verify_tokens`` greedy decode steps
+    on HTP and on the CPU EP (same QDQ graphs): per-position argmax agreement and max |Δlogit| over the
+    window, and whether the greedy tokens match."""
     import importlib.util
 
     from qsvd_export.data import read_text, token_windows
@@ -278,9 +315,10 @@ def verify_on_qnn(folder: Path, cache: list[LayerCache], tokenizer: Any, options
     if importlib.util.find_spec("onnxruntime_qnn") is None:
         return {"qnn": "skipped: onnxruntime-qnn is not installed (pip install 'qsvd-export[npu]')"}
     paths = [folder / GRAPH_FILES["prefill"], folder / GRAPH_FILES["decode"]]
+    npu_paths = [folder / contexts[role] for role in GRAPH_FILES] if contexts else paths
     start = time.perf_counter()
     try:
-        npu = StaticDecoder.from_files(*paths, cache, options.context_length, options.prefill_length, "npu",
+        npu = StaticDecoder.from_files(*npu_paths, cache, options.context_length, options.prefill_length, "npu",
                                        SessionOptions(strict=True, htp_arch=options.htp_arch))
     except RuntimeFailure as exc:
         raise RuntimeFailure(f"QNN HTP (htp_arch {options.htp_arch}, CPU fallback disabled) refused the graphs: {exc}") from None
@@ -293,8 +331,9 @@ def verify_on_qnn(folder: Path, cache: list[LayerCache], tokenizer: Any, options
     run_s = time.perf_counter() - start
     cpu_logits, cpu_tokens = _greedy_after_window(cpu, window, options.verify_tokens)
     return {
-        "qnn": "compiled", "htp_arch": options.htp_arch, "cpu_fallback": "disabled", "nodes_on_cpu": 0,
-        "timings": {"qnn_compile_s": round(compile_s, 1), "qnn_run_s": round(run_s, 1)},
+        "qnn": "loaded from context binaries" if contexts else "compiled", "htp_arch": options.htp_arch,
+        "cpu_fallback": "disabled", "nodes_on_cpu": 0,
+        "timings": {"qnn_session_s": round(compile_s, 1), "qnn_run_s": round(run_s, 1)},
         "window": f"first {options.prefill_length} tokens of wiki_eval",
         "argmax_agreement": round(float(np.mean(npu_logits.argmax(-1) == cpu_logits.argmax(-1))), 4),
         "max_abs_logit_diff": round(float(np.abs(npu_logits - cpu_logits).max()), 4),

@@ -371,11 +371,21 @@ def finish_target(folder: Path, config: BundleConfig, target_report: dict[str, A
     timings = timings if timings is not None else {}
     timings.update(npu_report.pop("timings"))
     report = {**target_report, **npu_report}
-    if verify:
-        from qsvd_export.progress import info
+    from qsvd_export.progress import info
 
+    contexts = None
+    if options.precompile:
+        from qsvd_export.npu import precompile_contexts
+
+        info(f"npu: QNN HTP context binaries (htp_arch {options.htp_arch})")
+        compiled = precompile_contexts(folder, options)
+        timings.update(compiled["timings"])
+        contexts = compiled["files"]
+        config.static_shapes["qnn_context_models"] = contexts
+        (folder / CONFIG_NAME).write_text(config.to_json())
+    if verify:
         info(f"npu: QNN HTP sessions (htp_arch {options.htp_arch}, CPU fallback disabled) and a greedy check")
-        report["verification"] = verify_on_qnn(folder, config.cache, tokenizer, options)
+        report["verification"] = verify_on_qnn(folder, config.cache, tokenizer, options, contexts)
         timings.update(report["verification"].pop("timings", {}))
     return report
 

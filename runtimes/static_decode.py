@@ -52,7 +52,10 @@ class StaticDecoder:
         if target == "npu":  # the graphs were built to run whole on HTP: no CPU fallback
             options = replace(options or SessionOptions(), strict=True,
                               htp_arch=(options.htp_arch if options else None) or config.static_shapes.get("htp_arch"))
-        return cls.from_files(bundle / config.graph("prefill").filename, bundle / config.graph("decode").filename,
+        files = {role: config.graph(role).filename for role in ("prefill", "decode")}
+        if target == "npu":  # precompiled QNN context binaries load without compiling
+            files.update(config.static_shapes.get("qnn_context_models", {}))
+        return cls.from_files(bundle / files["prefill"], bundle / files["decode"],
                               config.cache, int(config.static_shapes["context_length"]),
                               int(config.static_shapes["prefill_length"]), target, options)
 

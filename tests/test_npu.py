@@ -126,6 +126,7 @@ def test_latent_bundle_compiles_whole_on_qnn_htp(tmp_path, capsys):
 @pytest.mark.parametrize("args,fragment", [
     (["--target", "npu", "--bits", "w4a8"], "not available for target npu"),
     (["--target", "npu", "--prefill-length", "64", "--context-length", "32"], "--prefill-length"),
+    (["--target", "cpu", "--precompile"], "--precompile needs --target npu"),
 ])
 def test_bad_npu_options_are_usage_errors(tmp_path, bundles, capsys, args, fragment):
     out = tmp_path / "out"
@@ -163,3 +164,31 @@ def test_npu_bundles_are_byte_identical_across_runs(tmp_path, bundles, capsys):
     assert names == sorted(p.name for p in outs[1].iterdir() if p.name != "timings.json")
     for name in names:
         assert (outs[0] / name).read_bytes() == (outs[1] / name).read_bytes(), name
+
+
+@pytest.mark.skipif(not HAS_QNN, reason="onnxruntime-qnn is not installed (pip install 'qsvd-export[npu]')")
+def test_precompiled_context_binaries_load_and_match_the_cpu_ep(tmp_path, bundles, capsys):
+    out = tmp_path / "ctx"
+    code = main([str(bundles.dense("llama") / "model.onnx"), "--target", "npu", *SMALL, "--precompile",
+                 "-o", str(out), "-q"])
+    assert code == 0, capsys.readouterr().err
+    contexts = json.loads((out / "qsvd_config.json").read_text())["static_shapes"]["qnn_context_models"]
+    assert contexts == {"prefill": "prefill_ctx.onnx", "decode": "decode_ctx.onnx"}
+    for name in contexts.values():
+        ops = _qdq_ops(out / name)
+        assert set(ops) == {"EPContext"}  # the whole graph is one compiled HTP node
+        assert (out / name.replace(".onnx", "_qnn.bin")).is_file()
+    check = json.loads((out / "report.json").read_text())["target"]["verification"]
+    assert check["qnn"] == "loaded from context binaries" and check["tokens_match"], check
+    assert main(["run", str(out), "--prompt", "hi", "--max-new-tokens", "2", "--target", "npu"]) == 0
+
+
+def test_precompile_without_the_qnn_package_names_the_fix(monkeypatch, tmp_path, bundles, capsys):
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name == "onnxruntime_qnn" else real(name, *a))
+    out = tmp_path / "out"
+    code = main([str(bundles.dense("llama") / "model.onnx"), "--target", "npu", *SMALL, "--precompile",
+                 "-o", str(out)])
+    err = capsys.readouterr().err.strip()
+    assert code == 5 and "pip install 'qsvd-export[npu]'" in err and not out.exists()
