@@ -387,6 +387,9 @@ def finish_target(folder: Path, config: BundleConfig, target_report: dict[str, A
         info(f"npu: QNN HTP sessions (htp_arch {options.htp_arch}, CPU fallback disabled) and a greedy check")
         report["verification"] = verify_on_qnn(folder, config.cache, tokenizer, options, contexts)
         timings.update(report["verification"].pop("timings", {}))
+    from qsvd_export.bundle_readme import render_npu_readme
+
+    (folder / "README.md").write_text(render_npu_readme(config, report))
     return report
 
 

@@ -98,11 +98,13 @@ def test_export_target_npu_writes_qdq_prefill_and_decode(tmp_path, capsys):
                        and any(a.name == "axis" and a.i == 1 for a in n.attribute)]
         assert len(per_channel) == 2 * 7  # q k v o gate up down in each of the 2 layers
     check = report["verification"]
-    if HAS_QNN:
+    if HAS_QNN:  # random tiny weights give near-tied logits: compare logits, not greedy tokens
         assert check["qnn"] == "compiled" and check["cpu_fallback"] == "disabled"
-        assert check["tokens_match"], check
+        assert check["argmax_agreement"] >= 0.9 and check["max_abs_logit_diff"] < 0.05, check
     else:
         assert check["qnn"].startswith("skipped: onnxruntime-qnn is not installed")
+    readme = (out / "README.md").read_text()
+    assert "prefill.onnx" in readme and "[1, 48]" in readme and "past_key_values.{i}.key" in readme
     # the static bundle drives `run` and `eval` like any bundle
     assert main(["run", str(out), "--prompt", "hello", "--max-new-tokens", "3"]) == 0
     assert main(["eval", str(out), "--ppl", "wiki_eval", "--windows", "2", "--window-len", "8"]) == 0
@@ -120,7 +122,7 @@ def test_latent_bundle_compiles_whole_on_qnn_htp(tmp_path, capsys):
     report = json.loads((out / "report.json").read_text())["target"]
     assert all(graph["htp_violations"] == [] for graph in report["graphs"].values())  # incl. the CumSum positions
     check = report["verification"]
-    assert check["qnn"] == "compiled" and check["tokens_match"], check
+    assert check["qnn"] == "compiled" and check["max_abs_logit_diff"] < 0.5, check  # w8a8: 8-bit rounding differs
 
 
 @pytest.mark.parametrize("args,fragment", [
@@ -179,7 +181,7 @@ def test_precompiled_context_binaries_load_and_match_the_cpu_ep(tmp_path, bundle
         assert set(ops) == {"EPContext"}  # the whole graph is one compiled HTP node
         assert (out / name.replace(".onnx", "_qnn.bin")).is_file()
     check = json.loads((out / "report.json").read_text())["target"]["verification"]
-    assert check["qnn"] == "loaded from context binaries" and check["tokens_match"], check
+    assert check["qnn"] == "loaded from context binaries" and check["max_abs_logit_diff"] < 0.05, check
     assert main(["run", str(out), "--prompt", "hi", "--max-new-tokens", "2", "--target", "npu"]) == 0
 
 
