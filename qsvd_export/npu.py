@@ -8,8 +8,8 @@ From the dynamic float decoder graph (after the graph stage, dense or latent cac
    chunks with an empty cache, second chunks and decode steps with the cache the float graphs built);
 4. QDQ insertion with ONNX Runtime's QNN recipe (``get_qnn_qdq_config``: per-op rules, shared scales for
    data movement, 16-bit fixed scales for Sigmoid/Tanh): activations per-tensor uint16 (static,
-   calibrated; ``a8`` presets: uint8 where the normalized stream enters q/k/v/gate/up and at those
-   MatMuls' outputs), MatMul weights symmetric per-output-channel int8;
+   calibrated; ``a8`` presets: uint8 where the normalized stream enters q/k/v and the MLP gate, and at
+   those MatMuls' outputs), MatMul weights symmetric per-output-channel int8;
 5. one ``weights.data`` for both graphs, a check of every node against the HTP op set
    (:func:`npu_violations`), and, when ``onnxruntime-qnn`` is installed, a QNN HTP session per graph with
    CPU fallback disabled plus a prefill window and greedy steps compared with the CPU EP.
@@ -58,6 +58,7 @@ class NpuOptions:
 
 _CALIBRATION_METHODS = ("minmax", "percentile", "entropy")
 GRAPH_FILES = {"prefill": "prefill.onnx", "decode": "decode.onnx"}
+_ACTIVATIONS = frozenset({"Sigmoid", "Gelu", "Tanh", "Relu", "Erf", "Softplus", "FastGelu"})
 CONTEXT_FILES = {"prefill": "prefill_ctx.onnx", "decode": "decode_ctx.onnx"}  # + <name>_qnn.bin each
 
 
@@ -122,13 +123,15 @@ def _tensor_overrides(float_path: Path, weight: Any, matmul_inputs: Any | None) 
     - Every 2-D initializer a MatMul reads as its weight [K, N]: symmetric per-output-channel scales
       (axis 1). The recipe's default is per-tensor for MatMul, which on smollm2 alone costs 7% perplexity
       at int8; QNN HTP compiles the per-channel form (checked in tests).
-    - ``matmul_inputs`` (the ``a8`` presets): where a MatMul reads the RMSNorm output (q/k/v, gate/up:
-      66% of smollm2's weight MACs) its input is converted to that type for the MatMul only (a QNN
+    - ``matmul_inputs`` (the ``a8`` presets): where a MatMul reads the RMSNorm output (q/k/v, MLP gate:
+      41% of smollm2's weight MACs) its input is converted to that type for the MatMul only (a QNN
       Convert; RmsNorm must output its input's type) and its output uses that type too (QNN's quantized
-      MatMul takes one activation width in and out). Every other activation keeps 16 bits: the residual
-      stream (massive per-token outliers that no rotation removes), the attention core and the
-      o_proj/down_proj outputs that write into the residual (smollm2: ppl > 1e6 with everything at 8
-      bits, even with the residual or the attention core left in float)."""
+      MatMul takes one activation width in and out). The GLU value branch (up_proj: an expanding
+      MatMul whose output feeds no activation) stays 16-bit: its output carries the MLP's massive
+      outliers (smollm2 with H1: 1.64x with it at 8 bits, 1.026x without). Every other activation keeps
+      16 bits: the residual stream (massive per-token outliers that no rotation removes), the attention
+      core and the o_proj/down_proj outputs that write into the residual (smollm2: ppl > 1e6 with
+      everything at 8 bits, even with the residual or the attention core left in float)."""
     import onnx
     from onnxruntime.quantization import QuantType
 
@@ -139,11 +142,19 @@ def _tensor_overrides(float_path: Path, weight: Any, matmul_inputs: Any | None) 
     overrides: dict[str, list[dict[str, Any]]] = {}
     readers: dict[str, set[str]] = {}
     producers = {output: node for node in proto.graph.node for output in node.output}
+    consumers: dict[str, list[str]] = {}
+    for node in proto.graph.node:
+        for name in node.input:
+            consumers.setdefault(name, []).append(node.op_type)
+    shapes = {i.name: list(i.dims) for i in proto.graph.initializer}
     for node in proto.graph.node:
         if node.op_type == "MatMul" and node.input[1] in matrices:
             overrides[node.input[1]] = [{"quant_type": weight, "symmetric": True, "axis": 1}]
             source = producers.get(node.input[0])
-            if matmul_inputs is not None and source is not None and source.op_type == "SimplifiedLayerNormalization":
+            reads_norm = source is not None and source.op_type == "SimplifiedLayerNormalization"
+            k, n = shapes[node.input[1]]
+            glu_value = n > k and not set(consumers.get(node.output[0], [])) & _ACTIVATIONS
+            if matmul_inputs is not None and reads_norm and not glu_value:
                 readers.setdefault(node.input[0], set()).add(node.name)
                 overrides[node.output[0]] = [{"quant_type": matmul_inputs}]
     for tensor, nodes in readers.items():
@@ -175,7 +186,8 @@ def insert_qdq(float_path: Path, out_path: Path, bits: Bits, feeds: list[dict[st
         quantize(str(float_path), str(out_path), config)
     finally:
         root.setLevel(level)
-    activations = "QUInt16" if matmul_inputs is None else "QUInt8 at weight-MatMul inputs, QUInt16 elsewhere"
+    activations = ("QUInt16" if matmul_inputs is None
+                   else "QUInt8 in/out of the MatMuls reading the norm (q/k/v, MLP gate), QUInt16 elsewhere")
     return {"activations": activations, "weights": f"{weight.name} symmetric per output channel (MatMul)",
             "calibration": {"method": method, "feeds": len(feeds)}}
 

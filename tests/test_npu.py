@@ -194,3 +194,29 @@ def test_precompile_without_the_qnn_package_names_the_fix(monkeypatch, tmp_path,
                  "-o", str(out)])
     err = capsys.readouterr().err.strip()
     assert code == 5 and "pip install 'qsvd-export[npu]'" in err and not out.exists()
+
+
+def test_w8a8_puts_8_bits_on_the_projections_that_read_the_norm_except_up_proj(tmp_path, bundles, capsys):
+    out = tmp_path / "w8a8"
+    code = main([str(bundles.dense("llama") / "model.onnx"), "--target", "npu", "--bits", "w8a8", *SMALL,
+                 "--no-verify", "-o", str(out), "-q"])
+    assert code == 0, capsys.readouterr().err
+    proto = onnx.load(out / "prefill.onnx", load_external_data=False)
+    inits = {i.name: i for i in proto.graph.initializer}
+    q_type = {n.input[0]: inits[n.input[2]].data_type for n in proto.graph.node
+              if n.op_type == "QuantizeLinear" and n.input[2] in inits}
+    consumers = collections.defaultdict(list)
+    for n in proto.graph.node:
+        for name in n.input:
+            consumers[name].append(n)
+    widths = {}
+    for n in proto.graph.node:
+        if n.op_type == "MatMul" and n.input[1].endswith("_DequantizeLinear_Output"):
+            weight = n.input[1].removesuffix("_DequantizeLinear_Output") + "_quantized"
+            if weight in inits and inits[weight].data_type == onnx.TensorProto.INT8:
+                widths[n.output[0]] = list(inits[weight].dims)
+    eight = {t for t, (k, n) in widths.items() if q_type.get(t) == onnx.TensorProto.UINT8}
+    sixteen = {t for t, (k, n) in widths.items() if q_type.get(t) == onnx.TensorProto.UINT16}
+    # per layer: q, k, v, gate at 8 bits; up, o, down at 16
+    assert len(eight) == 2 * 4 and len(sixteen) == 2 * 3
+    assert {tuple(widths[t]) for t in eight} == {(64, 64), (64, 32), (64, 128)}
