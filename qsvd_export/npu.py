@@ -351,3 +351,45 @@ def verify_on_qnn(folder: Path, cache: list[LayerCache], tokenizer: Any, options
         "max_abs_logit_diff": round(float(np.abs(npu_logits - cpu_logits).max()), 4),
         "tokens_npu": npu_tokens, "tokens_cpu": cpu_tokens, "tokens_match": npu_tokens == cpu_tokens,
     }
+
+
+def finish_npu_bundle(folder: Path, config: Any, target_report: dict[str, Any], strict: bool, tokenizer: Any,
+                      options: NpuOptions | None, verify: bool, timings: dict[str, float]) -> dict[str, Any]:
+    """Turn a bundle folder holding the dynamic ``model.onnx`` into an npu bundle: static QDQ graphs and
+    ``weights.data`` replace it, ``qsvd_config.json`` gets ``static_shapes``, then optional context
+    binaries, the QNN check and the bundle README. Returns the target report; wall times go to ``timings``."""
+    from qsvd_export.bundle import CONFIG_NAME
+    from qsvd_export.bundle_readme import render_npu_readme
+    from qsvd_export.errors import UnsupportedModelError
+    from qsvd_export.progress import info
+    from qsvd_export.quantize import parse_bits
+
+    if config.kind != "decoder":
+        raise UnsupportedModelError(f"target npu builds static decoder graphs; this is a {config.kind} model")
+    options = options or NpuOptions()
+    dynamic = folder / "model.onnx"
+    specs, npu_report = build_npu_graphs(dynamic, folder, config.cache, parse_bits(target_report["bits"]),
+                                         tokenizer, options)
+    for path in (dynamic, folder / "model.onnx.data"):
+        path.unlink()
+    config.graphs = specs
+    config.static_shapes = {"context_length": options.context_length, "prefill_length": options.prefill_length,
+                            "cache": "right-aligned", "htp_arch": options.htp_arch}
+    violations = [v for graph in npu_report["graphs"].values() for v in graph["htp_violations"]]
+    if strict and violations:
+        raise RuntimeFailure(f"--strict: {len(violations)} nodes QNN HTP would not run, e.g. {violations[0]}")
+    timings.update(npu_report.pop("timings"))
+    report = {**target_report, **npu_report}
+    contexts = None
+    if options.precompile:
+        info(f"npu: QNN HTP context binaries (htp_arch {options.htp_arch})")
+        compiled = precompile_contexts(folder, options)
+        timings.update(compiled["timings"])
+        contexts = config.static_shapes["qnn_context_models"] = compiled["files"]
+    (folder / CONFIG_NAME).write_text(config.to_json())
+    if verify:
+        info(f"npu: QNN HTP sessions (htp_arch {options.htp_arch}, CPU fallback disabled) and a greedy check")
+        report["verification"] = verify_on_qnn(folder, config.cache, tokenizer, options, contexts)
+        timings.update(report["verification"].pop("timings", {}))
+    (folder / "README.md").write_text(render_npu_readme(config, report))
+    return report

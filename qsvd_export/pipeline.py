@@ -361,47 +361,10 @@ def finish_target(folder: Path, config: BundleConfig, target_report: dict[str, A
     if target_report["target"] != "npu":
         check_target(folder / GRAPH_FILE, target_report, strict)
         return target_report
-    from qsvd_export.errors import RuntimeFailure, UnsupportedModelError
-    from qsvd_export.npu import NpuOptions, build_npu_graphs, verify_on_qnn
-    from qsvd_export.quantize import parse_bits
+    from qsvd_export.npu import finish_npu_bundle
 
-    if config.kind != "decoder":
-        raise UnsupportedModelError(f"target npu builds static decoder graphs; this is a {config.kind} model")
-    options = npu_options or NpuOptions()
-    specs, npu_report = build_npu_graphs(folder / GRAPH_FILE, folder, config.cache, parse_bits(target_report["bits"]),
-                                         tokenizer, options)
-    for name in (GRAPH_FILE, f"{GRAPH_FILE}.data"):
-        (folder / name).unlink()
-    config.graphs = specs
-    config.static_shapes = {"context_length": options.context_length, "prefill_length": options.prefill_length,
-                            "cache": "right-aligned", "htp_arch": options.htp_arch}
-    (folder / CONFIG_NAME).write_text(config.to_json())
-    violations = [v for graph in npu_report["graphs"].values() for v in graph["htp_violations"]]
-    if strict and violations:
-        raise RuntimeFailure(f"--strict: {len(violations)} nodes QNN HTP would not run, e.g. {violations[0]}")
-    timings = timings if timings is not None else {}
-    timings.update(npu_report.pop("timings"))
-    report = {**target_report, **npu_report}
-    from qsvd_export.progress import info
-
-    contexts = None
-    if options.precompile:
-        from qsvd_export.npu import precompile_contexts
-
-        info(f"npu: QNN HTP context binaries (htp_arch {options.htp_arch})")
-        compiled = precompile_contexts(folder, options)
-        timings.update(compiled["timings"])
-        contexts = compiled["files"]
-        config.static_shapes["qnn_context_models"] = contexts
-        (folder / CONFIG_NAME).write_text(config.to_json())
-    if verify:
-        info(f"npu: QNN HTP sessions (htp_arch {options.htp_arch}, CPU fallback disabled) and a greedy check")
-        report["verification"] = verify_on_qnn(folder, config.cache, tokenizer, options, contexts)
-        timings.update(report["verification"].pop("timings", {}))
-    from qsvd_export.bundle_readme import render_npu_readme
-
-    (folder / "README.md").write_text(render_npu_readme(config, report))
-    return report
+    return finish_npu_bundle(folder, config, target_report, strict, tokenizer, npu_options, verify,
+                             timings if timings is not None else {})
 
 
 def graph_weight_bytes(folder: Path, config: BundleConfig) -> int:
