@@ -212,7 +212,7 @@ def generate_text(bundle: Path, prompt: str, max_new_tokens: int, raw: bool, tar
     if config.static_shapes:
         from qsvd_export.runtimes.static_decode import StaticDecoder
 
-        new, _ = StaticDecoder.from_bundle(bundle, target, options).generate(ids, max_new_tokens, eos)
+        new = StaticDecoder.from_bundle(bundle, target, options).generate(ids, max_new_tokens, eos)
     else:
         from qsvd_export.runtimes.decode import DecoderRunner
 

@@ -91,12 +91,10 @@ def calibration_feeds(float_paths: dict[str, Path], cache: list[LayerCache], win
     for row in windows:
         tokens = [int(t) for t in row]
         state = decoder.empty_state()
-        for chunk in (tokens[:size], tokens[size:2 * size]):
-            feeds["prefill"].append(decoder.feed(state, chunk, [True] * size)[1])
-            _, state = decoder.step(state, chunk)
-        for token in tokens[2 * size:2 * size + options.calibration_decode_steps]:
-            feeds["decode"].append(decoder.feed(state, [token], [True])[1])
-            _, state = decoder.step(state, [token])
+        for role, chunk in [("prefill", tokens[:size]), ("prefill", tokens[size:2 * size]),
+                            *(("decode", [t]) for t in tokens[2 * size:2 * size + options.calibration_decode_steps])]:
+            _, state, feed = decoder.step_with_feed(state, chunk)
+            feeds[role].append(feed)
     return feeds
 
 
@@ -112,9 +110,6 @@ class _FeedReader:
             return None
         self.index += 1
         return self.feeds[self.index - 1]
-
-    def rewind(self) -> None:
-        self.index = 0
 
 
 def _tensor_overrides(float_path: Path, weight: Any, matmul_inputs: Any | None) -> dict[str, list[dict[str, Any]]]:
@@ -239,9 +234,10 @@ def build_npu_graphs(dynamic_path: Path, folder: Path, cache: list[LayerCache], 
     from qsvd_export.passes.npu_legalize import npu_violations
     from qsvd_export.progress import info
 
+    from qsvd_export.targets import policy_for
+
     options.check()
-    if bits.weights not in (8, 4) or bits.activations not in (8, 16):
-        raise UsageError(f"--bits {bits.name} is not available for target npu (choose from w8a16, w8a8, w4a16)")
+    policy_for("npu").bits(bits.name)  # the npu presets (UsageError otherwise)
     if tokenizer is None:
         raise UsageError("target npu calibrates activation ranges on text; this model has no tokenizer")
     report: dict[str, Any] = {"options": asdict(options), "graphs": {}, "timings": {}}

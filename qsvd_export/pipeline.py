@@ -124,9 +124,7 @@ def build_dense_bundle(spec: str, out: Path, overwrite: bool = False, seed: int 
 
     check_output_dir(out, overwrite)  # fail before the slow steps
     _check_target_options(target, bits, smooth)
-    if rotate_mlp and not rotate:
-        raise UsageError("--rotate-mlp needs --rotate (the MLP rotation is part of the rotated model)")
-    _warn_unrotated_a8(target, bits, rotate)
+    _check_rotation_options(rotate, rotate_mlp, target, bits)
     timings: dict[str, float] = {}
     start = time.perf_counter()
     loaded = load_model(spec, seed=seed)
@@ -199,9 +197,7 @@ def build_compressed_bundle(spec: str, options: Any, out: Path, overwrite: bool 
 
     check_output_dir(out, overwrite)
     _check_target_options(target, target_bits)
-    if options.rotate_mlp and not options.residual_rotation:
-        raise UsageError("--rotate-mlp needs --rotate (the MLP rotation is part of the rotated model)")
-    _warn_unrotated_a8(target, target_bits, options.residual_rotation)
+    _check_rotation_options(options.residual_rotation, options.rotate_mlp, target, target_bits)
     timings: dict[str, float] = {}
     start = time.perf_counter()
     loaded = load_model(spec, seed=options.seed)
@@ -306,8 +302,10 @@ def _smooth(loaded: LoadedModel, target: str, bits: str | None, windows: int, se
     return smooth_for_weight_bits(loaded.model, batches, chosen.weights, policy.block_size, seed)
 
 
-def _warn_unrotated_a8(target: str | None, bits: str | None, rotate: bool) -> None:
-    """8-bit activations at the projections need the residual rotation (measured on smollm2)."""
+def _check_rotation_options(rotate: bool, rotate_mlp: bool, target: str | None, bits: str | None) -> None:
+    """--rotate-mlp needs --rotate; npu 8-bit activations without the rotation get a note (smollm2 measured)."""
+    if rotate_mlp and not rotate:
+        raise UsageError("--rotate-mlp needs --rotate (the MLP rotation is part of the rotated model)")
     if target == "npu" and bits is not None and bits.endswith("a8") and not rotate:
         from qsvd_export.progress import info
 

@@ -49,11 +49,10 @@ class StaticDecoder:
         config = load_bundle_config(bundle)
         if not config.static_shapes:
             raise UsageError(f"{bundle}: not a static-shape (npu) bundle")
-        if target == "npu":  # the graphs were built to run whole on HTP: no CPU fallback
+        files = {role: config.graph(role).filename for role in ("prefill", "decode")}
+        if target == "npu":  # built to run whole on HTP (no CPU fallback); context binaries load without compiling
             options = replace(options or SessionOptions(), strict=True,
                               htp_arch=(options.htp_arch if options else None) or config.static_shapes.get("htp_arch"))
-        files = {role: config.graph(role).filename for role in ("prefill", "decode")}
-        if target == "npu":  # precompiled QNN context binaries load without compiling
             files.update(config.static_shapes.get("qnn_context_models", {}))
         return cls.from_files(bundle / files["prefill"], bundle / files["decode"],
                               config.cache, int(config.static_shapes["context_length"]),
@@ -89,6 +88,12 @@ class StaticDecoder:
 
     def step(self, state: StaticState, tokens: list[int], valid: list[bool] | None = None) -> tuple[np.ndarray, StaticState]:
         """Run one graph; returns logits [seq, vocab] and the next state."""
+        logits, state, _ = self.step_with_feed(state, tokens, valid)
+        return logits, state
+
+    def step_with_feed(self, state: StaticState, tokens: list[int],
+                       valid: list[bool] | None = None) -> tuple[np.ndarray, StaticState, dict[str, Any]]:
+        """:meth:`step`, also returning the input feed it ran (calibration records it)."""
         valid = valid if valid is not None else [True] * len(tokens)
         if len(tokens) not in self.sessions:
             raise UsageError(f"static graphs take 1 or {self.prefill_length} tokens per call, not {len(tokens)}")
@@ -99,7 +104,7 @@ class StaticDecoder:
         names = ["logits", *(t.output for t in self.tensors)]
         values = dict(zip(names, session.run(names, feed)))
         cache = {t.input: values[t.output] for t in self.tensors}
-        return values["logits"][0], StaticState(cache, mask, state.next_position + sum(valid))
+        return values["logits"][0], StaticState(cache, mask, state.next_position + sum(valid)), feed
 
     def prefill(self, prompt_ids: list[int], state: StaticState | None = None) -> tuple[np.ndarray, StaticState]:
         """Feed a prompt in chunks of the prefill length; returns the last real token's logits [vocab]."""
@@ -116,20 +121,18 @@ class StaticDecoder:
         assert logits is not None
         return logits[-1], state
 
-    def generate(self, prompt_ids: list[int], max_new_tokens: int, eos_ids: list[int] | None = None) -> tuple[list[int], list[np.ndarray]]:
-        """Greedy tokens and the logits [vocab] that chose each one."""
+    def generate(self, prompt_ids: list[int], max_new_tokens: int, eos_ids: list[int] | None = None) -> list[int]:
+        """Greedy generation for one prompt; returns the new token ids (stops after an EOS id)."""
         eos = set(eos_ids or [])
         logits, state = self.prefill(prompt_ids)
-        tokens, chosen_from = [], []
+        tokens: list[int] = []
         for _ in range(max_new_tokens):
-            token = int(np.argmax(logits))
-            tokens.append(token)
-            chosen_from.append(logits)
-            if token in eos or len(tokens) == max_new_tokens:
+            tokens.append(int(np.argmax(logits)))
+            if tokens[-1] in eos or len(tokens) == max_new_tokens:
                 break
-            step_logits, state = self.step(state, [token])
+            step_logits, state = self.step(state, [tokens[-1]])
             logits = step_logits[-1]
-        return tokens, chosen_from
+        return tokens
 
     def window_nlls(self, windows: np.ndarray, progress=None) -> list[float]:  # type: ignore[no-untyped-def]
         """Mean NLL of each [prefill_length] row, each a fresh prefill."""

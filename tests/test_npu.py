@@ -125,19 +125,6 @@ def test_latent_bundle_compiles_whole_on_qnn_htp(tmp_path, capsys):
     assert check["qnn"] == "compiled" and check["max_abs_logit_diff"] < 0.5, check  # w8a8: 8-bit rounding differs
 
 
-@pytest.mark.parametrize("args,fragment", [
-    (["--target", "npu", "--bits", "w4a8"], "not available for target npu"),
-    (["--target", "npu", "--prefill-length", "64", "--context-length", "32"], "--prefill-length"),
-    (["--target", "cpu", "--precompile"], "--precompile needs --target npu"),
-])
-def test_bad_npu_options_are_usage_errors(tmp_path, bundles, capsys, args, fragment):
-    out = tmp_path / "out"
-    code = main([str(bundles.dense("llama") / "model.onnx"), "-o", str(out), *args])
-    err = capsys.readouterr().err.strip()
-    assert code == 2 and fragment in err and len(err.splitlines()) == 1
-    assert not out.exists()
-
-
 def test_npu_on_a_bare_onnx_file_asks_for_its_tokenizer(tmp_path, bundles, capsys):
     bare = tmp_path / "bare"
     bare.mkdir()

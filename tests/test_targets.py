@@ -104,6 +104,9 @@ def test_cpu_target_on_a_latent_bundle(tmp_path, bundles, capsys):
     (["--target", "cpu", "--bits", "w4a4"], "not available for target cpu"),
     (["--bits", "w8a8"], "--bits needs --target"),
     (["--target", "cpu", "--bits", "w3a8"], "invalid bit widths"),
+    (["--target", "npu", "--bits", "w4a8"], "not available for target npu"),
+    (["--target", "npu", "--prefill-length", "64", "--context-length", "32"], "--prefill-length"),
+    (["--target", "cpu", "--precompile"], "--precompile needs --target npu"),
 ])
 def test_bad_target_options_are_one_line_usage_errors(tmp_path, bundles, capsys, args, fragment):
     out = tmp_path / "out"
