@@ -152,6 +152,21 @@ def decoder_cache_layout(config: Any) -> list[LayerCache]:
     return layers
 
 
+def cache_dtype_name(dtype: ir.DataType) -> str:
+    """The numpy-style name a bundle config uses for a cache dtype (``float32``, ``float16``, ``uint8``)."""
+    name = dtype.name.lower()
+    return {"float": "float32"}.get(name, name)
+
+
+def sync_cache_dtypes(cache: list[LayerCache], model: ir.Model) -> None:
+    """Set each cache tensor's dtype to the one ``model`` declares for its input (a target stage such as
+    the gpu's fp16 conversion changes them)."""
+    dtypes = {v.name: cache_dtype_name(v.dtype) for v in model.graph.inputs if v.dtype is not None}
+    for layer in cache:
+        for tensor in layer.tensors:
+            tensor.dtype = dtypes.get(tensor.input, tensor.dtype)
+
+
 def cache_layout_from_graph(model: ir.Model) -> list[LayerCache]:
     """Cache entries read off a graph's I/O: ``past_key_values.{i}.key|value|latent`` → ``present.{i}.*``.
 
@@ -182,8 +197,7 @@ def cache_layout_from_graph(model: ir.Model) -> list[LayerCache]:
                 shape.append(dim)
             else:
                 raise UnsupportedModelError(f"cache input {value.name} has a dynamic dim at axis {axis}")
-        dtype = (value.dtype or ir.DataType.FLOAT).name.lower()
-        dtype = {"float": "float32"}.get(dtype, dtype)
+        dtype = cache_dtype_name(value.dtype or ir.DataType.FLOAT)
         layer = layers.setdefault(index, LayerCache(layer=index, kind="latent" if part == "latent" else "dense", tensors=[]))
         layer.tensors.append(CacheTensor(value.name, output, shape, dtype, sequence_axis))
         if part == "latent":

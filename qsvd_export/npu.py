@@ -3,7 +3,7 @@
 From the dynamic float decoder graph (after the graph stage, dense or latent cache):
 1. ``static_shapes``: a prefill graph (``prefill_length`` tokens) and a decode graph (1 token), both over
    a right-aligned cache window of ``context_length`` slots;
-2. ``npu_legalize``: RMSNorm → SimplifiedLayerNormalization, mask constants clamped to ±``mask_value``;
+2. ``low_precision``: RMSNorm → SimplifiedLayerNormalization, mask constants clamped to ±``mask_value``;
 3. calibration feeds made by running the *float* static graphs on ``wiki_calib`` text (first prefill
    chunks with an empty cache, second chunks and decode steps with the cache the float graphs built);
 4. QDQ insertion with ONNX Runtime's QNN recipe (``get_qnn_qdq_config``: per-op rules, shared scales for
@@ -64,14 +64,14 @@ CONTEXT_FILES = {"prefill": "prefill_ctx.onnx", "decode": "decode_ctx.onnx"}  # 
 
 def static_float_graphs(dynamic_path: Path, work: Path, options: NpuOptions) -> tuple[dict[str, Path], dict[str, Any]]:
     """Write ``prefill`` and ``decode`` float static graphs into ``work``; returns paths and what was done."""
-    from qsvd_export.passes.npu_legalize import legalize_for_npu
+    from qsvd_export.passes.low_precision import fuse_norms_and_clamp_masks
     from qsvd_export.passes.static_shapes import specialize_decoder
 
     paths, report = {}, {}
     for role, seq in (("prefill", options.prefill_length), ("decode", 1)):
         model = ir.load(dynamic_path)
         specialize_decoder(model, seq, options.context_length)
-        report[role] = legalize_for_npu(model, options.mask_value).as_dict()
+        report[role] = fuse_norms_and_clamp_masks(model, options.mask_value).as_dict()
         paths[role] = work / f"{role}_float.onnx"
         ir.save(model, paths[role], external_data=f"{role}_float.onnx.data")
         del model

@@ -79,6 +79,9 @@ def graph_io(model: ir.Model) -> tuple[list[str], list[str]]:
 def write_bundle(loaded: LoadedModel, model: ir.Model, cache: list[Any], folder: Path,
                  extra_report: dict[str, Any]) -> BundleConfig:
     """Write graph + data + tokenizer + config + report into ``folder`` (already a temp folder)."""
+    from qsvd_export.export import sync_cache_dtypes
+
+    sync_cache_dtypes(cache, model)
     save_graph(model, folder)
     tokenizer_files = save_tokenizer(loaded, folder)
     inputs, outputs = graph_io(model)
@@ -416,10 +419,10 @@ def compile_onnx(graph_path: Path, plan_path: Path | None, out: Path, overwrite:
     plan = load_plan(plan_path) if plan_path is not None else None
     context = run_graph_stage(model, plan, dump_dir)
     timings["graph_stage_s"] = time.perf_counter() - start
-    cache = cache_layout_from_graph(model)
     start = time.perf_counter()
     target_report = apply_target(model, target, bits)
     timings["target_stage_s"] = time.perf_counter() - start
+    cache = cache_layout_from_graph(model)
     inputs, outputs = graph_io(model)
     kind = source.kind if source else ("decoder" if "logits" in outputs else "encoder")
     config = BundleConfig(

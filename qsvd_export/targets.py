@@ -6,8 +6,9 @@
   defaults to ``w4a8`` with activation-aware smoothing when it has a llama-family torch model
   (smollm2: 1.14× perplexity instead of 1.24× for plain w4a8). Checked on the graph ONNX Runtime actually
   runs: the session's optimized graph must hold no float MatMul with a constant weight.
-- ``gpu``: the same weight-only MatMulNBits graph (CUDA has MatMulNBits kernels); fp16 activations are
-  not converted yet and nothing was verified on a GPU in this project so far.
+- ``gpu``: CUDA EP: the same weight-only MatMulNBits graph, then fp16 activations, weights and cache
+  (:mod:`qsvd_export.passes.float16`; logits stay fp32). Default ``w4a16``; ``fp`` = fp16 without integer
+  weights.
 - ``npu``: QNN HTP: static prefill/decode graphs with QDQ (uint16/uint8 activations, int8 weights), built
   on files after the bundle is written (:mod:`qsvd_export.npu`); default ``w8a16``.
 """
@@ -34,6 +35,7 @@ class TargetPolicy:
     allowed_bits: tuple[str, ...]
     block_size: int = 32
     smoothed_default: str | None = None  # export's default when activation-aware smoothing is possible
+    float16: bool = False  # convert activations, float weights and the cache to fp16 after quantizing
 
     def bits(self, requested: str | None) -> Bits:
         name = requested or self.default_bits
@@ -44,11 +46,19 @@ class TargetPolicy:
         return bits
 
     def quantize(self, model: ir.Model, bits: Bits) -> dict[str, Any]:
-        """Rewrite ``model`` in place for ``bits``; returns what was done (for report.json).
+        """Rewrite ``model`` in place for ``bits`` (then fp16 where the policy says); returns what was done
+        (for report.json)."""
+        report = self._quantize_weights(model, bits)
+        if self.float16:
+            from qsvd_export.passes.float16 import to_float16
 
-        With 4-bit weights the MatMuls that produce graph outputs (the lm_head) stay at 8 bits: measured on
-        smollm2 (8 windows), int4 everywhere costs 1.33× perplexity, int8 lm_head brings it to 1.22×.
-        """
+            report["float16"] = to_float16(model).as_dict()
+        return report
+
+    def _quantize_weights(self, model: ir.Model, bits: Bits) -> dict[str, Any]:
+        """Weight-only MatMulNBits. With 4-bit weights the MatMuls that produce graph outputs (the lm_head)
+        stay at 8 bits: measured on smollm2 (8 windows), int4 everywhere costs 1.33× perplexity, int8
+        lm_head brings it to 1.22×."""
         if bits.weights is None:
             return {"quantized_matmuls": 0}
         accuracy_level = 4 if bits.activations == 8 else 1
@@ -68,7 +78,7 @@ class TargetPolicy:
 POLICIES = {
     "cpu": TargetPolicy("cpu", default_bits="w8a8", allowed_bits=("fp", "w8a16", "w8a8", "w4a16", "w4a8"),
                         smoothed_default="w4a8"),
-    "gpu": TargetPolicy("gpu", default_bits="w4a16", allowed_bits=("fp", "w8a16", "w4a16")),
+    "gpu": TargetPolicy("gpu", default_bits="w4a16", allowed_bits=("fp", "w8a16", "w4a16"), float16=True),
     "npu": TargetPolicy("npu", default_bits="w8a16", allowed_bits=("w8a16", "w8a8", "w4a16")),
 }
 

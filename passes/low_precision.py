@@ -1,0 +1,54 @@
+"""Rewrites every low-precision target needs before its activations leave fp32 (npu QDQ, gpu fp16).
+
+Outputs are unchanged up to the mask value:
+- RMSNorm (Pow→ReduceMean→Add→Sqrt→Reciprocal→Mul→Mul) → ``SimplifiedLayerNormalization``
+  (onnxscript's ORT fusion). The fused op accumulates mean(x²) in fp32 on every EP; decomposed, mean(x²)
+  reaches ~1e6 on smollm2, past fp16's 65504 and erasing ordinary tokens in a single 16-bit range.
+- Float "minus infinity" stand-ins (scalar constants with |v| >= 1e30, e.g. the dtype-min of an additive
+  attention mask) → ±``mask_value``: in fp16 they would become -inf and ``0 · -inf`` = NaN in the
+  mask arithmetic; in a 16-bit quantized range they would crush the scores. exp(-mask_value) is already
+  0 in fp32 for any realistic score spread.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import onnx_ir as ir
+from onnx_ir.passes import common
+
+MINUS_INFINITY_STANDIN = 1e30
+
+
+@dataclass
+class LegalizeReport:
+    rms_norms_fused: int = 0
+    mask_constants_clamped: list[str] = field(default_factory=list)
+
+    def as_dict(self) -> dict:
+        return {"rms_norms_fused": self.rms_norms_fused, "mask_constants_clamped": len(self.mask_constants_clamped)}
+
+
+def _clamp_minus_infinity(value: ir.Value, mask_value: float) -> bool:
+    tensor = value.const_value
+    if tensor is None or tensor.dtype != ir.DataType.FLOAT or tensor.size != 1:
+        return False
+    array = tensor.numpy()
+    scalar = float(array.reshape(-1)[0])
+    if abs(scalar) < MINUS_INFINITY_STANDIN:
+        return False
+    value.const_value = ir.tensor(np.full(array.shape, np.copysign(mask_value, scalar), np.float32), name=value.name)
+    return True
+
+
+def fuse_norms_and_clamp_masks(model: ir.Model, mask_value: float) -> LegalizeReport:
+    """Fuse RMSNorm and clamp minus-infinity constants to ±``mask_value``, in place."""
+    from onnxscript.rewriter.ort_fusions.rms_normalization import fuse_rms_normalization
+
+    common.LiftConstantsToInitializersPass(lift_all_constants=True, size_limit=0)(model)
+    report = LegalizeReport(rms_norms_fused=int(fuse_rms_normalization(model)))
+    for value in model.graph.initializers.values():
+        if _clamp_minus_infinity(value, mask_value):
+            report.mask_constants_clamped.append(value.name or "")
+    return report
