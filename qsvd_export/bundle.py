@@ -60,6 +60,7 @@ class GraphSpec:
     filename: str
     inputs: list[str]
     outputs: list[str]
+    ort_filename: str | None = None  # --mobile: the same graph in ORT format (qsvd_export/mobile.py)
 
 
 @dataclass
@@ -88,7 +89,11 @@ class BundleConfig:
         return sum(layer.bytes_per_token() for layer in self.cache)
 
     def to_json(self) -> str:
-        return json.dumps(asdict(self), indent=2, sort_keys=False) + "\n"
+        data = asdict(self)
+        for graph in data["graphs"]:  # optional fields are written only when set (older configs stay byte-identical)
+            if graph["ort_filename"] is None:
+                del graph["ort_filename"]
+        return json.dumps(data, indent=2, sort_keys=False) + "\n"
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "BundleConfig":

@@ -41,6 +41,9 @@ def _add_target(parser: argparse.ArgumentParser, bits: bool = True) -> None:
     if bits:
         parser.add_argument("--bits", default=None, help="bit-width preset for --target (cpu default: w8a8)")
     parser.add_argument("--strict", action="store_true", help="fail if the target check finds violations")
+    parser.add_argument("--mobile", action="store_true",
+                        help="also write every graph in ORT format (.ort, weights embedded) and required_operators.config "
+                             "for a reduced onnxruntime build, checked against the ONNX graphs on the CPU EP")
     npu = parser.add_argument_group("npu target (static graphs for QNN HTP)")
     npu.add_argument("--context-length", type=int, default=1024, help="cache slots of the static graphs (default 1024)")
     npu.add_argument("--prefill-length", type=int, default=128, help="tokens per prefill call (default 128)")
@@ -191,7 +194,7 @@ def cmd_export(args: argparse.Namespace) -> int:
     result = build_dense_bundle(args.model, args.output, overwrite=args.overwrite, seed=args.seed,
                                 rotate=args.rotate, rotate_mlp=args.rotate_mlp, target=args.target, bits=args.bits,
                                 strict=args.strict, smooth=args.smooth, npu_options=_npu_options(args),
-                                verify=args.verify)
+                                verify=args.verify, mobile=args.mobile)
     report = result.report
     print(
         f"wrote {result.out}: {report['kind']} graph, {report['parameters']:,} parameters, "
@@ -199,6 +202,7 @@ def cmd_export(args: argparse.Namespace) -> int:
         f"(load {result.timings['load_s']:.1f} s, export {result.timings['export_s']:.1f} s)"
     )
     _print_target(report)
+    _print_mobile(report)
     return 0
 
 
@@ -327,7 +331,7 @@ def cmd_compress(args: argparse.Namespace) -> int:
         args.model, options, args.output, overwrite=args.overwrite,
         eval_text=args.eval_text if args.eval else None, eval_windows=args.eval_windows,
         dump_dir=args.dump_passes, target=args.target, target_bits=args.bits if args.target else None,
-        target_strict=args.strict, npu_options=_npu_options(args), verify=args.verify,
+        target_strict=args.strict, npu_options=_npu_options(args), verify=args.verify, mobile=args.mobile,
     )
     report = result.report
     latent = sum(1 for layer in report["graph_stage"]["layers"] if layer["cache"] == "latent")
@@ -340,6 +344,7 @@ def cmd_compress(args: argparse.Namespace) -> int:
               f"compressed {ppl['compressed_torch']:.3f} torch / {ppl['compressed_onnx']:.3f} ONNX "
               f"({ppl['compressed_onnx'] / ppl['dense']:.3f} x dense)")
     _print_target(report)
+    _print_mobile(report)
     return 0
 
 
@@ -348,13 +353,25 @@ def cmd_compile(args: argparse.Namespace) -> int:
 
     result = compile_onnx(args.graph, args.plan, args.output, overwrite=args.overwrite, dump_dir=args.dump_passes,
                           target=args.target, bits=args.bits, strict=args.strict, npu_options=_npu_options(args),
-                          verify=args.verify)
+                          verify=args.verify, mobile=args.mobile)
     stage = result.report["graph_stage"]
     latent = sum(1 for layer in stage["layers"] if layer["cache"] == "latent")
     print(f"wrote {result.out}: {stage['attention_blocks']} attention blocks, {latent} with a latent cache"
           + (f", {len(stage['unmatched'])} unmatched" if stage["unmatched"] else ""))
     _print_target(result.report)
+    _print_mobile(result.report)
     return 0
+
+
+def _print_mobile(report: dict[str, Any]) -> None:
+    """One line for --mobile (nothing without it)."""
+    mobile = report.get("mobile")
+    if not mobile:
+        return
+    files = ", ".join(f"{g['file']} {g['bytes'] / 1e6:.1f} MB" for g in mobile["graphs"].values())
+    check = mobile["verification"]
+    print(f"mobile: {files} ({mobile['optimization']} optimizations), {mobile['operators_config']['file']} "
+          f"({mobile['operators_config']['operators']} operators); vs ONNX on the CPU EP max |Δ| {check['max_abs_diff']:.2g}")
 
 
 def _print_target(report: dict[str, Any]) -> None:

@@ -113,7 +113,7 @@ def build_dense_bundle(spec: str, out: Path, overwrite: bool = False, seed: int 
                        rotate_mlp: bool = False,
                        target: str | None = None, bits: str | None = None, strict: bool = False,
                        smooth: bool | None = None, smooth_windows: int = 16, npu_options: Any = None,
-                       verify: bool = True) -> BuildResult:
+                       verify: bool = True, mobile: bool = False) -> BuildResult:
     """``qsvd-export export``: the dense bundle of ``spec`` (fp32, or quantized for ``target``).
 
     ``rotate``: fold the norm gains and rotate the residual stream first (H1, QuaRot; outputs unchanged);
@@ -156,6 +156,8 @@ def build_dense_bundle(spec: str, out: Path, overwrite: bool = False, seed: int 
         if target_report is not None:
             write_json(tmp / "report.json", {**json.loads((tmp / "report.json").read_text()), "target": target_report,
                                              "weight_bytes": graph_weight_bytes(tmp, config)})
+        if mobile:
+            _package_mobile(tmp, config, timings)
         write_json(tmp / "timings.json", {k: round(v, 3) for k, v in timings.items()})
     report = json.loads((Path(out) / "report.json").read_text())
     return BuildResult(Path(out), config, report, timings)
@@ -183,7 +185,8 @@ def build_compressed_bundle(spec: str, options: Any, out: Path, overwrite: bool 
                             eval_text: str | None = None, eval_windows: int = 32,
                             dump_dir: Path | None = None, dense_graph: Path | None = None,
                             target: str | None = None, target_bits: str | None = None,
-                            target_strict: bool = False, npu_options: Any = None, verify: bool = True) -> BuildResult:
+                            target_strict: bool = False, npu_options: Any = None, verify: bool = True,
+                            mobile: bool = False) -> BuildResult:
     """``qsvd-export compress``: torch stage → dense export → graph stage → bundle (graph + plan + report).
 
     ``dense_graph``: an existing dense export of the same model (e.g. a dense bundle's model.onnx) to
@@ -249,6 +252,8 @@ def build_compressed_bundle(spec: str, options: Any, out: Path, overwrite: bool 
             timings["eval_s"] = time.perf_counter() - start
             report = {**json.loads((tmp / "report.json").read_text()), "perplexity": report["perplexity"]}
             write_json(tmp / "report.json", report)
+        if mobile:
+            _package_mobile(tmp, config, timings)
         write_json(tmp / "timings.json", {k: round(v, 3) for k, v in timings.items()})
     report = json.loads((Path(out) / "report.json").read_text())
     return BuildResult(Path(out), config, report, timings)
@@ -368,6 +373,16 @@ def finish_target(folder: Path, config: BundleConfig, target_report: dict[str, A
                              timings if timings is not None else {})
 
 
+def _package_mobile(folder: Path, config: BundleConfig, timings: dict[str, float]) -> dict[str, Any]:
+    """``--mobile``, last step inside the temporary bundle folder: .ort graphs, the reduced-build operator
+    config and their verification (``mobile.py``); updates qsvd_config.json and report.json there."""
+    from qsvd_export.mobile import package_mobile
+    from qsvd_export.progress import info
+
+    info("mobile: ORT-format graphs, required_operators.config and a parity check on the CPU EP")
+    return package_mobile(folder, config, timings)
+
+
 def graph_weight_bytes(folder: Path, config: BundleConfig) -> int:
     """Bytes of the external data files the bundle's graphs use (a shared file counted once)."""
     import onnx
@@ -396,7 +411,8 @@ def check_target(graph_path: Path, report: dict[str, Any], strict: bool) -> None
 
 def compile_onnx(graph_path: Path, plan_path: Path | None, out: Path, overwrite: bool = False,
                  dump_dir: Path | None = None, target: str | None = None, bits: str | None = None,
-                 strict: bool = False, npu_options: Any = None, verify: bool = True) -> BuildResult:
+                 strict: bool = False, npu_options: Any = None, verify: bool = True,
+                 mobile: bool = False) -> BuildResult:
     """``qsvd-export model.onnx [--plan PLAN] [--target T --bits B]``: graph stage (+ target stage)."""
     import shutil
 
@@ -453,5 +469,7 @@ def compile_onnx(graph_path: Path, plan_path: Path | None, out: Path, overwrite:
         report["kv_bytes_per_token"] = config.kv_bytes_per_token()
         report["weight_bytes"] = graph_weight_bytes(tmp, config)
         write_json(tmp / "report.json", report)
+        if mobile:
+            report["mobile"] = _package_mobile(tmp, config, timings)
         write_json(tmp / "timings.json", {k: round(v, 3) for k, v in timings.items()})
     return BuildResult(Path(out), config, report, timings)
