@@ -1,13 +1,131 @@
-"""``README.md`` for a static (npu) bundle: what the receiving engineer needs to drive the graphs.
+"""``README.md`` of every bundle: what the receiving engineer needs to drive the graphs.
 
-Rendered from ``qsvd_config.json`` and the target report only, so it is as deterministic as they are.
+Rendered from ``qsvd_config.json`` and ``report.json`` only, so it is as deterministic as they are.
+Static (npu) decoder bundles get the window protocol; dynamic decoder bundles the prefill/decode loop
+over a growing dense or latent cache; encoder and vision bundles their inputs and outputs.
 """
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
 from typing import Any
 
-from qsvd_export.bundle import BundleConfig
+from qsvd_export.bundle import CONFIG_NAME, BundleConfig, load_bundle_config
+
+README = "README.md"
+
+
+def write_readme(folder: Path) -> None:
+    """Render ``folder``'s README.md from its config and report (call after both are final)."""
+    config = load_bundle_config(folder)
+    report = json.loads((folder / "report.json").read_text())
+    if config.static_shapes:
+        text = render_npu_readme(config, report["target"])
+    elif config.kind == "decoder":
+        text = render_decoder_readme(config, report)
+    else:
+        text = render_encoder_readme(config, report)
+    (folder / README).write_text(text)
+
+
+def _files(config: BundleConfig) -> list[str]:
+    lines = []
+    for spec in config.graphs:
+        ort = f" (also `{spec.ort_filename}`, ORT format for mobile builds)" if spec.ort_filename else ""
+        lines.append(f"- `{spec.filename}` + `{spec.filename}.data` (weights){ort}")
+    if any(spec.ort_filename for spec in config.graphs):
+        lines.append("- `required_operators.config`: the operators (with types) for a reduced onnxruntime build")
+    if config.tokenizer_files:
+        lines.append(f"- tokenizer: {', '.join(f'`{f}`' for f in config.tokenizer_files)}")
+    lines.append(f"- `{CONFIG_NAME}`: the runtime contract (graph I/O, cache layout, generation defaults); "
+                 "`report.json`: how it was built and measured")
+    return lines
+
+
+def _numbers(report: dict[str, Any]) -> list[str]:
+    lines = [f"- weights on disk {report['weight_bytes'] / 1e6:.1f} MB; cache {report['kv_bytes_per_token']:,} "
+             "bytes per token (all layers)"]
+    if "r1" in report:
+        lines.append(f"- QSVD: R1 {report['r1']:.3f} (attention parameters kept), R2 {report['r2']:.3f} "
+                     "(cache kept), ranks per layer in `report.json` → `layers`")
+    target = report.get("target")
+    if target:
+        lines.append(f"- target {target['target']}, preset {target['bits']}"
+                     + (f", {target['quantized_matmuls']} MatMuls as MatMulNBits" if target.get("quantized_matmuls")
+                        else ""))
+    ppl = report.get("perplexity")
+    if isinstance(ppl, dict) and "compressed_onnx" in ppl:
+        lines.append(f"- perplexity on {ppl['text']} ({ppl['windows']} × {ppl['length']} tokens): "
+                     f"{ppl['compressed_onnx']:.3f} (this graph), dense {ppl['dense']:.3f}")
+    return lines
+
+
+def render_decoder_readme(config: BundleConfig, report: dict[str, Any]) -> str:
+    """A dynamic-shape decoder bundle (cpu, gpu or fp32): one graph, a cache that grows by the new tokens."""
+    ranks = [la.rank for la in config.cache if la.rank]
+    dense = sum(1 for la in config.cache if la.kind == "dense")
+    kinds = ([f"{dense} dense (K and V)"] if dense else []) + (
+        [f"{len(ranks)} latent (r {min(ranks)}–{max(ranks)}, per layer in `{CONFIG_NAME}` → `cache`)"] if ranks else [])
+    dtype = config.cache[0].tensors[0].dtype if config.cache else "float32"
+    lines = [
+        f"# {config.model_name}: decoder bundle",
+        "",
+        *_files(config),
+        "",
+        "## Inputs and outputs (`model.onnx`, opset 21, dynamic batch and sequence)",
+        "",
+        "- `input_ids` int64 [B, n]: the new tokens",
+        "- `attention_mask` int64 [B, past + n]: 1 for every real token so far (past and new)",
+        "- `position_ids` int64 [B, n]: past, past + 1, … (where the graph has this input)",
+    ]
+    for tensor in config.cache[0].tensors if config.cache else []:
+        part = tensor.input.rsplit(".", 1)[-1]
+        shape = ", ".join("B" if d == "batch_size" else "past" if d == "past_sequence_length" else str(d)
+                          for d in tensor.shape)
+        lines.append(f"- `past_key_values.{{i}}.{part}` {tensor.dtype} [{shape}] → `present.{{i}}.{part}` "
+                     f"(past + n on axis {tensor.sequence_axis})")
+    lines += [
+        f"- {len(config.cache)} layers: {', '.join(kinds)}. A latent layer caches one rank-r tensor instead of",
+        "  K and V; the graph rebuilds keys and values from it.",
+        "- `logits` float32 [B, n, vocab]",
+        "",
+        "## Driving it",
+        "",
+        f"1. Prefill: the prompt as `input_ids`, every cache input with past = 0 ({dtype}, zeros of shape [B, …, 0, …]).",
+        "2. Decode: feed each `present.{i}.*` back as `past_key_values.{i}.*`, the chosen token as `input_ids`",
+        "   [B, 1], the mask one longer, `position_ids` = the number of tokens so far.",
+        "3. Greedy: next token = argmax of the last logits row; stop at an id of "
+        f"`generation.eos_token_ids` ({config.generation.get('eos_token_ids', [])}).",
+        "",
+        "`samples/run_bundle.py` in qsvd-export is a reference loop with only onnxruntime, tokenizers and numpy;",
+        "`samples/README.md` there spells out the contract for ports.",
+        "",
+        "## Numbers from report.json",
+        "",
+        *_numbers(report),
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def render_encoder_readme(config: BundleConfig, report: dict[str, Any]) -> str:
+    """An encoder or vision bundle: one forward, inputs and outputs as listed."""
+    spec = config.graph("model")
+    lines = [
+        f"# {config.model_name}: {config.kind} bundle",
+        "",
+        *_files(config),
+        "",
+        "## Inputs and outputs (`model.onnx`, opset 21)",
+        "",
+        f"- inputs: {', '.join(f'`{n}`' for n in spec.inputs)}",
+        f"- outputs: {', '.join(f'`{n}`' for n in spec.outputs)}",
+        "",
+        "## Numbers from report.json",
+        "",
+        *_numbers(report),
+    ]
+    return "\n".join(lines) + "\n"
 
 
 def _cache_lines(config: BundleConfig, context: int, prefill: int) -> list[str]:
@@ -17,7 +135,7 @@ def _cache_lines(config: BundleConfig, context: int, prefill: int) -> list[str]:
         shape = ", ".join("1" if d == "batch_size" else "P" if d == "past_sequence_length" else str(d)
                           for d in tensor.shape)
         part = tensor.input.rsplit(".", 1)[-1]
-        lines.append(f"- `past_key_values.{{i}}.{part}` float32 [{shape}] → `present.{{i}}.{part}` "
+        lines.append(f"- `past_key_values.{{i}}.{part}` {tensor.dtype} [{shape}] → `present.{{i}}.{part}` "
                      f"(sequence axis {tensor.sequence_axis})")
     kinds = sorted({f"{la.kind}{f' r={la.rank}' if la.rank else ''}" for la in config.cache})
     lines.append(f"- {len(config.cache)} layers: {', '.join(kinds)}. P = {context - prefill} for prefill, "

@@ -353,9 +353,8 @@ def finish_npu_bundle(folder: Path, config: Any, target_report: dict[str, Any], 
                       options: NpuOptions | None, verify: bool, timings: dict[str, float]) -> dict[str, Any]:
     """Turn a bundle folder holding the dynamic ``model.onnx`` into an npu bundle: static QDQ graphs and
     ``weights.data`` replace it, ``qsvd_config.json`` gets ``static_shapes``, then optional context
-    binaries, the QNN check and the bundle README. Returns the target report; wall times go to ``timings``."""
+    binaries and the QNN check. Returns the target report; wall times go to ``timings``."""
     from qsvd_export.bundle import CONFIG_NAME
-    from qsvd_export.bundle_readme import render_npu_readme
     from qsvd_export.errors import UnsupportedModelError
     from qsvd_export.progress import info
     from qsvd_export.quantize import parse_bits
@@ -387,5 +386,4 @@ def finish_npu_bundle(folder: Path, config: Any, target_report: dict[str, Any], 
         info(f"npu: QNN HTP sessions (htp_arch {options.htp_arch}, CPU fallback disabled) and a greedy check")
         report["verification"] = verify_on_qnn(folder, config.cache, tokenizer, options, contexts)
         timings.update(report["verification"].pop("timings", {}))
-    (folder / "README.md").write_text(render_npu_readme(config, report))
     return report

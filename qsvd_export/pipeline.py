@@ -56,6 +56,8 @@ def generation_summary(loaded: LoadedModel) -> dict[str, Any]:
         "bos_token_id": getattr(config, "bos_token_id", None),
         "pad_token_id": getattr(config, "pad_token_id", None),
         "chat_template": bool(loaded.chat),
+        "do_sample": False,  # greedy, as `run` and samples/run_bundle.py decode
+        "max_length": int(getattr(config, "max_position_embeddings", 0) or 0),
     }
 
 
@@ -156,9 +158,7 @@ def build_dense_bundle(spec: str, out: Path, overwrite: bool = False, seed: int 
         if target_report is not None:
             write_json(tmp / "report.json", {**json.loads((tmp / "report.json").read_text()), "target": target_report,
                                              "weight_bytes": graph_weight_bytes(tmp, config)})
-        if mobile:
-            _package_mobile(tmp, config, timings)
-        write_json(tmp / "timings.json", {k: round(v, 3) for k, v in timings.items()})
+        _finish_bundle(tmp, config, mobile, timings)
     report = json.loads((Path(out) / "report.json").read_text())
     return BuildResult(Path(out), config, report, timings)
 
@@ -252,9 +252,7 @@ def build_compressed_bundle(spec: str, options: Any, out: Path, overwrite: bool 
             timings["eval_s"] = time.perf_counter() - start
             report = {**json.loads((tmp / "report.json").read_text()), "perplexity": report["perplexity"]}
             write_json(tmp / "report.json", report)
-        if mobile:
-            _package_mobile(tmp, config, timings)
-        write_json(tmp / "timings.json", {k: round(v, 3) for k, v in timings.items()})
+        _finish_bundle(tmp, config, mobile, timings)
     report = json.loads((Path(out) / "report.json").read_text())
     return BuildResult(Path(out), config, report, timings)
 
@@ -373,14 +371,22 @@ def finish_target(folder: Path, config: BundleConfig, target_report: dict[str, A
                              timings if timings is not None else {})
 
 
-def _package_mobile(folder: Path, config: BundleConfig, timings: dict[str, float]) -> dict[str, Any]:
-    """``--mobile``, last step inside the temporary bundle folder: .ort graphs, the reduced-build operator
-    config and their verification (``mobile.py``); updates qsvd_config.json and report.json there."""
-    from qsvd_export.mobile import package_mobile
-    from qsvd_export.progress import info
+def _finish_bundle(folder: Path, config: BundleConfig, mobile: bool, timings: dict[str, float]) -> dict[str, Any] | None:
+    """Last steps inside the temporary bundle folder once config and report are final: ``--mobile``
+    packaging (.ort graphs, reduced-build operator config, their verification; ``mobile.py`` updates
+    qsvd_config.json and report.json), the bundle README, timings.json. Returns the mobile report."""
+    from qsvd_export.bundle_readme import write_readme
 
-    info("mobile: ORT-format graphs, required_operators.config and a parity check on the CPU EP")
-    return package_mobile(folder, config, timings)
+    mobile_report = None
+    if mobile:
+        from qsvd_export.mobile import package_mobile
+        from qsvd_export.progress import info
+
+        info("mobile: ORT-format graphs, required_operators.config and a parity check on the CPU EP")
+        mobile_report = package_mobile(folder, config, timings)
+    write_readme(folder)
+    write_json(folder / "timings.json", {k: round(v, 3) for k, v in timings.items()})
+    return mobile_report
 
 
 def graph_weight_bytes(folder: Path, config: BundleConfig) -> int:
@@ -469,7 +475,7 @@ def compile_onnx(graph_path: Path, plan_path: Path | None, out: Path, overwrite:
         report["kv_bytes_per_token"] = config.kv_bytes_per_token()
         report["weight_bytes"] = graph_weight_bytes(tmp, config)
         write_json(tmp / "report.json", report)
-        if mobile:
-            report["mobile"] = _package_mobile(tmp, config, timings)
-        write_json(tmp / "timings.json", {k: round(v, 3) for k, v in timings.items()})
+        mobile_report = _finish_bundle(tmp, config, mobile, timings)
+        if mobile_report is not None:
+            report["mobile"] = mobile_report
     return BuildResult(Path(out), config, report, timings)
