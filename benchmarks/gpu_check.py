@@ -1,6 +1,6 @@
 """The gpu target on a real CUDA EP: placement, agreement with the CPU EP, perplexity and decode speed.
 
-    python -m benchmarks.gpu_check BUNDLE [BUNDLE ...] [--windows FILE.npy] [--contexts 512 2048]
+    python -m benchmarks.gpu_check BUNDLE [BUNDLE ...] [--text wiki_eval | --windows FILE.npy] [--contexts 512 2048]
         [--new-tokens 64] [--runs 5] [--out results/gpu_check.json]
 
 Per gpu bundle (``--target gpu``, fp16 activations and cache):
@@ -8,8 +8,9 @@ Per gpu bundle (``--target gpu``, fp16 activations and cache):
   session profile);
 - agreement: max |Δlogit| and argmax agreement between the CUDA EP and the CPU EP running the same
   graph over a 128-token prefill, and the greedy tokens of both over 16 steps;
-- perplexity on the CUDA EP over ``--windows`` (int64 [count, length] token ids, e.g. made with
-  ``qsvd_export.data.token_windows``: the EVAL.md protocol);
+- perplexity on the CUDA EP over 32 × 512 tokens of ``--text`` (EVAL.md protocol; bundles with a
+  tokenizer), or over ``--windows`` (int64 [count, length] token ids saved with numpy, for machines
+  without transformers);
 - decode tokens/s after a prompt of each context (cache kept on the GPU with IOBinding, medians of
   ``--runs`` after a warm-up) and achieved ÷ roofline (weights + cache bytes per token over the
   device-to-device copy bandwidth, measured with torch when it is importable).
@@ -143,7 +144,8 @@ def check_bundle(bundle: Path, windows: np.ndarray | None, contexts: list[int], 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("bundles", nargs="+", type=Path)
-    parser.add_argument("--windows", type=Path, help="int64 [count, length] token ids (.npy) for perplexity")
+    parser.add_argument("--text", default="wiki_eval", help="perplexity text (bundled corpus name or file)")
+    parser.add_argument("--windows", type=Path, help="int64 [count, length] token ids (.npy) instead of --text")
     parser.add_argument("--contexts", nargs="+", type=int, default=[512, 2048])
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--runs", type=int, default=5)
@@ -153,12 +155,18 @@ def main() -> None:
 
     if hasattr(ort, "preload_dlls"):  # CUDA/cuDNN libraries from the nvidia-* wheels, when present
         ort.preload_dlls()
-    windows = np.load(args.windows) if args.windows else None
+    fixed = np.load(args.windows) if args.windows else None
     bandwidth = copy_bandwidth()
     result: dict[str, Any] = {"onnxruntime": ort.__version__, "providers": ort.get_available_providers(),
                               "copy_bandwidth_gb_s": bandwidth / 1e9 if bandwidth else None,
                               "date": time.strftime("%Y-%m-%d"), "rows": []}
     for bundle in args.bundles:
+        windows = fixed
+        if windows is None and (bundle / "tokenizer.json").is_file():
+            from qsvd_export.bundle import bundle_tokenizer
+            from qsvd_export.data import read_text, token_windows
+
+            windows = token_windows(bundle_tokenizer(bundle), read_text(args.text), 512, 32, args.text)
         result["rows"].append(check_bundle(bundle, windows if (bundle / "tokenizer.json").is_file() else None,
                                            args.contexts, args.new_tokens, args.runs, bandwidth))
         print(json.dumps(result["rows"][-1]), flush=True)

@@ -8,7 +8,10 @@ from pathlib import Path
 import numpy as np
 import onnx_ir as ir
 
-from qsvd_export.errors import BadInputError
+from qsvd_export.errors import BadInputError, UnsupportedModelError
+
+TARGET_OPSET = 21  # the passes build opset-21 nodes; older graphs are upgraded first
+RUNTIME_DOMAINS = ("com.microsoft", "ai.onnx.ml")  # contrib and ML ops onnxruntime runs
 
 
 def _external_locations(path: Path) -> list[str]:
@@ -56,7 +59,57 @@ def load_onnx(path: Path) -> ir.Model:
     except Exception as exc:  # noqa: BLE001 - any parse failure is the file's fault
         raise BadInputError(f"{path}: unreadable ONNX ({exc.__class__.__name__}: {str(exc).splitlines()[0][:120]})") from None
     check_finite_weights(model, path)
+    upgrade_opset(model, path)
+    check_known_ops(model, path)
     return model
+
+
+def default_opset(model: ir.Model) -> int | None:
+    imports = model.opset_imports
+    return imports.get("", imports.get("ai.onnx"))
+
+
+def upgrade_opset(model: ir.Model, path: Path) -> int | None:
+    """Bring a default-domain opset below :data:`TARGET_OPSET` up to it, in place (onnxscript's version
+    converter, ONNX's C++ converter as its fallback). Returns the original opset when it changed it.
+    Newer opsets are kept: the ops the passes rewrite have the same semantics from 18 on."""
+    from onnxscript.version_converter import convert_version
+
+    opset = default_opset(model)
+    if opset is None:
+        raise BadInputError(f"{path}: the graph imports no ONNX (default-domain) opset")
+    if opset >= TARGET_OPSET:
+        return None
+    try:
+        convert_version(model, TARGET_OPSET, fallback=True)
+    except Exception as exc:  # noqa: BLE001 - converter failures name the op they could not adapt
+        reason = str(exc).strip().splitlines()[0][:160] if str(exc).strip() else exc.__class__.__name__
+        raise UnsupportedModelError(f"{path}: opset {opset} could not be upgraded to {TARGET_OPSET} ({reason})") from None
+    if default_opset(model) != TARGET_OPSET:
+        raise UnsupportedModelError(f"{path}: opset {opset} could not be upgraded to {TARGET_OPSET} "
+                                    f"(the converter stopped at {default_opset(model)})")
+    return opset
+
+
+def check_known_ops(model: ir.Model, path: Path) -> None:
+    """Refuse ops that neither ONNX nor onnxruntime define, naming the first one (node and op)."""
+    import onnx.defs
+
+    from qsvd_export.passes.chain import ORT_OPS_IN_ONNX_DOMAIN
+
+    opset = default_opset(model) or TARGET_OPSET
+    functions = {(domain, name) for domain, name, _ in model.functions}
+    for node in ir.traversal.RecursiveGraphIterator(model.graph):
+        domain = "" if node.domain == "ai.onnx" else node.domain
+        if domain in RUNTIME_DOMAINS or (node.domain, node.op_type) in functions or (
+                domain == "" and node.op_type in ORT_OPS_IN_ONNX_DOMAIN):
+            continue
+        if domain:
+            raise UnsupportedModelError(f"{path}: node '{node.name}' uses op {domain}::{node.op_type}, "
+                                        "which neither ONNX nor onnxruntime defines")
+        if domain == "" and not onnx.defs.has(node.op_type, opset, ""):
+            raise UnsupportedModelError(f"{path}: node '{node.name}' uses op {node.op_type}, which ONNX opset "
+                                        f"{opset} does not define")
 
 
 def check_finite_weights(model: ir.Model, path: Path) -> None:

@@ -175,3 +175,42 @@ def test_export_cli_writes_a_bundle(tmp_path):
     names = {p.name for p in out.iterdir()}
     assert {"model.onnx", "model.onnx.data", "qsvd_config.json", "report.json"} <= names
     assert not [p for p in Path(tmp_path).iterdir() if p.name.startswith(".")], "temporary folder left behind"
+
+
+def _opset_model(opset: int, op: tuple[str, str] = ("", "Relu")) -> "onnx.ModelProto":
+    """y = op(x · W) with W [4, 4], at ``opset``."""
+    import numpy as np
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    weight = numpy_helper.from_array(np.eye(4, dtype=np.float32), "w")
+    nodes = [helper.make_node("MatMul", ["x", "w"], ["h"], name="mm"),
+             helper.make_node(op[1], ["h"], ["y"], name="act", domain=op[0])]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 4])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 4])], [weight])
+    imports = [helper.make_opsetid("", opset)] + ([helper.make_opsetid(op[0], 1)] if op[0] else [])
+    return helper.make_model(graph, opset_imports=imports, ir_version=8)
+
+
+def test_old_opset_graph_is_upgraded_to_21(tmp_path):
+    import onnx
+
+    from qsvd_export.onnx_io import load_onnx
+
+    onnx.save(_opset_model(14), tmp_path / "old.onnx")
+    model = load_onnx(tmp_path / "old.onnx")
+    assert model.opset_imports[""] == 21
+    assert main([str(tmp_path / "old.onnx"), "--target", "cpu", "-o", str(tmp_path / "out"), "-q"]) == 0
+    assert onnx.load(tmp_path / "out" / "model.onnx").opset_import[0].version == 21
+
+
+@pytest.mark.parametrize("op, fragment", [(("", "NoSuchOp"), "op NoSuchOp, which ONNX opset 21 does not define"),
+                                          (("com.vendor", "Secret"), "op com.vendor::Secret, which neither ONNX")])
+def test_unknown_op_is_refused_by_name(tmp_path, op, fragment):
+    import onnx
+
+    onnx.save(_opset_model(21, op), tmp_path / "odd.onnx")
+    proc = run_cli(str(tmp_path / "odd.onnx"), "-o", str(tmp_path / "out"))
+    assert_one_line_error(proc, 4, fragment)
+    assert "node 'act'" in proc.stderr
+    assert not (tmp_path / "out").exists()
