@@ -1,6 +1,6 @@
 """npu target quality: build the static QDQ graphs from a bundle and score them on the CPU EP.
 
-    python -m benchmarks.npu_quality BUNDLE --bits w8a16 [--windows 32] [--verify] [--json OUT.json]
+    python -m benchmarks.npu_quality BUNDLE --bits w8a16 [--windows 32] [--verify [--htp-arch 73]] [--json OUT.json]
 
 BUNDLE is a dynamic-graph bundle (``qsvd-export export`` / ``compress`` output). Prints one JSON line:
 dense perplexity of the bundle's fp32 graph and of the QDQ prefill graph on the same ``--windows`` ×
@@ -33,10 +33,11 @@ def main() -> None:
     parser.add_argument("--windows", type=int, default=32)
     parser.add_argument("--calibration-windows", type=int, default=8)
     parser.add_argument("--verify", action="store_true", help="also run the QNN HTP check (minutes)")
+    parser.add_argument("--htp-arch", default=NpuOptions.htp_arch, help="HTP architecture for --verify")
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args()
     config, tokenizer = load_bundle_config(args.bundle), bundle_tokenizer(args.bundle)
-    options = NpuOptions(calibration_windows=args.calibration_windows)
+    options = NpuOptions(calibration_windows=args.calibration_windows, htp_arch=args.htp_arch)
     rows = token_windows(tokenizer, read_text("wiki_eval"), options.prefill_length, args.windows, source="wiki_eval")
     result: dict = {"bundle": str(args.bundle), "bits": args.bits, "windows": args.windows,
                     "window_length": options.prefill_length}

@@ -97,8 +97,9 @@ ORT_OPS_IN_ONNX_DOMAIN = frozenset({"SimplifiedLayerNormalization"})
 _UNCHECKED_DOMAIN = "qsvd_export.unchecked"
 
 
-def check_model(model: ir.Model) -> None:
-    """ONNX checker (onnx_ir's CheckerPass moves large weights out of the proto for the check).
+def check_model(model: ir.Model, subject: str = "graph", when: str = " after the passes") -> None:
+    """ONNX checker (onnx_ir's CheckerPass moves large weights out of the proto for the check); failures
+    are :class:`BadInputError` naming ``subject`` and ``when``.
 
     Nodes of :data:`ORT_OPS_IN_ONNX_DOMAIN` are checked as custom-domain nodes (structure only)."""
     import onnx
@@ -115,7 +116,12 @@ def check_model(model: ir.Model) -> None:
     try:
         common.CheckerPass()(model)
     except onnx.checker.ValidationError as err:
-        raise BadInputError(f"graph fails the ONNX checker after the passes: {str(err).splitlines()[0]}") from None
+        raise BadInputError(f"{subject} fails the ONNX checker{when}: {str(err).splitlines()[0]}") from None
+    except ir.serde.SerdeError as err:  # names or attributes that cannot be written back (e.g. invalid UTF-8)
+        cause: BaseException = err
+        while cause.__cause__ is not None:
+            cause = cause.__cause__
+        raise BadInputError(f"{subject} cannot be serialized{when}: {str(cause).splitlines()[0][:160]}") from None
     finally:
         for node in ort_nodes:
             node.domain = ""

@@ -59,6 +59,9 @@ def load_onnx(path: Path) -> ir.Model:
     except Exception as exc:  # noqa: BLE001 - any parse failure is the file's fault
         raise BadInputError(f"{path}: unreadable ONNX ({exc.__class__.__name__}: {str(exc).splitlines()[0][:120]})") from None
     check_finite_weights(model, path)
+    from qsvd_export.passes.chain import check_model
+
+    check_model(model, subject=str(path), when="")
     upgrade_opset(model, path)
     check_known_ops(model, path)
     return model
