@@ -61,9 +61,9 @@ def load_onnx(path: Path) -> ir.Model:
     check_finite_weights(model, path)
     from qsvd_export.passes.chain import check_model
 
-    check_model(model, subject=str(path), when="")
     upgrade_opset(model, path)
     check_known_ops(model, path)
+    check_model(model, subject=str(path), when="")
     return model
 
 
