@@ -264,7 +264,7 @@ def _dynamic_feeds(folder: Path, config: BundleConfig, session: Any) -> list[dic
         if value.name in cache:
             tensor = cache[value.name]
             shape = [1 if d == "batch_size" else 0 if d == "past_sequence_length" else d for d in tensor.shape]
-            feed[value.name] = np.zeros(shape, dtype=np.float16 if tensor.dtype == "float16" else np.float32)
+            feed[value.name] = np.zeros(shape, dtype=tensor.dtype)
         elif value.name == "input_ids":
             feed[value.name] = ids
         elif value.name == "attention_mask":

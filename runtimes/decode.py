@@ -16,8 +16,6 @@ from qsvd_export.errors import UsageError
 from qsvd_export.runtimes.metrics import window_nll
 from qsvd_export.runtimes.sessions import SessionOptions, create_session
 
-_NP_DTYPES = {"float32": np.float32, "float16": np.float16, "uint16": np.uint16, "uint8": np.uint8}
-
 Cache = dict[str, np.ndarray]
 
 
@@ -39,7 +37,7 @@ class DecoderRunner:
         for layer in self.config.cache:
             for tensor in layer.tensors:
                 shape = [batch if d == "batch_size" else 0 if d == "past_sequence_length" else d for d in tensor.shape]
-                cache[tensor.input] = np.zeros(shape, dtype=_NP_DTYPES[tensor.dtype])
+                cache[tensor.input] = np.zeros(shape, dtype=tensor.dtype)  # numpy names
         return cache
 
     def step(

@@ -62,7 +62,7 @@ class StaticDecoder:
         cache = {}
         for tensor in self.tensors:
             shape = [1 if d == "batch_size" else self.context if d == "past_sequence_length" else d for d in tensor.shape]
-            cache[tensor.input] = np.zeros(shape, dtype=np.float32)
+            cache[tensor.input] = np.zeros(shape, dtype=tensor.dtype)  # numpy names
         return StaticState(cache, np.zeros(self.context, dtype=np.int64))
 
     def feed(self, state: StaticState, tokens: list[int], valid: list[bool]) -> tuple[np.ndarray, dict[str, Any]]:
