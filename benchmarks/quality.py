@@ -83,7 +83,7 @@ def smollm2_table(args: argparse.Namespace) -> dict:
                 opts = CompressOptions(budget=parse_budget(budget), allocation=allocation, grouping=grouping,
                                        whitening=whitening)
                 try:
-                    plan = build_plan(loaded, scored, opts)
+                    plan = build_plan(loaded.name, str(loaded.model.config.model_type), scored, opts)
                 except Exception as exc:  # noqa: BLE001 - a budget a baseline cannot meet is a row, not a crash
                     rows.append({"method": label, "whitening": whitening, "budget": budget, "error": str(exc)})
                     continue
@@ -113,7 +113,7 @@ def minilm_table(args: argparse.Namespace) -> list[dict]:
                                             ("uniform", "separate", "per-matrix SVD (K, V; Q dense)"),
                                             ("fisher", "qkv", "Fisher-per-layer joint QKV")]:
             opts = CompressOptions(budget=parse_budget(f"params={r1}"), allocation=allocation, grouping=grouping)
-            plan = build_plan(loaded, analysis, opts)
+            plan = build_plan(loaded.name, str(loaded.model.config.model_type), analysis, opts)
             model = apply_plan(copy.deepcopy(loaded.model), plan)
             cosine = embedding_cosine(dense, sentence_embeddings(model, loaded.tokenizer, sentences))
             rows.append({"model": "minilm-l6", "method": label, "r1": plan.r1, "sentences": len(sentences),

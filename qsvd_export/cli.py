@@ -160,6 +160,14 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("compile", help="graph stage on an ONNX file (also: qsvd-export model.onnx ...)")
     p.add_argument("graph", type=Path)
     p.add_argument("--plan", type=Path, help="CompressionPlan folder (plan.json + plan.safetensors)")
+    p.add_argument("--budget", default=None,
+                   help="build the plan from the graph itself (no torch model): kv=R2 and/or params=R1; calibrated "
+                        "in ONNX Runtime, energy-ranked (no gradients)")
+    p.add_argument("--calib", default="wiki_calib", help="with --budget: calibration text file or bundled corpus")
+    p.add_argument("--calib-windows", type=int, default=None, help="with --budget: default 128 (decoders), 256 (encoders)")
+    p.add_argument("--calib-length", type=int, default=None, help="with --budget: default 512 (decoders), 32 (encoders)")
+    p.add_argument("--allocation", choices=["qsvd", "uniform"], default="qsvd", help="with --budget")
+    p.add_argument("--seed", type=int, default=0, help="with --budget: the latent rotation's seed")
     p.add_argument("-o", "--output", required=True, type=Path)
     _add_target(p)
     p.add_argument("--dump-passes", type=Path, default=None)
@@ -351,9 +359,22 @@ def cmd_compress(args: argparse.Namespace) -> int:
 def cmd_compile(args: argparse.Namespace) -> int:
     from qsvd_export.pipeline import compile_onnx
 
+    graph_only = None
+    if args.budget is not None and args.plan is not None:
+        raise UsageError("--budget builds a plan from the graph; it cannot be combined with --plan")
+    if args.budget is not None:
+        from qsvd_export.compress.budget import parse_budget
+        from qsvd_export.compress.compressor import CompressOptions
+
+        for flag in ("calib_windows", "calib_length"):
+            if getattr(args, flag) is not None and getattr(args, flag) < 2:
+                raise UsageError(f"--{flag.replace('_', '-')} is too small ({getattr(args, flag)})")
+        graph_only = CompressOptions(parse_budget(args.budget), allocation=args.allocation, calib_text=args.calib,
+                                     calib_windows=args.calib_windows, calib_length=args.calib_length, grad_windows=0,
+                                     seed=args.seed)
     result = compile_onnx(args.graph, args.plan, args.output, overwrite=args.overwrite, dump_dir=args.dump_passes,
                           target=args.target, bits=args.bits, strict=args.strict, npu_options=_npu_options(args),
-                          verify=args.verify, mobile=args.mobile)
+                          verify=args.verify, mobile=args.mobile, graph_only=graph_only)
     stage = result.report["graph_stage"]
     latent = sum(1 for layer in stage["layers"] if layer["cache"] == "latent")
     print(f"wrote {result.out}: {stage['attention_blocks']} attention blocks, {latent} with a latent cache"

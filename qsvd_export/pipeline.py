@@ -389,6 +389,22 @@ def _finish_bundle(folder: Path, config: BundleConfig, mobile: bool, timings: di
     return mobile_report
 
 
+def _graph_only_plan(graph_path: Path, source: BundleConfig | None, options: Any) -> Any:
+    from qsvd_export.bundle import bundle_tokenizer
+    from qsvd_export.compress.compressor import with_calibration_defaults
+    from qsvd_export.compress.graph_only import graph_only_plan, text_source
+    from qsvd_export.data import read_text, resolve_text, token_windows
+
+    if source is None:
+        raise UsageError(f"--budget on a graph needs its bundle beside {graph_path.name} (qsvd_config.json with "
+                         "the head counts, and tokenizer files for calibration)")
+    options = with_calibration_defaults(options, source.kind)
+    windows = token_windows(bundle_tokenizer(graph_path.parent), read_text(options.calib_text), options.calib_length,
+                            options.calib_windows, source=str(options.calib_text))
+    return graph_only_plan(graph_path, source.model_config, source.model_name, source.model_type, source.kind,
+                           windows, options, text_source(resolve_text(options.calib_text)))
+
+
 def graph_weight_bytes(folder: Path, config: BundleConfig) -> int:
     """Bytes of the external data files the bundle's graphs use (a shared file counted once)."""
     import onnx
@@ -418,8 +434,11 @@ def check_target(graph_path: Path, report: dict[str, Any], strict: bool) -> None
 def compile_onnx(graph_path: Path, plan_path: Path | None, out: Path, overwrite: bool = False,
                  dump_dir: Path | None = None, target: str | None = None, bits: str | None = None,
                  strict: bool = False, npu_options: Any = None, verify: bool = True,
-                 mobile: bool = False) -> BuildResult:
-    """``qsvd-export model.onnx [--plan PLAN] [--target T --bits B]``: graph stage (+ target stage)."""
+                 mobile: bool = False, graph_only: Any = None) -> BuildResult:
+    """``qsvd-export model.onnx [--plan PLAN | --budget B] [--target T --bits B]``: graph stage (+ target stage).
+
+    ``graph_only`` (CompressOptions): build the plan from the graph itself (``compress.graph_only``),
+    calibrated in ONNX Runtime on text tokenized by the bundle's tokenizer beside the graph."""
     import shutil
 
     from qsvd_export.bundle import check_output_dir, load_bundle_config
@@ -439,6 +458,9 @@ def compile_onnx(graph_path: Path, plan_path: Path | None, out: Path, overwrite:
     start = time.perf_counter()
     model = load_onnx(graph_path)
     plan = load_plan(plan_path) if plan_path is not None else None
+    if graph_only is not None:
+        plan = _graph_only_plan(Path(graph_path), source, graph_only)
+        timings["graph_only_plan_s"] = time.perf_counter() - start
     context = run_graph_stage(model, plan, dump_dir)
     timings["graph_stage_s"] = time.perf_counter() - start
     start = time.perf_counter()

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import hashlib
 from dataclasses import asdict, dataclass, replace
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -189,7 +189,6 @@ def analyze(loaded: LoadedModel, options: CompressOptions, windows: np.ndarray |
     stats = collect_input_stats(model, blocks, batches, seed=options.seed, progress=progress.update)
     progress.close()
 
-    groups = groups or _candidate_groups(options)
     dims = [LayerDims(**b.dims) for b in blocks]
     weights = [b.weights() for b in blocks]
     use_gradients = options.grad_windows > 0
@@ -197,13 +196,37 @@ def analyze(loaded: LoadedModel, options: CompressOptions, windows: np.ndarray |
     output_fisher = None
     if options.whitening == "fisher" and use_gradients:
         output_fisher = _output_fisher(model, blocks, windows[: options.grad_windows], loss_fn)
+    meta = [{"num_heads": b.num_heads, "num_kv_heads": b.num_kv_heads, "head_dim": b.head_dim} for b in blocks]
+    calibration = {**calib_source, "windows": len(batches), "length": int(windows.shape[1])}
+    gradients = None
+    if use_gradients:
+        def gradients(accumulate: Callable[[int, list[tuple[torch.Tensor, ...]], Any], None], rows: np.ndarray,
+                      progress: Callable[[], None]) -> None:
+            for_each_gradient(model, blocks, rows, accumulate, progress=progress, loss_fn=loss_fn)
+    return analyze_statistics(dims, meta, weights, stats, loaded.kind, options, calibration, groups,
+                              output_fisher, gradients, windows)
+
+
+GradientRunner = Callable[..., None]
+
+
+def analyze_statistics(dims: list[LayerDims], blocks_meta: list[dict[str, int]],
+                       weights: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]], stats: list[Any], kind: str,
+                       options: CompressOptions, calibration: dict[str, Any], groups: tuple[str, ...] | None = None,
+                       output_fisher: list[torch.Tensor] | None = None, gradients: GradientRunner | None = None,
+                       windows: np.ndarray | None = None) -> Analysis:
+    """Whitened SVDs of every candidate group and their importance, from per-block input statistics and
+    Q/K/V weights ([out, E] each). ``gradients(accumulate, rows, progress)`` runs the model's backward
+    passes (torch stage); without it (graph-only plans) importance is the whitened spectrum's energy
+    share and whitening is input-side only."""
+    groups = groups or _candidate_groups(options)
     alpha = options.alpha if options.alpha is not None else (1.0 if options.whitening == "fisher" else 0.5)
     input_side = options.whitening
     if options.whitening == "fisher":
-        input_side = options.fisher_input or FISHER_INPUT_DEFAULT[loaded.kind]
+        input_side = options.fisher_input or FISHER_INPUT_DEFAULT[kind]
         if input_side not in ("absmean", "cholesky"):
             raise UsageError(f"unknown fisher input whitening '{input_side}' (absmean or cholesky)")
-    progress = bar(len(blocks), "whitened SVDs")
+    progress = bar(len(dims), "whitened SVDs")
     svds: list[dict[str, WhitenedSVD]] = []
     for li, (block_weights, stat) in enumerate(zip(weights, stats)):
         white = whitening(stat, input_side, alpha)
@@ -221,16 +244,16 @@ def analyze(loaded: LoadedModel, options: CompressOptions, windows: np.ndarray |
     importance = [{g: torch.zeros(svd[g].size, dtype=torch.float64) for g in groups} for svd in svds]
     fisher = [{g: 0.0 for g in groups} for _ in svds]
     grad_windows = 0
-    kind = options.importance if use_gradients else "energy"
-    if kind not in ("gradient", "kfac", "energy"):
-        raise UsageError(f"unknown importance '{kind}' (gradient or kfac)")
-    if kind == "kfac" and output_fisher is None:
+    importance_kind = options.importance if gradients is not None else "energy"
+    if importance_kind not in ("gradient", "kfac", "energy"):
+        raise UsageError(f"unknown importance '{importance_kind}' (gradient or kfac)")
+    if importance_kind == "kfac" and output_fisher is None:
         raise UsageError("kfac importance needs the output Fisher: use --whitening fisher")
-    if kind == "kfac":
-        grad_windows = min(options.grad_windows, len(windows))
+    if importance_kind == "kfac":
+        grad_windows = min(options.grad_windows, len(windows) if windows is not None else 0)
         importance, fisher = kfac_importance(dims, stats, svds, output_fisher, groups)  # type: ignore[arg-type]
-    elif kind == "gradient":
-        grad_rows = windows[: options.grad_windows]
+    elif importance_kind == "gradient" and gradients is not None:
+        grad_rows = windows[: options.grad_windows] if windows is not None else np.zeros((0, 0), np.int64)
         grad_windows = len(grad_rows)
 
         def accumulate(_: int, grads: list[tuple[torch.Tensor, ...]], __: Any) -> None:
@@ -241,9 +264,9 @@ def analyze(loaded: LoadedModel, options: CompressOptions, windows: np.ndarray |
                     fisher[li][g] += float((grad.double() ** 2).sum())
 
         progress = bar(grad_windows, "gradients")
-        for_each_gradient(model, blocks, grad_rows, accumulate, progress=progress.update, loss_fn=loss_fn)
+        gradients(accumulate, grad_rows, progress.update)
         progress.close()
-        for li in range(len(blocks)):
+        for li in range(len(dims)):
             for g in groups:
                 importance[li][g] /= grad_windows
                 fisher[li][g] /= grad_windows
@@ -256,19 +279,18 @@ def analyze(loaded: LoadedModel, options: CompressOptions, windows: np.ndarray |
     scores = [LayerScores(d, {g: importance[li][g].numpy() for g in groups}, fisher[li]) for li, d in enumerate(dims)]
     return Analysis(
         dims=dims,
-        blocks_meta=[{"num_heads": b.num_heads, "num_kv_heads": b.num_kv_heads, "head_dim": b.head_dim} for b in blocks],
+        blocks_meta=blocks_meta,
         weights=weights,
         stats=stats,
         svds=svds,
         scores=scores,
-        importance_kind=kind,
+        importance_kind=importance_kind,
         output_fisher=output_fisher,
         whitening=("fisher (input {}, output F^{:g})".format(
                        f"absmean^{alpha:g}" if input_side == "absmean" else input_side, options.fisher_gamma / 2)
                    if output_fisher is not None else
-                   (f"absmean^{alpha:g}" if options.whitening in ("absmean", "fisher") else options.whitening)),
-        calibration={**calib_source, "windows": len(batches), "length": int(windows.shape[1]),
-                     "gradient_windows": grad_windows},
+                   (f"absmean^{alpha:g}" if input_side == "absmean" else input_side)),
+        calibration={**calibration, "gradient_windows": grad_windows},
     )
 
 
@@ -282,7 +304,7 @@ def allocate(analysis: Analysis, options: CompressOptions) -> list[dict[str, np.
     return allocate_uniform(analysis.scores, options.budget, options.grouping)
 
 
-def build_plan(loaded: LoadedModel, analysis: Analysis, options: CompressOptions) -> CompressionPlan:
+def build_plan(model_name: str, model_type: str, analysis: Analysis, options: CompressOptions) -> CompressionPlan:
     """Allocate ranks under ``options.budget`` and turn the choice into factors (β, H2 folded in)."""
     bits: Bits = parse_bits(options.bits)
     choices = allocate(analysis, options)
@@ -316,8 +338,8 @@ def build_plan(loaded: LoadedModel, analysis: Analysis, options: CompressOptions
 
     r1, r2 = ratios(analysis.dims, [{g.members: g.rank for g in layer.groups} for layer in layers])
     plan = CompressionPlan(
-        model=loaded.name,
-        model_type=str(loaded.model.config.model_type),
+        model=model_name,
+        model_type=model_type,
         layers=layers,
         budget={"kv": options.budget.kv, "params": options.budget.params},
         r1=round(r1, 6),
@@ -342,7 +364,7 @@ def build_plan(loaded: LoadedModel, analysis: Analysis, options: CompressOptions
 
 def compress_model(loaded: LoadedModel, options: CompressOptions, windows: np.ndarray | None = None) -> CompressionPlan:
     """Build a :class:`CompressionPlan` for ``loaded`` (its model is not modified)."""
-    return build_plan(loaded, analyze(loaded, options, windows), options)
+    return build_plan(loaded.name, str(loaded.model.config.model_type), analyze(loaded, options, windows), options)
 
 
 def options_summary(options: CompressOptions) -> dict[str, Any]:

@@ -1,0 +1,127 @@
+"""Graph-only plans: a :class:`CompressionPlan` from an ONNX graph alone (no torch model).
+
+Weights come from the initializers of the projections ``find_attention`` matched (any layout it
+matches: MatMul, transposed, Gemm, fused QKV); activation statistics from running the graph in ONNX
+Runtime on calibration windows with each block's projection input added as an output. There are no
+gradients, so whitening is input-side only and ranks are allocated by whitened spectrum energy
+(``analyze_statistics`` without a gradient runner); everything after (allocation, β, H2) is the torch
+stage's code. Head geometry (heads, kv heads, head dim) comes from the bundle config beside the graph.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx_ir as ir
+import torch
+
+from qsvd_export.compress.budget import LayerDims
+from qsvd_export.compress.calibrate import InputStats
+from qsvd_export.compress.compressor import CompressOptions, analyze_statistics, build_plan, with_calibration_defaults
+from qsvd_export.errors import UsageError
+from qsvd_export.passes.find_attention import AttentionBlock, find_attention
+from qsvd_export.plan import CompressionPlan
+from qsvd_export.progress import bar
+
+
+def _feed(session: Any, ids: np.ndarray) -> dict[str, np.ndarray]:
+    """Inputs for one [1, L] window with an empty cache: symbolic batch dims 1, other symbolic dims 0."""
+    feed: dict[str, np.ndarray] = {}
+    for value in session.get_inputs():
+        if value.name == "input_ids":
+            feed[value.name] = ids
+        elif value.name == "attention_mask":
+            feed[value.name] = np.ones_like(ids)
+        elif value.name == "position_ids":
+            feed[value.name] = np.arange(ids.shape[1], dtype=np.int64)[None]
+        elif value.name == "token_type_ids":
+            feed[value.name] = np.zeros_like(ids)
+        elif value.type == "tensor(float)" or value.type == "tensor(float16)":
+            shape = [d if isinstance(d, int) else (1 if axis == 0 else 0) for axis, d in enumerate(value.shape)]
+            feed[value.name] = np.zeros(shape, np.float16 if "16" in value.type else np.float32)
+        else:
+            raise UsageError(f"graph-only calibration cannot feed graph input {value.name} ({value.type})")
+    return feed
+
+
+def graph_input_stats(graph_path: Path, blocks: list[AttentionBlock], windows: np.ndarray, sample_rows: int = 2048,
+                      seed: int = 0) -> list[InputStats]:
+    """Σxᵀx, Σ|x| and sampled rows of every block's projection input over ``windows`` [n, L] (CPU EP)."""
+    import onnxruntime as ort
+
+    names = [block.x.name for block in blocks]
+    model = ir.load(graph_path)
+    values = {v.name: v for node in model.graph for v in node.outputs}
+    values.update({v.name: v for v in model.graph.inputs})
+    for name in names:
+        if name not in {o.name for o in model.graph.outputs}:
+            model.graph.outputs.append(values[name])
+    dim = int(blocks[0].dims["e"])
+    stats = [InputStats(torch.zeros(dim, dim, dtype=torch.float64), torch.zeros(dim, dtype=torch.float64)) for _ in blocks]
+    rng = np.random.default_rng(seed)
+    per_window = max(1, sample_rows // max(len(windows), 1))
+    with tempfile.TemporaryDirectory() as tmp:
+        ir.save(model, Path(tmp) / "probe.onnx", external_data="probe.onnx.data")
+        del model
+        so = ort.SessionOptions()
+        so.log_severity_level = 3
+        session = ort.InferenceSession(str(Path(tmp) / "probe.onnx"), sess_options=so, providers=["CPUExecutionProvider"])
+        progress = bar(len(windows), "graph calibration statistics")
+        for row in windows:
+            outputs = session.run(names, _feed(session, row[None, :].astype(np.int64)))
+            for stat, x in zip(stats, outputs):
+                x64 = torch.from_numpy(np.asarray(x, dtype=np.float64).reshape(-1, dim))
+                stat.xtx += x64.T @ x64
+                stat.abs_sum += x64.abs().sum(0)
+                stat.count += x64.shape[0]
+                take = np.sort(rng.choice(x64.shape[0], size=min(per_window, x64.shape[0]), replace=False))
+                stat.sample.append(x64[torch.from_numpy(take)].float())
+            progress.update()
+        progress.close()
+    return stats
+
+
+def _geometry(model_config: dict[str, Any], blocks: list[AttentionBlock]) -> list[dict[str, int]]:
+    try:
+        heads, kv_heads = int(model_config["num_attention_heads"]), int(model_config.get("num_key_value_heads")
+                                                                          or model_config["num_attention_heads"])
+    except (KeyError, TypeError):
+        raise UsageError("graph-only compression needs the head counts: run it on a bundle's model.onnx "
+                         "(qsvd_config.json → model_config) or pass --plan") from None
+    meta = []
+    for block in blocks:
+        head_dim = int(model_config.get("head_dim") or block.dims["q"] // heads)
+        if block.dims["q"] != heads * head_dim or block.dims["k"] != kv_heads * head_dim:
+            raise UsageError(f"attention block {block.index}: projection widths {block.dims} do not match "
+                             f"{heads} heads / {kv_heads} kv heads of {head_dim}")
+        meta.append({"num_heads": heads, "num_kv_heads": kv_heads, "head_dim": head_dim})
+    return meta
+
+
+def graph_only_plan(graph_path: Path, model_config: dict[str, Any], model_name: str, model_type: str, kind: str,
+                    windows: np.ndarray, options: CompressOptions, calib_source: dict[str, Any]) -> CompressionPlan:
+    """Plan for the graph at ``graph_path`` under ``options.budget`` from activation statistics over
+    ``windows`` [n, L] (gradient-free: energy importance, input-side whitening)."""
+    options = with_calibration_defaults(options, kind)
+    matches = find_attention(ir.load(graph_path))
+    if not matches.blocks:
+        raise UsageError(f"{graph_path.name}: no attention block found, nothing to compress"
+                         + (f" ({matches.failures[0].reason})" if matches.failures else ""))
+    blocks = matches.blocks
+    meta = _geometry(model_config, blocks)
+    dims = [LayerDims(**b.dims) for b in blocks]
+    weights = [tuple(torch.from_numpy(np.ascontiguousarray(p.weight.T, dtype=np.float32)) for p in (b.q, b.k, b.v))
+               for b in blocks]
+    stats = graph_input_stats(graph_path, blocks, windows, seed=options.seed)
+    calibration = {**calib_source, "windows": int(len(windows)), "length": int(windows.shape[1]),
+                   "source": "onnxruntime (graph-only)"}
+    analysis = analyze_statistics(dims, meta, weights, stats, kind, options, calibration)  # type: ignore[arg-type]
+    return build_plan(model_name, model_type, analysis, options)
+
+
+def text_source(text_path: Path) -> dict[str, Any]:
+    return {"text": text_path.name, "sha256": hashlib.sha256(text_path.read_bytes()).hexdigest()}
