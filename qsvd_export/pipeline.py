@@ -461,6 +461,7 @@ def compile_onnx(graph_path: Path, plan_path: Path | None, out: Path, overwrite:
     if graph_only is not None:
         plan = _graph_only_plan(Path(graph_path), source, graph_only)
         timings["graph_only_plan_s"] = time.perf_counter() - start
+        start = time.perf_counter()
     context = run_graph_stage(model, plan, dump_dir)
     timings["graph_stage_s"] = time.perf_counter() - start
     start = time.perf_counter()

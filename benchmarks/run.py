@@ -1,0 +1,519 @@
+"""Our bundles against the peer tools, in one run on one model, data set and machine (issue 8).
+
+    python -m benchmarks.run [--quick] [--out results/bench] [--dense DIR] [--ours-w4a8 DIR] [--ours-latent DIR]
+
+Rows (smollm2-135m):
+
+- ``dense``          dense fp32 ONNX: ``qsvd-export export smollm2-135m`` (``--dense DIR`` reuses one);
+- ``ort-int8``       onnxruntime ``quantize_dynamic`` int8 (per-channel weights) on the dense graph;
+- ``ort-int4-b32``   onnxruntime ``MatMulNBitsQuantizer`` int4 RTN (``DefaultWeightOnlyQuantConfig``), block 32;
+- ``ort-int4-b128``  the same, block 128;
+- ``ours-w8a8``      ``qsvd-export D/model.onnx --target cpu`` (graph stage, w8a8 default);
+- ``ours-w4a8``      ``qsvd-export export smollm2-135m --target cpu`` (smoothed w4a8; ≈ 8 min to build,
+                     ``--ours-w4a8 DIR`` reuses one, ``--quick`` skips it without);
+- ``ours-latent``    the QSVD kv=0.5 latent bundle (``qsvd-export compress smollm2-135m --budget kv=0.5``;
+                     ≈ 15 min, ``--ours-latent DIR`` reuses one, ``--quick`` skips it without), fp32
+                     (measured in full mode only; ``--quick`` uses it as the next row's source);
+- ``ours-latent-w8a8`` ``qsvd-export LATENT/model.onnx --target cpu`` on it.
+
+Per row: perplexity on wiki_eval and news_eval (EVAL.md: 32 × 512 windows, each one prefill through
+``DecoderRunner.window_nlls``; ``--quick``: 8 windows), KV bytes/token (``qsvd_config.json``; the peers
+keep the dense cache), weight bytes on disk, prefill ms (512), decode tokens/s at 512 (and 2048 in full
+mode), peak RSS, achieved ÷ roofline (all from ``benchmarks.decode_speed``'s worker: one subprocess per
+bundle, medians of timed runs after a warm-up), build time; ratios against the dense row of the same run.
+
+Writes ``OUT/bench.json`` (figures, machine, date, tool versions), ``OUT/bench.md`` (table) and, when
+matplotlib is installed (``pip install 'qsvd-export[bench]'``), ``OUT/ppl_vs_kv.png`` and
+``OUT/ppl_vs_decode.png`` (one marker per row, Pareto front). Built bundles go to ``--work``
+(default ``OUT/bundles``) and are reused by later runs unless ``--rebuild``.
+
+Fast ``--quick`` (< 10 min on the 2-core VM): give the slow torch-stage bundles, e.g.
+``--dense /tmp/exp/sm-dense --ours-w4a8 /tmp/sm_mobile --ours-latent /tmp/exp/sm-kv50``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.metadata
+import json
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import time
+import traceback
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+MODEL = "smollm2-135m"
+CORPORA = ("wiki_eval", "news_eval")
+BUILD_FILE = "bench_build.json"
+
+
+@dataclass(frozen=True)
+class Row:
+    name: str
+    label: str
+    tool: str
+    family: str  # "dense" | "peer" | "ours"
+    quick: bool = True  # measured in --quick runs (False: only built/reused there, as another row's source)
+
+
+ROWS = [
+    Row("dense", "dense fp32", "qsvd-export export", "dense"),
+    Row("ort-int8", "ORT quantize_dynamic int8 (per-channel; 7-bit weights without VNNI)", "onnxruntime.quantization.quantize_dynamic", "peer"),
+    Row("ort-int4-b32", "ORT MatMulNBits int4 RTN, block 32", "onnxruntime MatMulNBitsQuantizer (DEFAULT/RTN)", "peer"),
+    Row("ort-int4-b128", "ORT MatMulNBits int4 RTN, block 128", "onnxruntime MatMulNBitsQuantizer (DEFAULT/RTN)", "peer"),
+    Row("ours-w8a8", "ours: --target cpu (w8a8) on the dense graph", "qsvd-export D/model.onnx --target cpu", "ours"),
+    Row("ours-w4a8", "ours: export --target cpu (smoothed w4a8)", "qsvd-export export --target cpu", "ours"),
+    Row("ours-latent", "ours: QSVD kv=0.5 latent, fp32", "qsvd-export compress --budget kv=0.5", "ours", quick=False),
+    Row("ours-latent-w8a8", "ours: QSVD kv=0.5 latent + --target cpu (w8a8)", "qsvd-export LATENT/model.onnx --target cpu",
+        "ours"),
+]
+ROW_NAMES = [r.name for r in ROWS]
+
+# Columns of bench.md: (header, row key, format). Ratios vs dense follow the value in parentheses.
+COLUMNS = [
+    ("wiki_eval ppl", "wiki_eval", "{:.3f}"),
+    ("news_eval ppl", "news_eval", "{:.3f}"),
+    ("KV B/token", "kv_bytes_per_token", "{:,.0f}"),
+    ("weights MB", "weight_mb", "{:.1f}"),
+    ("prefill 512 ms", "prefill_512_ms", "{:.0f}"),
+    ("decode@512 tok/s", "decode_512_tok_s", "{:.1f}"),
+    ("decode@2048 tok/s", "decode_2048_tok_s", "{:.1f}"),
+    ("÷ roofline @512", "achieved_over_roofline_512", "{:.2f}"),
+    ("peak RSS MB", "peak_rss_mb", "{:.0f}"),
+    ("build s", "build_s", "{:.0f}"),
+]
+RATIO_KEYS = ("wiki_eval", "news_eval", "kv_bytes_per_token", "weight_mb", "prefill_512_ms", "decode_512_tok_s",
+              "decode_2048_tok_s")
+
+
+# ---------------------------------------------------------------- bundle helpers
+
+def _qsvd(*args: str) -> list[str]:
+    return [sys.executable, "-m", "qsvd_export", *args]
+
+
+def copy_bundle_files(dense: Path, out: Path) -> None:
+    """Everything a DecoderRunner needs besides the graph: qsvd_config.json (graph I/O unchanged) + tokenizer."""
+    out.mkdir(parents=True, exist_ok=True)
+    config = json.loads((dense / "qsvd_config.json").read_text())
+    for graph in config["graphs"]:
+        graph.pop("ort_filename", None)  # the peers have no ORT-format copy
+    (out / "qsvd_config.json").write_text(json.dumps(config, indent=2) + "\n")
+    for name in config.get("tokenizer_files", []):
+        if (dense / name).exists():
+            shutil.copy2(dense / name, out / name)
+
+
+def _save_model(model: Any, out: Path) -> None:
+    import onnx
+
+    for stale in (out / "model.onnx", out / "model.onnx.data"):
+        stale.unlink(missing_ok=True)
+    onnx.save_model(model, str(out / "model.onnx"), save_as_external_data=True, all_tensors_to_one_file=True,
+                    location="model.onnx.data", size_threshold=1024)
+
+
+def cpu_has_vnni() -> bool:
+    """x86 VNNI (AVX512-VNNI / AVX-VNNI / AMX): ORT's u8s8 integer GEMM does not saturate there."""
+    try:
+        flags = next(line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags"))
+    except (OSError, StopIteration):
+        return platform.machine().lower() not in ("x86_64", "amd64")  # ARM: no u8s8 saturation issue
+    return any(flag in flags.split() for flag in ("avx512_vnni", "avx_vnni", "amx_int8"))
+
+
+def build_ort_int8(dense: Path, out: Path, reduce_range: bool | None = None) -> dict:
+    """onnxruntime dynamic quantization: int8 weights (per output channel), uint8 activations at run time.
+
+    ``reduce_range`` (7-bit weights) defaults to on for x86 without VNNI, as onnxruntime's quantization
+    docs advise: there the AVX2 u8s8 kernels (VPMADDUBSW) saturate int16 sums. On this 2-core AVX2 VM the
+    plain 8-bit recipe gave wiki_eval perplexity ~5e6 (8 windows; dense 13.96), 7-bit weights ~1.6× dense.
+    """
+    import onnx
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    if reduce_range is None:
+        reduce_range = not cpu_has_vnni()
+    copy_bundle_files(dense, out)
+    tmp = out / "tmp.onnx"
+    quantize_dynamic(str(dense / "model.onnx"), str(tmp), per_channel=True, reduce_range=reduce_range,
+                     weight_type=QuantType.QInt8, use_external_data_format=True)
+    model = onnx.load(str(tmp))
+    _save_model(model, out)
+    tmp.unlink()
+    Path(str(tmp) + ".data").unlink(missing_ok=True)
+    ops: dict[str, int] = {}
+    for node in model.graph.node:
+        ops[node.op_type] = ops.get(node.op_type, 0) + 1
+    return {"options": {"per_channel": True, "weight_type": "QInt8", "reduce_range": reduce_range,
+                        "cpu_vnni": cpu_has_vnni(), "op_types": "default (IntegerOpsRegistry)"},
+            "quantized_nodes": {k: v for k, v in ops.items() if "Integer" in k or "Quant" in k}}
+
+
+def build_ort_int4(dense: Path, out: Path, block_size: int) -> dict:
+    """onnxruntime MatMulNBits int4 round-to-nearest (ORT's DEFAULT weight-only quantizer), ORT defaults else."""
+    import onnx
+    from onnxruntime.quantization.matmul_nbits_quantizer import DefaultWeightOnlyQuantConfig, MatMulNBitsQuantizer
+
+    copy_bundle_files(dense, out)
+    config = DefaultWeightOnlyQuantConfig(block_size=block_size)  # asymmetric, accuracy_level None (ORT default)
+    quantizer = MatMulNBitsQuantizer(onnx.load(str(dense / "model.onnx")), algo_config=config)
+    quantizer.process()
+    model = quantizer.model.model
+    _save_model(model, out)
+    count = sum(1 for n in model.graph.node if n.op_type == "MatMulNBits")
+    return {"options": {"bits": 4, "block_size": block_size, "is_symmetric": config.is_symmetric,
+                        "accuracy_level": config.accuracy_level, "algorithm": config.algorithm},
+            "quantized_nodes": {"MatMulNBits": count}}
+
+
+def _run_cli(cmd: list[str], log: Path) -> None:
+    with log.open("w") as handle:
+        proc = subprocess.run(cmd, stdout=handle, stderr=subprocess.STDOUT, text=True)
+    if proc.returncode != 0:
+        tail = log.read_text()[-2000:]
+        raise RuntimeError(f"{' '.join(cmd)} exited {proc.returncode}:\n{tail}")
+
+
+def build_ours_cpu(source: Path, out: Path) -> dict:
+    """The graph stage with --target cpu (w8a8 default) on a bundle's model.onnx; keeps its tokenizer files."""
+    if out.exists():
+        shutil.rmtree(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    _run_cli(_qsvd("compile", str(source / "model.onnx"), "--target", "cpu", "-o", str(out), "-q"),
+             out.parent / f"{out.name}.log")
+    config = json.loads((out / "qsvd_config.json").read_text())
+    for name in config.get("tokenizer_files", []):  # the graph stage on a bare ONNX file has no tokenizer
+        if not (out / name).exists() and (source / name).exists():
+            shutil.copy2(source / name, out / name)
+    return {"options": {"target": "cpu", "bits": "w8a8 (default)"}}
+
+
+def reused_build_seconds(bundle: Path) -> float | None:
+    """Build time recorded by the CLI in a reused bundle's timings.json (evaluation and --mobile left out)."""
+    path = bundle / "timings.json"
+    if not path.exists():
+        return None
+    timings = json.loads(path.read_text())
+    return round(sum(v for k, v in timings.items() if k not in ("eval_s", "mobile_s")), 1)
+
+
+def build_row(name: str, args: argparse.Namespace, built: dict[str, Path]) -> tuple[Path | None, dict]:
+    """Build (or reuse) one row's bundle. Returns (bundle or None if skipped, build info)."""
+    work: Path = args.work
+    out = work / name
+    given = {"dense": args.dense, "ours-w4a8": args.ours_w4a8, "ours-latent": args.ours_latent}.get(name)
+    if given is not None:
+        return given, {"reused": str(given), "build_s": reused_build_seconds(given), "note": "existing bundle"}
+    record = out / BUILD_FILE
+    if record.exists() and not args.rebuild:
+        info = json.loads(record.read_text())
+        return out, {**info, "note": f"built by an earlier run ({info.get('date', '?')}), reused"}
+    parents = {"ort-int8": "dense", "ort-int4-b32": "dense", "ort-int4-b128": "dense", "ours-w8a8": "dense",
+               "ours-latent-w8a8": "ours-latent"}
+    if name in parents and parents[name] not in built:
+        return None, {"skipped": f"needs the {parents[name]} row"}
+    slow = {"dense": ["export", MODEL], "ours-w4a8": ["export", MODEL, "--target", "cpu"],
+            "ours-latent": ["compress", MODEL, "--budget", "kv=0.5"]}
+    if name in slow and args.quick and name != "dense":
+        return None, {"skipped": f"--quick builds no torch-stage bundle; pass --{name} DIR to include it"}
+    start = time.perf_counter()
+    if name in slow:
+        if out.exists():
+            shutil.rmtree(out)
+        work.mkdir(parents=True, exist_ok=True)
+        _run_cli(_qsvd(*slow[name], "-o", str(out), "-q"), work / f"{name}.log")
+        info: dict = {"command": "qsvd-export " + " ".join(slow[name])}
+    elif name == "ort-int8":
+        info = build_ort_int8(built["dense"], out)
+    elif name.startswith("ort-int4-b"):
+        info = build_ort_int4(built["dense"], out, int(name.rsplit("b", 1)[1]))
+    else:
+        info = build_ours_cpu(built[parents[name]], out)
+    info["build_s"] = round(time.perf_counter() - start, 1)
+    info["date"] = time.strftime("%Y-%m-%d %H:%M")
+    if name in parents:
+        info["from"] = str(built[parents[name]])
+    record.write_text(json.dumps(info, indent=1) + "\n")
+    return out, info
+
+
+# ---------------------------------------------------------------- measurements
+
+def eval_windows(bundle: Path, count: int, length: int = 512) -> dict[str, Any]:
+    from qsvd_export.bundle import bundle_tokenizer
+    from qsvd_export.data import read_text, token_windows
+
+    tokenizer = bundle_tokenizer(bundle)
+    return {name: token_windows(tokenizer, read_text(name), length, count, source=name) for name in CORPORA}
+
+
+def measure_quality(bundle: Path, windows: dict[str, Any], threads: int | None = None) -> dict[str, float]:
+    """EVAL.md perplexity of one bundle on each corpus (a fresh prefill per window)."""
+    from qsvd_export.runtimes.decode import DecoderRunner
+    from qsvd_export.runtimes.metrics import perplexity
+    from qsvd_export.runtimes.sessions import SessionOptions
+
+    runner = DecoderRunner(bundle, "cpu", SessionOptions(threads=threads))
+    result = {name: perplexity(runner.window_nlls(rows)) for name, rows in windows.items()}
+    result["kv_bytes_per_token"] = runner.config.kv_bytes_per_token()
+    return result
+
+
+def measure_speed(bundles: list[Path], contexts: list[int], runs: int, new_tokens: int, rounds: int,
+                  threads: int, out: Path) -> dict:
+    """benchmarks.decode_speed over all bundles in one call (first = baseline); its JSON result."""
+    cmd = [sys.executable, "-m", "benchmarks.decode_speed", *map(str, bundles), "--contexts", *map(str, contexts),
+           "--runs", str(runs), "--new-tokens", str(new_tokens), "--rounds", str(rounds), "--threads", str(threads),
+           "--out", str(out)]
+    subprocess.run(cmd, check=True, capture_output=True, text=True, cwd=Path(__file__).resolve().parent.parent)
+    return json.loads(out.read_text())
+
+
+# ---------------------------------------------------------------- environment
+
+def machine() -> dict:
+    info: dict[str, Any] = {"platform": platform.platform(), "machine": platform.machine(),
+                            "cpus": os.cpu_count(), "python": platform.python_version()}
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                info["cpu"] = line.split(":", 1)[1].strip()
+                break
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemTotal"):
+                info["memory_gb"] = round(int(line.split()[1]) / 1e6, 1)
+    except OSError:
+        pass
+    info["load_average"] = os.getloadavg()
+    return info
+
+
+def tool_versions() -> dict[str, str]:
+    versions = {}
+    for package in ("qsvd-export", "onnxruntime", "onnx", "onnxscript", "torch", "transformers", "numpy"):
+        try:
+            versions[package] = importlib.metadata.version(package)
+        except importlib.metadata.PackageNotFoundError:
+            versions[package] = "not installed"
+    repo = Path(__file__).resolve().parent.parent
+    try:
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=repo, capture_output=True, text=True,
+                                check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=repo,
+                               capture_output=True, text=True).stdout.strip()
+        versions["git"] = commit + ("+dirty" if dirty else "")
+    except (OSError, subprocess.CalledProcessError):
+        pass
+    return versions
+
+
+# ---------------------------------------------------------------- report
+
+def add_ratios(rows: list[dict]) -> None:
+    base = next((r for r in rows if r["name"] == "dense" and "error" not in r), None)
+    if base is None:
+        return
+    for row in rows:
+        row["ratios"] = {k: row[k] / base[k] for k in RATIO_KEYS if row.get(k) is not None and base.get(k)}
+
+
+def render_markdown(result: dict) -> str:
+    rows = result["rows"]
+    columns = [c for c in COLUMNS if any(r.get(c[1]) is not None for r in rows)] or COLUMNS
+    lines = [f"# {result['model']}: our bundles vs peer tools ({result['mode']} run, {result['date']})", "",
+             f"Machine: {result['machine'].get('cpu', result['machine']['machine'])}, {result['machine']['cpus']} "
+             f"CPUs, {result['threads']} threads; memory bandwidth {result.get('bandwidth_gb_s', float('nan')):.1f} "
+             f"GB/s (same run). Perplexity: {result['protocol']['perplexity']}. Speed: "
+             f"{result['protocol']['speed']}. (× dense) = ratio to the dense row of this run.", "",
+             "| row | tool | " + " | ".join(c[0] for c in columns) + " |",
+             "|---|---|" + "---|" * len(columns)]
+    for row in rows:
+        cells = [row["label"], f"`{row['tool']}`"]
+        for _, key, fmt in columns:
+            value = row.get(key)
+            if value is None:
+                cells.append("–")
+                continue
+            text = fmt.format(value)
+            ratio = row.get("ratios", {}).get(key)
+            if ratio is not None and row["name"] != "dense":
+                text += f" ({ratio:.2f}×)"
+            cells.append(text)
+        if "error" in row:
+            cells[0] += f" — **failed**: {row['error'].splitlines()[0][:120]}"
+        elif "skipped" in row:
+            cells[0] += f" — skipped: {row['skipped']}"
+        lines.append("| " + " | ".join(cells) + " |")
+    lines += ["", "Tool versions: " + ", ".join(f"{k} {v}" for k, v in result["versions"].items()) + ".", ""]
+    notes = [f"- {r['name']}: {r['build']['note']}" for r in rows if r.get("build", {}).get("note")]
+    if notes:
+        lines += ["Build notes:", *notes, ""]
+    return "\n".join(lines)
+
+
+def pareto_front(points: list[tuple[float, float]], lower_x: bool) -> list[int]:
+    """Indices of points not dominated (lower y = perplexity better; x better when lower if ``lower_x``)."""
+    front = []
+    for i, (x, y) in enumerate(points):
+        better_x = (lambda a, b: a <= b) if lower_x else (lambda a, b: a >= b)
+        dominated = any(better_x(px, x) and py <= y and (px, py) != (x, y) for px, py in points)
+        if not dominated:
+            front.append(i)
+    return sorted(front, key=lambda i: points[i][0])
+
+
+def plot(result: dict, out: Path) -> list[str]:
+    """ppl vs KV bytes/token and ppl vs decode tok/s; one marker per row, Pareto front dashed."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return []
+    markers = "osD^v<>Xp*h"
+    written = []
+    for x_key, x_label, lower_x, filename in [
+        ("kv_bytes_per_token", "KV cache bytes / token (fp32 graph I/O)", True, "ppl_vs_kv.png"),
+        ("decode_512_tok_s", "decode tokens/s @512 context", False, "ppl_vs_decode.png"),
+    ]:
+        rows = [r for r in result["rows"] if r.get(x_key) is not None and r.get("wiki_eval") is not None]
+        if not rows:
+            continue
+        fig, ax = plt.subplots(figsize=(7, 5))
+        # a broken row (perplexity > 3× the best) would flatten the others: draw it on the cap, say so in the legend
+        cap = 3 * min(r["wiki_eval"] for r in rows)
+        for i, row in enumerate(rows):
+            off = row["wiki_eval"] > cap
+            ax.scatter(row[x_key], min(row["wiki_eval"], cap), marker=markers[i % len(markers)], s=70, zorder=3,
+                       label=row["label"] + (f" (ppl {row['wiki_eval']:.3g}, off scale)" if off else ""))
+        points = [(r[x_key], r["wiki_eval"]) for r in rows]
+        front = pareto_front(points, lower_x)
+        ax.plot([points[i][0] for i in front], [min(points[i][1], cap) for i in front], "k--", lw=1, label="Pareto front",
+                zorder=2)
+        ax.set_xlabel(x_label)
+        ax.set_ylabel(f"wiki_eval perplexity ({result['protocol']['windows']} × 512)")
+        ax.set_title(f"{result['model']}, {result['date']} ({'lower-left' if lower_x else 'lower-right'} is better)")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+        fig.tight_layout()
+        fig.savefig(out / filename, dpi=120)
+        plt.close(fig)
+        written.append(filename)
+    return written
+
+
+# ---------------------------------------------------------------- main
+
+def run(args: argparse.Namespace) -> dict:
+    start = time.perf_counter()
+    windows_count = args.windows or (8 if args.quick else 32)
+    contexts = [512] if args.quick else [512, 2048]
+    runs, new_tokens, rounds = (2, 32, 1) if args.quick else (5, 64, 2)
+    args.out.mkdir(parents=True, exist_ok=True)
+    args.work = args.work or args.out / "bundles"
+    names = [n for n in ROW_NAMES if n not in set(args.skip)]
+    result: dict[str, Any] = {
+        "model": MODEL, "mode": "quick" if args.quick else "full", "date": time.strftime("%Y-%m-%d %H:%M"),
+        "machine": machine(), "versions": tool_versions(), "threads": args.threads,
+        "protocol": {"windows": windows_count,
+                     "perplexity": f"EVAL.md, {windows_count} × 512-token windows of {' and '.join(CORPORA)}, "
+                                   "one prefill per window (DecoderRunner.window_nlls), CPU EP",
+                     "speed": f"benchmarks.decode_speed, contexts {contexts}, medians of {runs} runs × "
+                              f"{new_tokens} new tokens after a warm-up, {rounds} interleaved round(s), "
+                              "one subprocess per bundle"},
+        "rows": [],
+    }
+    built: dict[str, Path] = {}
+    windows = None
+    for row in ROWS:
+        if row.name not in names:
+            continue
+        entry: dict[str, Any] = {"name": row.name, "label": row.label, "tool": row.tool, "family": row.family}
+        result["rows"].append(entry)
+        try:
+            print(f"[{time.perf_counter() - start:6.0f} s] {row.name}: build", flush=True)
+            bundle, info = build_row(row.name, args, built)
+            entry["build"] = info
+            if bundle is None:
+                entry["skipped"] = info["skipped"]
+                continue
+            entry["bundle"] = str(bundle)
+            entry["build_s"] = info.get("build_s")
+            if args.quick and not row.quick:
+                built[row.name] = bundle
+                entry["skipped"] = "measured in full mode only (--quick measures the rows built from it)"
+                continue
+            data = bundle / "model.onnx.data"
+            entry["weight_bytes"] = data.stat().st_size if data.exists() else 0
+            entry["graph_bytes"] = (bundle / "model.onnx").stat().st_size
+            entry["weight_mb"] = entry["weight_bytes"] / 1e6
+            if windows is None:
+                windows = eval_windows(bundle, windows_count)
+            print(f"[{time.perf_counter() - start:6.0f} s] {row.name}: perplexity", flush=True)
+            entry.update(measure_quality(bundle, windows, args.threads))
+            built[row.name] = bundle
+        except Exception as exc:  # noqa: BLE001 - a failing row is reported, the others still run
+            entry["error"] = f"{type(exc).__name__}: {exc}"
+            entry["traceback"] = traceback.format_exc()
+            print(f"  {row.name} failed: {entry['error'][:300]}", flush=True)
+    measured = [r for r in result["rows"] if r["name"] in built and "skipped" not in r]
+    if measured:
+        print(f"[{time.perf_counter() - start:6.0f} s] decode speed of {len(measured)} bundles", flush=True)
+        try:
+            speed = measure_speed([Path(r["bundle"]) for r in measured], contexts, runs, new_tokens, rounds,
+                                  args.threads, args.out / "decode_speed.json")
+            result["bandwidth_gb_s"] = speed["bandwidth_gb_s"]
+            for entry, row in zip(measured, speed["rows"]):
+                for key, value in row.items():
+                    if key.startswith(("decode_", "prefill_", "peak_rss", "roofline_", "achieved_")):
+                        entry[key] = value
+        except subprocess.CalledProcessError as exc:
+            result["speed_error"] = exc.stderr[-3000:]
+            print(f"  decode speed failed: {exc.stderr[-1000:]}", flush=True)
+    add_ratios(result["rows"])
+    result["machine"]["load_average_end"] = os.getloadavg()
+    result["wall_s"] = round(time.perf_counter() - start, 1)
+    (args.out / "bench.json").write_text(json.dumps(result, indent=1) + "\n")
+    markdown = render_markdown(result)
+    (args.out / "bench.md").write_text(markdown)
+    result["plots"] = plot(result, args.out)
+    (args.out / "bench.json").write_text(json.dumps(result, indent=1) + "\n")
+    print(markdown)
+    print(f"wrote {args.out / 'bench.json'}, {args.out / 'bench.md'}"
+          + (f", {', '.join(result['plots'])}" if result["plots"] else " (no plots: matplotlib not installed)")
+          + f" in {result['wall_s']:.0f} s")
+    return result
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true",
+                        help="8 perplexity windows, decode @512 only, 2 runs × 32 tokens; no torch-stage builds; "
+                             "the fp32 latent row is only a source there")
+    parser.add_argument("--out", type=Path, default=Path("results/bench"))
+    parser.add_argument("--work", type=Path, default=None, help="where built bundles go (default OUT/bundles)")
+    parser.add_argument("--dense", type=Path, default=None, help="existing dense bundle of smollm2-135m")
+    parser.add_argument("--ours-w4a8", type=Path, default=None, help="existing `export --target cpu` bundle")
+    parser.add_argument("--ours-latent", type=Path, default=None, help="existing `compress --budget kv=0.5` bundle")
+    parser.add_argument("--skip", nargs="*", default=[], choices=ROW_NAMES, help="rows to leave out")
+    parser.add_argument("--windows", type=int, default=None, help="perplexity windows (default 32; --quick 8)")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--rebuild", action="store_true", help="rebuild bundles an earlier run left in --work")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> None:
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    run(parse_args(argv))
+
+
+if __name__ == "__main__":
+    main()
