@@ -255,29 +255,14 @@ def _prompt_ids(folder: Path, config: BundleConfig, length: int) -> list[int]:
 def _dynamic_feeds(folder: Path, config: BundleConfig, session: Any) -> list[dict[str, np.ndarray]]:
     """Feeds for a dynamic graph: a decoder's prompt with an empty cache (a second step is added by the
     caller), an encoder's token block, or a vision model's seeded image batch of one."""
-    seq = 8
-    feed: dict[str, np.ndarray] = {}
-    ids = np.asarray([_prompt_ids(folder, config, seq)], dtype=np.int64)
-    cache = {t.input: t for layer in config.cache for t in layer.tensors}
-    rng = np.random.default_rng(0)
-    for value in session.get_inputs():
-        if value.name in cache:
-            tensor = cache[value.name]
-            shape = [1 if d == "batch_size" else 0 if d == "past_sequence_length" else d for d in tensor.shape]
-            feed[value.name] = np.zeros(shape, dtype=tensor.dtype)
-        elif value.name == "input_ids":
-            feed[value.name] = ids
-        elif value.name == "attention_mask":
-            feed[value.name] = np.ones_like(ids)
-        elif value.name == "position_ids":
-            feed[value.name] = np.arange(seq, dtype=np.int64)[None, :]
-        elif value.name == "token_type_ids":
-            feed[value.name] = np.zeros_like(ids)
-        elif value.type == "tensor(float)":
-            shape = [d if isinstance(d, int) else 1 for d in value.shape]
-            feed[value.name] = rng.standard_normal(shape).astype(np.float32)
-        else:
-            raise RuntimeFailure(f"--mobile: no verification input for graph input {value.name} ({value.type})")
+    from qsvd_export.runtimes.feeds import first_step_feed
+
+    ids = np.asarray([_prompt_ids(folder, config, 8)], dtype=np.int64)
+    cache = {t.input for layer in config.cache for t in layer.tensors}
+    try:
+        feed = first_step_feed(session.get_inputs(), ids, cache, np.random.default_rng(0))
+    except ValueError as exc:
+        raise RuntimeFailure(f"--mobile: {exc} to verify with") from None
     return [feed]
 
 

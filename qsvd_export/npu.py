@@ -233,7 +233,6 @@ def build_npu_graphs(dynamic_path: Path, folder: Path, cache: list[LayerCache], 
     from qsvd_export.data import read_text, token_windows
     from qsvd_export.passes.npu_legalize import npu_violations
     from qsvd_export.progress import info
-
     from qsvd_export.targets import policy_for
 
     options.check()

@@ -26,26 +26,7 @@ from qsvd_export.errors import UsageError
 from qsvd_export.passes.find_attention import AttentionBlock, find_attention
 from qsvd_export.plan import CompressionPlan
 from qsvd_export.progress import bar
-
-
-def _feed(session: Any, ids: np.ndarray) -> dict[str, np.ndarray]:
-    """Inputs for one [1, L] window with an empty cache: symbolic batch dims 1, other symbolic dims 0."""
-    feed: dict[str, np.ndarray] = {}
-    for value in session.get_inputs():
-        if value.name == "input_ids":
-            feed[value.name] = ids
-        elif value.name == "attention_mask":
-            feed[value.name] = np.ones_like(ids)
-        elif value.name == "position_ids":
-            feed[value.name] = np.arange(ids.shape[1], dtype=np.int64)[None]
-        elif value.name == "token_type_ids":
-            feed[value.name] = np.zeros_like(ids)
-        elif value.type == "tensor(float)" or value.type == "tensor(float16)":
-            shape = [d if isinstance(d, int) else (1 if axis == 0 else 0) for axis, d in enumerate(value.shape)]
-            feed[value.name] = np.zeros(shape, np.float16 if "16" in value.type else np.float32)
-        else:
-            raise UsageError(f"graph-only calibration cannot feed graph input {value.name} ({value.type})")
-    return feed
+from qsvd_export.runtimes.feeds import first_step_feed
 
 
 def graph_input_stats(graph_path: Path, blocks: list[AttentionBlock], windows: np.ndarray, sample_rows: int = 2048,
@@ -70,9 +51,14 @@ def graph_input_stats(graph_path: Path, blocks: list[AttentionBlock], windows: n
         so = ort.SessionOptions()
         so.log_severity_level = 3
         session = ort.InferenceSession(str(Path(tmp) / "probe.onnx"), sess_options=so, providers=["CPUExecutionProvider"])
+        caches = {c.past.name for block in blocks for c in (block.k_cache, block.v_cache) if c is not None}
         progress = bar(len(windows), "graph calibration statistics")
         for row in windows:
-            outputs = session.run(names, _feed(session, row[None, :].astype(np.int64)))
+            try:
+                feed = first_step_feed(session.get_inputs(), row[None, :].astype(np.int64), caches)
+            except ValueError as exc:
+                raise UsageError(f"graph-only calibration: {exc}") from None
+            outputs = session.run(names, feed)
             for stat, x in zip(stats, outputs):
                 x64 = torch.from_numpy(np.asarray(x, dtype=np.float64).reshape(-1, dim))
                 stat.xtx += x64.T @ x64
