@@ -6,8 +6,9 @@ Per bundle (each in its own subprocess so peak RSS is its own): prefill latency 
 prompt; decode tokens/s generating ``--new-tokens`` tokens after a prompt of each context length;
 peak resident memory; weight bytes. Medians of ``--runs`` timed runs after one warm-up. The memory
 bandwidth is measured in the same run (numpy copy) and gives the decode roofline: bytes read per token
-(weights + cache at that context) ÷ bandwidth, reported as achieved ÷ bound. The first bundle is the
-baseline for the ratios.
+(weights + cache at that context) ÷ bandwidth, reported as achieved ÷ bound. Weights read per token are
+the graph's initializer bytes, except that a table read only by ``Gather`` (an untied embedding) counts
+one row per token (:func:`weight_bytes_read_per_token`). The first bundle is the baseline for the ratios.
 """
 
 from __future__ import annotations
@@ -38,6 +39,27 @@ def measure_bandwidth(gigabytes: float = 1.0, repeats: int = 5) -> float:
     return 2 * a.nbytes / min(times)
 
 
+def weight_bytes_read_per_token(graph: Path) -> int:
+    """Initializer bytes one decode step reads: every weight in full, but a table whose only readers
+    are ``Gather`` nodes on axis 0 (an embedding not tied to the lm_head) one row per Gather."""
+    import onnx
+    from onnx.helper import tensor_dtype_to_np_dtype
+
+    proto = onnx.load(str(graph), load_external_data=False)
+    readers: dict[str, list[onnx.NodeProto]] = {}
+    for node in proto.graph.node:
+        for name in node.input:
+            readers.setdefault(name, []).append(node)
+    total = 0
+    for tensor in proto.graph.initializer:
+        nbytes = int(np.prod(tensor.dims, dtype=np.int64)) * np.dtype(tensor_dtype_to_np_dtype(tensor.data_type)).itemsize
+        nodes = readers.get(tensor.name, [])
+        gathered = nodes and all(n.op_type == "Gather" and n.input[0] == tensor.name
+                                 and all(a.name != "axis" or a.i == 0 for a in n.attribute) for n in nodes)
+        total += len(nodes) * nbytes // max(1, tensor.dims[0]) if gathered and tensor.dims else nbytes
+    return total
+
+
 def _prompt(runner, length: int) -> np.ndarray:  # type: ignore[no-untyped-def]
     rng = np.random.default_rng(length)
     vocab = int(runner.config.model_config.get("vocab_size", 256))
@@ -50,6 +72,7 @@ def worker(bundle: Path, contexts: list[int], new_tokens: int, runs: int, thread
 
     runner = DecoderRunner(bundle, "cpu", SessionOptions(threads=threads))
     result: dict = {"bundle": str(bundle), "weight_bytes": (bundle / "model.onnx.data").stat().st_size,
+                    "weight_bytes_read_per_token": weight_bytes_read_per_token(bundle / "model.onnx"),
                     "kv_bytes_per_token": runner.config.kv_bytes_per_token()}
     prompt = _prompt(runner, 512)
     runner.prefill(prompt)
@@ -113,7 +136,7 @@ def main() -> None:
     bandwidth = measure_bandwidth()
     for row in rows:
         for context in args.contexts:
-            bytes_per_token = row["weight_bytes"] + context * row["kv_bytes_per_token"]
+            bytes_per_token = row["weight_bytes_read_per_token"] + context * row["kv_bytes_per_token"]
             bound = bandwidth / bytes_per_token
             row[f"roofline_{context}_tok_s"] = bound
             row[f"achieved_over_roofline_{context}"] = row[f"decode_{context}_tok_s"] / bound

@@ -8,13 +8,22 @@ Rows (smollm2-135m):
 - ``ort-int8``       onnxruntime ``quantize_dynamic`` int8 (per-channel weights) on the dense graph;
 - ``ort-int4-b32``   onnxruntime ``MatMulNBitsQuantizer`` int4 RTN (``DefaultWeightOnlyQuantConfig``), block 32;
 - ``ort-int4-b128``  the same, block 128;
+- ``ort-qnn-u16u8``  onnxruntime ``quantize_static`` with ``get_qnn_qdq_config`` (uint16 activations, uint8
+                     weights, its defaults otherwise) on the same static float prefill/decode graphs and the
+                     same calibration feeds as our npu target;
 - ``ours-w8a8``      ``qsvd-export D/model.onnx --target cpu`` (graph stage, w8a8 default);
 - ``ours-w4a8``      ``qsvd-export export smollm2-135m --target cpu`` (smoothed w4a8; ≈ 8 min to build,
                      ``--ours-w4a8 DIR`` reuses one, ``--quick`` skips it without);
 - ``ours-latent``    the QSVD kv=0.5 latent bundle (``qsvd-export compress smollm2-135m --budget kv=0.5``;
                      ≈ 15 min, ``--ours-latent DIR`` reuses one, ``--quick`` skips it without), fp32
                      (measured in full mode only; ``--quick`` uses it as the next row's source);
-- ``ours-latent-w8a8`` ``qsvd-export LATENT/model.onnx --target cpu`` on it.
+- ``ours-latent-w8a8`` ``qsvd-export LATENT/model.onnx --target cpu`` on it;
+- ``ours-npu``       ``qsvd-export D/model.onnx --target npu --no-verify`` (static QDQ graphs, w8a16);
+- ``ours-latent-npu`` ``qsvd-export LATENT/model.onnx --target npu --no-verify``.
+
+npu rows (static prefill 128 / decode graphs over a 1024-slot cache) are scored on the same 512-token
+windows, fed as 4 prefill chunks through the cache, on the CPU EP running their QDQ graphs. Their speed
+is the NPU's, not this machine's: the CPU EP emulates QDQ, so no speed columns for them.
 
 Per row: perplexity on wiki_eval and news_eval (EVAL.md: 32 × 512 windows, each one prefill through
 ``DecoderRunner.window_nlls``; ``--quick``: 8 windows), KV bytes/token (``qsvd_config.json``; the peers
@@ -66,12 +75,19 @@ ROWS = [
     Row("ort-int8", "ORT quantize_dynamic int8 (per-channel; 7-bit weights without VNNI)", "onnxruntime.quantization.quantize_dynamic", "peer"),
     Row("ort-int4-b32", "ORT MatMulNBits int4 RTN, block 32", "onnxruntime MatMulNBitsQuantizer (DEFAULT/RTN)", "peer"),
     Row("ort-int4-b128", "ORT MatMulNBits int4 RTN, block 128", "onnxruntime MatMulNBitsQuantizer (DEFAULT/RTN)", "peer"),
+    Row("ort-qnn-u16u8", "ORT quantize_static, get_qnn_qdq_config u16 act / u8 weights (npu graphs)",
+        "onnxruntime get_qnn_qdq_config + quantize", "peer"),
     Row("ours-w8a8", "ours: --target cpu (w8a8) on the dense graph", "qsvd-export D/model.onnx --target cpu", "ours"),
     Row("ours-w4a8", "ours: export --target cpu (smoothed w4a8)", "qsvd-export export --target cpu", "ours"),
     Row("ours-latent", "ours: QSVD kv=0.5 latent, fp32", "qsvd-export compress --budget kv=0.5", "ours", quick=False),
     Row("ours-latent-w8a8", "ours: QSVD kv=0.5 latent + --target cpu (w8a8)", "qsvd-export LATENT/model.onnx --target cpu",
         "ours"),
+    Row("ours-npu", "ours: --target npu (w8a16) on the dense graph", "qsvd-export D/model.onnx --target npu", "ours"),
+    Row("ours-latent-npu", "ours: QSVD kv=0.5 latent + --target npu (w8a16)", "qsvd-export LATENT/model.onnx --target npu",
+        "ours"),
 ]
+PARENTS = {"ort-int8": "dense", "ort-int4-b32": "dense", "ort-int4-b128": "dense", "ort-qnn-u16u8": "dense",
+           "ours-w8a8": "dense", "ours-npu": "dense", "ours-latent-w8a8": "ours-latent", "ours-latent-npu": "ours-latent"}
 ROW_NAMES = [r.name for r in ROWS]
 
 # Columns of bench.md: (header, row key, format). Ratios vs dense follow the value in parentheses.
@@ -84,6 +100,7 @@ COLUMNS = [
     ("decode@512 tok/s", "decode_512_tok_s", "{:.1f}"),
     ("decode@2048 tok/s", "decode_2048_tok_s", "{:.1f}"),
     ("÷ roofline @512", "achieved_over_roofline_512", "{:.2f}"),
+    ("÷ roofline @2048", "achieved_over_roofline_2048", "{:.2f}"),
     ("peak RSS MB", "peak_rss_mb", "{:.0f}"),
     ("build s", "build_s", "{:.0f}"),
 ]
@@ -180,18 +197,71 @@ def _run_cli(cmd: list[str], log: Path) -> None:
         raise RuntimeError(f"{' '.join(cmd)} exited {proc.returncode}:\n{tail}")
 
 
-def build_ours_cpu(source: Path, out: Path) -> dict:
-    """The graph stage with --target cpu (w8a8 default) on a bundle's model.onnx; keeps its tokenizer files."""
+def build_ours_target(source: Path, out: Path, target: str, prefill_length: int = 128, context_length: int = 1024) -> dict:
+    """The graph stage with ``--target`` (its default bits) on a bundle's model.onnx; keeps its tokenizer files.
+
+    The graph stage on a bare ONNX file finds the tokenizer (npu calibration) beside it."""
     if out.exists():
         shutil.rmtree(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    _run_cli(_qsvd("compile", str(source / "model.onnx"), "--target", "cpu", "-o", str(out), "-q"),
+    extra = (["--no-verify", "--prefill-length", str(prefill_length), "--context-length", str(context_length)]
+             if target == "npu" else [])
+    _run_cli(_qsvd("compile", str(source / "model.onnx"), "--target", target, *extra, "-o", str(out), "-q"),
              out.parent / f"{out.name}.log")
     config = json.loads((out / "qsvd_config.json").read_text())
     for name in config.get("tokenizer_files", []):  # the graph stage on a bare ONNX file has no tokenizer
         if not (out / name).exists() and (source / name).exists():
             shutil.copy2(source / name, out / name)
-    return {"options": {"target": "cpu", "bits": "w8a8 (default)"}}
+    report = json.loads((out / "report.json").read_text())
+    return {"options": {"target": target, "bits": f"{report['target']['bits']} (default)"}}
+
+
+def build_ort_qnn(dense: Path, out: Path, prefill_length: int = 128, context_length: int = 1024) -> dict:
+    """onnxruntime's QNN recipe as shipped: ``get_qnn_qdq_config`` (uint16 activations, uint8 weights,
+    per-tensor, MinMax) + ``quantize`` on the static float prefill/decode graphs our npu target builds
+    from the same dense graph, calibrated on the same feeds. The two graphs share one weights file as
+    ours do (``save_sharing_weights``), so weight bytes compare the quantization, not the packaging."""
+    import logging
+    import tempfile
+
+    import onnx
+    import onnxruntime as ort
+    from onnxruntime.quantization import QuantType, quantize
+    from onnxruntime.quantization.execution_providers.qnn import get_qnn_qdq_config
+
+    from qsvd_export.bundle import CONFIG_NAME, GraphSpec, bundle_tokenizer, load_bundle_config
+    from qsvd_export.npu import (GRAPH_FILES, FeedReader, NpuOptions, calibration_feeds, calibration_windows,
+                                 save_sharing_weights, static_float_graphs)
+
+    copy_bundle_files(dense, out)
+    config = load_bundle_config(out)
+    options = NpuOptions(prefill_length=prefill_length, context_length=context_length)
+    ort.set_default_logger_severity(3)
+    logging.getLogger().setLevel(logging.ERROR)
+    with tempfile.TemporaryDirectory(prefix="bench-qnn-") as tmp:
+        work = Path(tmp)
+        float_paths, _ = static_float_graphs(dense / "model.onnx", work, options)
+        feeds = calibration_feeds(float_paths, config.cache, calibration_windows(bundle_tokenizer(dense), options),
+                                  options)
+        qdq_paths = {}
+        for role, filename in GRAPH_FILES.items():
+            recipe = get_qnn_qdq_config(str(float_paths[role]), FeedReader(feeds[role]),
+                                        activation_type=QuantType.QUInt16, weight_type=QuantType.QUInt8)
+            recipe.use_external_data_format = True
+            qdq_paths[role] = work / filename
+            quantize(str(float_paths[role]), str(qdq_paths[role]), recipe)
+        save_sharing_weights(qdq_paths, out)
+    specs = []
+    for role, filename in GRAPH_FILES.items():
+        graph = onnx.load(str(out / filename), load_external_data=False).graph
+        specs.append(GraphSpec(role, filename, [v.name for v in graph.input], [v.name for v in graph.output]))
+    config.graphs = specs
+    config.static_shapes = {"context_length": options.context_length, "prefill_length": options.prefill_length,
+                            "cache": "right-aligned"}
+    (out / CONFIG_NAME).write_text(config.to_json())
+    return {"options": {"activation_type": "QUInt16", "weight_type": "QUInt8", "per_channel": False,
+                        "calibration": f"MinMax, {options.calibration_windows} windows of wiki_calib (as ours)",
+                        "prefill_length": options.prefill_length, "context_length": options.context_length}}
 
 
 def reused_build_seconds(bundle: Path) -> float | None:
@@ -214,8 +284,7 @@ def build_row(name: str, args: argparse.Namespace, built: dict[str, Path]) -> tu
     if record.exists() and not args.rebuild:
         info = json.loads(record.read_text())
         return out, {**info, "note": f"built by an earlier run ({info.get('date', '?')}), reused"}
-    parents = {"ort-int8": "dense", "ort-int4-b32": "dense", "ort-int4-b128": "dense", "ours-w8a8": "dense",
-               "ours-latent-w8a8": "ours-latent"}
+    parents = PARENTS
     if name in parents and parents[name] not in built:
         return None, {"skipped": f"needs the {parents[name]} row"}
     slow = {"dense": ["export", MODEL], "ours-w4a8": ["export", MODEL, "--target", "cpu"],
@@ -233,8 +302,10 @@ def build_row(name: str, args: argparse.Namespace, built: dict[str, Path]) -> tu
         info = build_ort_int8(built["dense"], out)
     elif name.startswith("ort-int4-b"):
         info = build_ort_int4(built["dense"], out, int(name.rsplit("b", 1)[1]))
+    elif name == "ort-qnn-u16u8":
+        info = build_ort_qnn(built["dense"], out)
     else:
-        info = build_ours_cpu(built[parents[name]], out)
+        info = build_ours_target(built[parents[name]], out, "npu" if name.endswith("-npu") else "cpu")
     info["build_s"] = round(time.perf_counter() - start, 1)
     info["date"] = time.strftime("%Y-%m-%d %H:%M")
     if name in parents:
@@ -255,13 +326,17 @@ def eval_windows(bundle: Path, count: int, length: int = 512) -> dict[str, Any]:
 
 def measure_quality(bundle: Path, windows: dict[str, Any], threads: int | None = None) -> dict[str, float]:
     """EVAL.md perplexity of one bundle on each corpus (a fresh prefill per window)."""
+    from qsvd_export.bundle import load_bundle_config
     from qsvd_export.runtimes.decode import DecoderRunner
     from qsvd_export.runtimes.metrics import perplexity
     from qsvd_export.runtimes.sessions import SessionOptions
+    from qsvd_export.runtimes.static_decode import StaticDecoder
 
-    runner = DecoderRunner(bundle, "cpu", SessionOptions(threads=threads))
+    config = load_bundle_config(bundle)
+    options = SessionOptions(threads=threads)
+    runner = StaticDecoder.from_bundle(bundle, "cpu", options) if config.static_shapes else DecoderRunner(bundle, "cpu", options)
     result = {name: perplexity(runner.window_nlls(rows)) for name, rows in windows.items()}
-    result["kv_bytes_per_token"] = runner.config.kv_bytes_per_token()
+    result["kv_bytes_per_token"] = config.kv_bytes_per_token()
     return result
 
 
@@ -323,6 +398,38 @@ def add_ratios(rows: list[dict]) -> None:
         row["ratios"] = {k: row[k] / base[k] for k in RATIO_KEYS if row.get(k) is not None and base.get(k)}
 
 
+def claims(rows: list[dict]) -> dict:
+    """The issue's two claims, computed from this run's rows.
+
+    ``dominated_on_ppl_vs_kv``: per row of ours, the peer rows with both lower wiki_eval perplexity and
+    fewer KV bytes/token (empty = on the Pareto front against the peers). ``roofline_vs_dense``: per
+    context, each of our rows' decode achieved ÷ roofline divided by the dense row's."""
+    scored = [r for r in rows if r.get("wiki_eval") is not None and r.get("kv_bytes_per_token") is not None]
+    peers = [r for r in scored if r["family"] == "peer"]
+    dominated = {r["name"]: [p["name"] for p in peers if p["wiki_eval"] < r["wiki_eval"]
+                             and p["kv_bytes_per_token"] < r["kv_bytes_per_token"]]
+                 for r in scored if r["family"] == "ours"}
+    dense = next((r for r in rows if r["name"] == "dense"), {})
+    roofline: dict[str, dict[str, float]] = {}
+    for key in sorted(k for k in dense if k.startswith("achieved_over_roofline_")):
+        roofline[key.rsplit("_", 1)[1]] = {r["name"]: r[key] / dense[key] for r in rows
+                                           if r["family"] == "ours" and r.get(key) is not None}
+    return {"dominated_on_ppl_vs_kv": dominated, "roofline_vs_dense": roofline}
+
+
+def render_claims(checks: dict) -> list[str]:
+    lines = ["Checks (computed from the rows above):"]
+    for name, peers in checks["dominated_on_ppl_vs_kv"].items():
+        lines.append(f"- {name}: " + ("on the perplexity-vs-KV-bytes Pareto front (no peer has both lower wiki_eval "
+                                      "perplexity and fewer KV bytes/token)" if not peers
+                                      else f"**dominated** by {', '.join(peers)}"))
+    for context, ratios in checks["roofline_vs_dense"].items():
+        for name, ratio in ratios.items():
+            lines.append(f"- decode @{context} achieved ÷ roofline, {name} vs dense: {ratio:.2f}× "
+                         + ("(≥ dense)" if ratio >= 1 else "(**below dense**)"))
+    return lines + [""]
+
+
 def render_markdown(result: dict) -> str:
     rows = result["rows"]
     columns = [c for c in COLUMNS if any(r.get(c[1]) is not None for r in rows)] or COLUMNS
@@ -350,7 +457,8 @@ def render_markdown(result: dict) -> str:
         elif "skipped" in row:
             cells[0] += f" — skipped: {row['skipped']}"
         lines.append("| " + " | ".join(cells) + " |")
-    lines += ["", "Tool versions: " + ", ".join(f"{k} {v}" for k, v in result["versions"].items()) + ".", ""]
+    lines += ["", *render_claims(result["claims"])]
+    lines += ["Tool versions: " + ", ".join(f"{k} {v}" for k, v in result["versions"].items()) + ".", ""]
     notes = [f"- {r['name']}: {r['build']['note']}" for r in rows if r.get("build", {}).get("note")]
     if notes:
         lines += ["Build notes:", *notes, ""]
@@ -430,6 +538,9 @@ def run(args: argparse.Namespace) -> dict:
                               "one subprocess per bundle"},
         "rows": [],
     }
+    from qsvd_export.bundle import load_bundle_config
+    from qsvd_export.pipeline import graph_weight_bytes
+
     built: dict[str, Path] = {}
     windows = None
     for row in ROWS:
@@ -450,10 +561,11 @@ def run(args: argparse.Namespace) -> dict:
                 built[row.name] = bundle
                 entry["skipped"] = "measured in full mode only (--quick measures the rows built from it)"
                 continue
-            data = bundle / "model.onnx.data"
-            entry["weight_bytes"] = data.stat().st_size if data.exists() else 0
-            entry["graph_bytes"] = (bundle / "model.onnx").stat().st_size
+            config = load_bundle_config(bundle)
+            entry["weight_bytes"] = graph_weight_bytes(bundle, config)
+            entry["graph_bytes"] = sum((bundle / g.filename).stat().st_size for g in config.graphs)
             entry["weight_mb"] = entry["weight_bytes"] / 1e6
+            entry["static_shapes"] = bool(config.static_shapes)
             if windows is None:
                 windows = eval_windows(bundle, windows_count)
             print(f"[{time.perf_counter() - start:6.0f} s] {row.name}: perplexity", flush=True)
@@ -463,7 +575,7 @@ def run(args: argparse.Namespace) -> dict:
             entry["error"] = f"{type(exc).__name__}: {exc}"
             entry["traceback"] = traceback.format_exc()
             print(f"  {row.name} failed: {entry['error'][:300]}", flush=True)
-    measured = [r for r in result["rows"] if r["name"] in built and "skipped" not in r]
+    measured = [r for r in result["rows"] if r["name"] in built and "skipped" not in r and not r.get("static_shapes")]
     if measured:
         print(f"[{time.perf_counter() - start:6.0f} s] decode speed of {len(measured)} bundles", flush=True)
         try:
@@ -478,6 +590,7 @@ def run(args: argparse.Namespace) -> dict:
             result["speed_error"] = exc.stderr[-3000:]
             print(f"  decode speed failed: {exc.stderr[-1000:]}", flush=True)
     add_ratios(result["rows"])
+    result["claims"] = claims(result["rows"])
     result["machine"]["load_average_end"] = os.getloadavg()
     result["wall_s"] = round(time.perf_counter() - start, 1)
     (args.out / "bench.json").write_text(json.dumps(result, indent=1) + "\n")

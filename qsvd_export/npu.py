@@ -98,7 +98,15 @@ def calibration_feeds(float_paths: dict[str, Path], cache: list[LayerCache], win
     return feeds
 
 
-class _FeedReader:
+def calibration_windows(tokenizer: Any, options: NpuOptions) -> np.ndarray:
+    """``calibration_windows`` rows of wiki_calib tokens, each long enough for :func:`calibration_feeds`."""
+    from qsvd_export.data import read_text, token_windows
+
+    span = 2 * options.prefill_length + options.calibration_decode_steps
+    return token_windows(tokenizer, read_text("wiki_calib"), span, options.calibration_windows, source="wiki_calib")
+
+
+class FeedReader:
     """onnxruntime CalibrationDataReader over a list of feeds."""
 
     def __init__(self, feeds: list[dict[str, np.ndarray]]) -> None:
@@ -169,7 +177,7 @@ def insert_qdq(float_path: Path, out_path: Path, bits: Bits, feeds: list[dict[st
     weight = {8: QuantType.QInt8, 4: QuantType.QInt4}[bits.weights or 8]
     calibrate = {"minmax": CalibrationMethod.MinMax, "percentile": CalibrationMethod.Percentile,
                  "entropy": CalibrationMethod.Entropy}[method]
-    config = get_qnn_qdq_config(str(float_path), _FeedReader(feeds), calibrate_method=calibrate,
+    config = get_qnn_qdq_config(str(float_path), FeedReader(feeds), calibrate_method=calibrate,
                                 activation_type=QuantType.QUInt16, weight_type=weight, weight_symmetric=True,
                                 init_overrides=_tensor_overrides(float_path, weight, matmul_inputs))
     config.use_external_data_format = True
@@ -230,7 +238,6 @@ def build_npu_graphs(dynamic_path: Path, folder: Path, cache: list[LayerCache], 
     """Write ``prefill.onnx`` and ``decode.onnx`` (QDQ) and their shared ``weights.data`` into ``folder``.
 
     The report's ``timings`` entry holds wall times (kept out of ``report.json`` by the caller)."""
-    from qsvd_export.data import read_text, token_windows
     from qsvd_export.passes.npu_legalize import npu_violations
     from qsvd_export.progress import info
     from qsvd_export.targets import policy_for
@@ -240,8 +247,7 @@ def build_npu_graphs(dynamic_path: Path, folder: Path, cache: list[LayerCache], 
     if tokenizer is None:
         raise UsageError("target npu calibrates activation ranges on text; this model has no tokenizer")
     report: dict[str, Any] = {"options": asdict(options), "graphs": {}, "timings": {}}
-    span = 2 * options.prefill_length + options.calibration_decode_steps
-    windows = token_windows(tokenizer, read_text("wiki_calib"), span, options.calibration_windows, source="wiki_calib")
+    windows = calibration_windows(tokenizer, options)
     specs = []
     with tempfile.TemporaryDirectory(prefix="qsvd-npu-") as tmp:
         work = Path(tmp)

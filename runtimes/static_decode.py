@@ -135,13 +135,22 @@ class StaticDecoder:
         return tokens
 
     def window_nlls(self, windows: np.ndarray, progress=None) -> list[float]:  # type: ignore[no-untyped-def]
-        """Mean NLL of each [prefill_length] row, each a fresh prefill."""
-        if windows.shape[1] != self.prefill_length:
-            raise UsageError(f"windows must be {self.prefill_length} tokens long for these static graphs")
+        """Mean NLL of each row of ``windows`` [n, L], each from an empty cache.
+
+        ``L`` must be a multiple of the prefill length and fit the cache window: a row is fed as
+        ``L / prefill_length`` consecutive prefill chunks (the cache carries the earlier chunks), so a
+        static bundle scores the same windows (e.g. EVAL.md's 512 tokens) as a dynamic one."""
+        length = windows.shape[1]
+        if length % self.prefill_length or length > self.context:
+            raise UsageError(f"windows must be a multiple of {self.prefill_length} tokens and at most "
+                             f"{self.context} (the cache window) for these static graphs, not {length}")
         nlls = []
         for row in windows:
-            logits, _ = self.step(self.empty_state(), [int(t) for t in row])
-            nlls.append(window_nll(logits, row))
+            state, chunks = self.empty_state(), []
+            for start in range(0, length, self.prefill_length):
+                logits, state = self.step(state, [int(t) for t in row[start:start + self.prefill_length]])
+                chunks.append(logits)
+            nlls.append(window_nll(np.concatenate(chunks), row))
             if progress is not None:
                 progress()
         return nlls

@@ -24,7 +24,11 @@ def peers(bundles, tmp_path_factory):  # type: ignore[no-untyped-def]
         built[f"ort-int4-b{block}"] = root / f"ort-int4-b{block}"
         info[f"ort-int4-b{block}"] = bench.build_ort_int4(dense, built[f"ort-int4-b{block}"], block)
     built["ours-w8a8"] = root / "ours-w8a8"
-    info["ours-w8a8"] = bench.build_ours_cpu(dense, built["ours-w8a8"])
+    info["ours-w8a8"] = bench.build_ours_target(dense, built["ours-w8a8"], "cpu")
+    for name, build in (("ours-npu", bench.build_ours_target), ("ort-qnn-u16u8", bench.build_ort_qnn)):
+        built[name] = root / name
+        args = (dense, built[name], "npu") if name == "ours-npu" else (dense, built[name])
+        info[name] = build(*args, prefill_length=8, context_length=48)
     return built, info
 
 
@@ -51,6 +55,40 @@ def test_peer_graphs_run_with_the_decode_loop(peers) -> None:  # type: ignore[no
     assert info["ort-int8"]["quantized_nodes"]
     assert info["ort-int4-b32"]["quantized_nodes"]["MatMulNBits"] > 0
     assert info["ort-int4-b128"]["options"]["block_size"] == 128
+    assert info["ours-w8a8"]["options"]["bits"].startswith("w8a8")
+
+
+def test_static_npu_rows_score_windows_through_the_cache(peers) -> None:  # type: ignore[no-untyped-def]
+    """The npu rows (ours and ORT's QNN recipe) score 16-token windows as two 8-token prefill chunks;
+    both stay close to the dense graph (quantized, not broken), and ORT's peer holds QDQ nodes."""
+    import onnx
+
+    built, info = peers
+    windows = {name: np.arange(2 * 16).reshape(2, 16) % 200 + 1 for name in bench.CORPORA}
+    dense = bench.measure_quality(built["dense"], windows)
+    for name in ("ours-npu", "ort-qnn-u16u8"):
+        quality = bench.measure_quality(built[name], windows)
+        assert quality["kv_bytes_per_token"] == dense["kv_bytes_per_token"]
+        for corpus in bench.CORPORA:
+            assert abs(np.log(quality[corpus] / dense[corpus])) < 0.1, (name, corpus, quality, dense)
+    ops = {n.op_type for n in onnx.load(str(built["ort-qnn-u16u8"] / "prefill.onnx"), load_external_data=False).graph.node}
+    assert {"QuantizeLinear", "DequantizeLinear"} <= ops
+    assert info["ort-qnn-u16u8"]["options"]["activation_type"] == "QUInt16"
+
+
+def test_claims_name_the_dominating_peer_and_the_roofline_ratio() -> None:
+    rows = [{"name": "dense", "family": "dense", "wiki_eval": 10.0, "kv_bytes_per_token": 100,
+             "achieved_over_roofline_512": 0.5},
+            {"name": "peer", "family": "peer", "wiki_eval": 11.0, "kv_bytes_per_token": 50},
+            {"name": "ours-a", "family": "ours", "wiki_eval": 10.5, "kv_bytes_per_token": 50,
+             "achieved_over_roofline_512": 0.6},
+            {"name": "ours-b", "family": "ours", "wiki_eval": 12.0, "kv_bytes_per_token": 100,
+             "achieved_over_roofline_512": 0.25}]
+    checks = bench.claims(rows)
+    assert checks["dominated_on_ppl_vs_kv"] == {"ours-a": [], "ours-b": ["peer"]}
+    assert checks["roofline_vs_dense"] == {"512": {"ours-a": pytest.approx(1.2), "ours-b": pytest.approx(0.5)}}
+    text = "\n".join(bench.render_claims(checks))
+    assert "ours-b: **dominated** by peer" in text and "below dense" in text
 
 
 def test_measure_quality_and_report(peers, tmp_path) -> None:  # type: ignore[no-untyped-def]
@@ -65,16 +103,18 @@ def test_measure_quality_and_report(peers, tmp_path) -> None:  # type: ignore[no
             entry.update(quality)
             # speed figures as benchmarks.decode_speed reports them (its worker is exercised elsewhere)
             entry.update({"weight_mb": 1.0, "prefill_512_ms": 10.0, "decode_512_tok_s": 100.0,
-                          "decode_2048_tok_s": 50.0, "achieved_over_roofline_512": 0.5, "peak_rss_mb": 300.0,
+                          "decode_2048_tok_s": 50.0, "achieved_over_roofline_512": 0.5,
+                          "achieved_over_roofline_2048": 0.4, "peak_rss_mb": 300.0,
                           "build_s": 1.0})
         else:
             entry["skipped"] = "not built in the test"
         rows.append(entry)
     bench.add_ratios(rows)
     assert rows[0]["ratios"]["wiki_eval"] == 1.0
+    checks = bench.claims(rows)
     result = {"model": "tiny-llama", "mode": "quick", "date": "today", "threads": 2, "rows": rows,
               "machine": bench.machine(), "versions": bench.tool_versions(), "bandwidth_gb_s": 10.0,
-              "protocol": {"windows": 2, "perplexity": "2 × 16", "speed": "fake"}}
+              "protocol": {"windows": 2, "perplexity": "2 × 16", "speed": "fake"}, "claims": checks}
     markdown = bench.render_markdown(result)
     for row in bench.ROWS:
         assert row.label in markdown

@@ -15,6 +15,7 @@ from qsvd_export.cli import main
 from qsvd_export.npu import NpuOptions, static_float_graphs
 from qsvd_export.passes.npu_legalize import npu_violations
 from qsvd_export.runtimes.decode import DecoderRunner
+from qsvd_export.errors import UsageError
 from qsvd_export.runtimes.static_decode import StaticDecoder
 
 from conftest import DECODER_FAMILIES
@@ -50,6 +51,19 @@ def test_static_graphs_reproduce_the_dynamic_graph(family, bundles, tmp_path):
         assert np.abs(step_logits[-1] - reference[0, -1]).max() < 1e-4
         length += 1
     assert state.next_position == length and int(state.mask.sum()) == length
+
+
+def test_static_windows_longer_than_a_prefill_chunk_score_like_the_dynamic_graph(bundles, tmp_path):
+    """A 24-token window = 3 prefill chunks through the cache: the same NLL as one dynamic prefill."""
+    bundle = bundles.dense("llama")
+    _, _, _, static = _static_float(bundle, tmp_path)
+    windows = np.random.default_rng(1).integers(0, 256, (2, 24))
+    expected = DecoderRunner(bundle).window_nlls(windows)
+    assert np.allclose(static.window_nlls(windows), expected, atol=1e-5)
+    with pytest.raises(UsageError, match="multiple of 8"):
+        static.window_nlls(windows[:, :20])
+    with pytest.raises(UsageError, match="at most 48"):
+        static.window_nlls(np.zeros((1, 56), dtype=np.int64))
 
 
 @pytest.mark.parametrize("family", DECODER_FAMILIES)
