@@ -31,8 +31,7 @@ keep the dense cache), weight bytes on disk, prefill ms (512), decode tokens/s a
 mode), peak RSS, achieved ÷ roofline (all from ``benchmarks.decode_speed``'s worker: one subprocess per
 bundle, medians of timed runs after a warm-up), build time; ratios against the dense row of the same run.
 
-Writes ``OUT/bench.json`` (figures, machine, date, tool versions), ``OUT/bench.md`` (table) and, when
-matplotlib is installed (``pip install 'qsvd-export[bench]'``), ``OUT/ppl_vs_kv.png`` and
+Writes ``OUT/bench.json`` (figures, machine, date, tool versions), ``OUT/bench.md`` (table), ``OUT/ppl_vs_kv.png`` and
 ``OUT/ppl_vs_decode.png`` (one marker per row, Pareto front). Built bundles go to ``--work``
 (default ``OUT/bundles``) and are reused by later runs unless ``--rebuild``.
 
@@ -623,6 +622,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> None:
+    from qsvd_export.progress import set_mode
+
+    set_mode("quiet")  # the npu builders' bars would interleave with the run's own log
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     run(parse_args(argv))

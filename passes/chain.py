@@ -20,6 +20,7 @@ from qsvd_export.passes.find_attention import find_attention
 from qsvd_export.passes.fold_value import FoldValuePass
 from qsvd_export.passes.latent_kv import LatentKVPass
 from qsvd_export.passes.split_qkv import SplitQKVPass
+from qsvd_export.progress import bar
 
 
 class FindAttentionPass(ir.passes.InPlacePass):
@@ -45,12 +46,12 @@ class CleanupPass(ir.passes.InPlacePass):
         return ir.passes.PassResult(model, True)
 
 
-class _Dumping(ir.passes.PassBase):
-    """Wraps a pass and saves the model after it."""
+class _Wrapped(ir.passes.PassBase):
+    """A pass around ``inner``, with its in-place contract."""
 
-    def __init__(self, inner: ir.passes.PassBase, folder: Path, index: int) -> None:
+    def __init__(self, inner: ir.passes.PassBase) -> None:
         super().__init__()
-        self.inner, self.folder, self.index = inner, folder, index
+        self.inner = inner
 
     @property
     def in_place(self) -> bool:
@@ -59,6 +60,27 @@ class _Dumping(ir.passes.PassBase):
     @property
     def changes_input(self) -> bool:
         return self.inner.changes_input
+
+
+class _Counted(_Wrapped):
+    """Runs ``inner``, then advances a progress bar."""
+
+    def __init__(self, inner: ir.passes.PassBase, progress: Any) -> None:
+        super().__init__(inner)
+        self.progress = progress
+
+    def call(self, model: ir.Model) -> ir.passes.PassResult:
+        result = self.inner(model)
+        self.progress.update()
+        return result
+
+
+class _Dumping(_Wrapped):
+    """Wraps a pass and saves the model after it."""
+
+    def __init__(self, inner: ir.passes.PassBase, folder: Path, index: int) -> None:
+        super().__init__(inner)
+        self.folder, self.index = folder, index
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         result = self.inner(model)
@@ -77,6 +99,8 @@ def run_graph_stage(model: ir.Model, plan: Any | None, dump_dir: Path | None = N
     if dump_dir is not None:
         dump_dir.mkdir(parents=True, exist_ok=True)
         passes = [_Dumping(p, dump_dir, i) for i, p in enumerate(passes)]
+    progress = bar(len(passes), "graph passes")
+    passes = [_Counted(p, progress) for p in passes]
     try:
         ir.passes.PassManager(passes)(model)
     except ir.passes.PassError as err:
@@ -88,6 +112,8 @@ def run_graph_stage(model: ir.Model, plan: Any | None, dump_dir: Path | None = N
         if isinstance(cause, QsvdError):
             raise cause from None
         raise
+    finally:
+        progress.close()
     check_model(model)
     return context
 

@@ -19,7 +19,7 @@ from typing import Any, Sequence
 from qsvd_export import __version__
 from qsvd_export.bundle import bundle_tokenizer
 from qsvd_export.errors import Interrupted, QsvdError, UsageError
-from qsvd_export.progress import info, set_quiet
+from qsvd_export.progress import emit, info, is_json, set_mode
 
 PROG = "qsvd-export"
 
@@ -32,6 +32,8 @@ class _Parser(argparse.ArgumentParser):
 def _add_common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--debug", action="store_true", help="show tracebacks")
     parser.add_argument("-q", "--quiet", action="store_true", help="no progress output")
+    parser.add_argument("--log-json", action="store_true",
+                        help="progress, status and the final summary as JSON lines on stderr (no bars)")
 
 
 def _add_target(parser: argparse.ArgumentParser, bits: bool = True) -> None:
@@ -211,6 +213,7 @@ def cmd_export(args: argparse.Namespace) -> int:
     )
     _print_target(report)
     _print_mobile(report)
+    _print_summary(result)
     return 0
 
 
@@ -351,6 +354,7 @@ def cmd_compress(args: argparse.Namespace) -> int:
               f"({ppl['compressed_onnx'] / ppl['dense']:.3f} x dense)")
     _print_target(report)
     _print_mobile(report)
+    _print_summary(result)
     return 0
 
 
@@ -379,7 +383,18 @@ def cmd_compile(args: argparse.Namespace) -> int:
           + (f", {len(stage['unmatched'])} unmatched" if stage["unmatched"] else ""))
     _print_target(result.report)
     _print_mobile(result.report)
+    _print_summary(result)
     return 0
+
+
+def _print_summary(result: Any) -> None:
+    """The table every build ends with (stdout), and a ``summary`` event under --log-json."""
+    from qsvd_export.report import summary_table
+
+    summary = result.report["summary"]
+    timings = {k: round(v, 3) for k, v in result.timings.items()}
+    print(summary_table(result.out, summary, timings))
+    emit("summary", bundle=str(result.out), summary=summary, timings_s=timings)
 
 
 def _print_mobile(report: dict[str, Any]) -> None:
@@ -445,6 +460,7 @@ def _quiet_libraries() -> None:
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in argv
+    set_mode("json" if "--log-json" in argv else "bars")  # errors while parsing are JSON too
     _quiet_libraries()
     signal.signal(signal.SIGTERM, _on_sigterm)
     if argv and argv[0] not in COMMANDS and not argv[0].startswith("-"):
@@ -453,19 +469,25 @@ def main(argv: Sequence[str] | None = None) -> int:
         args = build_parser().parse_args(argv)
         if args.command is None:
             raise UsageError("no command given (try: qsvd-export demo, or qsvd-export --help)")
-        set_quiet(args.quiet)
+        set_mode("json" if args.log_json else "quiet" if args.quiet else "bars")
         return COMMANDS[args.command](args)
     except QsvdError as err:
         if debug:
             traceback.print_exc()
-        print(f"{PROG}: error: {err}", file=sys.stderr)
-        return err.exit_code
+        return _fail(f"error: {err}", err.exit_code)
     except KeyboardInterrupt:
-        print(f"{PROG}: error: interrupted; no output written", file=sys.stderr)
-        return Interrupted.exit_code
+        return _fail("error: interrupted; no output written", Interrupted.exit_code)
     except Exception as exc:  # noqa: BLE001 - the last line of defence: one line, no traceback
         if debug:
             traceback.print_exc()
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
-        print(f"{PROG}: internal error: {exc.__class__.__name__}: {first} (rerun with --debug)", file=sys.stderr)
-        return 1
+        return _fail(f"internal error: {exc.__class__.__name__}: {first} (rerun with --debug)", 1)
+
+
+def _fail(message: str, exit_code: int) -> int:
+    """The one line a failed command ends with on stderr (a JSON ``error`` event under --log-json)."""
+    if is_json():
+        emit("error", message=message, exit_code=exit_code)
+    else:
+        print(f"{PROG}: {message}", file=sys.stderr)
+    return exit_code

@@ -26,6 +26,7 @@ import onnx_ir as ir
 from qsvd_export.bundle import CacheTensor, LayerCache
 from qsvd_export.errors import UnsupportedModelError
 from qsvd_export.models import adapter_for_config
+from qsvd_export.progress import bar
 from qsvd_export.zoo import LoadedModel
 
 OPSET = 21
@@ -211,12 +212,16 @@ def _run_exporter(wrapper: Any, args: tuple, input_names: list[str], output_name
     # The exporter prints progress and warns about optional ops (torchvision); keep the CLI output clean.
     sink = io.StringIO()
     logging.getLogger("torch.onnx").setLevel(logging.ERROR)
+    # one step: the exporter optimizes before it renames inputs and axes, so it cannot be split in two
+    progress = bar(1, "export (torch.export, decompositions, onnxscript optimizer)")
     with warnings.catch_warnings(), contextlib.redirect_stdout(sink), torch.no_grad():
         warnings.simplefilter("ignore")
         program = torch.onnx.export(
             wrapper, args, input_names=input_names, output_names=output_names, dynamic_shapes=dynamic,
             dynamo=True, opset_version=OPSET, optimize=True, verbose=False, report=False,
         )
+    progress.update()
+    progress.close()
     model = program.model
     model.producer_name = "qsvd-export"
     return model

@@ -86,8 +86,11 @@ def calibration_feeds(float_paths: dict[str, Path], cache: list[LayerCache], win
 
     decoder = StaticDecoder.from_files(float_paths["prefill"], float_paths["decode"], cache,
                                        options.context_length, options.prefill_length)
+    from qsvd_export.progress import bar
+
     size = options.prefill_length
     feeds: dict[str, list[dict[str, np.ndarray]]] = {"prefill": [], "decode": []}
+    progress = bar(len(windows), "npu calibration feeds (float static graphs)")
     for row in windows:
         tokens = [int(t) for t in row]
         state = decoder.empty_state()
@@ -95,6 +98,8 @@ def calibration_feeds(float_paths: dict[str, Path], cache: list[LayerCache], win
                             *(("decode", [t]) for t in tokens[2 * size:2 * size + options.calibration_decode_steps])]:
             _, state, feed = decoder.step_with_feed(state, chunk)
             feeds[role].append(feed)
+        progress.update()
+    progress.close()
     return feeds
 
 
@@ -239,7 +244,7 @@ def build_npu_graphs(dynamic_path: Path, folder: Path, cache: list[LayerCache], 
 
     The report's ``timings`` entry holds wall times (kept out of ``report.json`` by the caller)."""
     from qsvd_export.passes.npu_legalize import npu_violations
-    from qsvd_export.progress import info
+    from qsvd_export.progress import bar, info
     from qsvd_export.targets import policy_for
 
     options.check()
@@ -256,6 +261,7 @@ def build_npu_graphs(dynamic_path: Path, folder: Path, cache: list[LayerCache], 
         info("npu: calibration feeds from the float static graphs")
         feeds = calibration_feeds(float_paths, cache, windows, options)
         qdq_paths = {}
+        progress = bar(len(GRAPH_FILES), "npu activation ranges + QDQ (prefill, decode)")
         for role, filename in GRAPH_FILES.items():
             info(f"npu: QDQ {bits.name} for the {role} graph ({len(feeds[role])} calibration feeds)")
             start = time.perf_counter()
@@ -267,6 +273,8 @@ def build_npu_graphs(dynamic_path: Path, folder: Path, cache: list[LayerCache], 
             report["graphs"][role] = {**legalized[role], **qdq, "htp_violations": npu_violations(model)}
             report["timings"][f"npu_{role}_qdq_s"] = round(time.perf_counter() - start, 1)
             del model
+            progress.update()
+        progress.close()
         report["weights"] = save_sharing_weights(qdq_paths, folder)
     return specs, report
 

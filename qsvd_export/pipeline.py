@@ -171,13 +171,14 @@ def plan_report(plan: Any) -> dict[str, Any]:
         layers.append({
             "layer": layer.layer, "grouping": layer.grouping, "ranks": {g.members: g.rank for g in layer.groups},
             "latent_rank": layer.latent_rank, "params": params, "kv_bytes_per_token_fp16": 2 * width,
+            "dense_kv_width": layer.dims["k"] + layer.dims["v"],
             "betas": {g.members: g.beta for g in layer.groups},
         })
     dense_kv = sum(2 * (la.dims["k"] + la.dims["v"]) for la in plan.layers)
     return {
         "model": plan.model, "budget": plan.budget, "r1": plan.r1, "r2": plan.r2, "method": plan.method,
         "calibration": plan.calibration, "kv_bytes_per_token_fp16": sum(la["kv_bytes_per_token_fp16"] for la in layers),
-        "kv_bytes_per_token_dense_fp16": dense_kv, "layers": layers,
+        "kv_bytes_per_token_dense_fp16": dense_kv, "layers": layers, "spectra": plan.spectra,
     }
 
 
@@ -377,6 +378,8 @@ def _finish_bundle(folder: Path, config: BundleConfig, mobile: bool, timings: di
     qsvd_config.json and report.json), the bundle README, timings.json. Returns the mobile report."""
     from qsvd_export.bundle_readme import write_readme
 
+    from qsvd_export.report import write_report
+
     mobile_report = None
     if mobile:
         from qsvd_export.mobile import package_mobile
@@ -384,6 +387,9 @@ def _finish_bundle(folder: Path, config: BundleConfig, mobile: bool, timings: di
 
         info("mobile: ORT-format graphs, required_operators.config and a parity check on the CPU EP")
         mobile_report = package_mobile(folder, config, timings)
+    start = time.perf_counter()
+    write_report(folder, config)
+    timings["report_s"] = time.perf_counter() - start
     write_readme(folder)
     write_json(folder / "timings.json", {k: round(v, 3) for k, v in timings.items()})
     return mobile_report
@@ -498,7 +504,6 @@ def compile_onnx(graph_path: Path, plan_path: Path | None, out: Path, overwrite:
         report["kv_bytes_per_token"] = config.kv_bytes_per_token()
         report["weight_bytes"] = graph_weight_bytes(tmp, config)
         write_json(tmp / "report.json", report)
-        mobile_report = _finish_bundle(tmp, config, mobile, timings)
-        if mobile_report is not None:
-            report["mobile"] = mobile_report
+        _finish_bundle(tmp, config, mobile, timings)
+    report = json.loads((Path(out) / "report.json").read_text())
     return BuildResult(Path(out), config, report, timings)

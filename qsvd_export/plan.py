@@ -78,6 +78,9 @@ class CompressionPlan:
     method: dict[str, Any]  # allocation, grouping, whitening, beta, rotation, bits
     calibration: dict[str, Any]
     seed: int = 0
+    # "layer.members" → {"sigma": whitened singular values ÷ the largest (4 digits), "kept": component
+    # indices the allocation kept}, for the first, middle and last layer: the report's spectra plot
+    spectra: dict[str, Any] = field(default_factory=dict)
     format: str = PLAN_FORMAT
     version: int = PLAN_VERSION
     tensors: dict[str, torch.Tensor] = field(default_factory=dict, repr=False, compare=False)

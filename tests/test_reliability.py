@@ -12,7 +12,8 @@ from pathlib import Path
 from qsvd_export.cli import main
 
 SMALL = ["--calib-windows", "4", "--calib-length", "64", "--grad-windows", "2", "-q"]
-DETERMINISTIC = ("model.onnx", "model.onnx.data", "plan.json", "plan.safetensors", "qsvd_config.json", "report.json")
+DETERMINISTIC = ("model.onnx", "model.onnx.data", "plan.json", "plan.safetensors", "qsvd_config.json", "report.json",
+                 "report.md", "rank_allocation.png", "spectra.png", "README.md")
 
 
 def _digest(folder: Path) -> dict[str, str]:

@@ -337,6 +337,12 @@ def build_plan(model_name: str, model_type: str, analysis: Analysis, options: Co
         layers.append(layer)
 
     r1, r2 = ratios(analysis.dims, [{g.members: g.rank for g in layer.groups} for layer in layers])
+    spectra = {}
+    for li in sorted({0, len(choices) // 2, len(choices) - 1}):
+        for members in sorted(choices[li], key=lambda m: "qkv".index(m[0])):
+            sigma = analysis.svds[li][members].sigma
+            spectra[f"{li}.{members}"] = {"sigma": [float(f"{v:.4g}") for v in (sigma / sigma[0]).tolist()],
+                                          "kept": sorted(int(i) for i in choices[li][members])}
     plan = CompressionPlan(
         model=model_name,
         model_type=model_type,
@@ -356,6 +362,7 @@ def build_plan(model_name: str, model_type: str, analysis: Analysis, options: Co
         },
         calibration=analysis.calibration,
         seed=options.seed,
+        spectra=spectra,
         tensors=tensors,
     )
     info(f"plan: R1 {plan.r1:.3f}, R2 {plan.r2:.3f}, groupings " + ", ".join(sorted({la.grouping for la in layers})))
