@@ -93,6 +93,8 @@ ROW_NAMES = [r.name for r in ROWS]
 COLUMNS = [
     ("wiki_eval ppl", "wiki_eval", "{:.3f}"),
     ("news_eval ppl", "news_eval", "{:.3f}"),
+    ("R1", "r1", "{:.2f}"),
+    ("R2", "r2", "{:.2f}"),
     ("KV B/token", "kv_bytes_per_token", "{:,.0f}"),
     ("weights MB", "weight_mb", "{:.1f}"),
     ("prefill 512 ms", "prefill_512_ms", "{:.0f}"),
@@ -261,6 +263,18 @@ def build_ort_qnn(dense: Path, out: Path, prefill_length: int = 128, context_len
     return {"options": {"activation_type": "QUInt16", "weight_type": "QUInt8", "per_channel": False,
                         "calibration": f"MinMax, {options.calibration_windows} windows of wiki_calib (as ours)",
                         "prefill_length": options.prefill_length, "context_length": options.context_length}}
+
+
+def compression_ratios(bundle: Path, sources: list[Path | None]) -> tuple[float, float]:
+    """(R1, R2) of a bundle's attention: its report's plan figures, else its source bundle's (a target
+    build on a QSVD bundle keeps its plan), else 1.0 (Q/K/V weights and cache left full)."""
+    for folder in (bundle, *sources):
+        path = folder / "report.json" if folder is not None else None
+        if path is not None and path.exists():
+            report = json.loads(path.read_text())
+            if "r1" in report:
+                return float(report["r1"]), float(report["r2"])
+    return 1.0, 1.0
 
 
 def reused_build_seconds(bundle: Path) -> float | None:
@@ -457,6 +471,7 @@ def render_markdown(result: dict) -> str:
             cells[0] += f" — skipped: {row['skipped']}"
         lines.append("| " + " | ".join(cells) + " |")
     lines += ["", *render_claims(result["claims"])]
+    lines += [f"![{name}]({name})" for name in result.get("plots", [])] + [""]
     lines += ["Tool versions: " + ", ".join(f"{k} {v}" for k, v in result["versions"].items()) + ".", ""]
     notes = [f"- {r['name']}: {r['build']['note']}" for r in rows if r.get("build", {}).get("note")]
     if notes:
@@ -476,15 +491,15 @@ def pareto_front(points: list[tuple[float, float]], lower_x: bool) -> list[int]:
 
 
 def plot(result: dict, out: Path) -> list[str]:
-    """ppl vs KV bytes/token and ppl vs decode tok/s; one marker per row, Pareto front dashed."""
-    try:
-        import matplotlib
+    """ppl vs KV bytes/token and ppl vs decode tok/s; one marker shape per tool, one colour per row,
+    Pareto front dashed."""
+    import matplotlib
 
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return []
-    markers = "osD^v<>Xp*h"
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    shapes = "os^vDP*Xph"
+    tools = list(dict.fromkeys(r["tool"] for r in result["rows"]))
     written = []
     for x_key, x_label, lower_x, filename in [
         ("kv_bytes_per_token", "KV cache bytes / token (fp32 graph I/O)", True, "ppl_vs_kv.png"),
@@ -496,9 +511,11 @@ def plot(result: dict, out: Path) -> list[str]:
         fig, ax = plt.subplots(figsize=(7, 5))
         # a broken row (perplexity > 3× the best) would flatten the others: draw it on the cap, say so in the legend
         cap = 3 * min(r["wiki_eval"] for r in rows)
-        for i, row in enumerate(rows):
+        for row in rows:
             off = row["wiki_eval"] > cap
-            ax.scatter(row[x_key], min(row["wiki_eval"], cap), marker=markers[i % len(markers)], s=70, zorder=3,
+            index = next(i for i, r in enumerate(result["rows"]) if r["name"] == row["name"])
+            ax.scatter(row[x_key], min(row["wiki_eval"], cap), marker=shapes[tools.index(row["tool"]) % len(shapes)],
+                       color=f"C{index % 10}", s=70, zorder=3, edgecolors="k" if row["family"] == "ours" else "none",
                        label=row["label"] + (f" (ppl {row['wiki_eval']:.3g}, off scale)" if off else ""))
         points = [(r[x_key], r["wiki_eval"]) for r in rows]
         front = pareto_front(points, lower_x)
@@ -510,7 +527,7 @@ def plot(result: dict, out: Path) -> list[str]:
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
         fig.tight_layout()
-        fig.savefig(out / filename, dpi=120)
+        fig.savefig(out / filename, dpi=120, metadata={"Software": None})
         plt.close(fig)
         written.append(filename)
     return written
@@ -565,6 +582,7 @@ def run(args: argparse.Namespace) -> dict:
             entry["graph_bytes"] = sum((bundle / g.filename).stat().st_size for g in config.graphs)
             entry["weight_mb"] = entry["weight_bytes"] / 1e6
             entry["static_shapes"] = bool(config.static_shapes)
+            entry["r1"], entry["r2"] = compression_ratios(bundle, [built.get(PARENTS.get(row.name, ""))])
             if windows is None:
                 windows = eval_windows(bundle, windows_count)
             print(f"[{time.perf_counter() - start:6.0f} s] {row.name}: perplexity", flush=True)
@@ -588,20 +606,23 @@ def run(args: argparse.Namespace) -> dict:
         except subprocess.CalledProcessError as exc:
             result["speed_error"] = exc.stderr[-3000:]
             print(f"  decode speed failed: {exc.stderr[-1000:]}", flush=True)
-    add_ratios(result["rows"])
-    result["claims"] = claims(result["rows"])
     result["machine"]["load_average_end"] = os.getloadavg()
     result["wall_s"] = round(time.perf_counter() - start, 1)
-    (args.out / "bench.json").write_text(json.dumps(result, indent=1) + "\n")
-    markdown = render_markdown(result)
-    (args.out / "bench.md").write_text(markdown)
-    result["plots"] = plot(result, args.out)
-    (args.out / "bench.json").write_text(json.dumps(result, indent=1) + "\n")
-    print(markdown)
-    print(f"wrote {args.out / 'bench.json'}, {args.out / 'bench.md'}"
-          + (f", {', '.join(result['plots'])}" if result["plots"] else " (no plots: matplotlib not installed)")
-          + f" in {result['wall_s']:.0f} s")
+    render(result, args.out)
+    print(f"wrote {args.out / 'bench.json'}, {args.out / 'bench.md'}, {', '.join(result['plots'])} "
+          f"in {result['wall_s']:.0f} s")
     return result
+
+
+def render(result: dict, out: Path) -> None:
+    """Claims, bench.md, the plots and bench.json from a run's figures (also ``--render-only``)."""
+    add_ratios(result["rows"])
+    result["claims"] = claims(result["rows"])
+    result["plots"] = plot(result, out)
+    markdown = render_markdown(result)
+    (out / "bench.md").write_text(markdown)
+    (out / "bench.json").write_text(json.dumps(result, indent=1) + "\n")
+    print(markdown)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -618,6 +639,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--windows", type=int, default=None, help="perplexity windows (default 32; --quick 8)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--rebuild", action="store_true", help="rebuild bundles an earlier run left in --work")
+    parser.add_argument("--render-only", action="store_true",
+                        help="measure nothing: redraw OUT/bench.md and the plots from OUT/bench.json")
     return parser.parse_args(argv)
 
 
@@ -627,7 +650,11 @@ def main(argv: list[str] | None = None) -> None:
     set_mode("quiet")  # the npu builders' bars would interleave with the run's own log
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
-    run(parse_args(argv))
+    args = parse_args(argv)
+    if args.render_only:
+        render(json.loads((args.out / "bench.json").read_text()), args.out)
+        return
+    run(args)
 
 
 if __name__ == "__main__":

@@ -102,7 +102,7 @@ def test_measure_quality_and_report(peers, tmp_path) -> None:  # type: ignore[no
             assert all(np.isfinite(quality[c]) and quality[c] > 1 for c in bench.CORPORA)
             entry.update(quality)
             # speed figures as benchmarks.decode_speed reports them (its worker is exercised elsewhere)
-            entry.update({"weight_mb": 1.0, "prefill_512_ms": 10.0, "decode_512_tok_s": 100.0,
+            entry.update({"r1": 1.0, "r2": 1.0, "weight_mb": 1.0, "prefill_512_ms": 10.0, "decode_512_tok_s": 100.0,
                           "decode_2048_tok_s": 50.0, "achieved_over_roofline_512": 0.5,
                           "achieved_over_roofline_2048": 0.4, "peak_rss_mb": 300.0,
                           "build_s": 1.0})
@@ -111,11 +111,12 @@ def test_measure_quality_and_report(peers, tmp_path) -> None:  # type: ignore[no
         rows.append(entry)
     bench.add_ratios(rows)
     assert rows[0]["ratios"]["wiki_eval"] == 1.0
-    checks = bench.claims(rows)
     result = {"model": "tiny-llama", "mode": "quick", "date": "today", "threads": 2, "rows": rows,
               "machine": bench.machine(), "versions": bench.tool_versions(), "bandwidth_gb_s": 10.0,
-              "protocol": {"windows": 2, "perplexity": "2 × 16", "speed": "fake"}, "claims": checks}
-    markdown = bench.render_markdown(result)
+              "protocol": {"windows": 2, "perplexity": "2 × 16", "speed": "fake"}}
+    bench.render(result, tmp_path)
+    markdown = (tmp_path / "bench.md").read_text()
+    assert json.loads((tmp_path / "bench.json").read_text())["claims"] == result["claims"]
     for row in bench.ROWS:
         assert row.label in markdown
     for header, _, _ in bench.COLUMNS:
@@ -126,9 +127,9 @@ def test_measure_quality_and_report(peers, tmp_path) -> None:  # type: ignore[no
     text = json.dumps(result)
     for row in bench.ROWS:
         assert row.name in text
-    written = bench.plot(result, tmp_path)
-    for name in written:
-        assert (tmp_path / name).stat().st_size > 0
+    assert result["plots"] == ["ppl_vs_kv.png", "ppl_vs_decode.png"]
+    for name in result["plots"]:
+        assert (tmp_path / name).read_bytes().startswith(b"\x89PNG") and f"]({name})" in markdown
 
 
 def test_pareto_front() -> None:
