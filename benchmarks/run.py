@@ -26,7 +26,7 @@ windows, fed as 4 prefill chunks through the cache, on the CPU EP running their 
 is the NPU's, not this machine's: the CPU EP emulates QDQ, so no speed columns for them.
 
 Per row: perplexity on wiki_eval and news_eval (EVAL.md: 32 × 512 windows, each one prefill through
-``DecoderRunner.window_nlls``; ``--quick``: 8 windows), KV bytes/token (``qsvd_config.json``; the peers
+``DecoderRunner.window_nlls``; ``--quick``: 4 windows), KV bytes/token (``qsvd_config.json``; the peers
 keep the dense cache), weight bytes on disk, prefill ms (512), decode tokens/s at 512 (and 2048 in full
 mode), peak RSS, achieved ÷ roofline (all from ``benchmarks.decode_speed``'s worker: one subprocess per
 bundle, medians of timed runs after a warm-up), build time; ratios against the dense row of the same run.
@@ -537,7 +537,7 @@ def plot(result: dict, out: Path) -> list[str]:
 
 def run(args: argparse.Namespace) -> dict:
     start = time.perf_counter()
-    windows_count = args.windows or (8 if args.quick else 32)
+    windows_count = args.windows or (4 if args.quick else 32)
     contexts = [512] if args.quick else [512, 2048]
     runs, new_tokens, rounds = (2, 32, 1) if args.quick else (5, 64, 2)
     args.out.mkdir(parents=True, exist_ok=True)
@@ -628,7 +628,7 @@ def render(result: dict, out: Path) -> None:
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true",
-                        help="8 perplexity windows, decode @512 only, 2 runs × 32 tokens; no torch-stage builds; "
+                        help="4 perplexity windows per corpus, decode @512 only, 2 runs × 32 tokens; no torch-stage builds; "
                              "the fp32 latent row is only a source there")
     parser.add_argument("--out", type=Path, default=Path("results/bench"))
     parser.add_argument("--work", type=Path, default=None, help="where built bundles go (default OUT/bundles)")
@@ -636,7 +636,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--ours-w4a8", type=Path, default=None, help="existing `export --target cpu` bundle")
     parser.add_argument("--ours-latent", type=Path, default=None, help="existing `compress --budget kv=0.5` bundle")
     parser.add_argument("--skip", nargs="*", default=[], choices=ROW_NAMES, help="rows to leave out")
-    parser.add_argument("--windows", type=int, default=None, help="perplexity windows (default 32; --quick 8)")
+    parser.add_argument("--windows", type=int, default=None, help="perplexity windows (default 32; --quick 4)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--rebuild", action="store_true", help="rebuild bundles an earlier run left in --work")
     parser.add_argument("--render-only", action="store_true",

@@ -223,6 +223,9 @@ def _run_exporter(wrapper: Any, args: tuple, input_names: list[str], output_name
     progress.update()
     progress.close()
     model = program.model
+    for node in ir.traversal.RecursiveGraphIterator(model.graph):
+        # source file paths of this installation: bundles would differ by where qsvd-export is installed
+        node.metadata_props.pop("pkg.torch.onnx.stack_trace", None)
     model.producer_name = "qsvd-export"
     return model
 

@@ -27,6 +27,9 @@ def test_two_runs_give_identical_bundle_bytes(tmp_path):
     a, b = _digest(tmp_path / "a"), _digest(tmp_path / "b")
     assert set(a) == set(DETERMINISTIC)
     assert a == b
+    # nor by where qsvd-export is installed: the exporter's stack traces (source paths) are dropped
+    graph = (tmp_path / "a" / "model.onnx").read_bytes()
+    assert b"stack_trace" not in graph and str(Path(__file__).resolve().parent.parent).encode() not in graph
 
 
 def test_sigterm_during_a_run_leaves_no_output(tmp_path):
