@@ -1,6 +1,7 @@
 """Target policies: what the graph becomes for each execution provider, and the checks before writing.
 
-- ``cpu``: weight-only integer MatMuls (``com.microsoft.MatMulNBits``, MLAS kernels). ``a8`` presets use
+- ``cpu``: weight-only integer MatMuls (``com.microsoft.MatMulNBits``, MLAS kernels) and an 8-bit
+  embedding table (``com.microsoft.GatherBlockQuantized``, :mod:`qsvd_export.passes.quantize_embedding`). ``a8`` presets use
   accuracy level 4 (activations quantized to int8 per block inside the kernel, integer dot products);
   ``a16`` presets keep float activations (accuracy level 1). Default ``w8a8`` (near-lossless); ``export``
   defaults to ``w4a8`` with activation-aware smoothing when it has a llama-family torch model
@@ -36,6 +37,7 @@ class TargetPolicy:
     block_size: int = 32
     smoothed_default: str | None = None  # export's default when activation-aware smoothing is possible
     float16: bool = False  # convert activations, float weights and the cache to fp16 after quantizing
+    quantize_embedding: bool = False  # an fp32 table read only by Gather → 8-bit GatherBlockQuantized
 
     def bits(self, requested: str | None) -> Bits:
         name = requested or self.default_bits
@@ -72,12 +74,19 @@ class TargetPolicy:
             QuantizeWeightsPass(8, self.block_size, accuracy_level, exclude=others, symmetric=True, report=done)(model)
             report["output_matmuls_at_8_bits"] = list(done.quantized)
         QuantizeWeightsPass(bits.weights, self.block_size, accuracy_level, symmetric=True, report=done)(model)
-        return {**report, **done.as_dict()}
+        report.update(done.as_dict())
+        if self.quantize_embedding:  # after the lm_head took its own copy of a tied table
+            from qsvd_export.passes.quantize_embedding import QuantizeEmbeddingPass
+
+            embedding = QuantizeEmbeddingPass(self.block_size)
+            embedding(model)
+            report.update(embedding.report.as_dict())
+        return report
 
 
 POLICIES = {
     "cpu": TargetPolicy("cpu", default_bits="w8a8", allowed_bits=("fp", "w8a16", "w8a8", "w4a16", "w4a8"),
-                        smoothed_default="w4a8"),
+                        smoothed_default="w4a8", quantize_embedding=True),
     "gpu": TargetPolicy("gpu", default_bits="w4a16", allowed_bits=("fp", "w8a16", "w4a16"), float16=True),
     "npu": TargetPolicy("npu", default_bits="w8a16", allowed_bits=("w8a16", "w8a8", "w4a16")),
 }

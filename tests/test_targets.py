@@ -62,6 +62,49 @@ def test_matmulnbits_computes_exactly_the_dequantized_weight(bits, symmetric, tr
     assert np.abs(dequantized - weight).max() <= step
 
 
+def _gather_model(table: np.ndarray, extra_reader: bool) -> ir.Model:
+    """rows = Gather(table, ids); with ``extra_reader`` the table also feeds a MatMul (an unquantized tied head)."""
+    ids = ir.Value(name="ids", shape=ir.Shape([3]), type=ir.TensorType(ir.DataType.INT64))
+    t = ir.Value(name="table", shape=ir.Shape(table.shape), type=ir.TensorType(ir.DataType.FLOAT),
+                 const_value=ir.tensor(table, name="table"))
+    nodes = [ir.Node("", "Gather", [t, ids], attributes=[ir.AttrInt64("axis", 0)], name="embed")]
+    rows = nodes[-1].outputs[0]
+    rows.name, rows.shape, rows.dtype = "rows", ir.Shape([3, table.shape[1]]), ir.DataType.FLOAT
+    outputs = [rows]
+    if extra_reader:
+        nodes.append(ir.Node("", "MatMul", [rows, t], name="head"))
+        outputs.append(nodes[-1].outputs[0])
+        outputs[-1].name, outputs[-1].dtype = "head", ir.DataType.FLOAT
+    graph = ir.Graph([ids], outputs, nodes=nodes, initializers=[t], opset_imports={"": 21})
+    return ir.Model(graph, ir_version=10)
+
+
+def test_embedding_table_becomes_8_bit_gather_block_quantized():
+    from qsvd_export.passes.quantize_embedding import QuantizeEmbeddingPass
+
+    table = RNG.standard_normal((50, 80)).astype(np.float32)  # 80 = 2.5 blocks of 32: a short last block
+    model = _gather_model(table, extra_reader=False)
+    quantizer = QuantizeEmbeddingPass(32)
+    quantizer(model)
+    assert [n.op_type for n in model.graph] == ["GatherBlockQuantized"] and "table" not in model.graph.initializers
+    assert quantizer.report.packed_bytes < table.nbytes / 3
+    ids = np.asarray([0, 17, 49])
+    session = ort.InferenceSession(ir.serde.serialize_model(model).SerializeToString(), providers=["CPUExecutionProvider"])
+    rows = session.run(None, {"ids": ids})[0]
+    expected = quantize_blockwise(table.T, 8, 32, symmetric=True).dequantize().T[ids]
+    np.testing.assert_allclose(rows, expected, rtol=1e-6, atol=1e-6)  # exactly the op's documented dequantization
+    assert np.abs(rows - table[ids]).max() <= np.abs(table).max() / 127
+
+
+def test_a_table_with_other_readers_stays_float():
+    from qsvd_export.passes.quantize_embedding import QuantizeEmbeddingPass
+
+    model = _gather_model(RNG.standard_normal((40, 40)).astype(np.float32), extra_reader=True)
+    quantizer = QuantizeEmbeddingPass(32)
+    quantizer(model)
+    assert [n.op_type for n in model.graph] == ["Gather", "MatMul"] and quantizer.report.quantized == []
+
+
 def test_range_search_never_does_worse_than_min_max():
     weight = RNG.standard_t(3, (256, 64)).astype(np.float32)  # heavy tails: clipping pays
     plain = quantize_blockwise(weight, 4, 32, grid=(1.0,)).dequantize()
@@ -79,6 +122,7 @@ def test_cpu_target_quantizes_every_weight_matmul_and_still_decodes(tmp_path, bu
     optimized = report["onnxruntime_optimized_graph"]
     assert optimized["float_matmuls_with_constant_weight"] == 0
     assert optimized["MatMulNBits"] == report["quantized_matmuls"] == 2 * 7 + 1  # q k v o gate up down, lm_head
+    assert report["quantized_embeddings"] == 1  # the tied table, once the lm_head has its own packed copy
     ids = np.asarray([[5, 6, 7, 8, 9, 10]])
     a, _ = DecoderRunner(dense).prefill(ids)
     b, _ = DecoderRunner(out).prefill(ids)
