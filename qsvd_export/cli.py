@@ -168,6 +168,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--calib", default="wiki_calib", help="with --budget: calibration text file or bundled corpus")
     p.add_argument("--calib-windows", type=int, default=None, help="with --budget: default 128 (decoders), 256 (encoders)")
     p.add_argument("--calib-length", type=int, default=None, help="with --budget: default 512 (decoders), 32 (encoders)")
+    p.add_argument("--calib-npz", type=Path, default=None,
+                   help="with --budget: calibrate on these token windows instead of text (.npz with input_ids "
+                        "[windows, tokens]; no tokenizer needed)")
     p.add_argument("--allocation", choices=["qsvd", "uniform"], default="qsvd", help="with --budget")
     p.add_argument("--seed", type=int, default=0, help="with --budget: the latent rotation's seed")
     p.add_argument("-o", "--output", required=True, type=Path)
@@ -364,6 +367,8 @@ def cmd_compile(args: argparse.Namespace) -> int:
     graph_only = None
     if args.budget is not None and args.plan is not None:
         raise UsageError("--budget builds a plan from the graph; it cannot be combined with --plan")
+    if args.calib_npz is not None and args.budget is None:
+        raise UsageError("--calib-npz calibrates a graph-only plan: give --budget too")
     if args.budget is not None:
         from qsvd_export.compress.budget import parse_budget
         from qsvd_export.compress.compressor import CompressOptions
@@ -376,7 +381,7 @@ def cmd_compile(args: argparse.Namespace) -> int:
                                      seed=args.seed)
     result = compile_onnx(args.graph, args.plan, args.output, overwrite=args.overwrite, dump_dir=args.dump_passes,
                           target=args.target, bits=args.bits, strict=args.strict, npu_options=_npu_options(args),
-                          verify=args.verify, mobile=args.mobile, graph_only=graph_only)
+                          verify=args.verify, mobile=args.mobile, graph_only=graph_only, calib_npz=args.calib_npz)
     stage = result.report["graph_stage"]
     latent = sum(1 for layer in stage["layers"] if layer["cache"] == "latent")
     print(f"wrote {result.out}: {stage['attention_blocks']} attention blocks, {latent} with a latent cache"

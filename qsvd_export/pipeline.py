@@ -395,20 +395,26 @@ def _finish_bundle(folder: Path, config: BundleConfig, mobile: bool, timings: di
     return mobile_report
 
 
-def _graph_only_plan(graph_path: Path, source: BundleConfig | None, options: Any) -> Any:
+def _graph_only_plan(graph_path: Path, source: BundleConfig | None, options: Any, calib_npz: Path | None) -> Any:
+    """A plan from the graph: calibrated on ``calib_npz``'s token windows, else on text tokenized by the
+    bundle's tokenizer."""
     from qsvd_export.bundle import bundle_tokenizer
     from qsvd_export.compress.compressor import with_calibration_defaults
-    from qsvd_export.compress.graph_only import graph_only_plan, text_source
+    from qsvd_export.compress.graph_only import graph_only_plan, npz_windows, text_source
     from qsvd_export.data import read_text, resolve_text, token_windows
 
     if source is None:
         raise UsageError(f"--budget on a graph needs its bundle beside {graph_path.name} (qsvd_config.json with "
-                         "the head counts, and tokenizer files for calibration)")
+                         "the head counts, and tokenizer files or --calib-npz for calibration)")
     options = with_calibration_defaults(options, source.kind)
-    windows = token_windows(bundle_tokenizer(graph_path.parent), read_text(options.calib_text), options.calib_length,
-                            options.calib_windows, source=str(options.calib_text))
+    if calib_npz is not None:
+        windows, calib_source = npz_windows(Path(calib_npz), source.model_config.get("vocab_size"))
+    else:
+        windows = token_windows(bundle_tokenizer(graph_path.parent), read_text(options.calib_text),
+                                options.calib_length, options.calib_windows, source=str(options.calib_text))
+        calib_source = text_source(resolve_text(options.calib_text))
     return graph_only_plan(graph_path, source.model_config, source.model_name, source.model_type, source.kind,
-                           windows, options, text_source(resolve_text(options.calib_text)))
+                           windows, options, calib_source)
 
 
 def graph_weight_bytes(folder: Path, config: BundleConfig) -> int:
@@ -440,11 +446,12 @@ def check_target(graph_path: Path, report: dict[str, Any], strict: bool) -> None
 def compile_onnx(graph_path: Path, plan_path: Path | None, out: Path, overwrite: bool = False,
                  dump_dir: Path | None = None, target: str | None = None, bits: str | None = None,
                  strict: bool = False, npu_options: Any = None, verify: bool = True,
-                 mobile: bool = False, graph_only: Any = None) -> BuildResult:
+                 mobile: bool = False, graph_only: Any = None, calib_npz: Path | None = None) -> BuildResult:
     """``qsvd-export model.onnx [--plan PLAN | --budget B] [--target T --bits B]``: graph stage (+ target stage).
 
     ``graph_only`` (CompressOptions): build the plan from the graph itself (``compress.graph_only``),
-    calibrated in ONNX Runtime on text tokenized by the bundle's tokenizer beside the graph."""
+    calibrated in ONNX Runtime on text tokenized by the bundle's tokenizer beside the graph, or on the token
+    windows of ``calib_npz``."""
     import shutil
 
     from qsvd_export.bundle import check_output_dir, load_bundle_config
@@ -465,7 +472,7 @@ def compile_onnx(graph_path: Path, plan_path: Path | None, out: Path, overwrite:
     model = load_onnx(graph_path)
     plan = load_plan(plan_path) if plan_path is not None else None
     if graph_only is not None:
-        plan = _graph_only_plan(Path(graph_path), source, graph_only)
+        plan = _graph_only_plan(Path(graph_path), source, graph_only, calib_npz)
         timings["graph_only_plan_s"] = time.perf_counter() - start
         start = time.perf_counter()
     context = run_graph_stage(model, plan, dump_dir)

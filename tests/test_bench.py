@@ -146,3 +146,14 @@ def test_quick_skips_torch_stage_rows_without_bundles(tmp_path) -> None:
         assert bundle is None and "--quick" in info["skipped"]
     bundle, info = bench.build_row("ours-latent-w8a8", args, {})
     assert bundle is None and "ours-latent" in info["skipped"]
+
+
+def test_compression_ratios_come_from_the_plan_or_its_source(tmp_path) -> None:
+    planned, target, plain = (tmp_path / n for n in ("planned", "target", "plain"))
+    for folder in (planned, target, plain):
+        folder.mkdir()
+    (planned / "report.json").write_text(json.dumps({"r1": 0.93, "r2": 0.5}))
+    (target / "report.json").write_text(json.dumps({"target": {"target": "cpu"}}))
+    assert bench.compression_ratios(planned, [None]) == (0.93, 0.5)
+    assert bench.compression_ratios(target, [planned]) == (0.93, 0.5)  # a target build on a QSVD bundle
+    assert bench.compression_ratios(plain, [None]) == (1.0, 1.0)

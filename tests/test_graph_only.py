@@ -51,3 +51,40 @@ def test_budget_needs_the_bundle_and_excludes_a_plan(bundles, tmp_path, capsys):
                  *SMALL]) == 2
     assert "cannot be combined with --plan" in capsys.readouterr().err
     assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+
+
+def test_calibration_from_npz_token_windows_equals_the_same_windows_from_text(bundles, tmp_path):
+    """The text windows saved as input_ids give the same factors; only the recorded source differs."""
+    from qsvd_export.bundle import bundle_tokenizer
+    from qsvd_export.data import read_text, token_windows
+
+    dense = bundles.dense("llama")
+    windows = token_windows(bundle_tokenizer(dense), read_text("wiki_calib"), 64, 4, source="wiki_calib")
+    np.savez(tmp_path / "calib.npz", input_ids=windows.astype(np.int32))
+    assert main([str(dense / "model.onnx"), "--budget", "kv=0.5", "-o", str(tmp_path / "text"), *SMALL]) == 0
+    assert main([str(dense / "model.onnx"), "--budget", "kv=0.5", "--calib-npz", str(tmp_path / "calib.npz"),
+                 "-o", str(tmp_path / "npz"), "-q"]) == 0
+    assert (tmp_path / "text" / "plan.safetensors").read_bytes() == (tmp_path / "npz" / "plan.safetensors").read_bytes()
+    assert load_plan(tmp_path / "npz").calibration["npz"] == "calib.npz"
+
+
+@pytest.mark.parametrize("arrays, fragment", [
+    ({"tokens": np.zeros((2, 8), np.int64)}, "no 'input_ids' array (has: tokens)"),
+    ({"input_ids": np.zeros((2, 8), np.float32)}, "must be integer [windows, tokens]"),
+    ({"input_ids": np.zeros(8, np.int64)}, "must be integer [windows, tokens]"),
+    ({"input_ids": np.full((2, 8), 10_000, np.int64)}, "must lie in [0, 256)"),
+    ({"input_ids": np.array([[None, 1]], dtype=object)}, "not a readable .npz"),  # pickled objects are refused
+])
+def test_bad_calibration_npz_is_a_one_line_bad_input_error(arrays, fragment, bundles, tmp_path, capsys):
+    np.savez(tmp_path / "bad.npz", **arrays)
+    out = tmp_path / "out"
+    assert main([str(bundles.dense("llama") / "model.onnx"), "--budget", "kv=0.5", "--calib-npz",
+                 str(tmp_path / "bad.npz"), "-o", str(out), "-q"]) == 3
+    err = capsys.readouterr().err.strip()
+    assert fragment in err and len(err.splitlines()) == 1 and not out.exists()
+
+
+def test_calib_npz_without_budget_is_a_usage_error(bundles, tmp_path, capsys):
+    assert main([str(bundles.dense("llama") / "model.onnx"), "--calib-npz", str(tmp_path / "x.npz"),
+                 "-o", str(tmp_path / "out"), "-q"]) == 2
+    assert "give --budget too" in capsys.readouterr().err

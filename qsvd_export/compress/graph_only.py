@@ -111,3 +111,25 @@ def graph_only_plan(graph_path: Path, model_config: dict[str, Any], model_name: 
 
 def text_source(text_path: Path) -> dict[str, Any]:
     return {"text": text_path.name, "sha256": hashlib.sha256(text_path.read_bytes()).hexdigest()}
+
+
+def npz_windows(path: Path, vocab_size: int | None) -> tuple[np.ndarray, dict[str, Any]]:
+    """Calibration token windows from ``path``: an ``.npz`` holding ``input_ids``, integer [n, L] (n ≥ 1,
+    L ≥ 2, every id below ``vocab_size``). Loaded without pickle. Returns (windows int64, source record)."""
+    import zipfile
+
+    from qsvd_export.errors import BadInputError
+
+    try:
+        with np.load(path, allow_pickle=False) as archive:
+            if "input_ids" not in archive.files:
+                raise BadInputError(f"{path}: no 'input_ids' array (has: {', '.join(archive.files) or 'nothing'})")
+            ids = archive["input_ids"]
+    except (OSError, ValueError, zipfile.BadZipFile, EOFError) as exc:
+        raise BadInputError(f"{path}: not a readable .npz of arrays ({exc.__class__.__name__}: {exc})") from None
+    if ids.ndim != 2 or not np.issubdtype(ids.dtype, np.integer) or ids.shape[0] < 1 or ids.shape[1] < 2:
+        raise BadInputError(f"{path}: input_ids must be integer [windows, tokens] with tokens >= 2, "
+                            f"got {ids.dtype} {list(ids.shape)}")
+    if ids.min() < 0 or (vocab_size and ids.max() >= vocab_size):
+        raise BadInputError(f"{path}: input_ids must lie in [0, {vocab_size or 'vocab'}), got [{ids.min()}, {ids.max()}]")
+    return ids.astype(np.int64), {"npz": path.name, "sha256": hashlib.sha256(path.read_bytes()).hexdigest()}
