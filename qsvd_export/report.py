@@ -66,7 +66,7 @@ def ep_node_assignment(folder: Path, config: BundleConfig, report: dict[str, Any
     if config.static_shapes:
         verification = target.get("verification") or {}
         if verification.get("cpu_fallback") != "disabled":
-            return {"checked_on": None, "note": "not checked: QNN HTP verification was skipped", "graphs": {}}
+            return {"checked_on": None, "note": "not checked: the QNN HTP verification was skipped", "graphs": {}}
         import onnx
 
         graphs = {spec.role: {"QNNExecutionProvider": len(onnx.load(folder / spec.filename,

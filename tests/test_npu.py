@@ -117,6 +117,14 @@ def test_export_target_npu_writes_qdq_prefill_and_decode(tmp_path, capsys):
         assert check["argmax_agreement"] >= 0.9 and check["max_abs_logit_diff"] < 0.05, check
     else:
         assert check["qnn"].startswith("skipped: onnxruntime-qnn is not installed")
+    placement = json.loads((out / "report.json").read_text())["summary"]["ep_nodes"]
+    if HAS_QNN:  # the session exists only with every node on QNN: all of them are placed there
+        assert placement["checked_on"].startswith("QNNExecutionProvider (HTP v73")
+        for role in ("prefill", "decode"):
+            nodes = len(onnx.load(out / f"{role}.onnx", load_external_data=False).graph.node)
+            assert placement["graphs"][role] == {"QNNExecutionProvider": nodes}
+    else:
+        assert placement["checked_on"] is None and "skipped" in placement["note"]
     readme = (out / "README.md").read_text()
     assert "prefill.onnx" in readme and "[1, 48]" in readme and "past_key_values.{i}.key" in readme
     # the static bundle drives `run` and `eval` like any bundle
