@@ -40,9 +40,10 @@ def tool_versions() -> dict[str, str | None]:
     return versions
 
 
-def _cache_itemsize(config: BundleConfig) -> int:
+def _cache_dtype(config: BundleConfig) -> np.dtype | None:
+    """The dtype of the bundle's cache tensors (its activations' float type); None without a cache."""
     tensors = [t for layer in config.cache for t in layer.tensors]
-    return int(np.dtype(tensors[0].dtype).itemsize) if tensors else 4
+    return np.dtype(tensors[0].dtype) if tensors else None
 
 
 def dense_kv_bytes(config: BundleConfig, report: dict[str, Any]) -> int | None:
@@ -50,7 +51,7 @@ def dense_kv_bytes(config: BundleConfig, report: dict[str, Any]) -> int | None:
     if config.kind != "decoder":
         return None
     if "kv_bytes_per_token_dense_fp16" in report:  # from the plan: per-layer K and V widths
-        return int(report["kv_bytes_per_token_dense_fp16"]) * _cache_itemsize(config) // 2
+        return int(report["kv_bytes_per_token_dense_fp16"]) * (_cache_dtype(config) or np.dtype("float32")).itemsize // 2
     if not any(layer.kind == "latent" for layer in config.cache):
         return config.kv_bytes_per_token()
     return None
@@ -111,12 +112,6 @@ def _profiled_placement(graph: Path, config: BundleConfig, provider: str) -> dic
     return {name: len(found) for name, found in sorted(nodes.items())}
 
 
-def _float_name(config: BundleConfig) -> str:
-    """fp32 / fp16: the bundle's cache dtype (its activations' type)."""
-    tensors = [t for layer in config.cache for t in layer.tensors]
-    return str(np.dtype(tensors[0].dtype) if tensors else np.dtype("float32")).replace("float", "fp")
-
-
 def _rank_per_layer(config: BundleConfig, report: dict[str, Any]) -> list[int | None] | None:
     layers = report.get("layers")
     if not layers:
@@ -132,13 +127,14 @@ def build_summary(folder: Path, config: BundleConfig, report: dict[str, Any]) ->
         "model": config.model_name,
         "kind": config.kind,
         "target": target.get("target"),
-        "bits": target["bits"] if target.get("bits") not in (None, "fp") else _float_name(config),
+        "bits": target["bits"] if target.get("bits") not in (None, "fp") else
+        str(_cache_dtype(config) or np.dtype("float32")).replace("float", "fp"),
         "budget": report.get("budget"),
         "r1": report.get("r1"),
         "r2": report.get("r2"),
         "rank_per_layer": _rank_per_layer(config, report),
         "kv_bytes_per_token": {"dense": dense_kv_bytes(config, report), "ours": config.kv_bytes_per_token(),
-                               "dtype": str(np.dtype(config.cache[0].tensors[0].dtype)) if config.cache else None},
+                               "dtype": str(_cache_dtype(config)) if config.cache else None},
         "weight_bytes": report.get("weight_bytes"),
         "perplexity": report.get("perplexity"),
         "ep_nodes": ep_node_assignment(folder, config, report),
