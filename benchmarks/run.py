@@ -443,10 +443,13 @@ def render_claims(checks: dict) -> list[str]:
     return lines + [""]
 
 
-def render_markdown(result: dict) -> str:
+def render_markdown(result: dict, image_dir: str = "", title: bool = True) -> str:
+    """bench.md: title, machine and protocol, the table, the computed claims, the plots (``image_dir``
+    prefixes their paths), tool versions and build notes."""
     rows = result["rows"]
     columns = [c for c in COLUMNS if any(r.get(c[1]) is not None for r in rows)] or COLUMNS
-    lines = [f"# {result['model']}: our bundles vs peer tools ({result['mode']} run, {result['date']})", "",
+    heading = f"{result['model']}: our bundles vs peer tools ({result['mode']} run, {result['date']})"
+    lines = [f"# {heading}" if title else f"**{heading}.**", "",
              f"Machine: {result['machine'].get('cpu', result['machine']['machine'])}, {result['machine']['cpus']} "
              f"CPUs, {result['threads']} threads; memory bandwidth {result.get('bandwidth_gb_s', float('nan')):.1f} "
              f"GB/s (same run). Perplexity: {result['protocol']['perplexity']}. Speed: "
@@ -471,7 +474,7 @@ def render_markdown(result: dict) -> str:
             cells[0] += f" — skipped: {row['skipped']}"
         lines.append("| " + " | ".join(cells) + " |")
     lines += ["", *render_claims(result["claims"])]
-    lines += [f"![{name}]({name})" for name in result.get("plots", [])] + [""]
+    lines += [f"![{name}]({image_dir}{name})" for name in result.get("plots", [])] + [""]
     lines += ["Tool versions: " + ", ".join(f"{k} {v}" for k, v in result["versions"].items()) + ".", ""]
     notes = [f"- {r['name']}: {r['build']['note']}" for r in rows if r.get("build", {}).get("note")]
     if notes:
@@ -614,6 +617,24 @@ def run(args: argparse.Namespace) -> dict:
     return result
 
 
+README_START, README_END = "<!-- bench:start -->", "<!-- bench:end -->"
+
+
+def publish(result: dict, out: Path, readme: Path) -> None:
+    """Put this run's table, claims and plots into ``readme`` between its bench markers; the plots are
+    copied to ``docs/bench/`` beside it."""
+    text = readme.read_text()
+    if README_START not in text or README_END not in text:
+        raise SystemExit(f"{readme}: no {README_START} … {README_END} block to fill")
+    images = readme.parent / "docs" / "bench"
+    images.mkdir(parents=True, exist_ok=True)
+    for name in result["plots"]:
+        shutil.copy2(out / name, images / name)
+    block = render_markdown(result, image_dir="docs/bench/", title=False)
+    head, rest = text.split(README_START, 1)
+    readme.write_text(f"{head}{README_START}\n{block}\n{README_END}{rest.split(README_END, 1)[1]}")
+
+
 def render(result: dict, out: Path) -> None:
     """Claims, bench.md, the plots and bench.json from a run's figures (also ``--render-only``)."""
     add_ratios(result["rows"])
@@ -639,6 +660,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--windows", type=int, default=None, help="perplexity windows (default 32; --quick 4)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--rebuild", action="store_true", help="rebuild bundles an earlier run left in --work")
+    parser.add_argument("--readme", type=Path, default=None,
+                        help="also write the table, claims and plots into this README's bench block "
+                             "(plots copied to docs/bench/ beside it)")
     parser.add_argument("--render-only", action="store_true",
                         help="measure nothing: redraw OUT/bench.md and the plots from OUT/bench.json")
     return parser.parse_args(argv)
@@ -651,10 +675,13 @@ def main(argv: list[str] | None = None) -> None:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     args = parse_args(argv)
-    if args.render_only:
-        render(json.loads((args.out / "bench.json").read_text()), args.out)
-        return
-    run(args)
+    result = json.loads((args.out / "bench.json").read_text()) if args.render_only else None
+    if result is not None:
+        render(result, args.out)
+    else:
+        result = run(args)
+    if args.readme is not None:
+        publish(result, args.out, args.readme)
 
 
 if __name__ == "__main__":

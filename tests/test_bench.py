@@ -157,3 +157,21 @@ def test_compression_ratios_come_from_the_plan_or_its_source(tmp_path) -> None:
     assert bench.compression_ratios(planned, [None]) == (0.93, 0.5)
     assert bench.compression_ratios(target, [planned]) == (0.93, 0.5)  # a target build on a QSVD bundle
     assert bench.compression_ratios(plain, [None]) == (1.0, 1.0)
+
+
+def test_publish_fills_the_readme_block_and_copies_the_plots(tmp_path) -> None:
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "ppl_vs_kv.png").write_bytes(b"png")
+    readme = tmp_path / "README.md"
+    readme.write_text("intro\n<!-- bench:start -->\nold\n<!-- bench:end -->\nafter\n")
+    result = {"model": "m", "mode": "full", "date": "d", "threads": 2, "bandwidth_gb_s": 1.0,
+              "machine": {"machine": "x86_64", "cpus": 2}, "versions": {"onnxruntime": "1"},
+              "protocol": {"windows": 1, "perplexity": "p", "speed": "s"}, "plots": ["ppl_vs_kv.png"],
+              "claims": {"dominated_on_ppl_vs_kv": {}, "roofline_vs_dense": {}},
+              "rows": [{"name": "dense", "label": "dense fp32", "tool": "t", "family": "dense", "wiki_eval": 10.0}]}
+    bench.publish(result, out, readme)
+    text = readme.read_text()
+    assert text.startswith("intro\n<!-- bench:start -->\n**m: our bundles") and text.endswith("<!-- bench:end -->\nafter\n")
+    assert "old" not in text and "![ppl_vs_kv.png](docs/bench/ppl_vs_kv.png)" in text
+    assert (tmp_path / "docs" / "bench" / "ppl_vs_kv.png").read_bytes() == b"png"
