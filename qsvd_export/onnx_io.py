@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 from pathlib import Path
 
@@ -83,11 +84,16 @@ def upgrade_opset(model: ir.Model, path: Path) -> int | None:
         raise BadInputError(f"{path}: the graph imports no ONNX (default-domain) opset")
     if opset >= TARGET_OPSET:
         return None
+    converter_log = logging.getLogger("onnxscript.version_converter")
+    level = converter_log.level
+    converter_log.setLevel(logging.ERROR)  # it warns on stderr whenever it hands over to the C++ fallback
     try:
         convert_version(model, TARGET_OPSET, fallback=True)
     except Exception as exc:  # noqa: BLE001 - converter failures name the op they could not adapt
         reason = str(exc).strip().splitlines()[0][:160] if str(exc).strip() else exc.__class__.__name__
         raise UnsupportedModelError(f"{path}: opset {opset} could not be upgraded to {TARGET_OPSET} ({reason})") from None
+    finally:
+        converter_log.setLevel(level)
     if default_opset(model) != TARGET_OPSET:
         raise UnsupportedModelError(f"{path}: opset {opset} could not be upgraded to {TARGET_OPSET} "
                                     f"(the converter stopped at {default_opset(model)})")
