@@ -20,7 +20,7 @@ from __future__ import annotations
 import logging
 import tempfile
 import time
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -81,11 +81,7 @@ def static_float_graphs(dynamic_path: Path, work: Path, options: NpuOptions) -> 
 def calibration_feeds(float_paths: dict[str, Path], cache: list[LayerCache], windows: np.ndarray,
                       options: NpuOptions) -> dict[str, list[dict[str, np.ndarray]]]:
     """Graph inputs for calibration: per window of 2·prefill + decode_steps tokens, two prefill feeds
-    (empty cache, then the cache the float graphs built) and ``decode_steps`` decode feeds; then the
-    second chunk and the last token once more at the end of the cache window (positions up to
-    ``context_length`` − 1). Position-dependent activations — the rotary angles — must be calibrated
-    over every position a bundle can reach: calibrated only below 2·prefill + decode_steps, smollm2's
-    per-chunk NLL rose from 2.7–2.85 to 4.5–4.8 past position 256."""
+    (empty cache, then the cache the float graphs built) and ``decode_steps`` decode feeds."""
     from qsvd_export.runtimes.static_decode import StaticDecoder
 
     decoder = StaticDecoder.from_files(float_paths["prefill"], float_paths["decode"], cache,
@@ -101,10 +97,6 @@ def calibration_feeds(float_paths: dict[str, Path], cache: list[LayerCache], win
         for role, chunk in [("prefill", tokens[:size]), ("prefill", tokens[size:2 * size]),
                             *(("decode", [t]) for t in tokens[2 * size:2 * size + options.calibration_decode_steps])]:
             _, state, feed = decoder.step_with_feed(state, chunk)
-            feeds[role].append(feed)
-        for role, chunk, position in [("prefill", tokens[size:2 * size], options.context_length - size),
-                                      ("decode", tokens[-1:], options.context_length - 1)]:
-            _, _, feed = decoder.step_with_feed(replace(state, next_position=position), chunk)
             feeds[role].append(feed)
         progress.update()
     progress.close()

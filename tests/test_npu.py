@@ -53,22 +53,6 @@ def test_static_graphs_reproduce_the_dynamic_graph(family, bundles, tmp_path):
     assert state.next_position == length and int(state.mask.sum()) == length
 
 
-def test_calibration_feeds_reach_the_last_position_of_the_cache_window(bundles, tmp_path):
-    """Rotary angles grow with the position: calibration must see positions up to context − 1, or a
-    bundle's QDQ ranges clip past the calibrated span (smollm2: NLL 2.7 → 4.5 after position 256)."""
-    from qsvd_export.npu import calibration_feeds
-
-    bundle = bundles.dense("llama")
-    config, paths, _, _ = _static_float(bundle, tmp_path)
-    options = NpuOptions(prefill_length=8, context_length=48, calibration_decode_steps=2)
-    windows = np.random.default_rng(0).integers(0, 256, (3, 2 * 8 + 2))
-    feeds = calibration_feeds(paths, config.cache, windows, options)
-    assert len(feeds["prefill"]) == 3 * 3 and len(feeds["decode"]) == 3 * 3
-    for role in ("prefill", "decode"):
-        assert max(int(f["position_ids"].max()) for f in feeds[role]) == 47
-        assert min(int(f["position_ids"].min()) for f in feeds[role]) == (0 if role == "prefill" else 16)
-
-
 def test_static_windows_longer_than_a_prefill_chunk_score_like_the_dynamic_graph(bundles, tmp_path):
     """A 24-token window = 3 prefill chunks through the cache: the same NLL as one dynamic prefill."""
     bundle = bundles.dense("llama")
