@@ -75,6 +75,9 @@ def test_static_graphs_hold_only_htp_ops(family, bundles, tmp_path):
         ops = collections.Counter(n.op_type for n in model.graph)
         assert "Where" not in ops and "ReduceMean" not in ops  # bool mask gone, RMSNorm / LayerNorm fused
         assert report[role]["mask_constants_clamped"] >= 1
+        rotary = family != "gpt2"  # gpt2 has learned positions; the others rotary cos/sin, now gathered
+        assert ("Cos" in ops or "Sin" in ops) is False
+        assert bool(report[role]["rotary_tables"]) is rotary, report[role]
 
 
 def test_violations_name_the_nodes(bundles):
@@ -111,6 +114,10 @@ def test_export_target_npu_writes_qdq_prefill_and_decode(tmp_path, capsys):
         per_channel = [n for n in proto.graph.node if n.op_type == "DequantizeLinear" and n.input[0] in weights
                        and any(a.name == "axis" and a.i == 1 for a in n.attribute)]
         assert len(per_channel) == 2 * 7  # q k v o gate up down in each of the 2 layers
+        # rotary cos/sin tables [context, head_dim] are 16-bit, like the activations they replace
+        tables = [i for i in proto.graph.initializer if i.name.endswith("rotary_table_quantized")]
+        assert tables and {i.data_type for i in tables} == {onnx.TensorProto.UINT16}
+        assert all(i.dims[0] == 48 for i in tables)
     check = report["verification"]
     if HAS_QNN:  # random tiny weights give near-tied logits: compare logits, not greedy tokens
         assert check["qnn"] == "compiled" and check["cpu_fallback"] == "disabled"

@@ -230,3 +230,51 @@ def test_keys_are_absorbed_into_queries_without_rope(bundles):
                and n.inputs[0].producer() is not None and n.inputs[0].producer().op_type == "Concat"
                and any(i is not None and i.name in latent_inputs for i in n.inputs[0].producer().inputs)]
     assert rebuilt == []
+
+
+def _trig_graph(per_position: bool) -> ir.Model:
+    """position_ids [1, 4] → Cast → Mul(inv_freq [3]) → (CumSum over seq unless ``per_position``) → Cos."""
+    positions = ir.Value(name="position_ids", shape=ir.Shape([1, 4]), type=ir.TensorType(ir.DataType.INT64))
+    inv_freq = ir.Value(name="inv_freq", shape=ir.Shape([3]), type=ir.TensorType(ir.DataType.FLOAT),
+                        const_value=ir.tensor(np.asarray([1.0, 0.1, 0.01], dtype=np.float32), name="inv_freq"))
+    cast = ir.node("Cast", [positions], attributes={"to": ir.DataType.FLOAT}, name="cast")
+    unsq = ir.node("Unsqueeze", [cast.outputs[0], ir.node("Constant", [], attributes={"value": ir.tensor(np.asarray([-1]))}).outputs[0]])
+    nodes = [cast, unsq.inputs[1].producer(), unsq]
+    mul = ir.node("Mul", [unsq.outputs[0], inv_freq], name="angles")
+    nodes.append(mul)
+    source = mul.outputs[0]
+    if not per_position:
+        axes = ir.node("Constant", [], attributes={"value": ir.tensor(np.asarray(1))})
+        total = ir.node("CumSum", [source, axes.outputs[0]], name="total")
+        nodes += [axes, total]
+        source = total.outputs[0]
+    cos = ir.node("Cos", [source], name="cos")
+    nodes.append(cos)
+    cos.outputs[0].name = "cos"
+    graph = ir.Graph([positions], [cos.outputs[0]], nodes=nodes, initializers=[inv_freq], opset_imports={"": 20})
+    return ir.Model(graph, ir_version=10)
+
+
+def test_rotary_tables_replace_position_only_cos_by_an_exact_gather():
+    from qsvd_export.passes.rotary_tables import tabulate_rotary
+    import onnxruntime as ort
+
+    model = _trig_graph(per_position=True)
+    assert tabulate_rotary(model, context=10) == {"rotary_tables": ["cos_rotary_table"]}
+    assert [n.op_type for n in model.graph] == ["Gather"] and "inv_freq" not in model.graph.initializers
+    table = model.graph.initializers["cos_rotary_table"].const_value.numpy()
+    assert table.shape == (10, 3)
+    assert np.allclose(table, np.cos(np.arange(10)[:, None] * np.asarray([1.0, 0.1, 0.01])), atol=1e-6)
+    session = ort.InferenceSession(ir.to_proto(model).SerializeToString(), providers=["CPUExecutionProvider"])
+    positions = np.asarray([[9, 0, 3, 3]])
+    assert np.array_equal(session.run(None, {"position_ids": positions})[0][0], table[positions[0]])
+
+
+def test_rotary_tables_leave_a_cos_that_mixes_positions_alone():
+    from qsvd_export.passes.rotary_tables import tabulate_rotary
+
+    model = _trig_graph(per_position=False)
+    before = [n.op_type for n in model.graph]
+    result = tabulate_rotary(model, context=10)
+    assert result["rotary_tables"] == [] and "depend on more than their own position" in result["skipped"]
+    assert [n.op_type for n in model.graph] == before
