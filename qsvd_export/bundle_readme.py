@@ -195,7 +195,9 @@ def render_npu_readme(config: BundleConfig, target: dict[str, Any]) -> str:
         lines.append("- QNN HTP check: not run when this bundle was built.")
     else:
         lines.append(f"- QNN HTP (htp_arch {check['htp_arch']}, CPU fallback disabled): {check['qnn']}; argmax "
-                     f"agreement with the CPU EP {check['argmax_agreement']:.1%} over {check['window']}, "
+                     f"agreement with the CPU EP {check['argmax_agreement']:.1%} over {check['window']} "
+                     f"({check['decisive_argmax_agreement']:.1%} at the {check['decisive_positions']} positions the "
+                     f"CPU EP decides by >= 1 logit), "
                      f"max |Δlogit| {check['max_abs_logit_diff']}, greedy tokens "
                      f"{'identical' if check['tokens_match'] else 'different'}.")
     return "\n".join(lines) + "\n"

@@ -432,7 +432,9 @@ def _print_target(report: dict[str, Any]) -> None:
         print(f"QNN HTP check {check['qnn']}")
         return
     print(f"QNN HTP v{check['htp_arch']}: both graphs {check['qnn']} with CPU fallback disabled; vs the CPU EP: argmax "
-          f"agreement {check['argmax_agreement']:.1%} over a prefill window (max |Δlogit| {check['max_abs_logit_diff']}), "
+          f"agreement {check['argmax_agreement']:.1%} over a prefill window, {check['decisive_argmax_agreement']:.1%} "
+          f"where the CPU EP leads by >= 1 logit ({check['decisive_positions']} positions; max |Δlogit| "
+          f"{check['max_abs_logit_diff']}), "
           f"greedy tokens {'match' if check['tokens_match'] else 'DIFFER'}")
 
 

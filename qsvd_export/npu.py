@@ -65,13 +65,15 @@ CONTEXT_FILES = {"prefill": "prefill_ctx.onnx", "decode": "decode_ctx.onnx"}  # 
 def static_float_graphs(dynamic_path: Path, work: Path, options: NpuOptions) -> tuple[dict[str, Path], dict[str, Any]]:
     """Write ``prefill`` and ``decode`` float static graphs into ``work``; returns paths and what was done."""
     from qsvd_export.passes.low_precision import fuse_norms_and_clamp_masks
+    from qsvd_export.passes.rotary_tables import tabulate_rotary
     from qsvd_export.passes.static_shapes import specialize_decoder
 
     paths, report = {}, {}
     for role, seq in (("prefill", options.prefill_length), ("decode", 1)):
         model = ir.load(dynamic_path)
         specialize_decoder(model, seq, options.context_length)
-        report[role] = fuse_norms_and_clamp_masks(model, options.mask_value).as_dict()
+        report[role] = {**fuse_norms_and_clamp_masks(model, options.mask_value).as_dict(),
+                        **tabulate_rotary(model, options.context_length)}
         paths[role] = work / f"{role}_float.onnx"
         ir.save(model, paths[role], external_data=f"{role}_float.onnx.data")
         del model
@@ -143,6 +145,8 @@ def _tensor_overrides(float_path: Path, weight: Any, matmul_inputs: Any | None) 
     import onnx
     from onnxruntime.quantization import QuantType
 
+    from qsvd_export.passes.rotary_tables import TABLE_SUFFIX
+
     proto = onnx.load(float_path, load_external_data=False)
     if any(not node.name for node in proto.graph.node):
         raise RuntimeFailure("QDQ overrides need named nodes; the static graph has unnamed ones")
@@ -155,6 +159,9 @@ def _tensor_overrides(float_path: Path, weight: Any, matmul_inputs: Any | None) 
         for name in node.input:
             consumers.setdefault(name, []).append(node.op_type)
     shapes = {i.name: list(i.dims) for i in proto.graph.initializer}
+    for name in shapes:
+        if name.endswith(TABLE_SUFFIX):  # rotary cos/sin tables: 16-bit like the activations they replace
+            overrides[name] = [{"quant_type": QuantType.QUInt16}]
     for node in proto.graph.node:
         if node.op_type == "MatMul" and node.input[1] in matrices:
             overrides[node.input[1]] = [{"quant_type": weight, "symmetric": True, "axis": 1}]
@@ -321,6 +328,20 @@ def _greedy_after_window(decoder: Any, window: list[int], steps: int) -> tuple[n
     return window_logits, tokens
 
 
+DECISIVE_MARGIN = 1.0  # logits: a top-1 lead no rounding difference between two backends should overturn
+
+
+def decisive_agreement(logits: np.ndarray, reference: np.ndarray, margin: float = DECISIVE_MARGIN) -> dict[str, Any]:
+    """Argmax agreement of ``logits`` [n, vocab] with ``reference`` at the positions where the reference's
+    top-1 leads its top-2 by at least ``margin``: near-ties flip under any rounding change, a decisive
+    position that flips means one backend computes something else. Returns the rate and the count."""
+    top2 = np.sort(reference, axis=-1)[:, -2:]
+    decisive = top2[:, 1] - top2[:, 0] >= margin
+    same = logits.argmax(-1) == reference.argmax(-1)
+    rate = float(np.mean(same[decisive])) if decisive.any() else 1.0
+    return {"decisive_positions": int(decisive.sum()), "decisive_argmax_agreement": round(rate, 4)}
+
+
 def verify_on_qnn(folder: Path, cache: list[LayerCache], tokenizer: Any, options: NpuOptions,
                   contexts: dict[str, str] | None = None) -> dict[str, Any]:
     """QNN HTP sessions (CPU fallback disabled) for both graphs — from the context binaries when
@@ -357,7 +378,9 @@ def verify_on_qnn(folder: Path, cache: list[LayerCache], tokenizer: Any, options
         "timings": {"qnn_session_s": round(compile_s, 1), "qnn_run_s": round(run_s, 1)},
         "window": f"first {options.prefill_length} tokens of wiki_eval",
         "argmax_agreement": round(float(np.mean(npu_logits.argmax(-1) == cpu_logits.argmax(-1))), 4),
+        **decisive_agreement(npu_logits, cpu_logits),
         "max_abs_logit_diff": round(float(np.abs(npu_logits - cpu_logits).max()), 4),
+        "median_abs_logit_diff": round(float(np.median(np.abs(npu_logits - cpu_logits))), 4),
         "tokens_npu": npu_tokens, "tokens_cpu": cpu_tokens, "tokens_match": npu_tokens == cpu_tokens,
     }
 

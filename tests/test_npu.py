@@ -236,3 +236,13 @@ def test_w8a8_puts_8_bits_on_the_projections_that_read_the_norm_except_up_proj(t
     # per layer: q, k, v, gate at 8 bits; up, o, down at 16
     assert len(eight) == 2 * 4 and len(sixteen) == 2 * 3
     assert {tuple(widths[t]) for t in eight} == {(64, 64), (64, 32), (64, 128)}
+
+
+def test_decisive_agreement_ignores_near_ties_and_counts_decisive_flips():
+    from qsvd_export.npu import decisive_agreement
+
+    reference = np.asarray([[5.0, 1.0, 0.0], [2.0, 1.8, 0.0], [0.0, 3.0, 1.0]])
+    tie_flip = np.asarray([[5.0, 1.0, 0.0], [1.8, 2.0, 0.0], [0.0, 3.0, 1.0]])  # row 1 leads by 0.2 only
+    assert decisive_agreement(tie_flip, reference) == {"decisive_positions": 2, "decisive_argmax_agreement": 1.0}
+    real_flip = np.asarray([[0.0, 6.0, 0.0], [2.0, 1.8, 0.0], [0.0, 3.0, 1.0]])
+    assert decisive_agreement(real_flip, reference)["decisive_argmax_agreement"] == 0.5
