@@ -42,7 +42,6 @@ Fast ``--quick`` (< 10 min on the 2-core VM): give the slow torch-stage bundles,
 from __future__ import annotations
 
 import argparse
-import importlib.metadata
 import json
 import os
 import platform
@@ -383,12 +382,10 @@ def machine() -> dict:
 
 
 def tool_versions() -> dict[str, str]:
-    versions = {}
-    for package in ("qsvd-export", "onnxruntime", "onnx", "onnxscript", "torch", "transformers", "numpy"):
-        try:
-            versions[package] = importlib.metadata.version(package)
-        except importlib.metadata.PackageNotFoundError:
-            versions[package] = "not installed"
+    """Bundle report's tool versions ("not installed" for missing ones) + the repository's git commit."""
+    from qsvd_export import report
+
+    versions = {k: v or "not installed" for k, v in report.tool_versions().items()}
     repo = Path(__file__).resolve().parent.parent
     try:
         commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=repo, capture_output=True, text=True,
@@ -496,11 +493,9 @@ def pareto_front(points: list[tuple[float, float]], lower_x: bool) -> list[int]:
 def plot(result: dict, out: Path) -> list[str]:
     """ppl vs KV bytes/token and ppl vs decode tok/s; one marker shape per tool, one colour per row,
     Pareto front dashed."""
-    import matplotlib
+    from qsvd_export.report import pyplot, save_png
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     shapes = "os^vDP*Xph"
     tools = list(dict.fromkeys(r["tool"] for r in result["rows"]))
     written = []
@@ -530,8 +525,7 @@ def plot(result: dict, out: Path) -> list[str]:
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
         fig.tight_layout()
-        fig.savefig(out / filename, dpi=120, metadata={"Software": None})
-        plt.close(fig)
+        save_png(fig, out / filename, dpi=120)
         written.append(filename)
     return written
 

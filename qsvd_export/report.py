@@ -144,7 +144,8 @@ def build_summary(folder: Path, config: BundleConfig, report: dict[str, Any]) ->
 
 # ---------------------------------------------------------------- plots
 
-def _pyplot() -> Any:
+def pyplot() -> Any:
+    """matplotlib.pyplot on the Agg backend (no display needed)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -153,10 +154,10 @@ def _pyplot() -> Any:
     return plt
 
 
-def _save(fig: Any, path: Path) -> None:
+def save_png(fig: Any, path: Path, dpi: int = 110) -> None:
     """PNG without a timestamp or version in its metadata: the same figure gives the same bytes."""
-    fig.savefig(path, dpi=110, metadata={"Software": None})
-    _pyplot().close(fig)
+    fig.savefig(path, dpi=dpi, metadata={"Software": None})
+    pyplot().close(fig)
 
 
 def plot_rank_allocation(report: dict[str, Any], path: Path) -> bool:
@@ -164,7 +165,7 @@ def plot_rank_allocation(report: dict[str, Any], path: Path) -> bool:
     layers = report.get("layers")
     if not layers:
         return False
-    plt = _pyplot()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(7, 3.4))
     index = [la["layer"] for la in layers]
     ranks = [la["latent_rank"] for la in layers]
@@ -182,7 +183,7 @@ def plot_rank_allocation(report: dict[str, Any], path: Path) -> bool:
     ax.legend(fontsize=7)
     ax.grid(alpha=0.3, axis="y")
     fig.tight_layout()
-    _save(fig, path)
+    save_png(fig, path)
     return True
 
 
@@ -191,7 +192,7 @@ def plot_spectra(report: dict[str, Any], path: Path) -> bool:
     spectra = report.get("spectra")
     if not spectra:
         return False
-    plt = _pyplot()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(7, 3.4))
     for i, (name, entry) in enumerate(sorted(spectra.items(), key=lambda kv: (int(kv[0].split(".")[0]), kv[0]))):
         sigma = np.asarray(entry["sigma"])
@@ -207,7 +208,7 @@ def plot_spectra(report: dict[str, Any], path: Path) -> bool:
     ax.legend(fontsize=7)
     ax.grid(alpha=0.3)
     fig.tight_layout()
-    _save(fig, path)
+    save_png(fig, path)
     return True
 
 
