@@ -34,11 +34,8 @@ def _static_float(bundle, tmp_path, prefill=8, context=48):
                                                            context, prefill)
 
 
-@pytest.mark.parametrize("family", DECODER_FAMILIES)
-def test_static_graphs_reproduce_the_dynamic_graph(family, bundles, tmp_path):
+def _assert_static_matches_dynamic(bundle, static):
     """Chunked prefill (a left-padded chunk, then a full one) and decode steps = the dynamic graph's logits."""
-    bundle = bundles.dense(family)
-    _, paths, _, static = _static_float(bundle, tmp_path)
     dynamic = DecoderRunner(bundle)
     prompt = [int(t) for t in np.random.default_rng(0).integers(0, 256, 13)]  # 5 padded + 8 tokens
     reference, cache = dynamic.prefill(np.asarray([prompt]))
@@ -51,6 +48,28 @@ def test_static_graphs_reproduce_the_dynamic_graph(family, bundles, tmp_path):
         assert np.abs(step_logits[-1] - reference[0, -1]).max() < 1e-4
         length += 1
     assert state.next_position == length and int(state.mask.sum()) == length
+
+
+@pytest.mark.parametrize("family", DECODER_FAMILIES)
+def test_static_graphs_reproduce_the_dynamic_graph(family, bundles, tmp_path):
+    bundle = bundles.dense(family)
+    _, _, _, static = _static_float(bundle, tmp_path)
+    _assert_static_matches_dynamic(bundle, static)
+
+
+def test_latent_static_graphs_gather_rotary_tables_for_every_cache_slot(tmp_path, capsys):
+    """A latent graph re-rotates rebuilt keys at the positions of all cache slots (derived from the mask):
+    those cos/sin become table Gathers too, shared with the new tokens' ones, and the logits still match."""
+    bundle = tmp_path / "latent"
+    code = main(["compress", "tiny-llama", "--budget", "kv=0.5", "-o", str(bundle), "--calib-windows", "4",
+                 "--calib-length", "64", "--grad-windows", "2", "-q"])
+    assert code == 0, capsys.readouterr().err
+    _, paths, report, static = _static_float(bundle, tmp_path)
+    for role, path in paths.items():
+        ops = collections.Counter(n.op_type for n in ir.load(path).graph)
+        assert ops["Cos"] == ops["Sin"] == 0 and "skipped" not in report[role], report[role]
+        assert len(report[role]["rotary_tables"]) == 2  # one cos and one sin table for both position sources
+    _assert_static_matches_dynamic(bundle, static)
 
 
 def test_static_windows_longer_than_a_prefill_chunk_score_like_the_dynamic_graph(bundles, tmp_path):
