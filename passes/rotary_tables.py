@@ -47,11 +47,11 @@ def _cone(value: ir.Value, stop: ir.Value | None = None) -> tuple[list[ir.Node],
 
 def _index_source(value: ir.Value, length: int) -> ir.Value | None:
     """The integer tensor [1, ``length``] nearest to ``value`` that ``value`` depends on alone."""
-    nodes, _ = _cone(value)
+    nodes, leaves = _cone(value)
     candidates = [v for node in nodes for v in node.inputs
                   if v is not None and v.dtype in _INTEGER and not v.is_initializer()
                   and (v.shape is None or list(v.shape) == [1, length])]
-    candidates += [v for v in {id(v): v for v in _cone(value)[1]}.values() if v.dtype in _INTEGER]
+    candidates += [v for v in leaves if v.dtype in _INTEGER]
     for candidate in dict.fromkeys(candidates):
         if [id(v) for v in _cone(value, stop=candidate)[1]] == [id(candidate)]:
             return candidate
