@@ -22,13 +22,16 @@ from typing import Any
 import numpy as np
 import onnx_ir as ir
 
+from qsvd_export.passes._graph import backward_nodes
+
 TABLE_SUFFIX = "_rotary_table"  # initializer names the npu QDQ overrides look for
 _INTEGER = (ir.DataType.INT64, ir.DataType.INT32)
 
 
 def _cone(value: ir.Value, stop: ir.Value | None = None) -> tuple[list[ir.Node], list[ir.Value]]:
-    """Nodes ``value`` is computed from (nearest first), not looking past ``stop``, and its non-constant
-    leaves (graph inputs, or ``stop``)."""
+    """Nodes ``value`` is computed from, nearest first (breadth-first, unlike ``_graph.backward_nodes``:
+    :func:`_index_source` must find the nearest integer tensor), not looking past ``stop``, and its
+    non-constant leaves (graph inputs, or ``stop``)."""
     nodes: dict[int, ir.Node] = {}
     leaves: dict[int, ir.Value] = {}
     queue = [value]
@@ -63,11 +66,10 @@ def _subgraph_session(model: ir.Model, source: ir.Value, outputs: list[ir.Value]
     import onnx
     import onnxruntime as ort
 
-    wanted: dict[int, ir.Node] = {}
-    for value in outputs:
-        wanted.update({id(n): n for n in _cone(value, stop=source)[0]})
-    nodes = [ir.serde.serialize_node(n) for n in model.graph if id(n) in wanted]  # graph order is topological
-    used = {v.name for n in wanted.values() for v in n.inputs if v is not None}
+    wanted = {id(n) for value in outputs for n in backward_nodes(value, stop={id(source)})}
+    cone = [n for n in model.graph if id(n) in wanted]  # graph order is topological
+    nodes = [ir.serde.serialize_node(n) for n in cone]
+    used = {v.name for n in cone for v in n.inputs if v is not None}
     initializers = [ir.serde.serialize_tensor(v.const_value) for name, v in model.graph.initializers.items()
                     if name in used and v.const_value is not None]
     element = onnx.TensorProto.INT32 if source.dtype == ir.DataType.INT32 else onnx.TensorProto.INT64
