@@ -152,6 +152,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_target(p, bits=False)
     p.add_argument("--min-rank", type=int, default=8)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="cpu",
+                   help="where the torch stage runs: cpu (default), cuda or cuda:N (calibration, gradients, SVDs; "
+                        "export stays on the CPU)")
     p.add_argument("--eval", action="store_true", help="perplexity of dense and compressed model in torch")
     p.add_argument("--eval-text", default="wiki_eval")
     p.add_argument("--eval-windows", type=int, default=32)
@@ -320,7 +323,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 def cmd_compress(args: argparse.Namespace) -> int:
     from qsvd_export.compress.budget import parse_budget
-    from qsvd_export.compress.compressor import CompressOptions
+    from qsvd_export.compress.compressor import CompressOptions, check_device
     from qsvd_export.pipeline import build_compressed_bundle
     from qsvd_export.quantize import parse_bits
 
@@ -337,8 +340,9 @@ def cmd_compress(args: argparse.Namespace) -> int:
         calib_length=args.calib_length, grad_windows=args.grad_windows, importance=args.importance,
         bits=args.bits or "fp", beta=args.beta, rotation=args.rotation, residual_rotation=args.rotate,
         rotate_mlp=args.rotate_mlp,
-        min_rank=args.min_rank, seed=args.seed,
+        min_rank=args.min_rank, seed=args.seed, device=args.device,
     )
+    check_device(args.device)  # before the model loads
     result = build_compressed_bundle(
         args.model, options, args.output, overwrite=args.overwrite,
         eval_text=args.eval_text if args.eval else None, eval_windows=args.eval_windows,

@@ -218,8 +218,10 @@ def _run_exporter(wrapper: Any, args: tuple, input_names: list[str], output_name
         warnings.simplefilter("ignore")
         program = torch.onnx.export(
             wrapper, args, input_names=input_names, output_names=output_names, dynamic_shapes=dynamic,
-            dynamo=True, opset_version=OPSET, optimize=True, verbose=False, report=False,
+            dynamo=True, opset_version=OPSET, optimize=False, verbose=False, report=False,
         )
+        defer_weight_transposes(program.model)
+        program.optimize()  # the exporter's own optimizer (onnxscript), now with no weight left to transpose
     progress.update()
     progress.close()
     model = program.model
@@ -228,6 +230,45 @@ def _run_exporter(wrapper: Any, args: tuple, input_names: list[str], output_name
         node.metadata_props.pop("pkg.torch.onnx.stack_trace", None)
     model.producer_name = "qsvd-export"
     return model
+
+
+def defer_weight_transposes(model: ir.Model) -> int:
+    """Replace each ``Transpose(W)`` of an initializer W with no other use by an initializer holding Wᵀ,
+    computed on demand (onnx_ir ``LazyTensor``, not cached). Returns the number replaced.
+
+    The exporter writes ``nn.Linear`` as ``MatMul(x, Transpose(W))`` and its optimizer folds every such
+    Transpose into a new in-memory array: a copy of nearly all weights next to the torch model's. Lazily
+    transposed, each weight is materialized only while ``ir.save`` writes it (or a pass reads it).
+    The graph is the same as the folded one: the initializer takes the Transpose output's name."""
+    replaced = 0
+    for node in list(model.graph):
+        if node.op_type != "Transpose" or node.domain not in ("", "ai.onnx") or len(node.inputs) != 1:
+            continue
+        source, output = node.inputs[0], node.outputs[0]
+        if (source is None or not source.is_initializer() or source.const_value is None or len(source.uses()) != 1
+                or source.is_graph_output() or output.is_graph_output()):
+            continue
+        tensor = source.const_value
+        perm_attr = node.attributes.get("perm")
+        perm = tuple(perm_attr.as_ints()) if perm_attr is not None else tuple(reversed(range(len(tensor.shape))))
+        shape = ir.Shape([tensor.shape[axis] for axis in perm])
+
+        def transposed(tensor: ir.TensorProtocol = tensor, perm: tuple[int, ...] = perm) -> ir.TensorProtocol:
+            import numpy as np
+
+            return ir.tensor(np.ascontiguousarray(tensor.numpy().transpose(perm)))
+
+        name = output.name
+        value = ir.Value(name=f"{name}.deferred", shape=shape, type=ir.TensorType(tensor.dtype),
+                         const_value=ir.LazyTensor(transposed, dtype=tensor.dtype, shape=shape))
+        output.replace_all_uses_with(value)
+        model.graph.remove(node, safe=True)
+        model.graph.initializers.pop(source.name)  # type: ignore[arg-type]
+        source.const_value = None  # the detached value stays referenced by the graph's bookkeeping
+        value.name = name
+        model.graph.register_initializer(value)
+        replaced += 1
+    return replaced
 
 
 def export_decoder(loaded: LoadedModel) -> ExportedGraph:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 from pathlib import Path
@@ -122,7 +123,8 @@ def check_known_ops(model: ir.Model, path: Path) -> None:
 
 
 def check_finite_weights(model: ir.Model, path: Path) -> None:
-    """Refuse float initializers holding NaN or ±Inf, naming the first one (tensors read one at a time)."""
+    """Refuse float initializers holding NaN or ±Inf, naming the first one. Tensors are scanned one at a time in
+    16M-element chunks and external ones unmapped after their scan: resident memory stays at one tensor."""
     for name, value in model.graph.initializers.items():
         tensor = value.const_value
         if tensor is None or not tensor.dtype.is_floating_point():
@@ -131,6 +133,11 @@ def check_finite_weights(model: ir.Model, path: Path) -> None:
             data = tensor.numpy()
         except Exception as exc:  # noqa: BLE001 - truncated or unreadable external data
             raise BadInputError(f"{path}: weight '{name}' cannot be read ({exc.__class__.__name__})") from None
-        if not np.isfinite(data).all():
-            kind = "NaN" if np.isnan(data).any() else "Inf"
+        finite = all(np.isfinite(chunk).all() for chunk in np.array_split(data.reshape(-1), max(1, data.size >> 24)))
+        kind = None if finite else ("NaN" if np.isnan(data).any() else "Inf")
+        del data
+        if isinstance(tensor, ir.ExternalTensor):
+            with contextlib.suppress(BufferError):  # another view of it is alive: it stays mapped
+                tensor.release()  # unmap: a > 2 GB graph must not stay resident after the scan
+        if kind is not None:
             raise BadInputError(f"{path}: weight '{name}' contains {kind}")

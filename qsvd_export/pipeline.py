@@ -111,6 +111,20 @@ def write_bundle(loaded: LoadedModel, model: ir.Model, cache: list[Any], folder:
     return config
 
 
+def release_torch_model(loaded: LoadedModel, graph: ir.Model) -> None:
+    """Drop the torch model once ``graph`` (exported from it) is on disk, before onnxruntime loads the saved
+    copy (placement, verification): peak memory then holds one copy of the weights, not two.
+
+    ``graph`` is emptied of its weights (its initializers wrap the torch tensors, and onnxscript's rewrite
+    rules keep a reference to the last graph they matched), so it must not be used afterwards."""
+    import gc
+
+    for value in graph.graph.initializers.values():
+        value.const_value = None
+    loaded.model = None
+    gc.collect()
+
+
 def build_dense_bundle(spec: str, out: Path, overwrite: bool = False, seed: int = 0, rotate: bool = False,
                        rotate_mlp: bool = False,
                        target: str | None = None, bits: str | None = None, strict: bool = False,
@@ -153,6 +167,7 @@ def build_dense_bundle(spec: str, out: Path, overwrite: bool = False, seed: int 
         parameters = int(sum(p.numel() for p in loaded.model.parameters()))
         config = write_bundle(loaded, exported.model, exported.cache, tmp,
                               {"stage": "dense", "parameters": parameters, **extra})
+        release_torch_model(loaded, exported.model)
         target_report = finish_target(tmp, config, target_report, strict, loaded.tokenizer, npu_options, verify,
                                       timings)
         if target_report is not None:
@@ -241,6 +256,8 @@ def build_compressed_bundle(spec: str, options: Any, out: Path, overwrite: bool 
     with atomic_output_dir(out, overwrite) as tmp:
         save_plan(plan, tmp)
         config = write_bundle(loaded, graph, cache, tmp, report)
+        if eval_text is None:
+            release_torch_model(loaded, graph)
         target_report = finish_target(tmp, config, target_report, target_strict, loaded.tokenizer, npu_options, verify,
                                       timings)
         if target_report is not None:

@@ -95,6 +95,7 @@ def _profiled_placement(graph: Path, config: BundleConfig, provider: str) -> dic
     with tempfile.TemporaryDirectory(prefix="qsvd-placement-") as tmp:
         options = ort.SessionOptions()
         options.log_severity_level = 3
+        options.add_session_config_entry("session.disable_prepacking", "1")  # no second copy of the weights
         options.enable_profiling = True
         options.profile_file_prefix = str(Path(tmp) / "profile")
         providers = [provider] + (["CPUExecutionProvider"] if provider != "CPUExecutionProvider" else [])

@@ -214,3 +214,20 @@ def test_unknown_op_is_refused_by_name(tmp_path, op, fragment):
     assert_one_line_error(proc, 4, fragment)
     assert "node 'act'" in proc.stderr
     assert not (tmp_path / "out").exists()
+
+
+def test_compress_unknown_device(tmp_path):
+    proc = run_cli("compress", "tiny-llama", "--budget", "kv=0.5", "--device", "tpu", "-o", str(tmp_path / "out"))
+    assert_one_line_error(proc, 2, "unknown device 'tpu'")
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.skipif(importlib.util.find_spec("torch") is None, reason="needs torch")
+def test_compress_cuda_without_a_gpu(tmp_path):
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a CUDA GPU")
+    proc = run_cli("compress", "tiny-llama", "--budget", "kv=0.5", "--device", "cuda", "-o", str(tmp_path / "out"))
+    assert_one_line_error(proc, 5, "sees no CUDA GPU")
+    assert not (tmp_path / "out").exists()

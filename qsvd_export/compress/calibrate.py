@@ -35,7 +35,12 @@ class InputStats:
         return self.abs_sum / max(self.count, 1)
 
     def sample_rows(self) -> torch.Tensor:
-        return torch.cat(self.sample) if self.sample else torch.zeros(0, self.xtx.shape[0])
+        return torch.cat(self.sample) if self.sample else torch.zeros(0, self.xtx.shape[0], device=self.xtx.device)
+
+
+def input_device(model: torch.nn.Module) -> torch.device:
+    """Where the model's token inputs go: the device of its input embedding table."""
+    return model.get_input_embeddings().weight.device
 
 
 def _base_model(model: torch.nn.Module) -> torch.nn.Module:
@@ -51,18 +56,21 @@ def collect_input_stats(
     seed: int = 0,
     progress: Callable[[], None] | None = None,
 ) -> list[InputStats]:
-    """Run ``batches`` (model kwargs) through the body and return one :class:`InputStats` per block."""
+    """Run ``batches`` (model kwargs, on the CPU) through the body and return one :class:`InputStats` per block,
+    kept on the device of that block's weights."""
     dim = blocks[0].dims["e"]
-    stats = [InputStats(torch.zeros(dim, dim, dtype=torch.float64), torch.zeros(dim, dtype=torch.float64)) for _ in blocks]
+    devices = [b.weights()[0].device for b in blocks]
+    stats = [InputStats(torch.zeros(dim, dim, dtype=torch.float64, device=d), torch.zeros(dim, dtype=torch.float64, device=d))
+             for d in devices]
     rng = np.random.default_rng(seed)
     rows_per_batch = max(1, sample_rows // max(len(batches), 1))
     current_mask: list[torch.Tensor | None] = [None]
 
     def make_hook(stat: InputStats):  # type: ignore[no-untyped-def]
         def hook(module, args):  # type: ignore[no-untyped-def]
-            x = args[0].detach()
+            x = args[0].detach().to(stat.xtx.device)
             if current_mask[0] is not None:
-                x = x[current_mask[0].bool()]
+                x = x[current_mask[0].to(x.device).bool()]
             x = x.reshape(-1, x.shape[-1])
             x64 = x.double()
             stat.xtx += x64.T @ x64
@@ -75,9 +83,11 @@ def collect_input_stats(
 
     handles = [b.inputs.register_forward_pre_hook(make_hook(s)) for b, s in zip(blocks, stats)]
     body = _base_model(model)
+    device = input_device(model)
     try:
         with torch.no_grad():
             for batch in batches:
+                batch = {name: tensor.to(device) for name, tensor in batch.items()}
                 current_mask[0] = batch.get("attention_mask")
                 body(**batch)
                 if progress is not None:
@@ -105,7 +115,7 @@ def hidden_state_probe_loss(model: torch.nn.Module, ids: torch.Tensor, index: in
     """
     hidden = model(input_ids=ids).last_hidden_state
     generator = torch.Generator().manual_seed(int(index))
-    probe = torch.randn(hidden.shape, generator=generator, dtype=hidden.dtype)
+    probe = torch.randn(hidden.shape, generator=generator, dtype=hidden.dtype).to(hidden.device)
     return (hidden * probe).sum() / hidden.shape[1] ** 0.5
 
 
@@ -128,6 +138,7 @@ def for_each_gradient(
     ``requires_grad`` flags are restored afterwards.
     """
     previous = {p: p.requires_grad for p in model.parameters()}
+    device = input_device(model)
     targets = [p for b in blocks for p in b.weight_params()]
     captured: dict[tuple[int, int], torch.Tensor] = {}
     handles = []
@@ -144,7 +155,7 @@ def for_each_gradient(
         for p in targets:
             p.requires_grad_(True)
         for i, row in enumerate(windows):
-            ids = torch.from_numpy(np.asarray(row)[None, :])
+            ids = torch.from_numpy(np.asarray(row)[None, :]).to(device)
             for p in targets:
                 p.grad = None
             captured.clear()

@@ -25,7 +25,7 @@ from qsvd_export.compress.calibrate import LossFn, collect_input_stats, for_each
 from qsvd_export.compress.rotation import latent_rotation
 from qsvd_export.compress.svd import WhitenedSVD, output_whitening, whitened_svd, whitening
 from qsvd_export.data import read_text, resolve_text, token_windows
-from qsvd_export.errors import UnsupportedModelError, UsageError
+from qsvd_export.errors import RuntimeFailure, UnsupportedModelError, UsageError
 from qsvd_export.models.projections import attention_projections
 from qsvd_export.plan import CompressionPlan, PlanGroup, PlanLayer
 from qsvd_export.progress import bar, info
@@ -71,6 +71,7 @@ class CompressOptions:
     rotate_mlp: bool = False  # with residual_rotation: down_proj inputs rotated online (one MatMul per layer)
     min_rank: int = 8
     seed: int = 0
+    device: str = "cpu"  # where the torch stage runs (calibration, gradients, SVDs): cpu, cuda, cuda:N
 
 
 def _candidate_groups(options: CompressOptions) -> tuple[str, ...]:
@@ -100,7 +101,7 @@ def _output_fisher(model: torch.nn.Module, blocks: list[Any], windows: np.ndarra
         for bi, g in enumerate(outputs):
             g64 = g.double()
             if len(fisher) <= bi:
-                fisher.append(torch.zeros(g64.shape[1], g64.shape[1], dtype=torch.float64))
+                fisher.append(torch.zeros(g64.shape[1], g64.shape[1], dtype=torch.float64, device=g64.device))
             fisher[bi] += g64.T @ g64
 
     progress = bar(len(windows), "output Fisher")
@@ -166,11 +167,13 @@ class Analysis:
 
 
 def analyze(loaded: LoadedModel, options: CompressOptions, windows: np.ndarray | None = None,
-            groups: tuple[str, ...] | None = None) -> Analysis:
+            groups: tuple[str, ...] | None = None, keep_output_fisher: bool = False) -> Analysis:
     """Calibration statistics, whitened SVDs of every candidate group and their importance scores.
 
     ``windows`` [n, length] int64 overrides text calibration (tiny test models have no tokenizer).
     ``groups`` defaults to the candidates ``options`` needs; pass more to share one analysis between methods.
+    The output Fisher ([q+k+v]² float64 per layer) is dropped once the SVDs are done unless kfac importance
+    or ``keep_output_fisher`` needs it afterwards.
     """
     if loaded.kind == "vision":
         raise UnsupportedModelError(f"{loaded.name}: vision encoders need image calibration (not available in compress yet)")
@@ -204,7 +207,7 @@ def analyze(loaded: LoadedModel, options: CompressOptions, windows: np.ndarray |
                       progress: Callable[[], None]) -> None:
             for_each_gradient(model, blocks, rows, accumulate, progress=progress, loss_fn=loss_fn)
     return analyze_statistics(dims, meta, weights, stats, loaded.kind, options, calibration, groups,
-                              output_fisher, gradients, windows)
+                              output_fisher, gradients, windows, keep_output_fisher)
 
 
 GradientRunner = Callable[..., None]
@@ -214,7 +217,7 @@ def analyze_statistics(dims: list[LayerDims], blocks_meta: list[dict[str, int]],
                        weights: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]], stats: list[Any], kind: str,
                        options: CompressOptions, calibration: dict[str, Any], groups: tuple[str, ...] | None = None,
                        output_fisher: list[torch.Tensor] | None = None, gradients: GradientRunner | None = None,
-                       windows: np.ndarray | None = None) -> Analysis:
+                       windows: np.ndarray | None = None, keep_output_fisher: bool = False) -> Analysis:
     """Whitened SVDs of every candidate group and their importance, from per-block input statistics and
     Q/K/V weights ([out, E] each). ``gradients(accumulate, rows, progress)`` runs the model's backward
     passes (torch stage); without it (graph-only plans) importance is the whitened spectrum's energy
@@ -240,11 +243,16 @@ def analyze_statistics(dims: list[LayerDims], blocks_meta: list[dict[str, int]],
         svds.append(layer_svds)
         progress.update()
     progress.close()
+    fisher_whitened = output_fisher is not None
+    importance_kind = options.importance if gradients is not None else "energy"
+    if output_fisher is not None and importance_kind != "kfac" and not keep_output_fisher:
+        output_fisher.clear()  # the caller's list too: its memory is free before the gradient passes
+        output_fisher = None
 
-    importance = [{g: torch.zeros(svd[g].size, dtype=torch.float64) for g in groups} for svd in svds]
+    importance = [{g: torch.zeros(svd[g].size, dtype=torch.float64, device=svd[g].sigma.device) for g in groups}
+                  for svd in svds]
     fisher = [{g: 0.0 for g in groups} for _ in svds]
     grad_windows = 0
-    importance_kind = options.importance if gradients is not None else "energy"
     if importance_kind not in ("gradient", "kfac", "energy"):
         raise UsageError(f"unknown importance '{importance_kind}' (gradient or kfac)")
     if importance_kind == "kfac" and output_fisher is None:
@@ -276,7 +284,7 @@ def analyze_statistics(dims: list[LayerDims], blocks_meta: list[dict[str, int]],
                 energy = svd[g].sigma**2
                 importance[li][g] = energy / energy.sum()
                 fisher[li][g] = 1.0
-    scores = [LayerScores(d, {g: importance[li][g].numpy() for g in groups}, fisher[li]) for li, d in enumerate(dims)]
+    scores = [LayerScores(d, {g: importance[li][g].cpu().numpy() for g in groups}, fisher[li]) for li, d in enumerate(dims)]
     return Analysis(
         dims=dims,
         blocks_meta=blocks_meta,
@@ -288,7 +296,7 @@ def analyze_statistics(dims: list[LayerDims], blocks_meta: list[dict[str, int]],
         output_fisher=output_fisher,
         whitening=("fisher (input {}, output F^{:g})".format(
                        f"absmean^{alpha:g}" if input_side == "absmean" else input_side, options.fisher_gamma / 2)
-                   if output_fisher is not None else
+                   if fisher_whitened else
                    (f"absmean^{alpha:g}" if input_side == "absmean" else input_side)),
         calibration={**calibration, "gradient_windows": grad_windows},
     )
@@ -319,6 +327,7 @@ def build_plan(model_name: str, model_type: str, analysis: Analysis, options: Co
             rank = len(keep)
             rot_kind, rot = latent_rotation(options.rotation, rank, seed=options.seed * 100_003 + li * 7 + len(members))
             svd = analysis.svds[li][members]
+            rot = None if rot is None else rot.to(svd.sigma.device)
             if options.beta is not None:
                 beta = float(options.beta)
             elif bits.weights is not None:
@@ -327,11 +336,12 @@ def build_plan(model_name: str, model_type: str, analysis: Analysis, options: Co
             else:
                 beta = 0.5
             down, up = rotated_factors(svd, keep, beta, rot)
-            tensors[CompressionPlan.tensor_name(li, members, "down")] = down.float()
+            down, up = down.float().cpu(), up.float().cpu()
+            tensors[CompressionPlan.tensor_name(li, members, "down")] = down
             offset = 0
             for m in members:
                 width = layer_dims[m]
-                tensors[CompressionPlan.tensor_name(li, members, f"up_{m}")] = up[offset:offset + width].float()
+                tensors[CompressionPlan.tensor_name(li, members, f"up_{m}")] = up[offset:offset + width]
                 offset += width
             layer.groups.append(PlanGroup(members, rank, beta, rot_kind))
         layers.append(layer)
@@ -370,8 +380,36 @@ def build_plan(model_name: str, model_type: str, analysis: Analysis, options: Co
 
 
 def compress_model(loaded: LoadedModel, options: CompressOptions, windows: np.ndarray | None = None) -> CompressionPlan:
-    """Build a :class:`CompressionPlan` for ``loaded`` (its model is not modified)."""
-    return build_plan(loaded.name, str(loaded.model.config.model_type), analyze(loaded, options, windows), options)
+    """Build a :class:`CompressionPlan` for ``loaded`` (its weights are not modified). With ``options.device``
+    other than the CPU, the model runs there for the torch stage and comes back to the CPU (for export);
+    the plan's tensors are always on the CPU."""
+    device = check_device(options.device)
+    model = loaded.model
+    if device.type != "cpu":
+        model.to(device)
+    try:
+        return build_plan(loaded.name, str(model.config.model_type), analyze(loaded, options, windows), options)
+    finally:
+        if device.type != "cpu":
+            model.to("cpu")
+            torch.cuda.empty_cache()
+
+
+def check_device(name: str) -> torch.device:
+    """The torch device ``name`` names, refused with a one-line error when it is unknown or absent here."""
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise UsageError(f"unknown device '{name}' (cpu, cuda or cuda:N)") from None
+    if device.type == "cpu":
+        return device
+    if device.type != "cuda":
+        raise UsageError(f"device '{name}' is not supported for the torch stage (cpu, cuda or cuda:N)")
+    if not torch.cuda.is_available():
+        raise RuntimeFailure(f"device '{name}' asked for, but this torch build sees no CUDA GPU")
+    if device.index is not None and device.index >= torch.cuda.device_count():
+        raise RuntimeFailure(f"device '{name}' asked for, but only {torch.cuda.device_count()} CUDA GPU(s) are visible")
+    return device
 
 
 def options_summary(options: CompressOptions) -> dict[str, Any]:

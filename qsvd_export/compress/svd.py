@@ -34,7 +34,7 @@ def whitening(stats: InputStats, kind: str, alpha: float = 0.5, damping: float =
     the caller adds the output-gradient Fisher side (:func:`output_whitening`).
     """
     dim = stats.xtx.shape[0]
-    eye = torch.eye(dim, dtype=torch.float64)
+    eye = torch.eye(dim, dtype=torch.float64, device=stats.xtx.device)
     if kind == "none":
         return Whitening(kind, eye, eye)
     if kind in ("absmean", "fisher"):  # fisher: absmean on the input side, output side in output_whitening
@@ -95,7 +95,8 @@ def whitened_svd(weight: torch.Tensor, white: Whitening,
     if output is not None:
         u = output[1] @ u
     r = vt @ white.s_inv
-    m_proj = white.s_inv.T @ vt.T
+    # diagonal S (every kind but cholesky): S⁻ᵀV = (VᵀS⁻¹)ᵀ exactly, so share r's memory
+    m_proj = r.T if white.kind != "cholesky" else white.s_inv.T @ vt.T
     return WhitenedSVD(u, sigma, r, m_proj)
 
 
