@@ -233,7 +233,9 @@ def build_compressed_bundle(spec: str, options: Any, out: Path, overwrite: bool 
                                                                       online_mlp=options.rotate_mlp)
     timings["load_s"] = time.perf_counter() - start
     start = time.perf_counter()
-    plan = compress_model(loaded, options)
+    # on a GPU, the model then comes back by reloading (lazy, memory-mapped) instead of a full host copy
+    reload = None if options.residual_rotation else (lambda: load_model(spec, seed=options.seed).model)
+    plan = compress_model(loaded, options, reload=reload)
     timings["compress_s"] = time.perf_counter() - start
     start = time.perf_counter()
     if dense_graph is not None:

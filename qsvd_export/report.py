@@ -14,6 +14,9 @@ from __future__ import annotations
 
 import importlib.metadata
 import json
+import os
+import re
+import sys
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -61,8 +64,9 @@ def ep_node_assignment(folder: Path, config: BundleConfig, report: dict[str, Any
     """Nodes per execution provider, as onnxruntime placed them on this machine.
 
     npu bundles verified on QNN HTP with CPU fallback disabled: every node is on QNN (the session would
-    not have been created otherwise). Dynamic graphs: one profiled first step on the target's provider
-    (CPU here for a gpu bundle when no CUDA provider is installed, said in ``checked_on``)."""
+    not have been created otherwise). Dynamic graphs: onnxruntime's own placement log when it creates a
+    session on the target's provider (a profiled first step if the log says nothing); CPU here for a gpu
+    bundle when no CUDA provider is installed, said in ``checked_on``."""
     target = report.get("target") or {}
     if config.static_shapes:
         verification = target.get("verification") or {}
@@ -79,11 +83,42 @@ def ep_node_assignment(folder: Path, config: BundleConfig, report: dict[str, Any
 
     wanted = {"gpu": "CUDAExecutionProvider"}.get(target.get("target", ""), "CPUExecutionProvider")
     provider = wanted if wanted in ort.get_available_providers() else "CPUExecutionProvider"
-    graphs = {spec.role: _profiled_placement(folder / spec.filename, config, provider) for spec in config.graphs}
+    graphs = {spec.role: _logged_placement(folder / spec.filename, provider) or
+              _profiled_placement(folder / spec.filename, config, provider) for spec in config.graphs}
     result: dict[str, Any] = {"checked_on": provider, "graphs": graphs}
     if provider != wanted:
         result["note"] = f"{wanted} is not installed here; placement on the CPU provider"
     return result
+
+
+_PLACED = re.compile(r"placed on \[(\w+)\]\. Number of nodes: (\d+)")
+
+
+def _logged_placement(graph: Path, provider: str) -> dict[str, int]:
+    """Nodes per provider from onnxruntime's verbose "Node placements" log of session creation (nothing
+    runs, so the weights stay unread: a > 2 GB graph costs no resident copy). Empty if the log has no
+    such lines (the caller then profiles a step)."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.log_severity_level = 0  # VERBOSE: session_state logs the placement per provider
+    options.add_session_config_entry("session.disable_prepacking", "1")
+    providers = [provider] + (["CPUExecutionProvider"] if provider != "CPUExecutionProvider" else [])
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile() as log:
+        os.dup2(log.fileno(), 2)  # onnxruntime's C++ logger writes to fd 2
+        try:
+            ort.InferenceSession(str(graph), options, providers=providers)
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+        log.seek(0)
+        text = log.read().decode(errors="replace")
+    counts: dict[str, int] = {}
+    for name, count in _PLACED.findall(text):
+        counts[name] = counts.get(name, 0) + int(count)
+    return dict(sorted(counts.items()))
 
 
 def _profiled_placement(graph: Path, config: BundleConfig, provider: str) -> dict[str, int]:

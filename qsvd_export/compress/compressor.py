@@ -379,20 +379,27 @@ def build_plan(model_name: str, model_type: str, analysis: Analysis, options: Co
     return plan
 
 
-def compress_model(loaded: LoadedModel, options: CompressOptions, windows: np.ndarray | None = None) -> CompressionPlan:
+def compress_model(loaded: LoadedModel, options: CompressOptions, windows: np.ndarray | None = None,
+                   reload: Callable[[], Any] | None = None) -> CompressionPlan:
     """Build a :class:`CompressionPlan` for ``loaded`` (its weights are not modified). With ``options.device``
-    other than the CPU, the model runs there for the torch stage and comes back to the CPU (for export);
-    the plan's tensors are always on the CPU."""
+    other than the CPU, the model runs there for the torch stage and is then back on the CPU for export:
+    ``reload()`` (a fresh CPU copy, e.g. memory-mapped from its files) replaces it when given, else it is
+    copied back. The plan's tensors are always on the CPU."""
     device = check_device(options.device)
     model = loaded.model
     if device.type != "cpu":
-        model.to(device)
+        model.to(device)  # its CPU (memory-mapped) storage is released tensor by tensor
     try:
         return build_plan(loaded.name, str(model.config.model_type), analyze(loaded, options, windows), options)
     finally:
         if device.type != "cpu":
-            model.to("cpu")
-            torch.cuda.empty_cache()
+            if reload is not None:
+                loaded.model = model = None
+                torch.cuda.empty_cache()
+                loaded.model = reload()
+            else:
+                model.to("cpu")
+                torch.cuda.empty_cache()
 
 
 def check_device(name: str) -> torch.device:
