@@ -19,6 +19,7 @@ import io
 import logging
 import warnings
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import onnx_ir as ir
@@ -206,7 +207,8 @@ def cache_layout_from_graph(model: ir.Model) -> list[LayerCache]:
     return [layers[i] for i in sorted(layers)]
 
 
-def _run_exporter(wrapper: Any, args: tuple, input_names: list[str], output_names: list[str], dynamic: Any) -> ir.Model:
+def _run_exporter(wrapper: Any, args: tuple, input_names: list[str], output_names: list[str], dynamic: Any,
+                  weight_files: tuple[Any, Path] | None = None) -> ir.Model:
     import torch
 
     # The exporter prints progress and warns about optional ops (torchvision); keep the CLI output clean.
@@ -220,6 +222,8 @@ def _run_exporter(wrapper: Any, args: tuple, input_names: list[str], output_name
             wrapper, args, input_names=input_names, output_names=output_names, dynamic_shapes=dynamic,
             dynamo=True, opset_version=OPSET, optimize=False, verbose=False, report=False,
         )
+        if weight_files is not None:
+            read_weights_from_files(program.model, *weight_files)
         defer_weight_transposes(program.model)
         program.optimize()  # the exporter's own optimizer (onnxscript), now with no weight left to transpose
     progress.update()
@@ -230,6 +234,43 @@ def _run_exporter(wrapper: Any, args: tuple, input_names: list[str], output_name
         node.metadata_props.pop("pkg.torch.onnx.stack_trace", None)
     model.producer_name = "qsvd-export"
     return model
+
+
+def read_weights_from_files(model: ir.Model, torch_model: Any, folder: Path) -> int:
+    """Back every initializer that is a float32 parameter of ``torch_model`` stored unchanged (same key,
+    dtype and shape) in ``folder``'s safetensors files by that file instead: an uncached ``LazyTensor``
+    that reads the one tensor when it is needed. The torch model can then be released before the graph is
+    written. Only valid while the weights equal the files (not after rotation or smoothing). Returns the
+    number of initializers now read from files."""
+    import torch
+    from safetensors import safe_open
+
+    stored: dict[str, tuple[Path, str, tuple[int, ...]]] = {}
+    for file in sorted(folder.glob("*.safetensors")):
+        with safe_open(str(file), framework="numpy") as handle:
+            for key in handle.keys():
+                piece = handle.get_slice(key)
+                stored[key] = (file, piece.get_dtype(), tuple(piece.get_shape()))
+    names: dict[tuple[int, tuple[int, ...]], str] = {}
+    for name, tensor in torch_model.state_dict(keep_vars=True).items():
+        if name in stored:
+            names.setdefault((tensor.data_ptr(), tuple(tensor.shape)), name)
+    count = 0
+    for value in model.graph.initializers.values():
+        raw = getattr(value.const_value, "raw", None)
+        if not isinstance(raw, torch.Tensor) or raw.dtype != torch.float32 or raw.numel() == 0:
+            continue
+        name = names.get((raw.data_ptr(), tuple(raw.shape)))
+        if name is None or stored[name][1:] != ("F32", tuple(raw.shape)):
+            continue
+
+        def read(file: Path = stored[name][0], key: str = name) -> ir.TensorProtocol:
+            with safe_open(str(file), framework="numpy") as handle:
+                return ir.tensor(handle.get_tensor(key))
+
+        value.const_value = ir.LazyTensor(read, dtype=ir.DataType.FLOAT, shape=ir.Shape(raw.shape))
+        count += 1
+    return count
 
 
 def defer_weight_transposes(model: ir.Model) -> int:
@@ -271,7 +312,7 @@ def defer_weight_transposes(model: ir.Model) -> int:
     return replaced
 
 
-def export_decoder(loaded: LoadedModel) -> ExportedGraph:
+def export_decoder(loaded: LoadedModel, from_files: bool = False) -> ExportedGraph:
     import torch
 
     model = loaded.model
@@ -301,11 +342,12 @@ def export_decoder(loaded: LoadedModel) -> ExportedGraph:
     inputs = ["input_ids", "attention_mask", "position_ids", *cache_inputs]
     outputs = ["logits", *cache_outputs]
     wrapper = _decoder_wrapper(model, adapter)
-    onnx_model = _run_exporter(wrapper, (input_ids, attention_mask, position_ids, cache), inputs, outputs, dynamic)
+    onnx_model = _run_exporter(wrapper, (input_ids, attention_mask, position_ids, cache), inputs, outputs, dynamic,
+                               _weight_files(loaded, from_files))
     return ExportedGraph(onnx_model, inputs, outputs, layers)
 
 
-def export_encoder(loaded: LoadedModel) -> ExportedGraph:
+def export_encoder(loaded: LoadedModel, from_files: bool = False) -> ExportedGraph:
     import torch
 
     config = loaded.model.config
@@ -318,12 +360,13 @@ def export_encoder(loaded: LoadedModel) -> ExportedGraph:
     inputs = ["input_ids", "attention_mask", "token_type_ids"]
     outputs = ["last_hidden_state"]
     onnx_model = _run_exporter(
-        _encoder_wrapper(loaded.model), (input_ids, attention_mask, token_type_ids), inputs, outputs, dynamic
+        _encoder_wrapper(loaded.model), (input_ids, attention_mask, token_type_ids), inputs, outputs, dynamic,
+        _weight_files(loaded, from_files),
     )
     return ExportedGraph(onnx_model, inputs, outputs, [])
 
 
-def export_vision(loaded: LoadedModel) -> ExportedGraph:
+def export_vision(loaded: LoadedModel, from_files: bool = False) -> ExportedGraph:
     import torch
 
     config = loaded.model.config
@@ -331,13 +374,22 @@ def export_vision(loaded: LoadedModel) -> ExportedGraph:
     pixel_values = torch.randn(2, int(config.num_channels), size, size)
     dynamic = {"pixel_values": {0: torch.export.Dim(BATCH)}}
     inputs, outputs = ["pixel_values"], ["last_hidden_state"]
-    onnx_model = _run_exporter(_vision_wrapper(loaded.model), (pixel_values,), inputs, outputs, dynamic)
+    onnx_model = _run_exporter(_vision_wrapper(loaded.model), (pixel_values,), inputs, outputs, dynamic,
+                               _weight_files(loaded, from_files))
     return ExportedGraph(onnx_model, inputs, outputs, [])
 
 
-def export_graph(loaded: LoadedModel) -> ExportedGraph:
-    """Export ``loaded`` to an in-memory ONNX IR model according to its kind."""
+def _weight_files(loaded: LoadedModel, from_files: bool) -> tuple[Any, Path] | None:
+    return (loaded.model, loaded.weights_dir) if from_files and loaded.weights_dir is not None else None
+
+
+def export_graph(loaded: LoadedModel, from_files: bool = False) -> ExportedGraph:
+    """Export ``loaded`` to an in-memory ONNX IR model according to its kind.
+
+    ``from_files``: the weights are unchanged since ``loaded`` was read from its safetensors folder, so the
+    graph reads them from there (:func:`read_weights_from_files`) and the torch model may be released
+    before the graph is written."""
     exporters = {"decoder": export_decoder, "encoder": export_encoder, "vision": export_vision}
     if loaded.kind not in exporters:
         raise UnsupportedModelError(f"{loaded.name}: no exporter for kind '{loaded.kind}'")
-    return exporters[loaded.kind](loaded)
+    return exporters[loaded.kind](loaded, from_files)

@@ -111,6 +111,23 @@ def write_bundle(loaded: LoadedModel, model: ir.Model, cache: list[Any], folder:
     return config
 
 
+class _ReleasedModel:
+    """Stands in for a released torch model: only its config stays (the bundle's metadata)."""
+
+    def __init__(self, config: Any) -> None:
+        self.config = config
+
+
+def release_torch_weights(loaded: LoadedModel) -> None:
+    """Once the graph is exported and the torch model is needed no more, keep only its config. Weights the
+    graph reads from the model's files (``export_graph(from_files=True)``) are then never resident
+    together: the write reads one at a time. Any other weight stays alive through the graph."""
+    import gc
+
+    loaded.model = _ReleasedModel(loaded.model.config)
+    gc.collect()
+
+
 def release_torch_model(loaded: LoadedModel, graph: ir.Model) -> None:
     """Drop the torch model once ``graph`` (exported from it) is on disk, before onnxruntime loads the saved
     copy (placement, verification): peak memory then holds one copy of the weights, not two.
@@ -121,7 +138,7 @@ def release_torch_model(loaded: LoadedModel, graph: ir.Model) -> None:
 
     for value in graph.graph.initializers.values():
         value.const_value = None
-    loaded.model = None
+    loaded.model = None if loaded.model is None else _ReleasedModel(loaded.model.config)
     gc.collect()
 
 
@@ -160,11 +177,13 @@ def build_dense_bundle(spec: str, out: Path, overwrite: bool = False, seed: int 
         extra["smoothing"] = _smooth(loaded, target, bits, smooth_windows, seed)
         timings["smooth_s"] = time.perf_counter() - start
     start = time.perf_counter()
-    exported = export_graph(loaded)
+    from_files = not rotate and not smooth
+    exported = export_graph(loaded, from_files=from_files)
     timings["export_s"] = time.perf_counter() - start
+    parameters = int(sum(p.numel() for p in loaded.model.parameters()))
+    release_torch_weights(loaded)
     target_report = apply_target(exported.model, target, bits)
     with atomic_output_dir(out, overwrite) as tmp:
-        parameters = int(sum(p.numel() for p in loaded.model.parameters()))
         config = write_bundle(loaded, exported.model, exported.cache, tmp,
                               {"stage": "dense", "parameters": parameters, **extra})
         release_torch_model(loaded, exported.model)
@@ -244,7 +263,9 @@ def build_compressed_bundle(spec: str, options: Any, out: Path, overwrite: bool 
         graph = load_onnx(dense_graph)
     else:
         info("exporting the dense graph")
-        graph = export_graph(loaded).model
+        graph = export_graph(loaded, from_files=not options.residual_rotation).model
+        if eval_text is None:
+            release_torch_weights(loaded)
     timings["export_s"] = time.perf_counter() - start
     info("graph stage: find_attention → split_qkv → latent_kv → fold_value → absorb_key → cleanup")
     start = time.perf_counter()

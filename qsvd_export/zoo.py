@@ -37,6 +37,7 @@ class LoadedModel:
     kind: str  # "decoder" | "encoder" | "vision"
     source: dict[str, Any] = field(default_factory=dict)
     chat: bool = False  # an instruct model whose prompts go through the chat template
+    weights_dir: Path | None = None  # the safetensors folder ``model`` was loaded from (None: built in memory)
 
 
 @dataclass(frozen=True)
@@ -182,6 +183,7 @@ def _load_hf_folder(folder: Path, name: str | None = None) -> LoadedModel:
         kind=adapter.kind,
         source={"path": str(folder.resolve())},
         chat=bool(tokenizer is not None and getattr(tokenizer, "chat_template", None)),
+        weights_dir=folder,
     )
 
 

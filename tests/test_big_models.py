@@ -84,3 +84,19 @@ def test_external_weights_are_unmapped_after_the_load_scan(tmp_path):
     external = [v.const_value for v in loaded.graph.initializers.values() if isinstance(v.const_value, ir.ExternalTensor)]
     assert external  # the scan read them ...
     assert all(t.raw is None for t in external)  # ... and left none mapped
+
+
+def test_weights_read_from_the_model_files_give_the_same_bundle(tmp_path):
+    load_model("tiny-llama").model.save_pretrained(tmp_path / "hf", safe_serialization=True)
+    graphs = {}
+    for from_files in (True, False):
+        loaded = load_model(str(tmp_path / "hf"))
+        graph = export_graph(loaded, from_files=from_files).model
+        if from_files:
+            lazy = [v for v in graph.graph.initializers.values() if isinstance(v.const_value, ir.LazyTensor)]
+            assert len(lazy) >= 2 * loaded.model.config.num_hidden_layers  # every projection weight, at least
+            release_torch_model(loaded, ir.Model(ir.Graph([], [], nodes=[]), ir_version=10))  # model gone ...
+        (tmp_path / str(from_files)).mkdir()
+        save_graph(graph, tmp_path / str(from_files))  # ... and the graph still writes its weights
+        graphs[from_files] = [(tmp_path / str(from_files) / name).read_bytes() for name in ("model.onnx", "model.onnx.data")]
+    assert graphs[True] == graphs[False]
