@@ -41,22 +41,27 @@ def synthetic_config(layers: int) -> dict[str, Any]:
     }
 
 
-def make_model(folder: Path, layers: int, seed: int = 0) -> int:
-    """Write the synthetic model folder (atomic) unless it exists; returns its weight bytes."""
+def make_model(folder: Path, config: dict[str, Any], tokenizer: Path | None = None, seed: int = 0) -> int:
+    """Write a synthetic LLaMA folder (random weights, atomic) unless it exists; returns its weight bytes.
+    ``tokenizer``: a folder whose files are copied in (None: smollm2's tokenizer from the zoo)."""
     if not (folder / "config.json").exists():
         import torch
         from transformers import LlamaConfig, LlamaForCausalLM
 
-        from qsvd_export.zoo import load_model
-
         torch.manual_seed(seed)
         tmp = folder.with_name(folder.name + ".tmp")
         shutil.rmtree(tmp, ignore_errors=True)
-        config = LlamaConfig(**{k: v for k, v in synthetic_config(layers).items() if k != "architectures"})
-        model = LlamaForCausalLM(config).eval()
+        model = LlamaForCausalLM(LlamaConfig(**{k: v for k, v in config.items() if k != "architectures"})).eval()
         model.save_pretrained(tmp, safe_serialization=True, max_shard_size="1GB")
         del model
-        load_model("smollm2-135m").tokenizer.save_pretrained(tmp)
+        if tokenizer is None:
+            from qsvd_export.zoo import load_model
+
+            load_model("smollm2-135m").tokenizer.save_pretrained(tmp)
+        else:
+            for path in tokenizer.iterdir():
+                if path.is_file():
+                    shutil.copy2(path, tmp / path.name)
         tmp.rename(folder)
     return sum(p.stat().st_size for p in folder.glob("*.safetensors"))
 
@@ -91,7 +96,7 @@ def main() -> None:
     args = parser.parse_args()
     args.work.mkdir(parents=True, exist_ok=True)
     model_dir = args.work / "model"
-    model_bytes = make_model(model_dir, args.layers)
+    model_bytes = make_model(model_dir, synthetic_config(args.layers))
     cli = [sys.executable, "-m", "qsvd_export"]
     compressed, dense, graph = args.work / "compressed", args.work / "dense", args.work / "graph"
     calib = ["--calib-windows", "16", "--calib-length", "256", "--grad-windows", "4"]

@@ -25,26 +25,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from benchmarks.big_model import GB, measured, synthetic_config
-
-
-def make_folder(folder: Path, config: dict[str, Any], tokenizer: Path, seed: int = 0) -> int:
-    """A synthetic LLaMA folder (random weights, ``tokenizer``'s files); returns its weight bytes."""
-    import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    if not (folder / "config.json").exists():
-        torch.manual_seed(seed)
-        tmp = folder.with_name(folder.name + ".tmp")
-        shutil.rmtree(tmp, ignore_errors=True)
-        model = LlamaForCausalLM(LlamaConfig(**{k: v for k, v in config.items() if k != "architectures"})).eval()
-        model.save_pretrained(tmp, safe_serialization=True, max_shard_size="1GB")
-        del model
-        for path in tokenizer.iterdir():
-            if path.is_file():
-                shutil.copy2(path, tmp / path.name)
-        tmp.rename(folder)
-    return sum(p.stat().st_size for p in folder.glob("*.safetensors"))
+from benchmarks.big_model import GB, make_model, measured, synthetic_config
 
 
 def compare(folder: Path, device: str) -> dict[str, Any]:
@@ -101,12 +82,12 @@ def main() -> None:
         small.update(hidden_size=args.compare_hidden, intermediate_size=args.compare_hidden * 11 // 4,
                      num_attention_heads=args.compare_hidden // 128, num_key_value_heads=max(1, args.compare_hidden // 512))
         folder = args.work / "compare-model"
-        result["compare_model_bytes"] = make_folder(folder, small, args.tokenizer)
+        result["compare_model_bytes"] = make_model(folder, small, args.tokenizer)
         result["compare"] = compare(folder, device)
         print(json.dumps(result["compare"]), file=sys.stderr, flush=True)
     if "big" in args.steps:
         folder = args.work / "big-model"
-        model_bytes = make_folder(folder, synthetic_config(args.big_layers), args.tokenizer)
+        model_bytes = make_model(folder, synthetic_config(args.big_layers), args.tokenizer)
         command = [sys.executable, "-m", "qsvd_export", "compress", str(folder), "--budget", "kv=0.5",
                    "--calib-windows", "16", "--calib-length", "256", "--grad-windows", "4", "--device", device,
                    "--output", str(args.work / "big-compressed"), "--overwrite"]

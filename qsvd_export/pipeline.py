@@ -134,12 +134,9 @@ def release_torch_model(loaded: LoadedModel, graph: ir.Model) -> None:
 
     ``graph`` is emptied of its weights (its initializers wrap the torch tensors, and onnxscript's rewrite
     rules keep a reference to the last graph they matched), so it must not be used afterwards."""
-    import gc
-
     for value in graph.graph.initializers.values():
         value.const_value = None
-    loaded.model = None if loaded.model is None else _ReleasedModel(loaded.model.config)
-    gc.collect()
+    release_torch_weights(loaded)
 
 
 def build_dense_bundle(spec: str, out: Path, overwrite: bool = False, seed: int = 0, rotate: bool = False,

@@ -91,6 +91,10 @@ def ep_node_assignment(folder: Path, config: BundleConfig, report: dict[str, Any
     return result
 
 
+def _with_cpu_fallback(provider: str) -> list[str]:
+    return [provider] + (["CPUExecutionProvider"] if provider != "CPUExecutionProvider" else [])
+
+
 _PLACED = re.compile(r"placed on \[(\w+)\]\. Number of nodes: (\d+)")
 
 
@@ -103,7 +107,7 @@ def _logged_placement(graph: Path, provider: str) -> dict[str, int]:
     options = ort.SessionOptions()
     options.log_severity_level = 0  # VERBOSE: session_state logs the placement per provider
     options.add_session_config_entry("session.disable_prepacking", "1")
-    providers = [provider] + (["CPUExecutionProvider"] if provider != "CPUExecutionProvider" else [])
+    providers = _with_cpu_fallback(provider)
     sys.stderr.flush()
     saved = os.dup(2)
     with tempfile.TemporaryFile() as log:
@@ -133,7 +137,7 @@ def _profiled_placement(graph: Path, config: BundleConfig, provider: str) -> dic
         options.add_session_config_entry("session.disable_prepacking", "1")  # no second copy of the weights
         options.enable_profiling = True
         options.profile_file_prefix = str(Path(tmp) / "profile")
-        providers = [provider] + (["CPUExecutionProvider"] if provider != "CPUExecutionProvider" else [])
+        providers = _with_cpu_fallback(provider)
         session = ort.InferenceSession(str(graph), options, providers=providers)
         cache = {t.input for layer in config.cache for t in layer.tensors}
         feed = first_step_feed(session.get_inputs(), np.ones((1, 2), dtype=np.int64), cache,

@@ -393,13 +393,13 @@ def compress_model(loaded: LoadedModel, options: CompressOptions, windows: np.nd
         return build_plan(loaded.name, str(model.config.model_type), analyze(loaded, options, windows), options)
     finally:
         if device.type != "cpu":
-            if reload is not None:
-                loaded.model = model = None
-                torch.cuda.empty_cache()
-                loaded.model = reload()
-            else:
+            if reload is None:
                 model.to("cpu")
-                torch.cuda.empty_cache()
+            else:
+                loaded.model = model = None  # free the GPU copy before loading the CPU one
+            torch.cuda.empty_cache()
+            if reload is not None:
+                loaded.model = reload()
 
 
 def check_device(name: str) -> torch.device:
