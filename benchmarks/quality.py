@@ -63,7 +63,7 @@ def smollm2_table(args: argparse.Namespace) -> dict:
         options = CompressOptions(budget=parse_budget("kv=1.0"), whitening=whitening, calib_windows=args.calib_windows,
                                   grad_windows=args.grad_windows)
         start = time.perf_counter()
-        analysis = analyze(loaded, options, groups=("qkv", "kv", "q", "k", "v"), keep_output_fisher=True)
+        analysis = analyze(loaded, options, groups=("qkv", "kv", "q", "k", "v"), keep_kfac_statistics=True)
         results["timing"][f"analysis_{whitening}_s"] = round(time.perf_counter() - start, 1)
         results["timing"]["peak_rss_gb"] = round(peak_rss_gb(), 2)
         kfac_analysis = analysis
@@ -105,7 +105,7 @@ def minilm_table(args: argparse.Namespace) -> list[dict]:
     sentences = eval_sentences(read_text("news_eval"), count=256)
     dense = sentence_embeddings(loaded.model, loaded.tokenizer, sentences)
     options = CompressOptions(budget=parse_budget("params=1.0"))  # encoder calibration defaults
-    analysis = analyze(loaded, options, groups=("qkv", "kv", "q", "k", "v"), keep_output_fisher=True)
+    analysis = analyze(loaded, options, groups=("qkv", "kv", "q", "k", "v"), keep_kfac_statistics=True)
     rows = []
     for r1 in args.minilm_r1:
         for allocation, grouping, label in [("qsvd", "auto", "QSVD (gradient, best grouping)"),

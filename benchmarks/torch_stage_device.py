@@ -6,6 +6,7 @@
 1. ``compare``: one small synthetic model (random weights, ``--compare-*`` geometry) through
    ``compress_model`` on the CPU and on the GPU with the same calibration windows (wiki_calib) and
    budget: ranks per layer, the largest relative difference of the plan's factors, wall times.
+   ``map``: the same model and windows against ``--device-map`` (accelerate; ``auto`` by default).
 2. ``big``: ``qsvd-export compress BIG --budget kv=0.5 --device cuda`` on the ~3 GB model of
    ``benchmarks.big_model`` (its geometry, random weights) in its own process: host peak RSS
    (``wait4``) against the model's bytes, wall time, exit code. The export and graph stage run on the CPU.
@@ -28,8 +29,9 @@ from typing import Any
 from benchmarks.big_model import GB, make_model, measured, synthetic_config
 
 
-def compare(folder: Path, device: str) -> dict[str, Any]:
-    """compress_model on the CPU and on ``device`` with the same windows; plan agreement and times."""
+def compare(folder: Path, device: str, device_map: str | None = None) -> dict[str, Any]:
+    """compress_model on the CPU and on ``device`` (or split by the accelerate ``device_map``) with the same
+    windows; plan agreement and times."""
     import torch
 
     from qsvd_export.compress.budget import parse_budget
@@ -38,9 +40,12 @@ def compare(folder: Path, device: str) -> dict[str, Any]:
 
     loaded = load_model(str(folder))
     plans, seconds = {}, {}
+    if device_map is not None:
+        device = f"map:{device_map}"
     for name in ("cpu", device):
+        placement = {"device_map": device_map} if name.startswith("map:") else {"device": name}
         options = CompressOptions(budget=parse_budget("kv=0.5"), calib_windows=16, calib_length=256, grad_windows=4,
-                                  device=name)
+                                  **placement)
         start = time.perf_counter()
         plans[name] = compress_model(loaded, options)
         seconds[name] = round(time.perf_counter() - start, 1)
@@ -57,7 +62,7 @@ def compare(folder: Path, device: str) -> dict[str, Any]:
                                for name, plan in plans.items()}
                     diff = (product[device] - product["cpu"]).norm() / product["cpu"].norm().clamp_min(1e-30)
                     worst = max(worst, float(diff))
-    return {"device": device, "gpu": torch.cuda.get_device_name() if device != "cpu" else None,
+    return {"device": device, "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
             "ranks_cpu": ranks["cpu"], "ranks_device": ranks[device], "ranks_equal": ranks["cpu"] == ranks[device],
             "max_rel_product_diff": worst, "seconds": seconds}
 
@@ -69,7 +74,8 @@ def main() -> None:
     parser.add_argument("--compare-layers", type=int, default=4)
     parser.add_argument("--compare-hidden", type=int, default=1024)
     parser.add_argument("--big-layers", type=int, default=12)
-    parser.add_argument("--steps", nargs="*", default=["compare", "big"], choices=["compare", "big"])
+    parser.add_argument("--steps", nargs="*", default=["compare", "big"], choices=["compare", "map", "big"])
+    parser.add_argument("--device-map", default="auto", help="the map step's accelerate device map")
     parser.add_argument("--out", type=Path, default=Path("results/torch_stage_device.json"))
     args = parser.parse_args()
     import torch
@@ -77,14 +83,18 @@ def main() -> None:
     device = "cuda" if torch.cuda.is_available() else "cpu"
     args.work.mkdir(parents=True, exist_ok=True)
     result: dict[str, Any] = {"torch": torch.__version__, "device": device}
-    if "compare" in args.steps:
+    if "compare" in args.steps or "map" in args.steps:
         small = synthetic_config(args.compare_layers)
         small.update(hidden_size=args.compare_hidden, intermediate_size=args.compare_hidden * 11 // 4,
                      num_attention_heads=args.compare_hidden // 128, num_key_value_heads=max(1, args.compare_hidden // 512))
         folder = args.work / "compare-model"
         result["compare_model_bytes"] = make_model(folder, small, args.tokenizer)
-        result["compare"] = compare(folder, device)
-        print(json.dumps(result["compare"]), file=sys.stderr, flush=True)
+        if "compare" in args.steps:
+            result["compare"] = compare(folder, device)
+            print(json.dumps(result["compare"]), file=sys.stderr, flush=True)
+        if "map" in args.steps:
+            result["map"] = compare(folder, device, args.device_map)
+            print(json.dumps(result["map"]), file=sys.stderr, flush=True)
     if "big" in args.steps:
         folder = args.work / "big-model"
         model_bytes = make_model(folder, synthetic_config(args.big_layers), args.tokenizer)

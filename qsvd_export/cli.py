@@ -155,6 +155,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="cpu",
                    help="where the torch stage runs: cpu (default), cuda or cuda:N (calibration, gradients, SVDs; "
                         "export stays on the CPU)")
+    p.add_argument("--device-map", default=None, metavar="MAP",
+                   help="split the torch stage over GPUs with accelerate: auto, balanced, balanced_low_0, sequential, "
+                        "or a JSON file of module name -> device (every module on a GPU; without GPUs the "
+                        "strategies mean the CPU)")
     p.add_argument("--eval", action="store_true", help="perplexity of dense and compressed model in torch")
     p.add_argument("--eval-text", default="wiki_eval")
     p.add_argument("--eval-windows", type=int, default=32)
@@ -323,7 +327,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 def cmd_compress(args: argparse.Namespace) -> int:
     from qsvd_export.compress.budget import parse_budget
-    from qsvd_export.compress.compressor import CompressOptions, check_device
+    from qsvd_export.compress.compressor import CompressOptions
+    from qsvd_export.compress.placement import check_device, read_device_map
     from qsvd_export.pipeline import build_compressed_bundle
     from qsvd_export.quantize import parse_bits
 
@@ -340,9 +345,13 @@ def cmd_compress(args: argparse.Namespace) -> int:
         calib_length=args.calib_length, grad_windows=args.grad_windows, importance=args.importance,
         bits=args.bits or "fp", beta=args.beta, rotation=args.rotation, residual_rotation=args.rotate,
         rotate_mlp=args.rotate_mlp,
-        min_rank=args.min_rank, seed=args.seed, device=args.device,
+        min_rank=args.min_rank, seed=args.seed, device=args.device, device_map=args.device_map,
     )
-    check_device(args.device)  # before the model loads
+    if args.device_map is not None:  # before the model loads
+        if args.device != "cpu":
+            raise UsageError("--device and --device-map exclude each other (the map names the devices)")
+        read_device_map(args.device_map)
+    check_device(args.device)
     result = build_compressed_bundle(
         args.model, options, args.output, overwrite=args.overwrite,
         eval_text=args.eval_text if args.eval else None, eval_windows=args.eval_windows,

@@ -1,8 +1,12 @@
 """Calibration passes over token windows.
 
 - :func:`collect_input_stats`: forward only (no LM head), hooks on each attention block's input X
-  accumulate XᵀX (float64 [E, E]), Σ|X| per channel and the token count, plus a fixed-size random
-  sample of X rows for error measurements. Memory is O(layers · E²), independent of the token count.
+  accumulate Σ|X| per channel, the token count, a fixed-size random sample of X rows for error
+  measurements and, when asked, XᵀX (float64 [E, E]). Memory is O(layers · E²), independent of the
+  token count.
+
+Both passes go layer by layer through memory-mapped weights (:func:`~qsvd_export.compress.memory.layer_by_layer`),
+so their resident weight pages stay bounded by a few layers.
 - :func:`for_each_gradient`: one forward + backward of the LM loss (encoders: a
   random hidden-state probe, :func:`hidden_state_probe_loss`) per window, with gradients enabled
   only on the Q/K/V weights; calls back with the per-window gradients of every block.
@@ -16,6 +20,7 @@ from typing import Callable
 import numpy as np
 import torch
 
+from qsvd_export.compress.memory import layer_by_layer, return_freed_memory
 from qsvd_export.models.projections import AttentionProjections
 
 
@@ -23,19 +28,21 @@ from qsvd_export.models.projections import AttentionProjections
 class InputStats:
     """Second-moment statistics of one attention block's input X [tokens, E]."""
 
-    xtx: torch.Tensor  # float64 [E, E], Σ xᵀx
+    xtx: torch.Tensor | None  # float64 [E, E], Σ xᵀx (None: not collected)
     abs_sum: torch.Tensor  # float64 [E], Σ |x|
     count: int = 0
     sample: list[torch.Tensor] = field(default_factory=list)  # float32 rows of X, at most sample_rows
 
     def covariance(self) -> torch.Tensor:
+        if self.xtx is None:
+            raise ValueError("second moments were not collected (collect_input_stats(second_moments=True))")
         return self.xtx / max(self.count, 1)
 
     def abs_mean(self) -> torch.Tensor:
         return self.abs_sum / max(self.count, 1)
 
     def sample_rows(self) -> torch.Tensor:
-        return torch.cat(self.sample) if self.sample else torch.zeros(0, self.xtx.shape[0], device=self.xtx.device)
+        return torch.cat(self.sample) if self.sample else torch.zeros(0, self.abs_sum.shape[0], device=self.abs_sum.device)
 
 
 def input_device(model: torch.nn.Module) -> torch.device:
@@ -55,12 +62,15 @@ def collect_input_stats(
     sample_rows: int = 2048,
     seed: int = 0,
     progress: Callable[[], None] | None = None,
+    second_moments: bool = True,
 ) -> list[InputStats]:
     """Run ``batches`` (model kwargs, on the CPU) through the body and return one :class:`InputStats` per block,
-    kept on the device of that block's weights."""
+    kept on the device of that block's weights. Without ``second_moments`` XᵀX is skipped (only the
+    Cholesky whitening and kfac importance read it): E² float64 per layer less, and the pass's largest cost."""
     dim = blocks[0].dims["e"]
     devices = [b.weights()[0].device for b in blocks]
-    stats = [InputStats(torch.zeros(dim, dim, dtype=torch.float64, device=d), torch.zeros(dim, dtype=torch.float64, device=d))
+    stats = [InputStats(torch.zeros(dim, dim, dtype=torch.float64, device=d) if second_moments else None,
+                        torch.zeros(dim, dtype=torch.float64, device=d))
              for d in devices]
     rng = np.random.default_rng(seed)
     rows_per_batch = max(1, sample_rows // max(len(batches), 1))
@@ -68,12 +78,13 @@ def collect_input_stats(
 
     def make_hook(stat: InputStats):  # type: ignore[no-untyped-def]
         def hook(module, args):  # type: ignore[no-untyped-def]
-            x = args[0].detach().to(stat.xtx.device)
+            x = args[0].detach().to(stat.abs_sum.device)
             if current_mask[0] is not None:
                 x = x[current_mask[0].to(x.device).bool()]
             x = x.reshape(-1, x.shape[-1])
             x64 = x.double()
-            stat.xtx += x64.T @ x64
+            if stat.xtx is not None:
+                stat.xtx += x64.T @ x64
             stat.abs_sum += x64.abs().sum(0)
             stat.count += x.shape[0]
             take = rng.choice(x.shape[0], size=min(rows_per_batch, x.shape[0]), replace=False)
@@ -85,16 +96,18 @@ def collect_input_stats(
     body = _base_model(model)
     device = input_device(model)
     try:
-        with torch.no_grad():
+        with torch.no_grad(), layer_by_layer(model, [b.parent for b in blocks]) as residency:
             for batch in batches:
                 batch = {name: tensor.to(device) for name, tensor in batch.items()}
                 current_mask[0] = batch.get("attention_mask")
                 body(**batch)
+                residency.release_all()
                 if progress is not None:
                     progress()
     finally:
         for handle in handles:
             handle.remove()
+        return_freed_memory()
     return stats
 
 
@@ -154,22 +167,24 @@ def for_each_gradient(
             p.requires_grad_(False)
         for p in targets:
             p.requires_grad_(True)
-        for i, row in enumerate(windows):
-            ids = torch.from_numpy(np.asarray(row)[None, :]).to(device)
-            for p in targets:
-                p.grad = None
-            captured.clear()
-            loss = loss_fn(model, ids, i)
-            loss.backward()
-            outputs = None
-            if capture_outputs:
-                outputs = []
-                for bi, block in enumerate(blocks):
-                    parts = [captured[(bi, mi)] for mi in range(1 if block.fused_name else 3)]
-                    outputs.append(torch.cat(parts, dim=-1).reshape(-1, sum(p.shape[-1] for p in parts)))
-            callback(i, [b.weight_grads() for b in blocks], outputs)
-            if progress is not None:
-                progress()
+        with layer_by_layer(model, [b.parent for b in blocks]) as residency:
+            for i, row in enumerate(windows):
+                ids = torch.from_numpy(np.asarray(row)[None, :]).to(device)
+                for p in targets:
+                    p.grad = None
+                captured.clear()
+                loss = loss_fn(model, ids, i)
+                loss.backward()
+                outputs = None
+                if capture_outputs:
+                    outputs = []
+                    for bi, block in enumerate(blocks):
+                        parts = [captured[(bi, mi)] for mi in range(1 if block.fused_name else 3)]
+                        outputs.append(torch.cat(parts, dim=-1).reshape(-1, sum(p.shape[-1] for p in parts)))
+                callback(i, [b.weight_grads() for b in blocks], outputs)
+                residency.release_all()
+                if progress is not None:
+                    progress()
     finally:
         for handle in handles:
             handle.remove()
@@ -177,3 +192,4 @@ def for_each_gradient(
             p.grad = None
         for p, flag in previous.items():
             p.requires_grad_(flag)
+        return_freed_memory()

@@ -22,10 +22,12 @@ from qsvd_export.compress.allocate import (
 from qsvd_export.compress.beta import rotated_factors, search_beta
 from qsvd_export.compress.budget import Budget, LayerDims, ratios
 from qsvd_export.compress.calibrate import LossFn, collect_input_stats, for_each_gradient, hidden_state_probe_loss, lm_loss
+from qsvd_export.compress.memory import return_freed_memory
+from qsvd_export.compress.placement import torch_stage_placement
 from qsvd_export.compress.rotation import latent_rotation
 from qsvd_export.compress.svd import WhitenedSVD, output_whitening, whitened_svd, whitening
 from qsvd_export.data import read_text, resolve_text, token_windows
-from qsvd_export.errors import RuntimeFailure, UnsupportedModelError, UsageError
+from qsvd_export.errors import UnsupportedModelError, UsageError
 from qsvd_export.models.projections import attention_projections
 from qsvd_export.plan import CompressionPlan, PlanGroup, PlanLayer
 from qsvd_export.progress import bar, info
@@ -72,6 +74,7 @@ class CompressOptions:
     min_rank: int = 8
     seed: int = 0
     device: str = "cpu"  # where the torch stage runs (calibration, gradients, SVDs): cpu, cuda, cuda:N
+    device_map: str | None = None  # or split over GPUs: an accelerate strategy (auto, balanced, ...) or a JSON file
 
 
 def _candidate_groups(options: CompressOptions) -> tuple[str, ...]:
@@ -107,7 +110,9 @@ def _output_fisher(model: torch.nn.Module, blocks: list[Any], windows: np.ndarra
     progress = bar(len(windows), "output Fisher")
     for_each_gradient(model, blocks, windows, accumulate, capture_outputs=True, progress=progress.update, loss_fn=loss_fn)
     progress.close()
-    return [f / len(windows) for f in fisher]
+    for f in fisher:
+        f /= len(windows)  # in place: a second copy would double the largest statistic
+    return fisher
 
 
 def kfac_importance(dims: list[LayerDims], stats: list[Any], svds: list[dict[str, WhitenedSVD]],
@@ -127,8 +132,9 @@ def kfac_importance(dims: list[LayerDims], stats: list[Any], svds: list[dict[str
             index = _member_index(dims[li], g)
             out_f = output_fisher[li][index][:, index]
             comp = svd[g]
-            input_side = ((comp.r @ cov) * comp.r).sum(1)
-            output_side = ((out_f @ comp.u) * comp.u).sum(0)
+            r, u = comp.r.double(), comp.u.double()
+            input_side = ((r @ cov) * r).sum(1)
+            output_side = ((out_f @ u) * u).sum(0)
             importance[li][g] = 0.5 * comp.sigma**2 * input_side * output_side
             fisher[li][g] = float(torch.trace(out_f) * torch.trace(cov))
     return importance, fisher
@@ -166,14 +172,26 @@ class Analysis:
     calibration: dict[str, Any]
 
 
+def _input_whitening(options: CompressOptions, kind: str) -> tuple[str, float]:
+    """(input-side whitening, absmean exponent α) that ``options`` ask for on a model of ``kind``."""
+    alpha = options.alpha if options.alpha is not None else (1.0 if options.whitening == "fisher" else 0.5)
+    if options.whitening != "fisher":
+        return options.whitening, alpha
+    input_side = options.fisher_input or FISHER_INPUT_DEFAULT[kind]
+    if input_side not in ("absmean", "cholesky"):
+        raise UsageError(f"unknown fisher input whitening '{input_side}' (absmean or cholesky)")
+    return input_side, alpha
+
+
 def analyze(loaded: LoadedModel, options: CompressOptions, windows: np.ndarray | None = None,
-            groups: tuple[str, ...] | None = None, keep_output_fisher: bool = False) -> Analysis:
+            groups: tuple[str, ...] | None = None, keep_kfac_statistics: bool = False) -> Analysis:
     """Calibration statistics, whitened SVDs of every candidate group and their importance scores.
 
     ``windows`` [n, length] int64 overrides text calibration (tiny test models have no tokenizer).
     ``groups`` defaults to the candidates ``options`` needs; pass more to share one analysis between methods.
-    The output Fisher ([q+k+v]² float64 per layer) is dropped once the SVDs are done unless kfac importance
-    or ``keep_output_fisher`` needs it afterwards.
+    The output Fisher ([q+k+v]² float64 per layer) is dropped layer by layer as the SVDs use it, and the
+    input second moments (E² float64 per layer) are only collected for the Cholesky whitening, unless kfac
+    importance or ``keep_kfac_statistics`` (to score kfac afterwards) needs them.
     """
     if loaded.kind == "vision":
         raise UnsupportedModelError(f"{loaded.name}: vision encoders need image calibration (not available in compress yet)")
@@ -188,8 +206,11 @@ def analyze(loaded: LoadedModel, options: CompressOptions, windows: np.ndarray |
         batches = [{"input_ids": torch.from_numpy(w[None, :]), "attention_mask": torch.ones(1, len(w), dtype=torch.int64)} for w in windows]
         calib_source = {"text": "windows given by caller", "sha256": hashlib.sha256(np.ascontiguousarray(windows).tobytes()).hexdigest()}
 
+    kfac = keep_kfac_statistics or options.importance == "kfac"
+    second_moments = kfac or _input_whitening(options, loaded.kind)[0] == "cholesky"
     progress = bar(len(batches), "calibration statistics")
-    stats = collect_input_stats(model, blocks, batches, seed=options.seed, progress=progress.update)
+    stats = collect_input_stats(model, blocks, batches, seed=options.seed, progress=progress.update,
+                                second_moments=second_moments)
     progress.close()
 
     dims = [LayerDims(**b.dims) for b in blocks]
@@ -207,7 +228,7 @@ def analyze(loaded: LoadedModel, options: CompressOptions, windows: np.ndarray |
                       progress: Callable[[], None]) -> None:
             for_each_gradient(model, blocks, rows, accumulate, progress=progress, loss_fn=loss_fn)
     return analyze_statistics(dims, meta, weights, stats, loaded.kind, options, calibration, groups,
-                              output_fisher, gradients, windows, keep_output_fisher)
+                              output_fisher, gradients, windows, keep_kfac_statistics)
 
 
 GradientRunner = Callable[..., None]
@@ -223,12 +244,9 @@ def analyze_statistics(dims: list[LayerDims], blocks_meta: list[dict[str, int]],
     passes (torch stage); without it (graph-only plans) importance is the whitened spectrum's energy
     share and whitening is input-side only."""
     groups = groups or _candidate_groups(options)
-    alpha = options.alpha if options.alpha is not None else (1.0 if options.whitening == "fisher" else 0.5)
-    input_side = options.whitening
-    if options.whitening == "fisher":
-        input_side = options.fisher_input or FISHER_INPUT_DEFAULT[kind]
-        if input_side not in ("absmean", "cholesky"):
-            raise UsageError(f"unknown fisher input whitening '{input_side}' (absmean or cholesky)")
+    input_side, alpha = _input_whitening(options, kind)
+    importance_kind = options.importance if gradients is not None else "energy"
+    keep_fisher = importance_kind == "kfac" or keep_output_fisher
     progress = bar(len(dims), "whitened SVDs")
     svds: list[dict[str, WhitenedSVD]] = []
     for li, (block_weights, stat) in enumerate(zip(weights, stats)):
@@ -241,13 +259,14 @@ def analyze_statistics(dims: list[LayerDims], blocks_meta: list[dict[str, int]],
                 out_side = output_whitening(output_fisher[li][index][:, index], options.fisher_gamma)
             layer_svds[g] = whitened_svd(_member_weight(block_weights, g), white, out_side)
         svds.append(layer_svds)
+        if output_fisher is not None and not keep_fisher:
+            output_fisher[li] = torch.empty(0)  # the caller's list too: freed as soon as this layer is done
         progress.update()
     progress.close()
     fisher_whitened = output_fisher is not None
-    importance_kind = options.importance if gradients is not None else "energy"
-    if output_fisher is not None and importance_kind != "kfac" and not keep_output_fisher:
-        output_fisher.clear()  # the caller's list too: its memory is free before the gradient passes
+    if output_fisher is not None and not keep_fisher:
         output_fisher = None
+    return_freed_memory()
 
     importance = [{g: torch.zeros(svd[g].size, dtype=torch.float64, device=svd[g].sigma.device) for g in groups}
                   for svd in svds]
@@ -382,41 +401,15 @@ def build_plan(model_name: str, model_type: str, analysis: Analysis, options: Co
 def compress_model(loaded: LoadedModel, options: CompressOptions, windows: np.ndarray | None = None,
                    reload: Callable[[], Any] | None = None) -> CompressionPlan:
     """Build a :class:`CompressionPlan` for ``loaded`` (its weights are not modified). With ``options.device``
-    other than the CPU, the model runs there for the torch stage and is then back on the CPU for export:
-    ``reload()`` (a fresh CPU copy, e.g. memory-mapped from its files) replaces it when given, else it is
-    copied back. The plan's tensors are always on the CPU."""
-    device = check_device(options.device)
-    model = loaded.model
-    if device.type != "cpu":
-        model.to(device)  # its CPU (memory-mapped) storage is released tensor by tensor
-    try:
-        return build_plan(loaded.name, str(model.config.model_type), analyze(loaded, options, windows), options)
-    finally:
-        if device.type != "cpu":
-            if reload is None:
-                model.to("cpu")
-            else:
-                loaded.model = model = None  # free the GPU copy before loading the CPU one
-            torch.cuda.empty_cache()
-            if reload is not None:
-                loaded.model = reload()
-
-
-def check_device(name: str) -> torch.device:
-    """The torch device ``name`` names, refused with a one-line error when it is unknown or absent here."""
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise UsageError(f"unknown device '{name}' (cpu, cuda or cuda:N)") from None
-    if device.type == "cpu":
-        return device
-    if device.type != "cuda":
-        raise UsageError(f"device '{name}' is not supported for the torch stage (cpu, cuda or cuda:N)")
-    if not torch.cuda.is_available():
-        raise RuntimeFailure(f"device '{name}' asked for, but this torch build sees no CUDA GPU")
-    if device.index is not None and device.index >= torch.cuda.device_count():
-        raise RuntimeFailure(f"device '{name}' asked for, but only {torch.cuda.device_count()} CUDA GPU(s) are visible")
-    return device
+    other than the CPU, or ``options.device_map``, the model runs there for the torch stage and is then back
+    on the CPU for export (:func:`~qsvd_export.compress.placement.torch_stage_placement`; ``reload()``
+    gives a fresh CPU copy). The plan's tensors are always on the CPU."""
+    with torch_stage_placement(loaded, options.device, options.device_map, reload):
+        analysis = analyze(loaded, options, windows)
+        plan = build_plan(loaded.name, str(loaded.model.config.model_type), analysis, options)
+    del analysis  # the candidate factors of every layer: the export that follows needs the memory
+    return_freed_memory()
+    return plan
 
 
 def options_summary(options: CompressOptions) -> dict[str, Any]:

@@ -33,8 +33,8 @@ def whitening(stats: InputStats, kind: str, alpha: float = 0.5, damping: float =
     ``absmean`` (ASVD): S = diag(E|x|^α). ``none``: identity. ``fisher``: absmean on the input side;
     the caller adds the output-gradient Fisher side (:func:`output_whitening`).
     """
-    dim = stats.xtx.shape[0]
-    eye = torch.eye(dim, dtype=torch.float64, device=stats.xtx.device)
+    dim = stats.abs_sum.shape[0]
+    eye = torch.eye(dim, dtype=torch.float64, device=stats.abs_sum.device)
     if kind == "none":
         return Whitening(kind, eye, eye)
     if kind in ("absmean", "fisher"):  # fisher: absmean on the input side, output side in output_whitening
@@ -57,12 +57,15 @@ def whitening(stats: InputStats, kind: str, alpha: float = 0.5, damping: float =
 
 @dataclass
 class WhitenedSVD:
-    """W ≈ U diag(σ) R with R = Vᵀ S⁻¹; ``m`` = min(out, E) components, σ descending (float64)."""
+    """W ≈ U diag(σ) R with R = Vᵀ S⁻¹; ``m`` = min(out, E) components, σ descending (float64).
 
-    u: torch.Tensor  # [out, m]
-    sigma: torch.Tensor  # [m]
-    r: torch.Tensor  # [m, E]
-    m_proj: torch.Tensor  # S⁻ᵀ V [E, m]: ⟨G, σ_i u_i r_i⟩ = σ_i (Uᵀ G S⁻ᵀ V)_ii
+    U, R and M are computed in float64 and stored in float32: a model's candidate factors are the torch
+    stage's largest allocation (three groupings per layer, all alive until allocation)."""
+
+    u: torch.Tensor  # [out, m] float32
+    sigma: torch.Tensor  # [m] float64
+    r: torch.Tensor  # [m, E] float32
+    m_proj: torch.Tensor  # S⁻ᵀ V [E, m] float32: ⟨G, σ_i u_i r_i⟩ = σ_i (Uᵀ G S⁻ᵀ V)_ii
 
     @property
     def size(self) -> int:
@@ -71,10 +74,10 @@ class WhitenedSVD:
     def first_order(self, grad: torch.Tensor) -> torch.Tensor:
         """σ_i · [Uᵀ G S⁻ᵀ V]_ii for one gradient G [out, E] → [m] (float64)."""
         g = grad.double()
-        return self.sigma * ((self.u * (g @ self.m_proj)).sum(0))
+        return self.sigma * ((self.u.double() * (g @ self.m_proj.double())).sum(0))
 
     def factors(self, keep: torch.Tensor, beta: float) -> tuple[torch.Tensor, torch.Tensor]:
-        """(W_d [r, E], W_u [out, r]) for the component indices ``keep`` and split exponent β."""
+        """(W_d [r, E], W_u [out, r]) in float64 for the component indices ``keep`` and split exponent β."""
         sigma = self.sigma[keep]
         down = sigma[:, None] ** beta * self.r[keep]
         up = self.u[:, keep] * sigma[None, :] ** (1.0 - beta)
@@ -94,10 +97,10 @@ def whitened_svd(weight: torch.Tensor, white: Whitening,
     u, sigma, vt = torch.linalg.svd(w @ white.s, full_matrices=False)
     if output is not None:
         u = output[1] @ u
-    r = vt @ white.s_inv
+    r = (vt @ white.s_inv).float()
     # diagonal S (every kind but cholesky): S⁻ᵀV = (VᵀS⁻¹)ᵀ exactly, so share r's memory
-    m_proj = r.T if white.kind != "cholesky" else white.s_inv.T @ vt.T
-    return WhitenedSVD(u, sigma, r, m_proj)
+    m_proj = r.T if white.kind != "cholesky" else (white.s_inv.T @ vt.T).float()
+    return WhitenedSVD(u.float(), sigma, r, m_proj)
 
 
 def output_whitening(fisher: torch.Tensor, gamma: float = 0.5, floor: float = 1e-6) -> tuple[torch.Tensor, torch.Tensor]:
