@@ -14,6 +14,7 @@ import onnx_ir as ir
 
 from qsvd_export.passes._graph import add_node, initializer
 from qsvd_export.passes.context import GraphStageContext, LayerRewrite
+from qsvd_export.plan import probes_mismatch, weight_probes
 
 
 class SplitQKVPass(ir.passes.InPlacePass):
@@ -34,6 +35,14 @@ class SplitQKVPass(ir.passes.InPlacePass):
                 raise ir.passes.PreconditionError(
                     f"plan layer {layer.layer} dims {layer.dims} do not match graph block {block.index} {block.dims}"
                 )
+            for member, projection in zip("qkv", (block.q, block.k, block.v)):
+                if layer.probes is None:
+                    break
+                why = probes_mismatch(layer.probes[member], weight_probes(projection.weight.T))
+                if why is not None:
+                    raise ir.passes.PreconditionError(
+                        f"plan layer {layer.layer} was computed from other {member} weights than graph block "
+                        f"{block.index}: {why}")
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         graph = model.graph

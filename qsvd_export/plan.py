@@ -16,6 +16,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -40,6 +41,36 @@ class PlanGroup:
         return "k" in self.members or "v" in self.members
 
 
+PROBES = 4  # random bilinear probes per projection weight in a plan's fingerprint
+
+
+def weight_probes(weight: np.ndarray) -> list[float]:
+    """Fingerprint of one projection weight W [out, E]: [‖W‖_F, aᵢᵀ W bᵢ / ‖W‖_F for PROBES seeded unit
+    vector pairs] (float64, 8 significant digits). Orthogonal rotations keep ‖W‖ but not the probes, so
+    the pair tells a plan's weights from rotated, smoothed or other weights; fp16 rounding moves neither."""
+    w = np.asarray(weight, dtype=np.float64)
+    rng = np.random.default_rng(w.shape[0] * 1_000_003 + w.shape[1])
+    left = rng.standard_normal((PROBES, w.shape[0]))
+    right = rng.standard_normal((PROBES, w.shape[1]))
+    left /= np.linalg.norm(left, axis=1, keepdims=True)
+    right /= np.linalg.norm(right, axis=1, keepdims=True)
+    norm = float(np.linalg.norm(w))
+    probes = np.einsum("po,oe,pe->p", left, w, right) / max(norm, 1e-30)
+    return [float(f"{v:.8g}") for v in [norm, *probes]]
+
+
+def probes_mismatch(expected: list[float], actual: list[float], tolerance: float = 0.05) -> str | None:
+    """Why ``actual`` (:func:`weight_probes` of a graph's weight) is not the weight ``expected`` was taken
+    from, or None when it is (norms within 0.1%, probe vectors within ``tolerance`` of their length)."""
+    norm_e, norm_a = expected[0], actual[0]
+    if abs(norm_a - norm_e) > 1e-3 * max(abs(norm_e), 1e-30):
+        return f"weight norm {norm_a:.6g} vs {norm_e:.6g} in the plan"
+    drift = float(np.linalg.norm(np.subtract(actual[1:], expected[1:])))
+    if drift > tolerance * max(float(np.linalg.norm(expected[1:])), 1e-12):
+        return "same norm, different weights (rotated, smoothed or another checkpoint)"
+    return None
+
+
 @dataclass
 class PlanLayer:
     layer: int
@@ -48,6 +79,8 @@ class PlanLayer:
     num_kv_heads: int
     head_dim: int
     groups: list[PlanGroup] = field(default_factory=list)
+    # member → weight_probes of the dense weight the factors were computed from (None: plans before 2026-11-27)
+    probes: dict[str, list[float]] | None = None
 
     @property
     def grouping(self) -> str:

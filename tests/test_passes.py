@@ -278,3 +278,34 @@ def test_rotary_tables_leave_a_cos_that_mixes_positions_alone():
     result = tabulate_rotary(model, context=10)
     assert result["rotary_tables"] == [] and "depend on more than their own position" in " ".join(result["skipped"])
     assert [n.op_type for n in model.graph] == before
+
+
+def _replace_q_weight(graph: ir.Model, change) -> None:  # type: ignore[no-untyped-def]
+    """Give block 0's Q projection the weight ``change(W)`` (W [E, out], MatMul layout)."""
+    node = find_attention(graph).blocks[0].q.node
+    weight_input = node.inputs[1]
+    if weight_input.const_value is None:  # a Transpose of the stored weight
+        stored = weight_input.producer().inputs[0]
+        stored.const_value = ir.tensor(np.ascontiguousarray(change(stored.const_value.numpy().T).T))
+    else:
+        weight_input.const_value = ir.tensor(np.ascontiguousarray(change(weight_input.const_value.numpy())))
+
+
+@pytest.mark.parametrize("change, reason", [
+    (lambda w: np.linalg.qr(np.random.default_rng(0).standard_normal((w.shape[0],) * 2))[0].astype(np.float32) @ w,
+     "same norm, different weights"),
+    (lambda w: w * np.float32(1.5), "weight norm"),
+])
+def test_a_plan_computed_from_other_weights_is_refused(bundles, change, reason):
+    _, plan = _plan("llama")
+    graph = _dense_graph(bundles, "llama")
+    _replace_q_weight(graph, change)
+    with pytest.raises(BadInputError, match=f"plan layer 0 was computed from other q weights than graph block 0: {reason}"):
+        run_graph_stage(graph, plan)
+
+
+def test_weights_rounded_to_fp16_still_match_their_plan(bundles):
+    _, plan = _plan("llama")
+    graph = _dense_graph(bundles, "llama")
+    _replace_q_weight(graph, lambda w: w.astype(np.float16).astype(np.float32))
+    run_graph_stage(graph, plan)

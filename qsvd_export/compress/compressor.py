@@ -29,7 +29,7 @@ from qsvd_export.compress.svd import WhitenedSVD, output_whitening, whitened_svd
 from qsvd_export.data import read_text, resolve_text, token_windows
 from qsvd_export.errors import UnsupportedModelError, UsageError
 from qsvd_export.models.projections import attention_projections
-from qsvd_export.plan import CompressionPlan, PlanGroup, PlanLayer
+from qsvd_export.plan import CompressionPlan, PlanGroup, PlanLayer, weight_probes
 from qsvd_export.progress import bar, info
 from qsvd_export.quantize import Bits, parse_bits
 from qsvd_export.zoo import LoadedModel
@@ -340,7 +340,8 @@ def build_plan(model_name: str, model_type: str, analysis: Analysis, options: Co
     for li, choice in enumerate(choices):
         dims = analysis.dims[li]
         layer_dims = {"e": dims.e, "q": dims.q, "k": dims.k, "v": dims.v}
-        layer = PlanLayer(li, layer_dims, **analysis.blocks_meta[li])
+        probes = {m: weight_probes(w.detach().cpu().double().numpy()) for m, w in zip("qkv", analysis.weights[li])}
+        layer = PlanLayer(li, layer_dims, **analysis.blocks_meta[li], probes=probes)
         for members in sorted(choice, key=lambda m: "qkv".index(m[0])):
             keep = torch.from_numpy(np.asarray(choice[members], dtype=np.int64))
             rank = len(keep)
