@@ -181,3 +181,16 @@ def test_hidden_state_probe_is_seeded_by_the_window_index():
     loss = hidden_state_probe_loss(loaded.model, ids, 3)
     assert torch.equal(loss, hidden_state_probe_loss(loaded.model, ids, 3))
     assert not torch.equal(loss, hidden_state_probe_loss(loaded.model, ids, 4))
+
+
+def test_a_kv_only_budget_skips_the_unused_q_candidates_and_plans_the_same():
+    from qsvd_export.compress.compressor import analyze, build_plan
+
+    loaded = load_model("tiny-llama")
+    options = CompressOptions(parse_budget("kv=0.5"), grad_windows=4, min_rank=2)
+    analysis = analyze(loaded, options, windows=WINDOWS)
+    assert set(analysis.svds[0]) == {"qkv", "kv"}
+    every = build_plan(loaded.name, "llama", analyze(loaded, options, windows=WINDOWS, groups=("qkv", "kv", "q")), options)
+    plan = build_plan(loaded.name, "llama", analysis, options)
+    assert plan.to_json() == every.to_json()
+    assert all(torch.equal(plan.tensors[name], every.tensors[name]) for name in every.tensors)

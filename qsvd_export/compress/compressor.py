@@ -81,7 +81,8 @@ def _candidate_groups(options: CompressOptions) -> tuple[str, ...]:
     if options.grouping == "separate":
         return ("k", "v")
     if options.allocation == "qsvd" and options.grouping == "auto":
-        return ("qkv", "kv", "q")
+        # Q alone is only factored to save parameters: without a params budget its SVD would go unused
+        return ("qkv", "kv", "q") if options.budget.params is not None else ("qkv", "kv")
     return (options.grouping,)
 
 
