@@ -40,9 +40,13 @@ class SplitQKVPass(ir.passes.InPlacePass):
                     break
                 why = probes_mismatch(layer.probes[member], weight_probes(projection.weight.T))
                 if why is not None:
+                    rotation = plan.method.get("residual_rotation")
+                    hint = ("" if not rotation else f"; the plan was built on residual-rotated weights (seed "
+                            f"{rotation['seed']}): use the graph exported with them (export --rotate"
+                            f"{' --rotate-mlp' if rotation.get('online_mlp_rotation') else ''} --seed {rotation['seed']})")
                     raise ir.passes.PreconditionError(
                         f"plan layer {layer.layer} was computed from other {member} weights than graph block "
-                        f"{block.index}: {why}")
+                        f"{block.index}: {why}{hint}")
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         graph = model.graph

@@ -252,6 +252,8 @@ def build_compressed_bundle(spec: str, options: Any, out: Path, overwrite: bool 
     # on a GPU, the model then comes back by reloading (lazy, memory-mapped) instead of a full host copy
     reload = None if options.residual_rotation else (lambda: load_model(spec, seed=options.seed).model)
     plan = compress_model(loaded, options, reload=reload)
+    if rotation_report:  # the factors live in the rotated basis: a graph needs the same rotation
+        plan.method["residual_rotation"] = rotation_report["residual_rotation"]
     timings["compress_s"] = time.perf_counter() - start
     start = time.perf_counter()
     if dense_graph is not None:

@@ -49,6 +49,20 @@ def test_rotated_export_matches_the_unrotated_bundle(tmp_path, bundles, capsys):
     assert np.abs(a - b).max() <= 1e-4
 
 
+def test_a_rotated_plan_on_the_unrotated_graph_is_refused_with_the_fix(tmp_path, bundles, capsys):
+    rotated = tmp_path / "rotated"
+    assert main(["compress", "tiny-llama", "--budget", "kv=0.5", "--rotate", "--seed", "3", "-o", str(rotated),
+                 "--calib-windows", "4", "--calib-length", "32", "--grad-windows", "2", "-q"]) == 0
+    assert json.loads((rotated / "plan.json").read_text())["method"]["residual_rotation"]["seed"] == 3
+    capsys.readouterr()
+    out = tmp_path / "out"
+    assert main([str(bundles.dense("llama") / "model.onnx"), "--plan", str(rotated), "-o", str(out)]) == 3
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert "was computed from other q weights than graph block 0" in err
+    assert "(export --rotate --seed 3)" in err
+    assert not out.exists()
+
+
 def test_smoothing_keeps_fp_outputs_and_lowers_the_quantized_error():
     from qsvd_export.compress.smooth import fake_quant_rows, smooth_for_weight_bits
 
