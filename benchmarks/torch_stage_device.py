@@ -41,11 +41,12 @@ def compare(folder: Path, device: str, device_map: str | None = None) -> dict[st
     loaded = load_model(str(folder))
     plans, seconds = {}, {}
     if device_map is not None:
-        device = f"map:{device_map}"
-    for name in ("cpu", device):
-        placement = {"device_map": device_map} if name.startswith("map:") else {"device": name}
+        device, placement = f"map:{device_map}", {"device_map": device_map}
+    else:
+        placement = {"device": device}
+    for name, where in (("cpu", {"device": "cpu"}), (device, placement)):
         options = CompressOptions(budget=parse_budget("kv=0.5"), calib_windows=16, calib_length=256, grad_windows=4,
-                                  **placement)
+                                  **where)
         start = time.perf_counter()
         plans[name] = compress_model(loaded, options)
         seconds[name] = round(time.perf_counter() - start, 1)

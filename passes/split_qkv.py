@@ -35,18 +35,14 @@ class SplitQKVPass(ir.passes.InPlacePass):
                 raise ir.passes.PreconditionError(
                     f"plan layer {layer.layer} dims {layer.dims} do not match graph block {block.index} {block.dims}"
                 )
+            if layer.probes is None:
+                continue
             for member, projection in zip("qkv", (block.q, block.k, block.v)):
-                if layer.probes is None:
-                    break
                 why = probes_mismatch(layer.probes[member], weight_probes(projection.weight.T))
                 if why is not None:
-                    rotation = plan.method.get("residual_rotation")
-                    hint = ("" if not rotation else f"; the plan was built on residual-rotated weights (seed "
-                            f"{rotation['seed']}): use the graph exported with them (export --rotate"
-                            f"{' --rotate-mlp' if rotation.get('online_mlp_rotation') else ''} --seed {rotation['seed']})")
                     raise ir.passes.PreconditionError(
                         f"plan layer {layer.layer} was computed from other {member} weights than graph block "
-                        f"{block.index}: {why}{hint}")
+                        f"{block.index}: {why}{_rotation_hint(plan.method.get('residual_rotation'))}")
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         graph = model.graph
@@ -89,3 +85,12 @@ class SplitQKVPass(ir.passes.InPlacePass):
         out.shape = projection.output.shape
         projection.output.replace_all_uses_with(out, replace_graph_outputs=True)
         projection.output = out
+
+
+def _rotation_hint(rotation: dict | None) -> str:
+    """For a plan built on residual-rotated weights: the export whose graph carries the same rotation."""
+    if not rotation:
+        return ""
+    mlp = " --rotate-mlp" if rotation.get("online_mlp_rotation") else ""
+    return (f"; the plan was built on residual-rotated weights (seed {rotation['seed']}): use the graph exported "
+            f"with them (export --rotate{mlp} --seed {rotation['seed']})")

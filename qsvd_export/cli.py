@@ -328,7 +328,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 def cmd_compress(args: argparse.Namespace) -> int:
     from qsvd_export.compress.budget import parse_budget
     from qsvd_export.compress.compressor import CompressOptions
-    from qsvd_export.compress.placement import check_device, read_device_map
+    from qsvd_export.compress.placement import check_placement
     from qsvd_export.pipeline import build_compressed_bundle
     from qsvd_export.quantize import parse_bits
 
@@ -347,11 +347,7 @@ def cmd_compress(args: argparse.Namespace) -> int:
         rotate_mlp=args.rotate_mlp,
         min_rank=args.min_rank, seed=args.seed, device=args.device, device_map=args.device_map,
     )
-    if args.device_map is not None:  # before the model loads
-        if args.device != "cpu":
-            raise UsageError("--device and --device-map exclude each other (the map names the devices)")
-        read_device_map(args.device_map)
-    check_device(args.device)
+    check_placement(args.device, args.device_map)  # before the model loads
     result = build_compressed_bundle(
         args.model, options, args.output, overwrite=args.overwrite,
         eval_text=args.eval_text if args.eval else None, eval_windows=args.eval_windows,

@@ -4,12 +4,12 @@
   accumulate Σ|X| per channel, the token count, a fixed-size random sample of X rows for error
   measurements and, when asked, XᵀX (float64 [E, E]). Memory is O(layers · E²), independent of the
   token count.
-
-Both passes go layer by layer through memory-mapped weights (:func:`~qsvd_export.compress.memory.layer_by_layer`),
-so their resident weight pages stay bounded by a few layers.
 - :func:`for_each_gradient`: one forward + backward of the LM loss (encoders: a
   random hidden-state probe, :func:`hidden_state_probe_loss`) per window, with gradients enabled
   only on the Q/K/V weights; calls back with the per-window gradients of every block.
+
+Both passes go layer by layer through memory-mapped weights (:func:`~qsvd_export.compress.memory.layer_by_layer`),
+so their resident weight pages stay bounded by a few layers.
 """
 
 from __future__ import annotations

@@ -95,6 +95,7 @@ class LayerResidency:
         """Drop unit ``unit``'s resident, file-backed, unmodified weight pages from this process."""
         if not self.enabled:
             return
+        libc = _libc()
         with open("/proc/self/pagemap", "rb") as pagemap:
             for start, end in self.spans[unit]:
                 pagemap.seek(start // _PAGE * 8)
@@ -102,7 +103,7 @@ class LayerResidency:
                 droppable = ((flags & _PRESENT) != 0) & ((flags & _FILE_PAGE) != 0)
                 edges = np.flatnonzero(np.diff(np.concatenate([[0], droppable.view(np.int8), [0]])))
                 for first, stop in zip(edges[::2], edges[1::2]):
-                    _libc().madvise(start + int(first) * _PAGE, int(stop - first) * _PAGE, _MADV_DONTNEED)
+                    libc.madvise(start + int(first) * _PAGE, int(stop - first) * _PAGE, _MADV_DONTNEED)
 
     def release_all(self) -> None:
         for unit in range(len(self.spans)):
@@ -136,10 +137,15 @@ def layer_by_layer(model: nn.Module, attention_parents: list[nn.Module]) -> Iter
             return lambda module, args, output: residency.release(index)
 
         def before_forward(index: int):  # type: ignore[no-untyped-def]
+            def after_backward(grad: torch.Tensor) -> None:  # the gradient w.r.t. the layer's input: its backward is done
+                residency.release(index)
+                if index == head - 1:  # the top layer's backward comes right after the head's
+                    residency.release(head)
+
             def hook(module, args, kwargs):  # type: ignore[no-untyped-def]
                 hidden = args[0] if args else kwargs.get("hidden_states")
                 if torch.is_grad_enabled() and isinstance(hidden, torch.Tensor) and hidden.requires_grad:
-                    hidden.register_hook(lambda grad: (residency.release(index), residency.release(head), None)[-1])
+                    hidden.register_hook(after_backward)
             return hook
 
         for index, layer in enumerate(layers):

@@ -56,6 +56,14 @@ def read_device_map(spec: str) -> str | DeviceMap:
     return {str(k): (f"cuda:{v}" if isinstance(v, int) else v) for k, v in raw.items()}
 
 
+def check_placement(device: str, device_map: str | None) -> str | DeviceMap | None:
+    """Check ``--device`` / ``--device-map`` before any model is loaded; returns the read map (or None)."""
+    if device_map is not None and device != "cpu":
+        raise UsageError("--device and --device-map exclude each other (the map names the devices)")
+    check_device(device)
+    return read_device_map(device_map) if device_map is not None else None
+
+
 def resolve_device_map(model: nn.Module, spec: str | DeviceMap) -> DeviceMap:
     """A complete, checked map for ``model``: every module on a visible GPU, or everything on the CPU."""
     from accelerate import infer_auto_device_map
@@ -104,20 +112,19 @@ def torch_stage_placement(loaded: Any, device: str, device_map: str | None,
     from accelerate import dispatch_model
     from accelerate.hooks import remove_hook_from_submodules
 
-    if device_map is not None and check_device(device).type != "cpu":
-        raise UsageError("--device and --device-map exclude each other (the map names the devices)")
+    spec = check_placement(device, device_map)
     model = loaded.model
-    placement = resolve_device_map(model, read_device_map(device_map)) if device_map is not None else {"": device}
+    placement = resolve_device_map(model, spec) if spec is not None else {"": device}
     on_gpu = any(torch.device(d).type != "cpu" for d in placement.values())
-    if on_gpu and device_map is None:
-        model.to(check_device(device))  # its CPU (memory-mapped) storage is released tensor by tensor
+    if on_gpu and spec is None:
+        model.to(device)  # its CPU (memory-mapped) storage is released tensor by tensor
     elif on_gpu:
         dispatch_model(model, device_map=placement)
     try:
         yield
     finally:
         if on_gpu:
-            if device_map is not None:
+            if spec is not None:
                 remove_hook_from_submodules(model)
             if reload is None:
                 model.to("cpu")

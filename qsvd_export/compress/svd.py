@@ -60,7 +60,7 @@ class WhitenedSVD:
     """W ≈ U diag(σ) R with R = Vᵀ S⁻¹; ``m`` = min(out, E) components, σ descending (float64).
 
     U, R and M are computed in float64 and stored in float32: a model's candidate factors are the torch
-    stage's largest allocation (three groupings per layer, all alive until allocation)."""
+    stage's largest allocation (every candidate grouping of every layer, alive until allocation)."""
 
     u: torch.Tensor  # [out, m] float32
     sigma: torch.Tensor  # [m] float64
