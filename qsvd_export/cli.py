@@ -170,14 +170,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("graph", type=Path)
     p.add_argument("--plan", type=Path, help="CompressionPlan folder (plan.json + plan.safetensors)")
     p.add_argument("--budget", default=None,
-                   help="build the plan from the graph itself (no torch model): kv=R2 and/or params=R1; calibrated "
-                        "in ONNX Runtime, energy-ranked (no gradients)")
+                   help="build the plan from the graph itself (no torch model): kv=R2 and/or params=R1; statistics "
+                        "from ONNX Runtime, gradients from the graph differentiated in torch")
     p.add_argument("--calib", default="wiki_calib", help="with --budget: calibration text file or bundled corpus")
     p.add_argument("--calib-windows", type=int, default=None, help="with --budget: default 128 (decoders), 256 (encoders)")
     p.add_argument("--calib-length", type=int, default=None, help="with --budget: default 512 (decoders), 32 (encoders)")
     p.add_argument("--calib-npz", type=Path, default=None,
                    help="with --budget: calibrate on these token windows instead of text (.npz with input_ids "
                         "[windows, tokens]; no tokenizer needed)")
+    p.add_argument("--grad-windows", type=int, default=None,
+                   help="with --budget: windows for the graph's gradient passes; default 32 (decoders), 128 "
+                        "(encoders); 0: gradient-free (input whitening, spectrum-energy ranks)")
     p.add_argument("--allocation", choices=["qsvd", "uniform"], default="qsvd", help="with --budget")
     p.add_argument("--seed", type=int, default=0, help="with --budget: the latent rotation's seed")
     p.add_argument("-o", "--output", required=True, type=Path)
@@ -382,12 +385,13 @@ def cmd_compile(args: argparse.Namespace) -> int:
         from qsvd_export.compress.budget import parse_budget
         from qsvd_export.compress.compressor import CompressOptions
 
-        for flag in ("calib_windows", "calib_length"):
-            if getattr(args, flag) is not None and getattr(args, flag) < 2:
+        for flag in ("calib_windows", "calib_length", "grad_windows"):
+            least = 0 if flag == "grad_windows" else 2
+            if getattr(args, flag) is not None and getattr(args, flag) < least:
                 raise UsageError(f"--{flag.replace('_', '-')} is too small ({getattr(args, flag)})")
         graph_only = CompressOptions(parse_budget(args.budget), allocation=args.allocation, calib_text=args.calib,
-                                     calib_windows=args.calib_windows, calib_length=args.calib_length, grad_windows=0,
-                                     seed=args.seed)
+                                     calib_windows=args.calib_windows, calib_length=args.calib_length,
+                                     grad_windows=args.grad_windows, seed=args.seed)
     result = compile_onnx(args.graph, args.plan, args.output, overwrite=args.overwrite, dump_dir=args.dump_passes,
                           target=args.target, bits=args.bits, strict=args.strict, npu_options=_npu_options(args),
                           verify=args.verify, mobile=args.mobile, graph_only=graph_only, calib_npz=args.calib_npz)

@@ -69,6 +69,14 @@ def bar(total: int, desc: str) -> Any:
     return tqdm(total=total, desc=desc, disable=_mode == "quiet", file=sys.stderr, leave=False, dynamic_ncols=True)
 
 
+def warn(message: str) -> None:
+    """A warning on stderr, also under ``-q`` (a JSON ``warning`` event under ``--log-json``)."""
+    if _mode == "json":
+        emit("warning", message=message)
+    else:
+        print(f"warning: {message}", file=sys.stderr, flush=True)
+
+
 def info(message: str) -> None:
     """A status line on stderr (a JSON ``info`` event under ``--log-json``; nothing under ``-q``)."""
     if _mode == "json":

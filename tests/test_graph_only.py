@@ -23,7 +23,8 @@ def test_graph_only_plan_gives_a_latent_graph_equal_to_torch_with_that_plan(fami
     out = tmp_path / "kv50"
     assert main([str(bundles.dense(family) / "model.onnx"), "--budget", "kv=0.5", "-o", str(out), *SMALL]) == 0
     plan = load_plan(out)
-    assert plan.r2 <= 0.5 and plan.method["importance"] == "energy"
+    assert plan.r2 <= 0.5 and plan.method["importance"] == "gradient"
+    assert plan.calibration["gradients"] == "torch autograd of the graph"
     report = json.loads((out / "report.json").read_text())
     assert all(layer["cache"] == "latent" for layer in report["graph_stage"]["layers"])
     model = apply_plan(copy.deepcopy(load_model(f"tiny-{family}").model), plan)
@@ -37,6 +38,15 @@ def test_graph_only_plan_gives_a_latent_graph_equal_to_torch_with_that_plan(fami
     with torch.no_grad():
         reference = model(input_ids=torch.tensor([[7]]), past_key_values=reference.past_key_values, use_cache=True)
     assert np.abs(reference.logits.numpy() - logits).max() <= 1e-4
+
+
+def test_grad_windows_0_gives_a_gradient_free_plan(bundles, tmp_path):
+    out = tmp_path / "energy"
+    assert main([str(bundles.dense("llama") / "model.onnx"), "--budget", "kv=0.5", "--grad-windows", "0",
+                 "-o", str(out), *SMALL]) == 0
+    plan = load_plan(out)
+    assert plan.method["importance"] == "energy" and plan.method["whitening"] == "absmean^1"
+    assert plan.calibration["gradients"] == "none (--grad-windows 0)"
 
 
 def test_budget_needs_the_bundle_and_excludes_a_plan(bundles, tmp_path, capsys):

@@ -2,10 +2,14 @@
 
 Weights come from the initializers of the projections ``find_attention`` matched (any layout it
 matches: MatMul, transposed, Gemm, fused QKV); activation statistics from running the graph in ONNX
-Runtime on calibration windows with each block's projection input added as an output. There are no
-gradients, so whitening is input-side only and ranks are allocated by whitened spectrum energy
-(``analyze_statistics`` without a gradient runner); everything after (allocation, β, H2) is the torch
-stage's code. Head geometry (heads, kv heads, head dim) comes from the bundle config beside the graph.
+Runtime on calibration windows with each block's projection input added as an output. Gradients come
+from the graph itself, differentiated in torch (:mod:`~qsvd_export.compress.graph_autograd`): the loss
+of its own output (next-token cross-entropy of the logits; an encoder's hidden-state probe) gives the
+output-gradient Fisher whitening and the first-order importance of the torch stage. With
+``grad_windows=0``, or a graph holding ops outside the differentiable set (a warning names them), the
+plan is gradient-free: input-side whitening and whitened spectrum energy. Everything after (allocation,
+β, H2) is the torch stage's code. Head geometry (heads, kv heads, head dim) comes from the bundle config
+beside the graph.
 """
 
 from __future__ import annotations
@@ -21,11 +25,14 @@ import torch
 
 from qsvd_export.compress.budget import LayerDims
 from qsvd_export.compress.calibrate import InputStats
-from qsvd_export.compress.compressor import CompressOptions, analyze_statistics, build_plan, with_calibration_defaults
+from qsvd_export.compress.compressor import (
+    CompressOptions, GradientRunner, analyze_statistics, build_plan, with_calibration_defaults,
+)
+from qsvd_export.compress.graph_autograd import TorchGraph, UnsupportedGraph
 from qsvd_export.errors import UsageError
 from qsvd_export.passes.find_attention import AttentionBlock, find_attention
 from qsvd_export.plan import CompressionPlan
-from qsvd_export.progress import bar
+from qsvd_export.progress import bar, warn
 from qsvd_export.runtimes.feeds import first_step_feed
 
 
@@ -71,6 +78,86 @@ def graph_input_stats(graph_path: Path, blocks: list[AttentionBlock], windows: n
     return stats
 
 
+def graph_loss(kind: str, outputs: dict[str, torch.Tensor], row: np.ndarray, index: int) -> torch.Tensor:
+    """The torch stage's calibration loss on the graph's outputs: next-token cross-entropy of ``logits``
+    [1, L, V] for decoders, else ⟨v, h⟩/√T for the first output h [1, T, H] and v ~ N(0, I) seeded by
+    ``index`` (:func:`~qsvd_export.compress.calibrate.hidden_state_probe_loss`)."""
+    if kind == "decoder":
+        if "logits" not in outputs:
+            raise UnsupportedGraph("decoder graph without a 'logits' output")
+        logits = outputs["logits"][0, :-1].float()
+        return torch.nn.functional.cross_entropy(logits, torch.from_numpy(np.asarray(row[1:], dtype=np.int64)))
+    hidden = next(iter(outputs.values())).float()
+    generator = torch.Generator().manual_seed(int(index))
+    probe = torch.randn(hidden.shape, generator=generator, dtype=hidden.dtype)
+    return (hidden * probe).sum() / hidden.shape[1] ** 0.5
+
+
+def for_each_graph_gradient(graph: TorchGraph, blocks: list[AttentionBlock], kind: str, windows: np.ndarray,
+                            callback: Any, capture_outputs: bool = False, progress: Any = None) -> None:
+    """Per window [L] of ``windows``: the loss's gradient w.r.t. every block's q/k/v projection outputs G_m
+    [tokens, out_m], then ``callback(i, weight_grads, output_grads)`` as in
+    :func:`~qsvd_export.compress.calibrate.for_each_gradient`: weight grads (G_mᵀ·X per member, [out_m, E])
+    and, if ``capture_outputs``, dL/d[q|k|v] as [tokens, q+k+v]."""
+    caches = {c.past.name for block in blocks for c in (block.k_cache, block.v_cache) if c is not None}
+    members = [(block.q.output.name, block.k.output.name, block.v.output.name) for block in blocks]
+    leaves = [name for names in members for name in names]
+    described = graph.input_descriptions()
+    for i, row in enumerate(windows):
+        try:
+            feed = first_step_feed(described, np.asarray(row)[None, :].astype(np.int64), caches)
+        except ValueError as exc:
+            raise UsageError(f"graph-only gradients: {exc}") from None
+        with torch.enable_grad():
+            outputs, seen = graph.run(feed, watch=[b.x.name for b in blocks], leaves=leaves)
+            loss = graph_loss(kind, outputs, row, i)
+            grads = torch.autograd.grad(loss, [seen[name] for name in leaves], allow_unused=True)
+        by_name = {name: (torch.zeros_like(seen[name]) if g is None else g) for name, g in zip(leaves, grads)}
+        del outputs, loss, grads
+        weight_grads, output_grads = [], []
+        for block, names in zip(blocks, members):
+            x = seen[block.x.name].detach()
+            x = x.reshape(-1, x.shape[-1])
+            parts = [by_name[n].reshape(x.shape[0], -1) for n in names]
+            weight_grads.append(tuple(g.T @ x for g in parts))
+            if capture_outputs:
+                output_grads.append(torch.cat(parts, dim=-1))
+        del seen, by_name
+        callback(i, weight_grads, output_grads if capture_outputs else None)
+        if progress is not None:
+            progress()
+
+
+def graph_output_fisher(graph: TorchGraph, blocks: list[AttentionBlock], kind: str, windows: np.ndarray) -> list[torch.Tensor]:
+    """Per block, the empirical Fisher of the [q | k | v] outputs over ``windows`` (float64, mean of Σ_t g gᵀ)."""
+    fisher: list[torch.Tensor] = []
+
+    def accumulate(_: int, __: Any, outputs: list[torch.Tensor] | None) -> None:
+        assert outputs is not None
+        for bi, g in enumerate(outputs):
+            g64 = g.double()
+            if len(fisher) <= bi:
+                fisher.append(torch.zeros(g64.shape[1], g64.shape[1], dtype=torch.float64))
+            fisher[bi] += g64.T @ g64
+
+    progress = bar(len(windows), "output Fisher (graph)")
+    for_each_graph_gradient(graph, blocks, kind, windows, accumulate, capture_outputs=True, progress=progress.update)
+    progress.close()
+    for f in fisher:
+        f /= len(windows)
+    return fisher
+
+
+def _differentiable(graph_path: Path) -> tuple[TorchGraph | None, str]:
+    """(the graph as a :class:`TorchGraph`, "torch autograd of the graph") or (None, why not, warned)."""
+    try:
+        return TorchGraph.load(graph_path), "torch autograd of the graph"
+    except UnsupportedGraph as exc:
+        warn(f"graph-only gradients unavailable ({exc}); ranks by whitened spectrum energy, "
+             "input-side whitening only")
+        return None, f"none: {exc}"
+
+
 def _geometry(model_config: dict[str, Any], blocks: list[AttentionBlock]) -> list[dict[str, int]]:
     try:
         heads, kv_heads = int(model_config["num_attention_heads"]), int(model_config.get("num_key_value_heads")
@@ -91,7 +178,9 @@ def _geometry(model_config: dict[str, Any], blocks: list[AttentionBlock]) -> lis
 def graph_only_plan(graph_path: Path, model_config: dict[str, Any], model_name: str, model_type: str, kind: str,
                     windows: np.ndarray, options: CompressOptions, calib_source: dict[str, Any]) -> CompressionPlan:
     """Plan for the graph at ``graph_path`` under ``options.budget`` from activation statistics over
-    ``windows`` [n, L] (gradient-free: energy importance, input-side whitening)."""
+    ``windows`` [n, L] and, unless ``options.grad_windows`` is 0 or the graph cannot be differentiated,
+    the graph's own gradients on the first ``grad_windows`` of them (else gradient-free: energy
+    importance, input-side whitening)."""
     options = with_calibration_defaults(options, kind)
     matches = find_attention(ir.load(graph_path))
     if not matches.blocks:
@@ -105,7 +194,20 @@ def graph_only_plan(graph_path: Path, model_config: dict[str, Any], model_name: 
     stats = graph_input_stats(graph_path, blocks, windows, seed=options.seed)
     calibration = {**calib_source, "windows": int(len(windows)), "length": int(windows.shape[1]),
                    "source": "onnxruntime (graph-only)"}
-    analysis = analyze_statistics(dims, meta, weights, stats, kind, options, calibration)  # type: ignore[arg-type]
+    graph, gradient_source = _differentiable(graph_path) if options.grad_windows else (None, "none (--grad-windows 0)")
+    calibration["gradients"] = gradient_source
+    output_fisher: list[torch.Tensor] | None = None
+    gradients: GradientRunner | None = None
+    if graph is not None:
+        if options.whitening == "fisher":
+            output_fisher = graph_output_fisher(graph, blocks, kind, windows[: options.grad_windows])
+
+        def run_gradients(accumulate: Any, grad_rows: np.ndarray, progress: Any) -> None:
+            for_each_graph_gradient(graph, blocks, kind, grad_rows, accumulate, progress=progress)
+
+        gradients = run_gradients
+    analysis = analyze_statistics(dims, meta, weights, stats, kind, options, calibration,  # type: ignore[arg-type]
+                                  output_fisher=output_fisher, gradients=gradients, windows=windows)
     return build_plan(model_name, model_type, analysis, options)
 
 
