@@ -434,26 +434,60 @@ def _finish_bundle(folder: Path, config: BundleConfig, mobile: bool, timings: di
     return mobile_report
 
 
-def _graph_only_plan(graph_path: Path, source: BundleConfig | None, options: Any, calib_npz: Path | None) -> Any:
+def _graph_only_plan(graph_path: Path, source: BundleConfig | None, options: Any, calib_npz: Path | None,
+                     tokenizer_dir: Path | None = None) -> Any:
     """A plan from the graph: calibrated on ``calib_npz``'s token windows, else on text tokenized by the
-    bundle's tokenizer."""
+    tokenizer of ``tokenizer_dir`` (an HF model folder) or of the bundle beside the graph. Head counts come
+    from the bundle's config, else from ``tokenizer_dir/config.json``."""
     from qsvd_export.bundle import bundle_tokenizer
-    from qsvd_export.compress.compressor import with_calibration_defaults
+    from qsvd_export.compress.compressor import calibration_windows, with_calibration_defaults
     from qsvd_export.compress.graph_only import graph_only_plan, npz_windows, text_source
-    from qsvd_export.data import read_text, resolve_text, token_windows
+    from qsvd_export.data import resolve_text
 
-    if source is None:
+    if source is None and tokenizer_dir is None:
         raise UsageError(f"--budget on a graph needs its bundle beside {graph_path.name} (qsvd_config.json with "
-                         "the head counts, and tokenizer files or --calib-npz for calibration)")
-    options = with_calibration_defaults(options, source.kind)
+                         "the head counts, and tokenizer files or --calib-npz for calibration), or --tokenizer DIR "
+                         "(the model's folder: tokenizer files and config.json)")
+    model_config = source.model_config if source else {}
+    if tokenizer_dir is not None and not model_config:
+        model_config = _hf_text_config(Path(tokenizer_dir))
+    kind = source.kind if source else ("decoder" if "logits" in _graph_output_names(graph_path) else "encoder")
+    name = source.model_name if source else graph_path.stem
+    model_type = source.model_type if source else str(model_config.get("model_type", "unknown"))
+    options = with_calibration_defaults(options, kind)
     if calib_npz is not None:
-        windows, calib_source = npz_windows(Path(calib_npz), source.model_config.get("vocab_size"))
+        windows, calib_source = npz_windows(Path(calib_npz), model_config.get("vocab_size"))
     else:
-        windows = token_windows(bundle_tokenizer(graph_path.parent), read_text(options.calib_text),
-                                options.calib_length, options.calib_windows, source=str(options.calib_text))
+        if tokenizer_dir is not None:
+            from transformers import AutoTokenizer
+
+            try:
+                tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir, trust_remote_code=False)
+            except (OSError, ValueError) as exc:
+                raise UsageError(f"--tokenizer {tokenizer_dir}: no tokenizer there ({str(exc).splitlines()[0]})") from None
+        else:
+            tokenizer = bundle_tokenizer(graph_path.parent)
+        windows = calibration_windows(tokenizer, kind, options)
         calib_source = text_source(resolve_text(options.calib_text))
-    return graph_only_plan(graph_path, source.model_config, source.model_name, source.model_type, source.kind,
-                           windows, options, calib_source)
+    return graph_only_plan(graph_path, model_config, name, model_type, kind, windows, options, calib_source)
+
+
+def _hf_text_config(folder: Path) -> dict[str, Any]:
+    """The language model's settings from an HF ``config.json`` (a VLM's ``text_config``)."""
+    path = folder / "config.json"
+    try:
+        config = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise UsageError(f"--tokenizer {folder}: no readable config.json with the head counts ({exc.__class__.__name__})") from None
+    if "num_attention_heads" not in config and isinstance(config.get("text_config"), dict):
+        config = {**config["text_config"], "model_type": config["text_config"].get("model_type", config.get("model_type"))}
+    return config
+
+
+def _graph_output_names(graph_path: Path) -> list[str]:
+    import onnx
+
+    return [o.name for o in onnx.load(str(graph_path), load_external_data=False).graph.output]
 
 
 def graph_weight_bytes(folder: Path, config: BundleConfig) -> int:
@@ -485,12 +519,14 @@ def check_target(graph_path: Path, report: dict[str, Any], strict: bool) -> None
 def compile_onnx(graph_path: Path, plan_path: Path | None, out: Path, overwrite: bool = False,
                  dump_dir: Path | None = None, target: str | None = None, bits: str | None = None,
                  strict: bool = False, npu_options: Any = None, verify: bool = True,
-                 mobile: bool = False, graph_only: Any = None, calib_npz: Path | None = None) -> BuildResult:
+                 mobile: bool = False, graph_only: Any = None, calib_npz: Path | None = None,
+                 tokenizer_dir: Path | None = None) -> BuildResult:
     """``qsvd-export model.onnx [--plan PLAN | --budget B] [--target T --bits B]``: graph stage (+ target stage).
 
     ``graph_only`` (CompressOptions): build the plan from the graph itself (``compress.graph_only``),
-    calibrated in ONNX Runtime on text tokenized by the bundle's tokenizer beside the graph, or on the token
-    windows of ``calib_npz``."""
+    calibrated in ONNX Runtime on text tokenized by the bundle's tokenizer beside the graph (or the one in
+    ``tokenizer_dir``, an HF model folder whose config.json gives a bare graph's head counts), or on the
+    token windows of ``calib_npz``."""
     import shutil
 
     from qsvd_export.bundle import check_output_dir, load_bundle_config
@@ -511,7 +547,7 @@ def compile_onnx(graph_path: Path, plan_path: Path | None, out: Path, overwrite:
     model = load_onnx(graph_path)
     plan = load_plan(plan_path) if plan_path is not None else None
     if graph_only is not None:
-        plan = _graph_only_plan(Path(graph_path), source, graph_only, calib_npz)
+        plan = _graph_only_plan(Path(graph_path), source, graph_only, calib_npz, tokenizer_dir)
         timings["graph_only_plan_s"] = time.perf_counter() - start
         start = time.perf_counter()
     context = run_graph_stage(model, plan, dump_dir)

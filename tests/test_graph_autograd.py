@@ -44,6 +44,7 @@ CASES = [
     ("Split", {"x": X}, {}, 3, {"axis": -1, "num_outputs": 3}),
     ("Split", {"x": X}, {"sizes": np.array([5, 3], I64)}, 2, {"axis": 2}),
     ("Gather", {"x": X}, {"i": np.array([[0, -1], [2, 1]], I64)}, 1, {"axis": 1}),
+    ("Gather", {"x": X}, {"i": np.array(-2, I64)}, 1, {"axis": 2}),
     ("Reshape", {"x": X}, {"shape": np.array([0, -1, 4], I64)}, 1, {}),
     ("Expand", {"x": X[:, :1]}, {"shape": np.array([3, 1], I64)}, 1, {}),
     ("Transpose", {"x": X}, {}, 1, {"perm": [2, 0, 1]}),
@@ -66,6 +67,11 @@ CASES = [
     ("Pow", {"x": np.abs(X)}, {"e": np.array(0.5, np.float32)}, 1, {}),
     ("Cast", {"x": X}, {}, 1, {"to": TensorProto.INT64}),
     ("Flatten", {"x": X}, {}, 1, {"axis": 2}),
+    ("GatherElements", {"x": X}, {"i": np.array([[[0, -1, 2]] * 3] * 2, I64)}, 1, {"axis": 2}),
+    ("Clip", {"x": X}, {"lo": np.array(-1, np.float32), "hi": np.array(2, np.float32)}, 1, {}),
+    ("CumSum", {"x": X}, {"a": np.array(1, I64)}, 1, {"exclusive": 1, "reverse": 1}),
+    ("Tile", {"x": X}, {"r": np.array([1, 2, 1], I64)}, 1, {}),
+    ("Mod", {"a": np.array([7, -7, 5], I64)}, {"b": np.array([3, 3, -2], I64)}, 1, {}),
 ]
 
 

@@ -50,3 +50,48 @@ def test_legacy_torchscript_export_gets_the_plan_with_parity(family, tmp_path, c
     with torch.no_grad():
         expected = reference_model(input_ids=torch.from_numpy(ids), attention_mask=torch.from_numpy(mask))[0].numpy()
     assert np.abs(got - expected).max() <= 1e-4
+
+
+def _legacy_graph(family: str, folder) -> tuple:
+    """A bare folder holding only the legacy export, and a model folder holding only its config.json."""
+    model = build_tiny(family).model
+    axes = {"input_ids": {0: "batch", 1: "seq"}, "attention_mask": {0: "batch", 1: "seq"}, "out": {0: "batch", 1: "seq"}}
+    example = (torch.randint(0, 256, (1, 8)), torch.ones(1, 8, dtype=torch.long))
+    (folder / "bare").mkdir()
+    graph = folder / "bare" / "legacy.onnx"
+    torch.onnx.export(_LastHidden(model), example, str(graph), dynamo=False, opset_version=17,
+                      input_names=["input_ids", "attention_mask"], output_names=["out"], dynamic_axes=axes)
+    model.config.save_pretrained(folder / "model")
+    return graph, folder / "model"
+
+
+def test_bare_legacy_graph_gets_the_torch_stage_plan_from_its_own_gradients(tmp_path):
+    """No bundle: --tokenizer gives the head counts (config.json), --calib-npz the windows; the graph's own
+    gradients (it is upgraded from opset 17 first) choose the torch stage's ranks on those windows."""
+    from qsvd_export.compress.budget import parse_budget
+    from qsvd_export.compress.compressor import CompressOptions, compress_model
+
+    graph, model_dir = _legacy_graph("bert", tmp_path)
+    windows = np.random.default_rng(1).integers(0, 256, (6, 16)).astype(np.int64)
+    np.savez(tmp_path / "calib.npz", input_ids=windows)
+    out = tmp_path / "out"
+    assert main([str(graph), "--budget", "params=0.8", "--tokenizer", str(model_dir), "--calib-npz",
+                 str(tmp_path / "calib.npz"), "--grad-windows", "4", "-o", str(out), "-q"]) == 0
+    plan = load_plan(out)
+    assert plan.method["importance"] == "gradient" and plan.model == "legacy"
+    options = CompressOptions(parse_budget("params=0.8"), calib_windows=6, calib_length=16, grad_windows=4)
+    reference = compress_model(build_tiny("bert"), options, windows)
+    assert [[(g.members, g.rank) for g in la.groups] for la in plan.layers] == \
+        [[(g.members, g.rank) for g in la.groups] for la in reference.layers]
+
+
+def test_bare_graph_budget_without_head_counts_is_a_usage_error(tmp_path, capsys):
+    graph, model_dir = _legacy_graph("bert", tmp_path)
+    (model_dir / "config.json").unlink()
+    np.savez(tmp_path / "calib.npz", input_ids=np.zeros((2, 8), np.int64))
+    for extra in ([], ["--tokenizer", str(model_dir)]):
+        assert main([str(graph), "--budget", "params=0.8", "--calib-npz", str(tmp_path / "calib.npz"), *extra,
+                     "-o", str(tmp_path / "out"), "-q"]) == 2
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and ("--tokenizer DIR" in err or "no readable config.json" in err)
+    assert not (tmp_path / "out").exists()

@@ -141,18 +141,21 @@ def kfac_importance(dims: list[LayerDims], stats: list[Any], svds: list[dict[str
     return importance, fisher
 
 
+def calibration_windows(tokenizer: Any, kind: str, options: CompressOptions) -> np.ndarray:
+    """Calibration token windows [calib_windows, calib_length] int64 of ``options.calib_text``; an encoder's
+    windows start with its CLS and end with its SEP token (when the tokenizer has them), as its inputs do."""
+    windows = token_windows(tokenizer, read_text(options.calib_text), options.calib_length, options.calib_windows,
+                            source=str(options.calib_text))
+    cls_id, sep_id = getattr(tokenizer, "cls_token_id", None), getattr(tokenizer, "sep_token_id", None)
+    if kind == "encoder" and cls_id is not None and sep_id is not None:
+        windows = np.concatenate([np.full((len(windows), 1), cls_id), windows[:, 1:-1], np.full((len(windows), 1), sep_id)], 1)
+    return windows
+
+
 def _calibration_batches(loaded: LoadedModel, options: CompressOptions) -> tuple[np.ndarray, list[dict[str, torch.Tensor]]]:
     if loaded.tokenizer is None:
         raise UsageError(f"{loaded.name}: no tokenizer, so no text calibration (tiny test models: pass windows)")
-    windows = token_windows(
-        loaded.tokenizer, read_text(options.calib_text), options.calib_length, options.calib_windows,
-        source=str(options.calib_text),
-    )
-    if loaded.kind == "encoder":
-        cls_id = loaded.tokenizer.cls_token_id
-        sep_id = loaded.tokenizer.sep_token_id
-        if cls_id is not None and sep_id is not None:
-            windows = np.concatenate([np.full((len(windows), 1), cls_id), windows[:, 1:-1], np.full((len(windows), 1), sep_id)], 1)
+    windows = calibration_windows(loaded.tokenizer, loaded.kind, options)
     batches = [{"input_ids": torch.from_numpy(w[None, :]), "attention_mask": torch.ones(1, len(w), dtype=torch.int64)} for w in windows]
     return windows, batches
 

@@ -158,7 +158,7 @@ def _gather(node: ir.Node, x: list[Any]) -> list[torch.Tensor]:
     indices = x[1].long()
     indices = torch.where(indices < 0, indices + x[0].shape[axis], indices)
     flat = torch.index_select(x[0], axis, indices.reshape(-1))
-    return [flat.reshape(*x[0].shape[:axis], *indices.shape, *x[0].shape[axis + 1:])]
+    return [flat.reshape(tuple(x[0].shape[:axis]) + tuple(indices.shape) + tuple(x[0].shape[axis + 1:]))]
 
 
 def _shape(node: ir.Node, x: list[Any]) -> list[torch.Tensor]:
@@ -204,6 +204,27 @@ def _trilu(node: ir.Node, x: list[Any]) -> list[torch.Tensor]:
 
 def _gelu(node: ir.Node, x: list[Any]) -> list[torch.Tensor]:
     return [torch.nn.functional.gelu(x[0], approximate=_attr(node, "approximate", "none"))]
+
+
+def _gather_elements(node: ir.Node, x: list[Any]) -> list[torch.Tensor]:
+    axis = _attr(node, "axis", 0)
+    indices = x[1].long()
+    return [torch.gather(x[0], axis, torch.where(indices < 0, indices + x[0].shape[axis], indices))]
+
+
+def _clip(node: ir.Node, x: list[Any]) -> list[torch.Tensor]:
+    low = x[1] if len(x) > 1 and x[1] is not None else None
+    high = x[2] if len(x) > 2 and x[2] is not None else None
+    return [torch.clamp(x[0], low, high)]
+
+
+def _cumsum(node: ir.Node, x: list[Any]) -> list[torch.Tensor]:
+    axis = int(x[1].item())
+    data = x[0].flip(axis) if _attr(node, "reverse", 0) else x[0]
+    y = torch.cumsum(data, axis)
+    if _attr(node, "exclusive", 0):
+        y = y - data
+    return [y.flip(axis) if _attr(node, "reverse", 0) else y]
 
 
 def _pow(node: ir.Node, x: list[Any]) -> list[torch.Tensor]:
@@ -253,7 +274,9 @@ OPS: dict[str, Callable[[ir.Node, list[Any]], list[torch.Tensor]]] = {
     "Flatten": lambda node, x: [x[0].reshape(int(np.prod(x[0].shape[:_attr(node, "axis", 1)])), -1)],
     "Expand": _expand, "Concat": lambda node, x: [torch.cat([t for t in x if t is not None], dim=_attr(node, "axis"))],
     "Slice": _slice, "Split": _split, "Gather": _gather, "Shape": _shape, "Range": _range, "Trilu": _trilu,
-    "Softmax": _softmax, "LayerNormalization": _layer_norm,
+    "Softmax": _softmax, "LayerNormalization": _layer_norm, "GatherElements": _gather_elements, "Clip": _clip,
+    "CumSum": _cumsum, "Tile": lambda node, x: [x[0].repeat(*(_ints(x[1]) or []))],
+    "Mod": lambda node, x: [torch.fmod(x[0], x[1]) if _attr(node, "fmod", 0) else torch.remainder(x[0], x[1])],
     "ReduceMean": _reduce(torch.mean), "ReduceSum": _reduce(torch.sum), "ReduceMax": _reduce(torch.amax),
 }
 
@@ -286,7 +309,10 @@ class TorchGraph:
 
     @classmethod
     def load(cls, path: Path) -> TorchGraph:
-        return cls(ir.load(path))
+        """The graph at ``path``, checked and upgraded to opset 21 as the graph stage loads it."""
+        from qsvd_export.onnx_io import load_onnx
+
+        return cls(load_onnx(path))
 
     def input_descriptions(self) -> list[Any]:
         """Graph inputs in the shape ``runtimes.feeds.first_step_feed`` reads (name, type string, shape)."""

@@ -30,6 +30,7 @@ from qsvd_export.compress.compressor import (
 )
 from qsvd_export.compress.graph_autograd import TorchGraph, UnsupportedGraph
 from qsvd_export.errors import UsageError
+from qsvd_export.onnx_io import load_onnx
 from qsvd_export.passes.find_attention import AttentionBlock, find_attention
 from qsvd_export.plan import CompressionPlan
 from qsvd_export.progress import bar, warn
@@ -42,7 +43,7 @@ def graph_input_stats(graph_path: Path, blocks: list[AttentionBlock], windows: n
     import onnxruntime as ort
 
     names = [block.x.name for block in blocks]
-    model = ir.load(graph_path)
+    model = load_onnx(graph_path)
     values = {v.name: v for node in model.graph for v in node.outputs}
     values.update({v.name: v for v in model.graph.inputs})
     for name in names:
@@ -153,9 +154,13 @@ def _differentiable(graph_path: Path) -> tuple[TorchGraph | None, str]:
     try:
         return TorchGraph.load(graph_path), "torch autograd of the graph"
     except UnsupportedGraph as exc:
-        warn(f"graph-only gradients unavailable ({exc}); ranks by whitened spectrum energy, "
-             "input-side whitening only")
-        return None, f"none: {exc}"
+        return None, _gradient_free(exc)
+
+
+def _gradient_free(reason: Exception) -> str:
+    """Warn that the plan goes without gradients; the record for ``plan.calibration["gradients"]``."""
+    warn(f"graph-only gradients unavailable ({reason}); ranks by whitened spectrum energy, input-side whitening only")
+    return f"none: {reason}"
 
 
 def _geometry(model_config: dict[str, Any], blocks: list[AttentionBlock]) -> list[dict[str, int]]:
@@ -182,7 +187,7 @@ def graph_only_plan(graph_path: Path, model_config: dict[str, Any], model_name: 
     the graph's own gradients on the first ``grad_windows`` of them (else gradient-free: energy
     importance, input-side whitening)."""
     options = with_calibration_defaults(options, kind)
-    matches = find_attention(ir.load(graph_path))
+    matches = find_attention(load_onnx(graph_path))
     if not matches.blocks:
         raise UsageError(f"{graph_path.name}: no attention block found, nothing to compress"
                          + (f" ({matches.failures[0].reason})" if matches.failures else ""))
@@ -198,9 +203,12 @@ def graph_only_plan(graph_path: Path, model_config: dict[str, Any], model_name: 
     calibration["gradients"] = gradient_source
     output_fisher: list[torch.Tensor] | None = None
     gradients: GradientRunner | None = None
-    if graph is not None:
-        if options.whitening == "fisher":
+    if graph is not None and options.whitening == "fisher":
+        try:
             output_fisher = graph_output_fisher(graph, blocks, kind, windows[: options.grad_windows])
+        except UnsupportedGraph as exc:  # an op the load-time check passed failed on real shapes
+            graph, calibration["gradients"] = None, _gradient_free(exc)
+    if graph is not None:
 
         def run_gradients(accumulate: Any, grad_rows: np.ndarray, progress: Any) -> None:
             for_each_graph_gradient(graph, blocks, kind, grad_rows, accumulate, progress=progress)
