@@ -118,16 +118,17 @@ def _projection_weight(node: ir.Node) -> tuple[ir.Value, np.ndarray, np.ndarray 
     return None
 
 
-def _find_projections(start: ir.Value, limit: int = 400) -> list[ir.Node]:
-    """Projection nodes reached walking backwards from ``start`` through data inputs only."""
+def _data_walk(start: ir.Value, limit: int = 400) -> tuple[list[ir.Node], list[ir.Value]]:
+    """Walk backwards from ``start`` through data inputs only (never a Shape's, an index's or an axis's
+    input), stopping at projections: (projection nodes reached, values visited in walk order)."""
     found: dict[int, ir.Node] = {}
-    seen: set[int] = set()
+    seen: dict[int, ir.Value] = {}
     stack = [start]
     while stack:
         value = stack.pop()
         if id(value) in seen or value.is_graph_input() or value.const_value is not None:
             continue
-        seen.add(id(value))
+        seen[id(value)] = value
         if len(seen) > limit:
             raise _NoMatch("branch too long to follow")
         node = value.producer()
@@ -145,7 +146,12 @@ def _find_projections(start: ir.Value, limit: int = 400) -> list[ir.Node]:
         else:
             raise _NoMatch(f"unsupported op {node.op_type} on a Q/K/V branch")
         stack.extend(node.inputs[i] for i in indices if i < len(node.inputs) and node.inputs[i] is not None)
-    return list(found.values())
+    return list(found.values()), list(seen.values())
+
+
+def _find_projections(start: ir.Value) -> list[ir.Node]:
+    """Projection nodes reached walking backwards from ``start`` through data inputs only."""
+    return _data_walk(start)[0]
 
 
 def _single_projection(start: ir.Value, branch: str) -> ir.Node:
@@ -193,11 +199,14 @@ def _fused_projections(node: ir.Node, starts: dict[str, ir.Value]) -> dict[str, 
         out, bias, _ = _bias_after(out)
     members: dict[str, Projection] = {}
     for member, start in starts.items():
-        nodes = path_nodes(out, start) or []
-        splitters = [n for n in nodes if n.op_type in ("Split", "Slice")]
+        # the data path only: a Reshape of V may take its shape from Shape(K), another split output
+        branch = _data_walk(start)[1]
+        splitters = list({id(v.producer()): v.producer() for v in branch
+                          if v.producer() is not None and v.producer().op_type in ("Split", "Slice")}.values())
         if len(splitters) != 1:
             raise _NoMatch(f"fused QKV: {member} branch passes {len(splitters)} Split/Slice nodes (expected 1)")
         splitter = splitters[0]
+        on_branch = {id(v) for v in branch}
         source = splitter.inputs[0]
         if source is None or source.shape is None:
             raise _NoMatch("fused QKV: unknown split input shape")
@@ -209,7 +218,7 @@ def _fused_projections(node: ir.Node, starts: dict[str, ir.Value]) -> dict[str, 
             sizes = const_array(splitter.inputs[1]) if len(splitter.inputs) > 1 else None
             parts = len(splitter.outputs)
             sizes = [width // parts] * parts if sizes is None else [int(s) for s in sizes]
-            index = next(i for i, o in enumerate(splitter.outputs) if any(o in n.inputs for n in nodes) or o is start)
+            index = next(i for i, o in enumerate(splitter.outputs) if id(o) in on_branch)
             begin = sum(sizes[:index])
             columns = (begin, begin + sizes[index])
             member_value = splitter.outputs[index]
