@@ -66,7 +66,57 @@ def load_onnx(path: Path) -> ir.Model:
     upgrade_opset(model, path)
     check_known_ops(model, path)
     check_model(model, subject=str(path), when="")
+    drop_identities(model)
+    infer_missing_shapes(model)
     return model
+
+
+def infer_missing_shapes(model: ir.Model) -> None:
+    """Give the values ONNX shape inference left unknown (a legacy TorchScript export's ``unk__`` dims, e.g.
+    a head Reshape whose target comes from Shape → Gather → Concat) their symbolic shapes, in place, using
+    onnxruntime's symbolic shape inference (which follows shape arithmetic). Graphs whose Reshape outputs
+    already have shapes are left alone; a failure of the inference leaves the graph as it was."""
+    def unknown(value: ir.Value) -> bool:
+        return value.shape is None or any(isinstance(d, ir.SymbolicDim) and (d.value is None or d.value.startswith("unk__"))
+                                          for d in value.shape)
+
+    if not any(n.op_type == "Reshape" and unknown(n.outputs[0]) for n in model.graph):
+        return
+    from onnxruntime.tools.symbolic_shape_infer import SymbolicShapeInference
+
+    proto = ir.serde.serialize_model(model)  # external weights stay references: nothing large is read
+    del proto.graph.value_info[:]
+    try:
+        inferred = SymbolicShapeInference.infer_shapes(proto, auto_merge=True, guess_output_rank=False, verbose=0)
+    except Exception:  # noqa: BLE001 - best effort: the passes decline blocks whose shapes stay unknown
+        return
+    if inferred is None:
+        return
+    shapes = {}
+    for info in inferred.graph.value_info:
+        dims = info.type.tensor_type.shape.dim if info.type.tensor_type.HasField("shape") else None
+        if dims is not None:
+            shapes[info.name] = ir.Shape([d.dim_value if d.HasField("dim_value") else (d.dim_param or None) for d in dims])
+    for node in model.graph:
+        for value in node.outputs:
+            if value.name in shapes and unknown(value):
+                value.shape = shapes[value.name]
+
+
+def drop_identities(model: ir.Model) -> None:
+    """Remove nodes that pass one input through unchanged (``Identity``, a one-input ``Concat``), in place.
+
+    The TorchScript exporter writes ``torch.cat([x])`` as a one-input Concat, e.g. between a cache input
+    and the Concat that appends to it, which would hide the cache from the attention matcher."""
+    from onnx_ir.passes import common
+
+    for node in list(model.graph):
+        if node.op_type == "Concat" and node.domain in ("", "ai.onnx") and len(node.inputs) == 1 \
+                and node.inputs[0] is not None:
+            node.op_type = "Identity"
+            for name in list(node.attributes):
+                del node.attributes[name]
+    common.IdentityEliminationPass()(model)
 
 
 def default_opset(model: ir.Model) -> int | None:

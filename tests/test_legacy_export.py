@@ -96,3 +96,60 @@ def test_bare_graph_budget_without_head_counts_is_a_usage_error(tmp_path, capsys
         err = capsys.readouterr().err.strip()
         assert len(err.splitlines()) == 1 and ("--tokenizer DIR" in err or "no readable config.json" in err)
     assert not (tmp_path / "out").exists()
+
+
+class _WithCache(torch.nn.Module):
+    """optimum-style I/O: input_ids, attention_mask, position_ids, past_key_values.{i}.key/value → logits,
+    present.{i}.key/value, the cache passed as flat tensors (what a TorchScript export needs)."""
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids, attention_mask, position_ids, *past):  # type: ignore[no-untyped-def]
+        from transformers import DynamicCache
+
+        cache = DynamicCache(config=self.model.config)
+        for i in range(len(past) // 2):
+            cache.update(past[2 * i], past[2 * i + 1], i)
+        out = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                         past_key_values=cache, use_cache=True)
+        return (out.logits, *[t for layer in out.past_key_values.layers for t in (layer.keys, layer.values)])
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_legacy_export_with_a_kv_cache_gets_a_latent_cache_with_parity(family, tmp_path):
+    from qsvd_export.runtimes.decode import DecoderRunner
+
+    model = build_tiny(family).model
+    config = model.config
+    layers = config.num_hidden_layers
+    kv_heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    past = [torch.randn(1, kv_heads, 3, head_dim) for _ in range(2 * layers)]
+    example = (torch.randint(0, 256, (1, 4)), torch.ones(1, 7, dtype=torch.long), torch.arange(3, 7)[None], *past)
+    names = ["input_ids", "attention_mask", "position_ids"] + [f"past_key_values.{i}.{kv}" for i in range(layers)
+                                                                for kv in ("key", "value")]
+    outputs = ["logits"] + [f"present.{i}.{kv}" for i in range(layers) for kv in ("key", "value")]
+    axes = {"input_ids": {0: "b", 1: "s"}, "attention_mask": {0: "b", 1: "t"}, "position_ids": {0: "b", 1: "s"},
+            "logits": {0: "b", 1: "s"}, **{n: {0: "b", 2: "p"} for n in names[3:]}, **{n: {0: "b", 2: "t"} for n in outputs[1:]}}
+    graph = tmp_path / "legacy.onnx"
+    torch.onnx.export(_WithCache(model), example, str(graph), dynamo=False, opset_version=17, input_names=names,
+                      output_names=outputs, dynamic_axes=axes)
+    plan = tmp_path / "plan"
+    assert main(["compress", f"tiny-{family}", "--budget", "kv=0.5", "--calib-windows", "4", "--grad-windows", "2",
+                 "--calib-length", "64", "-o", str(plan), "-q"]) == 0
+    out = tmp_path / "out"
+    assert main([str(graph), "--plan", str(plan), "-o", str(out), "-q"]) == 0
+    runner = DecoderRunner(out)
+    assert runner.config.cache and all(layer.kind == "latent" for layer in runner.config.cache)
+    reference_model = apply_plan(build_tiny(family).model, load_plan(plan))
+    ids = np.random.default_rng(4).integers(0, 256, (1, 9))
+    logits, cache = runner.prefill(ids)
+    with torch.no_grad():
+        reference = reference_model(input_ids=torch.from_numpy(ids), use_cache=True)
+    assert np.abs(reference.logits.numpy() - logits).max() <= 1e-4
+    logits, _ = runner.step(np.asarray([[7]]), np.ones((1, 10)), np.asarray([[9]]), cache)
+    with torch.no_grad():
+        reference = reference_model(input_ids=torch.tensor([[7]]), past_key_values=reference.past_key_values, use_cache=True)
+    assert np.abs(reference.logits.numpy() - logits).max() <= 1e-4
