@@ -178,6 +178,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--calib-npz", type=Path, default=None,
                    help="with --budget: calibrate on these token windows instead of text (.npz with input_ids "
                         "[windows, tokens]; no tokenizer needed)")
+    p.add_argument("--calib-images", type=Path, default=None,
+                   help="with --budget on a vision graph: calibrate on the images in this folder (png, jpg, ...; "
+                        "normalised by preprocessor_config.json beside the graph or in --tokenizer, else ImageNet's)")
     p.add_argument("--tokenizer", type=Path, default=None,
                    help="with --budget on a graph without its bundle: the model's folder (tokenizer files and "
                         "config.json with the head counts)")
@@ -384,8 +387,9 @@ def cmd_compile(args: argparse.Namespace) -> int:
         raise UsageError("--budget builds a plan from the graph; it cannot be combined with --plan")
     if args.calib_npz is not None and args.budget is None:
         raise UsageError("--calib-npz calibrates a graph-only plan: give --budget too")
-    if args.tokenizer is not None and args.budget is None:
-        raise UsageError("--tokenizer calibrates a graph-only plan: give --budget too")
+    for flag in ("tokenizer", "calib_images"):
+        if getattr(args, flag) is not None and args.budget is None:
+            raise UsageError(f"--{flag.replace('_', '-')} is for graph-only plans: give --budget too")
     if args.budget is not None:
         from qsvd_export.compress.budget import parse_budget
         from qsvd_export.compress.compressor import CompressOptions
@@ -400,7 +404,7 @@ def cmd_compile(args: argparse.Namespace) -> int:
     result = compile_onnx(args.graph, args.plan, args.output, overwrite=args.overwrite, dump_dir=args.dump_passes,
                           target=args.target, bits=args.bits, strict=args.strict, npu_options=_npu_options(args),
                           verify=args.verify, mobile=args.mobile, graph_only=graph_only, calib_npz=args.calib_npz,
-                          tokenizer_dir=args.tokenizer)
+                          tokenizer_dir=args.tokenizer, calib_images=args.calib_images)
     stage = result.report["graph_stage"]
     latent = sum(1 for layer in stage["layers"] if layer["cache"] == "latent")
     print(f"wrote {result.out}: {stage['attention_blocks']} attention blocks, {latent} with a latent cache"

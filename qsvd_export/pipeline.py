@@ -435,10 +435,11 @@ def _finish_bundle(folder: Path, config: BundleConfig, mobile: bool, timings: di
 
 
 def _graph_only_plan(graph_path: Path, source: BundleConfig | None, options: Any, calib_npz: Path | None,
-                     tokenizer_dir: Path | None = None) -> Any:
-    """A plan from the graph: calibrated on ``calib_npz``'s token windows, else on text tokenized by the
-    tokenizer of ``tokenizer_dir`` (an HF model folder) or of the bundle beside the graph. Head counts come
-    from the bundle's config, else from ``tokenizer_dir/config.json``."""
+                     tokenizer_dir: Path | None = None, calib_images: Path | None = None) -> Any:
+    """A plan from the graph: a vision graph calibrated on the images of ``calib_images``; a language
+    graph on ``calib_npz``'s token windows, else on text tokenized by the tokenizer of ``tokenizer_dir``
+    (an HF model folder) or of the bundle beside the graph. Head counts come from the bundle's config, else
+    from ``tokenizer_dir/config.json``."""
     from qsvd_export.bundle import bundle_tokenizer
     from qsvd_export.compress.compressor import calibration_windows, with_calibration_defaults
     from qsvd_export.compress.graph_only import graph_only_plan, npz_windows, text_source
@@ -451,11 +452,21 @@ def _graph_only_plan(graph_path: Path, source: BundleConfig | None, options: Any
     model_config = source.model_config if source else {}
     if tokenizer_dir is not None and not model_config:
         model_config = _hf_text_config(Path(tokenizer_dir))
-    kind = source.kind if source else ("decoder" if "logits" in _graph_output_names(graph_path) else "encoder")
+    kind = source.kind if source else _graph_kind(graph_path)
     name = source.model_name if source else graph_path.stem
     model_type = source.model_type if source else str(model_config.get("model_type", "unknown"))
     options = with_calibration_defaults(options, kind)
-    if calib_npz is not None:
+    if (kind == "vision") != (calib_images is not None):
+        raise UsageError(f"{graph_path.name} is a {kind} graph: " + ("it calibrates on images, give --calib-images DIR"
+                                                                     if kind == "vision" else "--calib-images is for vision graphs"))
+    if calib_images is not None:
+        from qsvd_export.compress.images import image_samples, normalization
+
+        height, width = _image_size(graph_path, model_config)
+        mean, std, origin = normalization([graph_path.parent] + ([Path(tokenizer_dir)] if tokenizer_dir else []))
+        windows, calib_source = image_samples(Path(calib_images), height, width, options.calib_windows, mean, std)
+        calib_source["normalization"] = origin
+    elif calib_npz is not None:
         windows, calib_source = npz_windows(Path(calib_npz), model_config.get("vocab_size"))
     else:
         if tokenizer_dir is not None:
@@ -484,10 +495,32 @@ def _hf_text_config(folder: Path) -> dict[str, Any]:
     return config
 
 
-def _graph_output_names(graph_path: Path) -> list[str]:
+def _graph_kind(graph_path: Path) -> str:
+    """decoder (a ``logits`` output), vision (one 4-D float input) or encoder, from the graph's I/O."""
     import onnx
 
-    return [o.name for o in onnx.load(str(graph_path), load_external_data=False).graph.output]
+    graph = onnx.load(str(graph_path), load_external_data=False).graph
+    if "logits" in [o.name for o in graph.output]:
+        return "decoder"
+    inputs = [i for i in graph.input if i.name not in {t.name for t in graph.initializer}]
+    if len(inputs) == 1 and inputs[0].type.tensor_type.elem_type in (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16) \
+            and len(inputs[0].type.tensor_type.shape.dim) == 4:
+        return "vision"
+    return "encoder"
+
+
+def _image_size(graph_path: Path, model_config: dict[str, Any]) -> tuple[int, int]:
+    """(H, W) of a vision graph's input: its static dims, else ``image_size`` of the model config."""
+    import onnx
+
+    graph = onnx.load(str(graph_path), load_external_data=False).graph
+    dims = [d.dim_value if d.HasField("dim_value") else None for d in graph.input[0].type.tensor_type.shape.dim]
+    if len(dims) == 4 and dims[2] and dims[3]:
+        return int(dims[2]), int(dims[3])
+    size = model_config.get("image_size")
+    if size is None:
+        raise UsageError(f"{graph_path.name}: dynamic image size and no image_size in the model config")
+    return (int(size[0]), int(size[1])) if isinstance(size, (list, tuple)) else (int(size), int(size))
 
 
 def graph_weight_bytes(folder: Path, config: BundleConfig) -> int:
@@ -520,7 +553,7 @@ def compile_onnx(graph_path: Path, plan_path: Path | None, out: Path, overwrite:
                  dump_dir: Path | None = None, target: str | None = None, bits: str | None = None,
                  strict: bool = False, npu_options: Any = None, verify: bool = True,
                  mobile: bool = False, graph_only: Any = None, calib_npz: Path | None = None,
-                 tokenizer_dir: Path | None = None) -> BuildResult:
+                 tokenizer_dir: Path | None = None, calib_images: Path | None = None) -> BuildResult:
     """``qsvd-export model.onnx [--plan PLAN | --budget B] [--target T --bits B]``: graph stage (+ target stage).
 
     ``graph_only`` (CompressOptions): build the plan from the graph itself (``compress.graph_only``),
@@ -547,7 +580,7 @@ def compile_onnx(graph_path: Path, plan_path: Path | None, out: Path, overwrite:
     model = load_onnx(graph_path)
     plan = load_plan(plan_path) if plan_path is not None else None
     if graph_only is not None:
-        plan = _graph_only_plan(Path(graph_path), source, graph_only, calib_npz, tokenizer_dir)
+        plan = _graph_only_plan(Path(graph_path), source, graph_only, calib_npz, tokenizer_dir, calib_images)
         timings["graph_only_plan_s"] = time.perf_counter() - start
         start = time.perf_counter()
     context = run_graph_stage(model, plan, dump_dir)

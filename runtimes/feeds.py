@@ -39,3 +39,18 @@ def first_step_feed(inputs: list[Any], ids: np.ndarray, cache_inputs: Container[
         else:
             raise ValueError(f"no input for graph input {value.name} ({value.type})")
     return feed
+
+
+def sample_feed(inputs: list[Any], sample: np.ndarray, cache_inputs: Container[str]) -> dict[str, np.ndarray]:
+    """Feed for one calibration sample of a batch of one: token ids [L] (:func:`first_step_feed`), or an
+    image [C, H, W] for the graph's one 4-D float input. Raises ``ValueError`` naming what does not fit."""
+    if not np.issubdtype(sample.dtype, np.floating):
+        return first_step_feed(inputs, sample[None, :].astype(np.int64), cache_inputs)
+    images = [i for i in inputs if i.type in _FLOAT_TYPES and len(i.shape) == 4]
+    if len(images) != 1 or len(inputs) != 1:
+        raise ValueError(f"image calibration needs a graph whose only input is [batch, C, H, W] float "
+                         f"(inputs: {', '.join(i.name for i in inputs)})")
+    fixed = [d for d in images[0].shape[1:] if isinstance(d, int)]
+    if len(fixed) == 3 and tuple(fixed) != sample.shape:
+        raise ValueError(f"image of shape {list(sample.shape)} for input {images[0].name} {list(images[0].shape)}")
+    return {images[0].name: sample[None].astype(_FLOAT_TYPES[images[0].type])}

@@ -72,6 +72,9 @@ CASES = [
     ("CumSum", {"x": X}, {"a": np.array(1, I64)}, 1, {"exclusive": 1, "reverse": 1}),
     ("Tile", {"x": X}, {"r": np.array([1, 2, 1], I64)}, 1, {}),
     ("Mod", {"a": np.array([7, -7, 5], I64)}, {"b": np.array([3, 3, -2], I64)}, 1, {}),
+    ("Conv", {"x": np.random.default_rng(0).standard_normal((1, 4, 9, 8)).astype(np.float32)},
+     {"w": np.random.default_rng(1).standard_normal((6, 2, 3, 2)).astype(np.float32), "b": np.arange(6, dtype=np.float32)},
+     1, {"strides": [2, 1], "pads": [1, 0, 2, 1], "dilations": [1, 2], "group": 2}),
 ]
 
 

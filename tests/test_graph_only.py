@@ -98,3 +98,53 @@ def test_calib_npz_without_budget_is_a_usage_error(bundles, tmp_path, capsys):
     assert main([str(bundles.dense("llama") / "model.onnx"), "--calib-npz", str(tmp_path / "x.npz"),
                  "-o", str(tmp_path / "out"), "-q"]) == 2
     assert "give --budget too" in capsys.readouterr().err
+
+
+@pytest.fixture(scope="module")
+def calibration_images(tmp_path_factory):
+    """Six views of matplotlib's bundled photograph (a real image, no download)."""
+    from matplotlib import cbook
+    from PIL import Image
+
+    folder = tmp_path_factory.mktemp("images")
+    with Image.open(cbook.get_sample_data("grace_hopper.jpg")) as photo:
+        for i in range(6):
+            photo.rotate(i * 30).crop((i * 10, 0, 400 + i * 10, 400)).save(folder / f"{i}.png")
+    (folder / "notes.txt").write_text("not an image: skipped by suffix")
+    return folder
+
+
+@pytest.mark.parametrize("family", ["vit", "dinov2"])
+def test_vision_graph_calibrates_on_images_with_gradients_and_parity(family, bundles, calibration_images, tmp_path):
+    out = tmp_path / "out"
+    assert main([str(bundles.dense(family) / "model.onnx"), "--budget", "params=0.8", "--calib-images",
+                 str(calibration_images), "--grad-windows", "3", "-o", str(out), "-q"]) == 0
+    plan = load_plan(out)
+    assert plan.method["importance"] == "gradient" and plan.calibration["count"] == 6
+    assert plan.calibration["normalization"] == "ImageNet default" and plan.r1 <= 0.8
+    model = apply_plan(copy.deepcopy(load_model(f"tiny-{family}").model), plan)
+    pixels = np.random.default_rng(0).standard_normal((2, 3, 32, 32)).astype(np.float32)
+    import onnxruntime as ort
+
+    got = ort.InferenceSession(str(out / "model.onnx"), providers=["CPUExecutionProvider"]).run(None, {"pixel_values": pixels})[0]
+    with torch.no_grad():
+        expected = model(pixel_values=torch.from_numpy(pixels)).last_hidden_state.numpy()
+    assert np.abs(got - expected).max() <= 1e-4
+
+
+def test_image_calibration_errors_are_one_line(bundles, calibration_images, tmp_path, capsys):
+    vit, llama = bundles.dense("vit") / "model.onnx", bundles.dense("llama") / "model.onnx"
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    (tmp_path / "bad").mkdir()
+    (tmp_path / "bad" / "x.png").write_bytes(b"not a png")
+    cases = [([str(vit), "--budget", "params=0.8"], 2, "give --calib-images DIR"),
+             ([str(llama), "--budget", "kv=0.5", "--calib-images", str(calibration_images)], 2, "for vision graphs"),
+             ([str(vit), "--budget", "params=0.8", "--calib-images", str(empty)], 3, "no images"),
+             ([str(vit), "--budget", "params=0.8", "--calib-images", str(tmp_path / "bad")], 3, "not a readable image"),
+             ([str(vit), "--calib-images", str(calibration_images)], 2, "give --budget too")]
+    for args, code, fragment in cases:
+        assert main([*args, "-o", str(tmp_path / "out"), "-q"]) == code, args
+        err = capsys.readouterr().err.strip()
+        assert fragment in err and len(err.splitlines()) == 1, err
+        assert not (tmp_path / "out").exists()

@@ -37,10 +37,11 @@ from qsvd_export.zoo import LoadedModel
 ALLOCATIONS = ("qsvd", "uniform", "fisher")
 # Input side of the fisher whitening, chosen by measurement (docs/decisions.md): absmean on smollm2,
 # Cholesky (SVD-LLM) on minilm.
-FISHER_INPUT_DEFAULT = {"decoder": "absmean", "encoder": "cholesky"}
+FISHER_INPUT_DEFAULT = {"decoder": "absmean", "encoder": "cholesky", "vision": "cholesky"}
 # (windows, tokens per window, gradient windows). Decoders: EVAL.md's 128 x 512. Sentence encoders embed
 # sentences, so they calibrate on sentence-length windows (measured on minilm: 256 x 32 beats 128 x 128).
-CALIBRATION_DEFAULTS = {"decoder": (128, 512, 32), "encoder": (256, 32, 128)}
+# Vision graphs (graph-only, --calib-images): up to 128 images, gradients on 32; no token length.
+CALIBRATION_DEFAULTS = {"decoder": (128, 512, 32), "encoder": (256, 32, 128), "vision": (128, 0, 32)}
 
 
 def with_calibration_defaults(options: CompressOptions, kind: str) -> CompressOptions:
@@ -198,7 +199,8 @@ def analyze(loaded: LoadedModel, options: CompressOptions, windows: np.ndarray |
     importance or ``keep_kfac_statistics`` (to score kfac afterwards) needs them.
     """
     if loaded.kind == "vision":
-        raise UnsupportedModelError(f"{loaded.name}: vision encoders need image calibration (not available in compress yet)")
+        raise UnsupportedModelError(f"{loaded.name}: the torch stage calibrates on text; for a vision encoder export "
+                                    "it, then `qsvd-export BUNDLE/model.onnx --budget B --calib-images DIR`")
     options = with_calibration_defaults(options, loaded.kind)
     model = loaded.model
     blocks = attention_projections(model)

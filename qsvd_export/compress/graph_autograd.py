@@ -227,6 +227,22 @@ def _cumsum(node: ir.Node, x: list[Any]) -> list[torch.Tensor]:
     return [y.flip(axis) if _attr(node, "reverse", 0) else y]
 
 
+def _conv(node: ir.Node, x: list[Any]) -> list[torch.Tensor]:
+    if _attr(node, "auto_pad", "NOTSET") not in ("NOTSET", "VALID"):
+        raise UnsupportedGraph(f"node {node.name}: Conv auto_pad {_attr(node, 'auto_pad')}")
+    spatial = x[0].dim() - 2
+    pads = list(_attr(node, "pads", [0] * 2 * spatial))
+    padded = x[0]
+    if any(pads):  # ONNX [x1_begin, x2_begin, ..., x1_end, x2_end]; F.pad wants the last axis first
+        padded = torch.nn.functional.pad(x[0], [p for axis in reversed(range(spatial)) for p in (pads[axis], pads[axis + spatial])])
+    conv = {1: torch.nn.functional.conv1d, 2: torch.nn.functional.conv2d, 3: torch.nn.functional.conv3d}.get(spatial)
+    if conv is None:
+        raise UnsupportedGraph(f"node {node.name}: Conv over {spatial} spatial axes")
+    bias = x[2] if len(x) > 2 else None
+    return [conv(padded, x[1], bias, stride=list(_attr(node, "strides", [1] * spatial)),
+                 dilation=list(_attr(node, "dilations", [1] * spatial)), groups=_attr(node, "group", 1))]
+
+
 def _pow(node: ir.Node, x: list[Any]) -> list[torch.Tensor]:
     exponent = x[1]
     if exponent.numel() == 1 and float(exponent) == 2.0:
@@ -275,7 +291,7 @@ OPS: dict[str, Callable[[ir.Node, list[Any]], list[torch.Tensor]]] = {
     "Expand": _expand, "Concat": lambda node, x: [torch.cat([t for t in x if t is not None], dim=_attr(node, "axis"))],
     "Slice": _slice, "Split": _split, "Gather": _gather, "Shape": _shape, "Range": _range, "Trilu": _trilu,
     "Softmax": _softmax, "LayerNormalization": _layer_norm, "GatherElements": _gather_elements, "Clip": _clip,
-    "CumSum": _cumsum, "Tile": lambda node, x: [x[0].repeat(*(_ints(x[1]) or []))],
+    "CumSum": _cumsum, "Conv": _conv, "Tile": lambda node, x: [x[0].repeat(*(_ints(x[1]) or []))],
     "Mod": lambda node, x: [torch.fmod(x[0], x[1]) if _attr(node, "fmod", 0) else torch.remainder(x[0], x[1])],
     "ReduceMean": _reduce(torch.mean), "ReduceSum": _reduce(torch.sum), "ReduceMax": _reduce(torch.amax),
 }

@@ -34,12 +34,13 @@ from qsvd_export.onnx_io import load_onnx
 from qsvd_export.passes.find_attention import AttentionBlock, find_attention
 from qsvd_export.plan import CompressionPlan
 from qsvd_export.progress import bar, warn
-from qsvd_export.runtimes.feeds import first_step_feed
+from qsvd_export.runtimes.feeds import sample_feed
 
 
 def graph_input_stats(graph_path: Path, blocks: list[AttentionBlock], windows: np.ndarray, sample_rows: int = 2048,
                       seed: int = 0) -> list[InputStats]:
-    """Σxᵀx, Σ|x| and sampled rows of every block's projection input over ``windows`` [n, L] (CPU EP)."""
+    """Σxᵀx, Σ|x| and sampled rows of every block's projection input over ``windows`` (CPU EP): token
+    windows [n, L] int, or images [n, C, H, W] float for a vision graph."""
     import onnxruntime as ort
 
     names = [block.x.name for block in blocks]
@@ -63,7 +64,7 @@ def graph_input_stats(graph_path: Path, blocks: list[AttentionBlock], windows: n
         progress = bar(len(windows), "graph calibration statistics")
         for row in windows:
             try:
-                feed = first_step_feed(session.get_inputs(), row[None, :].astype(np.int64), caches)
+                feed = sample_feed(session.get_inputs(), row, caches)
             except ValueError as exc:
                 raise UsageError(f"graph-only calibration: {exc}") from None
             outputs = session.run(names, feed)
@@ -96,7 +97,7 @@ def graph_loss(kind: str, outputs: dict[str, torch.Tensor], row: np.ndarray, ind
 
 def for_each_graph_gradient(graph: TorchGraph, blocks: list[AttentionBlock], kind: str, windows: np.ndarray,
                             callback: Any, capture_outputs: bool = False, progress: Any = None) -> None:
-    """Per window [L] of ``windows``: the loss's gradient w.r.t. every block's q/k/v projection outputs G_m
+    """Per sample of ``windows`` (token window [L] or image [C, H, W]): the loss's gradient w.r.t. every block's q/k/v projection outputs G_m
     [tokens, out_m], then ``callback(i, weight_grads, output_grads)`` as in
     :func:`~qsvd_export.compress.calibrate.for_each_gradient`: weight grads (G_mᵀ·X per member, [out_m, E])
     and, if ``capture_outputs``, dL/d[q|k|v] as [tokens, q+k+v]."""
@@ -106,7 +107,7 @@ def for_each_graph_gradient(graph: TorchGraph, blocks: list[AttentionBlock], kin
     described = graph.input_descriptions()
     for i, row in enumerate(windows):
         try:
-            feed = first_step_feed(described, np.asarray(row)[None, :].astype(np.int64), caches)
+            feed = sample_feed(described, np.asarray(row), caches)
         except ValueError as exc:
             raise UsageError(f"graph-only gradients: {exc}") from None
         with torch.enable_grad():
@@ -183,7 +184,7 @@ def _geometry(model_config: dict[str, Any], blocks: list[AttentionBlock]) -> lis
 def graph_only_plan(graph_path: Path, model_config: dict[str, Any], model_name: str, model_type: str, kind: str,
                     windows: np.ndarray, options: CompressOptions, calib_source: dict[str, Any]) -> CompressionPlan:
     """Plan for the graph at ``graph_path`` under ``options.budget`` from activation statistics over
-    ``windows`` [n, L] and, unless ``options.grad_windows`` is 0 or the graph cannot be differentiated,
+    ``windows`` (token windows [n, L], or images [n, C, H, W]) and, unless ``options.grad_windows`` is 0 or the graph cannot be differentiated,
     the graph's own gradients on the first ``grad_windows`` of them (else gradient-free: energy
     importance, input-side whitening)."""
     options = with_calibration_defaults(options, kind)
@@ -197,8 +198,9 @@ def graph_only_plan(graph_path: Path, model_config: dict[str, Any], model_name: 
     weights = [tuple(torch.from_numpy(np.ascontiguousarray(p.weight.T, dtype=np.float32)) for p in (b.q, b.k, b.v))
                for b in blocks]
     stats = graph_input_stats(graph_path, blocks, windows, seed=options.seed)
-    calibration = {**calib_source, "windows": int(len(windows)), "length": int(windows.shape[1]),
-                   "source": "onnxruntime (graph-only)"}
+    calibration = {**calib_source, "windows": int(len(windows)), "source": "onnxruntime (graph-only)"}
+    if windows.ndim == 2:  # token windows; images record their size in calib_source
+        calibration["length"] = int(windows.shape[1])
     graph, gradient_source = _differentiable(graph_path) if options.grad_windows else (None, "none (--grad-windows 0)")
     calibration["gradients"] = gradient_source
     output_fisher: list[torch.Tensor] | None = None
