@@ -75,6 +75,12 @@ CASES = [
     ("Conv", {"x": np.random.default_rng(0).standard_normal((1, 4, 9, 8)).astype(np.float32)},
      {"w": np.random.default_rng(1).standard_normal((6, 2, 3, 2)).astype(np.float32), "b": np.arange(6, dtype=np.float32)},
      1, {"strides": [2, 1], "pads": [1, 0, 2, 1], "dilations": [1, 2], "group": 2}),
+    ("Resize", {"x": X[None]}, {"": np.zeros(0, np.float32), "scales": np.array([], np.float32),
+                                "sizes": np.array([1, 2, 5, 11], I64)}, 1, {"mode": "cubic"}),
+    ("Resize", {"x": X[None]}, {"": np.zeros(0, np.float32), "scales": np.array([1, 1, 2, 0.5], np.float32)}, 1,
+     {"mode": "linear", "coordinate_transformation_mode": "align_corners"}),
+    ("Resize", {"x": X[None]}, {"": np.zeros(0, np.float32), "scales": np.array([1, 1, 2, 3], np.float32)}, 1,
+     {"mode": "nearest", "coordinate_transformation_mode": "asymmetric", "nearest_mode": "floor"}),
 ]
 
 

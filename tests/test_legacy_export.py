@@ -153,3 +153,41 @@ def test_legacy_export_with_a_kv_cache_gets_a_latent_cache_with_parity(family, t
     with torch.no_grad():
         reference = reference_model(input_ids=torch.tensor([[7]]), past_key_values=reference.past_key_values, use_cache=True)
     assert np.abs(reference.logits.numpy() - logits).max() <= 1e-4
+
+
+@pytest.mark.parametrize("family", ["vit", "dinov2"])
+def test_bare_legacy_vision_export_calibrates_on_images_with_parity(family, tmp_path):
+    """A ViT/DINOv2 TorchScript export in a bare folder: config.json gives the heads, images the statistics."""
+    from PIL import Image
+
+    class Pixels(torch.nn.Module):
+        def __init__(self, model: torch.nn.Module) -> None:
+            super().__init__()
+            self.model = model
+
+        def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+            return self.model(pixel_values=pixel_values)[0]
+
+    model = build_tiny(family).model
+    size = model.config.image_size
+    (tmp_path / "bare").mkdir()
+    graph = tmp_path / "bare" / "vision.onnx"
+    torch.onnx.export(Pixels(model), (torch.randn(1, 3, size, size),), str(graph), dynamo=False, opset_version=17,
+                      input_names=["pixel_values"], output_names=["out"], dynamic_axes={"pixel_values": {0: "b"}, "out": {0: "b"}})
+    model.config.save_pretrained(tmp_path / "model")
+    images = tmp_path / "images"
+    images.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(4):
+        Image.fromarray(rng.integers(0, 256, (48, 40, 3), dtype=np.uint8)).save(images / f"{i}.png")
+    out = tmp_path / "out"
+    assert main([str(graph), "--budget", "params=0.8", "--calib-images", str(images), "--tokenizer",
+                 str(tmp_path / "model"), "--grad-windows", "2", "-o", str(out), "-q"]) == 0
+    plan = load_plan(out)
+    assert plan.method["importance"] == "gradient"
+    reference = Pixels(apply_plan(build_tiny(family).model, plan))
+    pixels = rng.standard_normal((2, 3, size, size)).astype(np.float32)
+    got = ort.InferenceSession(str(out / "model.onnx"), providers=["CPUExecutionProvider"]).run(None, {"pixel_values": pixels})[0]
+    with torch.no_grad():
+        expected = reference(torch.from_numpy(pixels)).numpy()
+    assert np.abs(got - expected).max() <= 1e-4

@@ -243,6 +243,34 @@ def _conv(node: ir.Node, x: list[Any]) -> list[torch.Tensor]:
                  dilation=list(_attr(node, "dilations", [1] * spatial)), groups=_attr(node, "group", 1))]
 
 
+def _resize(node: ir.Node, x: list[Any]) -> list[torch.Tensor]:
+    """Resize over the trailing spatial axes (batch and channel kept), the modes torch.interpolate shares
+    with ONNX: nearest (asymmetric, floor), linear/cubic (half_pixel, pytorch_half_pixel or align_corners;
+    cubic with a = -0.75), no antialias."""
+    mode, transform = _attr(node, "mode", "nearest"), _attr(node, "coordinate_transformation_mode", "half_pixel")
+    data = x[0]
+    sizes = _ints(x[3]) if len(x) > 3 and x[3] is not None else None
+    scales = x[2].reshape(-1).tolist() if len(x) > 2 and x[2] is not None and x[2].numel() else None
+    if sizes is None and scales is not None:
+        sizes = [int(math.floor(d * s)) for d, s in zip(data.shape, scales)]
+    supported = (
+        sizes is not None and len(sizes) == data.dim() and list(sizes[:2]) == list(data.shape[:2])
+        and not _attr(node, "antialias", 0) and _attr(node, "axes", None) is None
+        and ((mode == "nearest" and transform == "asymmetric" and _attr(node, "nearest_mode", "round_prefer_floor") == "floor")
+             or (mode in ("linear", "cubic") and transform in ("half_pixel", "pytorch_half_pixel", "align_corners")
+                 and float(_attr(node, "cubic_coeff_a", -0.75)) == -0.75 and not _attr(node, "exclude_outside", 0)))
+    )
+    if not supported:
+        raise UnsupportedGraph(f"node {node.name}: Resize mode {mode} / {transform}")
+    spatial = data.dim() - 2
+    torch_mode = mode if mode == "nearest" else {("linear", 1): "linear", ("linear", 2): "bilinear",
+                                                  ("linear", 3): "trilinear", ("cubic", 2): "bicubic"}.get((mode, spatial))
+    if torch_mode is None:
+        raise UnsupportedGraph(f"node {node.name}: Resize {mode} over {spatial} axes")
+    align = None if mode == "nearest" else transform == "align_corners"
+    return [torch.nn.functional.interpolate(data, size=list(sizes[2:]), mode=torch_mode, align_corners=align)]
+
+
 def _pow(node: ir.Node, x: list[Any]) -> list[torch.Tensor]:
     exponent = x[1]
     if exponent.numel() == 1 and float(exponent) == 2.0:
@@ -291,7 +319,7 @@ OPS: dict[str, Callable[[ir.Node, list[Any]], list[torch.Tensor]]] = {
     "Expand": _expand, "Concat": lambda node, x: [torch.cat([t for t in x if t is not None], dim=_attr(node, "axis"))],
     "Slice": _slice, "Split": _split, "Gather": _gather, "Shape": _shape, "Range": _range, "Trilu": _trilu,
     "Softmax": _softmax, "LayerNormalization": _layer_norm, "GatherElements": _gather_elements, "Clip": _clip,
-    "CumSum": _cumsum, "Conv": _conv, "Tile": lambda node, x: [x[0].repeat(*(_ints(x[1]) or []))],
+    "CumSum": _cumsum, "Conv": _conv, "Resize": _resize, "Tile": lambda node, x: [x[0].repeat(*(_ints(x[1]) or []))],
     "Mod": lambda node, x: [torch.fmod(x[0], x[1]) if _attr(node, "fmod", 0) else torch.remainder(x[0], x[1])],
     "ReduceMean": _reduce(torch.mean), "ReduceSum": _reduce(torch.sum), "ReduceMax": _reduce(torch.amax),
 }
