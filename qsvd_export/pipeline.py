@@ -495,6 +495,19 @@ def _hf_text_config(folder: Path) -> dict[str, Any]:
     return config
 
 
+def _save_folder_tokenizer(folder: Path, out: Path) -> list[str]:
+    """The tokenizer of an HF model folder saved into ``out``: the files written (none if it has none)."""
+    from transformers import AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=False)
+    except (OSError, ValueError):
+        return []
+    before = {p.name for p in out.iterdir()}
+    tokenizer.save_pretrained(out)
+    return sorted(p.name for p in out.iterdir() if p.name not in before)
+
+
 def _graph_kind(graph_path: Path) -> str:
     """decoder (a ``logits`` output), vision (one 4-D float input) or encoder, from the graph's I/O."""
     import onnx
@@ -590,14 +603,15 @@ def compile_onnx(graph_path: Path, plan_path: Path | None, out: Path, overwrite:
     timings["target_stage_s"] = time.perf_counter() - start
     cache = cache_layout_from_graph(model)
     inputs, outputs = graph_io(model)
-    kind = source.kind if source else ("decoder" if "logits" in outputs else "encoder")
+    bare_config = _hf_text_config(Path(tokenizer_dir)) if source is None and tokenizer_dir is not None \
+        and (Path(tokenizer_dir) / "config.json").is_file() else {}
     config = BundleConfig(
         model_name=source.model_name if source else Path(graph_path).stem,
-        model_type=source.model_type if source else "unknown",
-        kind=kind,
+        model_type=source.model_type if source else str(bare_config.get("model_type", "unknown")),
+        kind=source.kind if source else _graph_kind(Path(graph_path)),
         graphs=[GraphSpec("model", GRAPH_FILE, inputs, outputs)],
         cache=cache,
-        model_config=source.model_config if source else {},
+        model_config=source.model_config if source else bare_config,
         generation=source.generation if source else {},
         tokenizer_files=source.tokenizer_files if source else [],
         source={"graph": str(Path(graph_path).name), **(source.source if source else {})},
@@ -609,6 +623,8 @@ def compile_onnx(graph_path: Path, plan_path: Path | None, out: Path, overwrite:
         save_graph(model, tmp)
         for name in config.tokenizer_files:
             shutil.copy2(source_dir / name, tmp / name)
+        if source is None and tokenizer_dir is not None:  # a bare graph's bundle gets the model folder's tokenizer
+            config.tokenizer_files = _save_folder_tokenizer(Path(tokenizer_dir), tmp)
         if plan is not None:
             save_plan(plan, tmp)
         (tmp / CONFIG_NAME).write_text(config.to_json())

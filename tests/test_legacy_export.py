@@ -72,7 +72,14 @@ def test_bare_legacy_graph_gets_the_torch_stage_plan_from_its_own_gradients(tmp_
     from qsvd_export.compress.budget import parse_budget
     from qsvd_export.compress.compressor import CompressOptions, compress_model
 
+    from transformers import AutoTokenizer
+
+    from qsvd_export.bundle import bundle_tokenizer, load_bundle_config
+    from qsvd_export.zoo import load_model
+
     graph, model_dir = _legacy_graph("bert", tmp_path)
+    minilm = load_model("minilm-l6").weights_dir  # a real tokenizer to travel into the bundle
+    AutoTokenizer.from_pretrained(minilm).save_pretrained(model_dir)
     windows = np.random.default_rng(1).integers(0, 256, (6, 16)).astype(np.int64)
     np.savez(tmp_path / "calib.npz", input_ids=windows)
     out = tmp_path / "out"
@@ -80,6 +87,9 @@ def test_bare_legacy_graph_gets_the_torch_stage_plan_from_its_own_gradients(tmp_
                  str(tmp_path / "calib.npz"), "--grad-windows", "4", "-o", str(out), "-q"]) == 0
     plan = load_plan(out)
     assert plan.method["importance"] == "gradient" and plan.model == "legacy"
+    bundle = load_bundle_config(out)
+    assert bundle.kind == "encoder" and bundle.model_config["num_attention_heads"] == 4 and "tokenizer.json" in bundle.tokenizer_files
+    assert bundle_tokenizer(out)("hello world")["input_ids"] == AutoTokenizer.from_pretrained(minilm)("hello world")["input_ids"]
     options = CompressOptions(parse_budget("params=0.8"), calib_windows=6, calib_length=16, grad_windows=4)
     reference = compress_model(build_tiny("bert"), options, windows)
     assert [[(g.members, g.rank) for g in la.groups] for la in plan.layers] == \
