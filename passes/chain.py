@@ -17,6 +17,7 @@ from qsvd_export.errors import BadInputError, QsvdError
 from qsvd_export.passes.context import GraphStageContext
 from qsvd_export.passes.absorb_key import AbsorbKeyPass
 from qsvd_export.passes.find_attention import find_attention
+from qsvd_export.passes.fold_rotations import FoldRotationsPass
 from qsvd_export.passes.fold_value import FoldValuePass
 from qsvd_export.passes.latent_kv import LatentKVPass
 from qsvd_export.passes.split_qkv import SplitQKVPass
@@ -92,7 +93,8 @@ class _Dumping(_Wrapped):
 def run_graph_stage(model: ir.Model, plan: Any | None, dump_dir: Path | None = None) -> GraphStageContext:
     """Apply ``plan`` to ``model`` in place; returns the context with per-layer outcomes."""
     context = GraphStageContext(plan)
-    passes: list[ir.passes.PassBase] = [FindAttentionPass(context)]
+    passes: list[ir.passes.PassBase] = [FoldRotationsPass(context)] if plan is not None else []
+    passes.append(FindAttentionPass(context))
     if plan is not None:
         passes += [SplitQKVPass(context), LatentKVPass(context), FoldValuePass(context), AbsorbKeyPass(context)]
     passes += [CleanupPass()]

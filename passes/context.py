@@ -33,9 +33,11 @@ class GraphStageContext:
     failures: list[MatchFailure] = field(default_factory=list)
     layers: dict[int, LayerRewrite] = field(default_factory=dict)
     derived: dict[int, ir.Value] = field(default_factory=dict)  # memo of values re-derived for all positions
+    folded_rotation: dict[str, Any] | None = None  # what fold_rotations did (None: nothing to fold)
 
     def report(self) -> dict[str, Any]:
-        return {
+        extra = {"folded_rotation": self.folded_rotation} if self.folded_rotation else {}
+        return {**extra,
             "attention_blocks": len(self.blocks),
             "unmatched": [{"softmax": f.softmax, "reason": f.reason} for f in self.failures],
             "layers": [

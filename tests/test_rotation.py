@@ -49,17 +49,49 @@ def test_rotated_export_matches_the_unrotated_bundle(tmp_path, bundles, capsys):
     assert np.abs(a - b).max() <= 1e-4
 
 
-def test_a_rotated_plan_on_the_unrotated_graph_is_refused_with_the_fix(tmp_path, bundles, capsys):
+# seed 0: the tiny models are seeded by --seed too, and the dense bundles are built with seed 0
+ROTATED_PLAN = ["--budget", "kv=0.5", "--rotate", "--seed", "0", "--calib-windows", "4", "--calib-length", "32",
+                "--grad-windows", "2", "-q"]
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2"])
+def test_a_rotated_plan_is_folded_into_the_unrotated_graph(family, tmp_path, bundles, capsys):
+    """fold_rotations: the plain dense graph takes a `compress --rotate` plan; the bundle equals the rotated
+    torch model with that plan (prefill and a cached step)."""
+    from qsvd_export.plan import apply_plan, load_plan
+
     rotated = tmp_path / "rotated"
-    assert main(["compress", "tiny-llama", "--budget", "kv=0.5", "--rotate", "--seed", "3", "-o", str(rotated),
-                 "--calib-windows", "4", "--calib-length", "32", "--grad-windows", "2", "-q"]) == 0
-    assert json.loads((rotated / "plan.json").read_text())["method"]["residual_rotation"]["seed"] == 3
+    assert main(["compress", f"tiny-{family}", *ROTATED_PLAN, "-o", str(rotated)]) == 0
+    assert json.loads((rotated / "plan.json").read_text())["method"]["residual_rotation"]["seed"] == 0
+    out = tmp_path / "out"
+    assert main([str(bundles.dense(family) / "model.onnx"), "--plan", str(rotated), "-o", str(out), "-q"]) == 0
+    stage = json.loads((out / "report.json").read_text())["graph_stage"]
+    layers = len(stage["layers"])
+    assert stage["folded_rotation"]["seed"] == 0 and stage["folded_rotation"]["norms"] == 2 * layers + 1
+    assert all(layer["cache"] == "latent" for layer in stage["layers"])
+    reference = copy.deepcopy(load_model(f"tiny-{family}").model)
+    rotate_residual_stream(reference, seed=0)
+    reference = apply_plan(reference, load_plan(rotated))
+    runner = DecoderRunner(out)
+    ids = np.random.default_rng(2).integers(0, 256, (1, 10))
+    logits, cache = runner.prefill(ids)
+    with torch.no_grad():
+        expected = reference(input_ids=torch.from_numpy(ids), use_cache=True)
+    assert np.abs(expected.logits.numpy() - logits).max() <= 1e-4
+    logits, _ = runner.step(np.asarray([[4]]), np.ones((1, 11)), np.asarray([[10]]), cache)
+    with torch.no_grad():
+        expected = reference(input_ids=torch.tensor([[4]]), past_key_values=expected.past_key_values, use_cache=True)
+    assert np.abs(expected.logits.numpy() - logits).max() <= 1e-4
+
+
+def test_a_rotated_plan_with_the_online_mlp_rotation_is_refused_with_the_fix(tmp_path, bundles, capsys):
+    rotated = tmp_path / "rotated"
+    assert main(["compress", "tiny-llama", *ROTATED_PLAN, "--rotate-mlp", "-o", str(rotated)]) == 0
     capsys.readouterr()
     out = tmp_path / "out"
     assert main([str(bundles.dense("llama") / "model.onnx"), "--plan", str(rotated), "-o", str(out)]) == 3
     err = capsys.readouterr().err.strip().splitlines()[-1]
-    assert "was computed from other q weights than graph block 0" in err
-    assert "(export --rotate --seed 3)" in err
+    assert "online down_proj rotation" in err and "(export --rotate --rotate-mlp --seed 0)" in err
     assert not out.exists()
 
 
@@ -91,3 +123,12 @@ def test_smoothing_without_a_target_is_a_usage_error(tmp_path, capsys):
     assert main(["export", "tiny-llama", "--smooth", "-o", str(tmp_path / "o")]) == 2
     assert "--smooth needs --target" in capsys.readouterr().err
     assert not (tmp_path / "o").exists()
+
+
+def test_fold_rotations_refuses_a_stream_it_cannot_rotate(bundles):
+    """GPT-2's LayerNorm subtracts the mean, which a rotation does not commute with: named, not rotated."""
+    from qsvd_export.onnx_io import load_onnx
+    from qsvd_export.passes.fold_rotations import FoldError, collect_folds
+
+    with pytest.raises(FoldError, match="LayerNormalization node .* reads the residual stream"):
+        collect_folds(load_onnx(bundles.dense("gpt2") / "model.onnx").graph)
