@@ -126,9 +126,10 @@ def test_smoothing_without_a_target_is_a_usage_error(tmp_path, capsys):
 
 
 def test_fold_rotations_refuses_a_stream_it_cannot_rotate(bundles):
-    """GPT-2's LayerNorm subtracts the mean, which a rotation does not commute with: named, not rotated."""
+    """GPT-2 adds learned positions to the token embedding, and its LayerNorm subtracts the mean, which a
+    rotation does not commute with: refused with the value named, nothing rotated."""
     from qsvd_export.onnx_io import load_onnx
     from qsvd_export.passes.fold_rotations import FoldError, collect_folds
 
-    with pytest.raises(FoldError, match="LayerNormalization node .* reads the residual stream"):
+    with pytest.raises(FoldError, match="residual branch embedding does not end in a MatMul"):
         collect_folds(load_onnx(bundles.dense("gpt2") / "model.onnx").graph)
