@@ -12,8 +12,8 @@ import torch
 
 from qsvd_export.cli import main
 from qsvd_export.plan import apply_plan, load_plan
-from qsvd_export.runtimes.decode import DecoderRunner
 from qsvd_export.zoo import load_model
+from parity import assert_decoder_parity
 
 SMALL = ["--calib-windows", "4", "--calib-length", "64", "-q"]
 
@@ -28,16 +28,7 @@ def test_graph_only_plan_gives_a_latent_graph_equal_to_torch_with_that_plan(fami
     report = json.loads((out / "report.json").read_text())
     assert all(layer["cache"] == "latent" for layer in report["graph_stage"]["layers"])
     model = apply_plan(copy.deepcopy(load_model(f"tiny-{family}").model), plan)
-    runner = DecoderRunner(out)
-    ids = np.random.default_rng(5).integers(0, 256, (1, 12))
-    logits, cache = runner.prefill(ids)
-    with torch.no_grad():
-        reference = model(input_ids=torch.from_numpy(ids), use_cache=True)
-    assert np.abs(reference.logits.numpy() - logits).max() <= 1e-4
-    logits, _ = runner.step(np.asarray([[7]]), np.ones((1, 13)), np.asarray([[12]]), cache)
-    with torch.no_grad():
-        reference = model(input_ids=torch.tensor([[7]]), past_key_values=reference.past_key_values, use_cache=True)
-    assert np.abs(reference.logits.numpy() - logits).max() <= 1e-4
+    assert_decoder_parity(out, model, np.random.default_rng(5).integers(0, 256, (1, 12)), next_token=7)
 
 
 def test_grad_windows_0_gives_a_gradient_free_plan(bundles, tmp_path):

@@ -11,6 +11,7 @@ import torch
 from qsvd_export.cli import main
 from qsvd_export.plan import apply_plan, load_plan
 from qsvd_export.tiny import build_tiny
+from parity import assert_decoder_parity
 
 SMALL = {"bert": ["--budget", "params=0.8", "--calib-length", "16"]}
 DECODER_SMALL = ["--budget", "params=0.8", "--calib-length", "64"]
@@ -129,8 +130,6 @@ class _WithCache(torch.nn.Module):
 
 @pytest.mark.parametrize("family", ["llama", "gpt2"])
 def test_legacy_export_with_a_kv_cache_gets_a_latent_cache_with_parity(family, tmp_path):
-    from qsvd_export.runtimes.decode import DecoderRunner
-
     model = build_tiny(family).model
     config = model.config
     layers = config.num_hidden_layers
@@ -151,18 +150,9 @@ def test_legacy_export_with_a_kv_cache_gets_a_latent_cache_with_parity(family, t
                  "--calib-length", "64", "-o", str(plan), "-q"]) == 0
     out = tmp_path / "out"
     assert main([str(graph), "--plan", str(plan), "-o", str(out), "-q"]) == 0
-    runner = DecoderRunner(out)
-    assert runner.config.cache and all(layer.kind == "latent" for layer in runner.config.cache)
     reference_model = apply_plan(build_tiny(family).model, load_plan(plan))
-    ids = np.random.default_rng(4).integers(0, 256, (1, 9))
-    logits, cache = runner.prefill(ids)
-    with torch.no_grad():
-        reference = reference_model(input_ids=torch.from_numpy(ids), use_cache=True)
-    assert np.abs(reference.logits.numpy() - logits).max() <= 1e-4
-    logits, _ = runner.step(np.asarray([[7]]), np.ones((1, 10)), np.asarray([[9]]), cache)
-    with torch.no_grad():
-        reference = reference_model(input_ids=torch.tensor([[7]]), past_key_values=reference.past_key_values, use_cache=True)
-    assert np.abs(reference.logits.numpy() - logits).max() <= 1e-4
+    runner = assert_decoder_parity(out, reference_model, np.random.default_rng(4).integers(0, 256, (1, 9)), next_token=7)
+    assert runner.config.cache and all(layer.kind == "latent" for layer in runner.config.cache)
 
 
 @pytest.mark.parametrize("family", ["vit", "dinov2"])

@@ -14,6 +14,7 @@ from qsvd_export.compress.residual_rotation import rotate_residual_stream
 from qsvd_export.errors import UnsupportedModelError
 from qsvd_export.runtimes.decode import DecoderRunner
 from qsvd_export.zoo import load_model
+from parity import assert_decoder_parity
 
 IDS = torch.tensor([[1, 5, 9, 20, 3, 7, 11, 2]])
 
@@ -72,16 +73,7 @@ def test_a_rotated_plan_is_folded_into_the_unrotated_graph(family, tmp_path, bun
     reference = copy.deepcopy(load_model(f"tiny-{family}").model)
     rotate_residual_stream(reference, seed=0)
     reference = apply_plan(reference, load_plan(rotated))
-    runner = DecoderRunner(out)
-    ids = np.random.default_rng(2).integers(0, 256, (1, 10))
-    logits, cache = runner.prefill(ids)
-    with torch.no_grad():
-        expected = reference(input_ids=torch.from_numpy(ids), use_cache=True)
-    assert np.abs(expected.logits.numpy() - logits).max() <= 1e-4
-    logits, _ = runner.step(np.asarray([[4]]), np.ones((1, 11)), np.asarray([[10]]), cache)
-    with torch.no_grad():
-        expected = reference(input_ids=torch.tensor([[4]]), past_key_values=expected.past_key_values, use_cache=True)
-    assert np.abs(expected.logits.numpy() - logits).max() <= 1e-4
+    assert_decoder_parity(out, reference, np.random.default_rng(2).integers(0, 256, (1, 10)), next_token=4)
 
 
 def test_a_rotated_plan_with_the_online_mlp_rotation_is_refused_with_the_fix(tmp_path, bundles, capsys):

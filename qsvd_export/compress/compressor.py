@@ -97,24 +97,34 @@ def _member_index(dims: LayerDims, members: str) -> torch.Tensor:
     return torch.cat([torch.arange(start[m], start[m] + dims.out(m)) for m in members])
 
 
-def _output_fisher(model: torch.nn.Module, blocks: list[Any], windows: np.ndarray, loss_fn: LossFn) -> list[torch.Tensor]:
-    """Per block, the empirical Fisher of the [q | k | v] outputs: mean over windows of Σ_t g_t g_tᵀ (float64)."""
-    fisher: list[torch.Tensor] = []
+class OutputFisherSum:
+    """A gradient callback (``for_each_gradient`` / ``for_each_graph_gradient`` with ``capture_outputs``)
+    summing Σ_t g_t g_tᵀ of every block's [q | k | v] output gradients (float64); ``mean(n)`` divides in place."""
 
-    def accumulate(_: int, __: Any, outputs: list[torch.Tensor] | None) -> None:
+    def __init__(self) -> None:
+        self.fisher: list[torch.Tensor] = []
+
+    def __call__(self, _: int, __: Any, outputs: list[torch.Tensor] | None) -> None:
         assert outputs is not None
         for bi, g in enumerate(outputs):
             g64 = g.double()
-            if len(fisher) <= bi:
-                fisher.append(torch.zeros(g64.shape[1], g64.shape[1], dtype=torch.float64, device=g64.device))
-            fisher[bi] += g64.T @ g64
+            if len(self.fisher) <= bi:
+                self.fisher.append(torch.zeros(g64.shape[1], g64.shape[1], dtype=torch.float64, device=g64.device))
+            self.fisher[bi] += g64.T @ g64
 
+    def mean(self, count: int) -> list[torch.Tensor]:
+        for f in self.fisher:
+            f /= count  # in place: a second copy would double the largest statistic
+        return self.fisher
+
+
+def _output_fisher(model: torch.nn.Module, blocks: list[Any], windows: np.ndarray, loss_fn: LossFn) -> list[torch.Tensor]:
+    """Per block, the empirical Fisher of the [q | k | v] outputs: mean over windows of Σ_t g_t g_tᵀ (float64)."""
+    fisher = OutputFisherSum()
     progress = bar(len(windows), "output Fisher")
-    for_each_gradient(model, blocks, windows, accumulate, capture_outputs=True, progress=progress.update, loss_fn=loss_fn)
+    for_each_gradient(model, blocks, windows, fisher, capture_outputs=True, progress=progress.update, loss_fn=loss_fn)
     progress.close()
-    for f in fisher:
-        f /= len(windows)  # in place: a second copy would double the largest statistic
-    return fisher
+    return fisher.mean(len(windows))
 
 
 def kfac_importance(dims: list[LayerDims], stats: list[Any], svds: list[dict[str, WhitenedSVD]],

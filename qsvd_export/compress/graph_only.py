@@ -26,7 +26,7 @@ import torch
 from qsvd_export.compress.budget import LayerDims
 from qsvd_export.compress.calibrate import InputStats
 from qsvd_export.compress.compressor import (
-    CompressOptions, GradientRunner, analyze_statistics, build_plan, with_calibration_defaults,
+    CompressOptions, GradientRunner, OutputFisherSum, analyze_statistics, build_plan, with_calibration_defaults,
 )
 from qsvd_export.compress.graph_autograd import TorchGraph, UnsupportedGraph
 from qsvd_export.errors import UsageError
@@ -132,22 +132,11 @@ def for_each_graph_gradient(graph: TorchGraph, blocks: list[AttentionBlock], kin
 
 def graph_output_fisher(graph: TorchGraph, blocks: list[AttentionBlock], kind: str, windows: np.ndarray) -> list[torch.Tensor]:
     """Per block, the empirical Fisher of the [q | k | v] outputs over ``windows`` (float64, mean of Σ_t g gᵀ)."""
-    fisher: list[torch.Tensor] = []
-
-    def accumulate(_: int, __: Any, outputs: list[torch.Tensor] | None) -> None:
-        assert outputs is not None
-        for bi, g in enumerate(outputs):
-            g64 = g.double()
-            if len(fisher) <= bi:
-                fisher.append(torch.zeros(g64.shape[1], g64.shape[1], dtype=torch.float64))
-            fisher[bi] += g64.T @ g64
-
+    fisher = OutputFisherSum()
     progress = bar(len(windows), "output Fisher (graph)")
-    for_each_graph_gradient(graph, blocks, kind, windows, accumulate, capture_outputs=True, progress=progress.update)
+    for_each_graph_gradient(graph, blocks, kind, windows, fisher, capture_outputs=True, progress=progress.update)
     progress.close()
-    for f in fisher:
-        f /= len(windows)
-    return fisher
+    return fisher.mean(len(windows))
 
 
 def _differentiable(graph_path: Path) -> tuple[TorchGraph | None, str]:
