@@ -177,7 +177,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--calib-length", type=int, default=None, help="with --budget: default 512 (decoders), 32 (encoders)")
     p.add_argument("--calib-npz", type=Path, default=None,
                    help="with --budget: calibrate on these token windows instead of text (.npz with input_ids "
-                        "[windows, tokens]; no tokenizer needed)")
+                        "[windows, tokens]; no tokenizer needed), or for a vision graph on pixel_values [n, C, H, W]")
     p.add_argument("--calib-images", type=Path, default=None,
                    help="with --budget on a vision graph: calibrate on the images in this folder (png, jpg, ...; "
                         "normalised by preprocessor_config.json beside the graph or in --tokenizer, else ImageNet's)")

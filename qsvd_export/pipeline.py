@@ -456,9 +456,11 @@ def _graph_only_plan(graph_path: Path, source: BundleConfig | None, options: Any
     name = source.model_name if source else graph_path.stem
     model_type = source.model_type if source else str(model_config.get("model_type", "unknown"))
     options = with_calibration_defaults(options, kind)
-    if (kind == "vision") != (calib_images is not None):
-        raise UsageError(f"{graph_path.name} is a {kind} graph: " + ("it calibrates on images, give --calib-images DIR"
-                                                                     if kind == "vision" else "--calib-images is for vision graphs"))
+    if kind == "vision" and calib_images is None and calib_npz is None:
+        raise UsageError(f"{graph_path.name} is a vision graph: it calibrates on images, give --calib-images DIR "
+                         "(or --calib-npz with pixel_values)")
+    if kind != "vision" and calib_images is not None:
+        raise UsageError(f"{graph_path.name} is a {kind} graph: --calib-images is for vision graphs")
     if calib_images is not None:
         from qsvd_export.compress.images import image_samples, normalization
 
@@ -467,7 +469,8 @@ def _graph_only_plan(graph_path: Path, source: BundleConfig | None, options: Any
         windows, calib_source = image_samples(Path(calib_images), height, width, options.calib_windows, mean, std)
         calib_source["normalization"] = origin
     elif calib_npz is not None:
-        windows, calib_source = npz_windows(Path(calib_npz), model_config.get("vocab_size"))
+        image = (3, *_image_size(graph_path, model_config)) if kind == "vision" else None
+        windows, calib_source = npz_windows(Path(calib_npz), model_config.get("vocab_size"), image)
     else:
         if tokenizer_dir is not None:
             from transformers import AutoTokenizer

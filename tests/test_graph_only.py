@@ -123,13 +123,29 @@ def test_vision_graph_calibrates_on_images_with_gradients_and_parity(family, bun
     assert np.abs(got - expected).max() <= 1e-4
 
 
+def test_vision_calibration_from_npz_pixel_values_equals_the_same_images_from_files(bundles, calibration_images,
+                                                                                    tmp_path):
+    from qsvd_export.compress.images import DEFAULT_MEAN, DEFAULT_STD, image_samples
+
+    pixels, _ = image_samples(calibration_images, 32, 32, 128, DEFAULT_MEAN, DEFAULT_STD)
+    np.savez(tmp_path / "pixels.npz", pixel_values=pixels)
+    vit = str(bundles.dense("vit") / "model.onnx")
+    flags = ["--budget", "params=0.8", "--grad-windows", "3", "-q"]
+    assert main([vit, *flags, "--calib-images", str(calibration_images), "-o", str(tmp_path / "files")]) == 0
+    assert main([vit, *flags, "--calib-npz", str(tmp_path / "pixels.npz"), "-o", str(tmp_path / "npz")]) == 0
+    assert (tmp_path / "files" / "plan.safetensors").read_bytes() == (tmp_path / "npz" / "plan.safetensors").read_bytes()
+
+
 def test_image_calibration_errors_are_one_line(bundles, calibration_images, tmp_path, capsys):
     vit, llama = bundles.dense("vit") / "model.onnx", bundles.dense("llama") / "model.onnx"
     empty = tmp_path / "empty"
     empty.mkdir()
     (tmp_path / "bad").mkdir()
     (tmp_path / "bad" / "x.png").write_bytes(b"not a png")
+    np.savez(tmp_path / "pixels.npz", pixel_values=np.zeros((2, 3, 16, 16), np.float32))
     cases = [([str(vit), "--budget", "params=0.8"], 2, "give --calib-images DIR"),
+             ([str(vit), "--budget", "params=0.8", "--calib-npz", str(tmp_path / "pixels.npz")], 3,
+              "pixel_values must be float [images, 3, 32, 32]"),
              ([str(llama), "--budget", "kv=0.5", "--calib-images", str(calibration_images)], 2, "for vision graphs"),
              ([str(vit), "--budget", "params=0.8", "--calib-images", str(empty)], 3, "no images"),
              ([str(vit), "--budget", "params=0.8", "--calib-images", str(tmp_path / "bad")], 3, "not a readable image"),

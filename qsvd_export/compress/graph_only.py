@@ -214,23 +214,36 @@ def text_source(text_path: Path) -> dict[str, Any]:
     return {"text": text_path.name, "sha256": hashlib.sha256(text_path.read_bytes()).hexdigest()}
 
 
-def npz_windows(path: Path, vocab_size: int | None) -> tuple[np.ndarray, dict[str, Any]]:
-    """Calibration token windows from ``path``: an ``.npz`` holding ``input_ids``, integer [n, L] (n ≥ 1,
-    L ≥ 2, every id below ``vocab_size``). Loaded without pickle. Returns (windows int64, source record)."""
+def npz_windows(path: Path, vocab_size: int | None,
+                image_shape: tuple[int, int, int] | None = None) -> tuple[np.ndarray, dict[str, Any]]:
+    """Calibration samples from ``path``, an ``.npz`` loaded without pickle: ``input_ids``, integer [n, L]
+    (n ≥ 1, L ≥ 2, every id below ``vocab_size``), or for a vision graph (``image_shape`` (C, H, W) given)
+    ``pixel_values``, finite float [n, C, H, W], already normalised as the model expects.
+    Returns (samples: int64 windows or float32 images, source record)."""
     import zipfile
 
     from qsvd_export.errors import BadInputError
 
+    key = "input_ids" if image_shape is None else "pixel_values"
     try:
         with np.load(path, allow_pickle=False) as archive:
-            if "input_ids" not in archive.files:
-                raise BadInputError(f"{path}: no 'input_ids' array (has: {', '.join(archive.files) or 'nothing'})")
-            ids = archive["input_ids"]
+            if key not in archive.files:
+                raise BadInputError(f"{path}: no '{key}' array (has: {', '.join(archive.files) or 'nothing'})")
+            data = archive[key]
     except (OSError, ValueError, zipfile.BadZipFile, EOFError) as exc:
         raise BadInputError(f"{path}: not a readable .npz of arrays ({exc.__class__.__name__}: {exc})") from None
-    if ids.ndim != 2 or not np.issubdtype(ids.dtype, np.integer) or ids.shape[0] < 1 or ids.shape[1] < 2:
+    source = {"npz": path.name, "sha256": hashlib.sha256(path.read_bytes()).hexdigest()}
+    if image_shape is not None:
+        if data.ndim != 4 or not np.issubdtype(data.dtype, np.floating) or tuple(data.shape[1:]) != tuple(image_shape) \
+                or len(data) < 1:
+            raise BadInputError(f"{path}: pixel_values must be float [images, {', '.join(map(str, image_shape))}], "
+                                f"got {data.dtype} {list(data.shape)}")
+        if not np.isfinite(data).all():
+            raise BadInputError(f"{path}: pixel_values hold NaN or Inf")
+        return data.astype(np.float32), source
+    if data.ndim != 2 or not np.issubdtype(data.dtype, np.integer) or data.shape[0] < 1 or data.shape[1] < 2:
         raise BadInputError(f"{path}: input_ids must be integer [windows, tokens] with tokens >= 2, "
-                            f"got {ids.dtype} {list(ids.shape)}")
-    if ids.min() < 0 or (vocab_size and ids.max() >= vocab_size):
-        raise BadInputError(f"{path}: input_ids must lie in [0, {vocab_size or 'vocab'}), got [{ids.min()}, {ids.max()}]")
-    return ids.astype(np.int64), {"npz": path.name, "sha256": hashlib.sha256(path.read_bytes()).hexdigest()}
+                            f"got {data.dtype} {list(data.shape)}")
+    if data.min() < 0 or (vocab_size and data.max() >= vocab_size):
+        raise BadInputError(f"{path}: input_ids must lie in [0, {vocab_size or 'vocab'}), got [{data.min()}, {data.max()}]")
+    return data.astype(np.int64), source
