@@ -20,6 +20,10 @@ import onnx_ir as ir
 
 from qsvd_export.passes._graph import const_array, path_nodes, topo_order
 
+# Attention kernels of ONNX (opset 23) and onnxruntime's contrib domain: nothing inside them to match.
+FUSED_ATTENTION = frozenset({"Attention", "GroupQueryAttention", "MultiHeadAttention", "PackedAttention",
+                             "PackedMultiHeadAttention", "SparseAttention", "DecoderMaskedMultiHeadAttention"})
+
 # Which inputs carry data (as opposed to shapes, axes, indices) for ops we walk through.
 _DATA_INPUTS = {
     "Reshape": (0,), "Expand": (0,), "Slice": (0,), "Unsqueeze": (0,), "Squeeze": (0,), "Transpose": (0,),
@@ -345,4 +349,10 @@ def find_attention(model: ir.Model) -> AttentionMatches:
             continue
         block.index = len(matches.blocks)
         matches.blocks.append(block)
+    for node in graph:  # fused attention kernels hide Q·Kᵀ, the softmax and P·V inside one op
+        if node.op_type in FUSED_ATTENTION:
+            matches.failures.append(MatchFailure(
+                node.name or node.op_type,
+                f"attention is one fused {node.domain or 'ai.onnx'}::{node.op_type} op (onnxruntime-genai / optimized "
+                "export); the graph stage needs Q·Kᵀ → Softmax → P·V as separate ops: export the model unfused"))
     return matches

@@ -27,8 +27,9 @@ class SplitQKVPass(ir.passes.InPlacePass):
         if plan is None:
             raise ir.passes.PreconditionError("split_qkv needs a CompressionPlan")
         if len(self.context.blocks) != len(plan.layers):
+            why = f" ({self.context.failures[0].reason})" if self.context.failures else ""
             raise ir.passes.PreconditionError(
-                f"plan has {len(plan.layers)} layers but the graph has {len(self.context.blocks)} attention blocks"
+                f"plan has {len(plan.layers)} layers but the graph has {len(self.context.blocks)} attention blocks{why}"
             )
         for block, layer in zip(self.context.blocks, plan.layers):
             if block.dims != layer.dims:

@@ -4,6 +4,7 @@ opset 21 at load, their attention blocks found, and a torch-stage plan applied w
 from __future__ import annotations
 
 import numpy as np
+import onnx
 import onnxruntime as ort
 import pytest
 import torch
@@ -191,3 +192,39 @@ def test_bare_legacy_vision_export_calibrates_on_images_with_parity(family, tmp_
     with torch.no_grad():
         expected = reference(torch.from_numpy(pixels)).numpy()
     assert np.abs(got - expected).max() <= 1e-4
+
+
+def test_fused_attention_graph_is_declined_with_the_reason(tmp_path, capsys):
+    """An onnxruntime-genai style decoder (com.microsoft GroupQueryAttention) has no Q·Kᵀ/Softmax/P·V to
+    rewrite: the plan is refused, naming the fused op, and nothing is written."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(0)
+    weights = {n: numpy_helper.from_array(rng.standard_normal(s).astype(np.float32), n)
+               for n, s in (("wq", (64, 64)), ("wk", (64, 32)), ("wv", (64, 32)), ("wo", (64, 256)))}
+    nodes = [helper.make_node("MatMul", ["x", w], [w + "_out"]) for w in ("wq", "wk", "wv")]
+    nodes.append(helper.make_node(
+        "GroupQueryAttention", ["wq_out", "wk_out", "wv_out", "past_key", "past_value", "seqlens_k", "total_len"],
+        ["attn", "present_key", "present_value"], domain="com.microsoft", num_heads=4, kv_num_heads=2))
+    nodes.append(helper.make_node("MatMul", ["attn", "wo"], ["logits"]))
+    graph = helper.make_graph(
+        nodes, "genai",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, "s", 64]),
+         helper.make_tensor_value_info("past_key", TensorProto.FLOAT, [1, 2, "p", 16]),
+         helper.make_tensor_value_info("past_value", TensorProto.FLOAT, [1, 2, "p", 16]),
+         helper.make_tensor_value_info("seqlens_k", TensorProto.INT32, [1]),
+         helper.make_tensor_value_info("total_len", TensorProto.INT32, [])],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, [1, "s", 256])]
+        + [helper.make_tensor_value_info(n, TensorProto.FLOAT, [1, 2, "t", 16]) for n in ("present_key", "present_value")],
+        list(weights.values()))
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21), helper.make_opsetid("com.microsoft", 1)])
+    path = tmp_path / "genai.onnx"
+    onnx.save(model, path)
+    plan = tmp_path / "plan"
+    assert main(["compress", "tiny-llama", "--budget", "kv=0.5", "--calib-windows", "4", "--calib-length", "32",
+                 "--grad-windows", "2", "-o", str(plan), "-q"]) == 0
+    out = tmp_path / "out"
+    assert main([str(path), "--plan", str(plan), "-o", str(out), "-q"]) == 3
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "0 attention blocks" in err
+    assert "fused com.microsoft::GroupQueryAttention op" in err and not out.exists()
