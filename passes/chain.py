@@ -93,7 +93,8 @@ class _Dumping(_Wrapped):
 def run_graph_stage(model: ir.Model, plan: Any | None, dump_dir: Path | None = None) -> GraphStageContext:
     """Apply ``plan`` to ``model`` in place; returns the context with per-layer outcomes."""
     context = GraphStageContext(plan)
-    passes: list[ir.passes.PassBase] = [FoldRotationsPass(context)] if plan is not None else []
+    rotated_plan = plan is not None and bool(plan.method.get("residual_rotation"))
+    passes: list[ir.passes.PassBase] = [FoldRotationsPass(context)] if rotated_plan else []
     passes.append(FindAttentionPass(context))
     if plan is not None:
         passes += [SplitQKVPass(context), LatentKVPass(context), FoldValuePass(context), AbsorbKeyPass(context)]
