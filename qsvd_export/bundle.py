@@ -18,7 +18,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
 
-from qsvd_export.errors import BadInputError, UsageError
+from qsvd_export.errors import BadInputError, UsageError, raise_if_terminated
 
 CONFIG_NAME = "qsvd_config.json"
 FORMAT = "qsvd-export-bundle"
@@ -166,6 +166,7 @@ def atomic_output_dir(out: Path, overwrite: bool) -> Iterator[Path]:
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.resolve().parent))
     try:
         yield tmp
+        raise_if_terminated()  # a SIGTERM that library code swallowed still leaves nothing behind
         if out.exists():
             trash = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.resolve().parent))
             os.replace(out, trash / "old")

@@ -18,7 +18,7 @@ from typing import Any, Sequence
 
 from qsvd_export import __version__
 from qsvd_export.bundle import bundle_tokenizer
-from qsvd_export.errors import Interrupted, QsvdError, UsageError
+from qsvd_export.errors import SIGTERM_MESSAGE, Interrupted, QsvdError, UsageError, mark_terminated, terminated
 from qsvd_export.progress import emit, info, is_json, set_mode
 
 PROG = "qsvd-export"
@@ -476,7 +476,8 @@ COMMANDS = {"export": cmd_export, "compress": cmd_compress, "compile": cmd_compi
 
 
 def _on_sigterm(signum: int, frame: Any) -> None:
-    raise Interrupted("interrupted by SIGTERM; no output written")
+    mark_terminated()  # library code may wrap or swallow the exception: the flag survives
+    raise Interrupted(SIGTERM_MESSAGE)
 
 
 def _quiet_libraries() -> None:
@@ -504,12 +505,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     except QsvdError as err:
         if debug:
             traceback.print_exc()
+        if terminated():  # e.g. a failure the signal caused inside a library call
+            return _fail(f"error: {SIGTERM_MESSAGE}", Interrupted.exit_code)
         return _fail(f"error: {err}", err.exit_code)
     except KeyboardInterrupt:
         return _fail("error: interrupted; no output written", Interrupted.exit_code)
     except Exception as exc:  # noqa: BLE001 - the last line of defence: one line, no traceback
         if debug:
             traceback.print_exc()
+        if terminated():  # torch's argument parsing turns the handler's exception into a TypeError
+            return _fail(f"error: {SIGTERM_MESSAGE}", Interrupted.exit_code)
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
         return _fail(f"internal error: {exc.__class__.__name__}: {first} (rerun with --debug)", 1)
 

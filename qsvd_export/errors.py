@@ -38,3 +38,23 @@ class RuntimeFailure(QsvdError):
 
 class Interrupted(QsvdError):
     exit_code = 130
+
+
+SIGTERM_MESSAGE = "interrupted by SIGTERM; no output written"
+_terminated = False
+
+
+def mark_terminated() -> None:
+    """Record that SIGTERM arrived (the CLI's handler; the exception it raises may be swallowed by a library)."""
+    global _terminated
+    _terminated = True
+
+
+def terminated() -> bool:
+    return _terminated
+
+
+def raise_if_terminated() -> None:
+    """Raise :class:`Interrupted` if SIGTERM arrived, whatever became of the handler's exception."""
+    if _terminated:
+        raise Interrupted(SIGTERM_MESSAGE)

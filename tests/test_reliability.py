@@ -47,6 +47,25 @@ def test_sigterm_during_a_run_leaves_no_output(tmp_path):
     assert list(tmp_path.iterdir()) == []
 
 
+def test_sigterm_that_a_library_wraps_into_its_own_error_still_exits_130(monkeypatch, capsys):
+    """torch's argument parsing turns the handler's exception into a TypeError (seen during export): the
+    run still ends as an interrupt, not as an internal error."""
+    from qsvd_export import cli
+
+    def wrapped(args):  # type: ignore[no-untyped-def]
+        try:
+            cli._on_sigterm(signal.SIGTERM, None)
+        except Exception as exc:  # noqa: BLE001 - what the library does
+            raise TypeError(f"empty_strided(): argument 'stride' failed to unpack ({exc})") from None
+
+    from qsvd_export import errors
+
+    monkeypatch.setattr(errors, "_terminated", False)
+    monkeypatch.setitem(cli.COMMANDS, "models", wrapped)
+    assert cli.main(["models"]) == 130
+    assert capsys.readouterr().err.strip().splitlines()[-1] == "qsvd-export: error: interrupted by SIGTERM; no output written"
+
+
 def test_interrupt_while_writing_the_bundle_leaves_no_output(tmp_path, monkeypatch, capsys):
     import qsvd_export.pipeline as pipeline
 
