@@ -66,11 +66,12 @@ def save_graph(model: ir.Model, folder: Path, filename: str = GRAPH_FILE) -> Non
     ir.save(model, folder / filename, external_data=f"{filename}.data")
 
 
-def save_tokenizer(loaded: LoadedModel, folder: Path) -> list[str]:
-    if not hasattr(loaded.tokenizer, "save_pretrained"):
+def save_tokenizer(tokenizer: Any, folder: Path) -> list[str]:
+    """``tokenizer`` saved into ``folder``: the files written (none for one without ``save_pretrained``)."""
+    if not hasattr(tokenizer, "save_pretrained"):
         return []
     before = {p.name for p in folder.iterdir()}
-    loaded.tokenizer.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
     return sorted(p.name for p in folder.iterdir() if p.name not in before)
 
 
@@ -85,7 +86,7 @@ def write_bundle(loaded: LoadedModel, model: ir.Model, cache: list[Any], folder:
 
     sync_cache_dtypes(cache, model)
     save_graph(model, folder)
-    tokenizer_files = save_tokenizer(loaded, folder)
+    tokenizer_files = save_tokenizer(loaded.tokenizer, folder)
     inputs, outputs = graph_io(model)
     config = BundleConfig(
         model_name=loaded.name,
@@ -506,9 +507,7 @@ def _save_folder_tokenizer(folder: Path, out: Path) -> list[str]:
         tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=False)
     except (OSError, ValueError):
         return []
-    before = {p.name for p in out.iterdir()}
-    tokenizer.save_pretrained(out)
-    return sorted(p.name for p in out.iterdir() if p.name not in before)
+    return save_tokenizer(tokenizer, out)
 
 
 def _graph_kind(graph_path: Path) -> str:
