@@ -67,23 +67,25 @@ def additive_causal_mask(attention_mask: Any, query_length: int, sliding_window:
     return (1.0 - keep) * torch.finfo(dtype).min
 
 
-def _decoder_wrapper(model: Any, adapter: Any) -> Any:
+def _decoder_wrapper(model: Any, adapter: Any, config: Any, embeds: bool = False) -> Any:
+    """``model`` (a causal LM, or :class:`~qsvd_export.models.vlm.EmbeddingsCausalLM` with ``embeds``) with the
+    cache as flat (key, value) pairs and the additive mask built from the 2D ``attention_mask``."""
     import torch
     from transformers import DynamicCache
 
-    config = model.config
     layer_types = adapter.layer_types(config)
     window = adapter.sliding_window(config)
     uses_mapping = "sliding_attention" in layer_types
+    first = "inputs_embeds" if embeds else "input_ids"
 
     class DecoderForExport(torch.nn.Module):
         def __init__(self) -> None:
             super().__init__()
             self.model = model
 
-        def forward(self, input_ids, attention_mask, position_ids, past):  # type: ignore[no-untyped-def]
+        def forward(self, tokens, attention_mask, position_ids, past):  # type: ignore[no-untyped-def]
             cache = DynamicCache(ddp_cache_data=[(k, v) for k, v in past])
-            query_length = input_ids.shape[1]
+            query_length = tokens.shape[1]
             dtype = self.model.dtype
             full = additive_causal_mask(attention_mask, query_length, None, dtype)
             if uses_mapping:
@@ -93,9 +95,8 @@ def _decoder_wrapper(model: Any, adapter: Any) -> Any:
                 }
             else:
                 mask = full
-            out = self.model(
-                input_ids=input_ids, attention_mask=mask, position_ids=position_ids, cache=cache, use_cache=True
-            )
+            out = self.model(**{first: tokens}, attention_mask=mask, position_ids=position_ids, cache=cache,
+                             use_cache=True)
             present = [(layer.keys, layer.values) for layer in out.cache.layers]
             return out.logits, present
 
@@ -313,17 +314,25 @@ def defer_weight_transposes(model: ir.Model) -> int:
 
 
 def export_decoder(loaded: LoadedModel, from_files: bool = False) -> ExportedGraph:
+    return export_causal_lm(loaded.model, loaded.model.config, _weight_files(loaded, from_files))
+
+
+def export_causal_lm(model: Any, config: Any, weight_files: tuple[Any, Path] | None = None,
+                     embeds: bool = False) -> ExportedGraph:
+    """The decoder graph of ``model`` (config ``config``); with ``embeds`` its first input is ``inputs_embeds``
+    float32 [batch, seq, hidden] instead of ``input_ids``."""
     import torch
 
-    model = loaded.model
-    config = model.config
     adapter = adapter_for_config(config)
     layers = decoder_cache_layout(config)
     n_layers = len(layers)
     kv_heads, head_dim = adapter.num_kv_heads(config), adapter.head_dim(config)
     # Trace with sizes > 1 so the exporter does not specialize batch / seq / past to constants.
     batch, seq, past = 2, 3, 4
-    input_ids = torch.randint(0, int(config.vocab_size), (batch, seq))
+    if embeds:
+        tokens = torch.randn(batch, seq, int(config.hidden_size))
+    else:
+        tokens = torch.randint(0, int(config.vocab_size), (batch, seq))
     attention_mask = torch.ones(batch, past + seq, dtype=torch.int64)
     position_ids = torch.arange(past, past + seq)[None].expand(batch, seq).contiguous()
     cache = [
@@ -332,18 +341,18 @@ def export_decoder(loaded: LoadedModel, from_files: bool = False) -> ExportedGra
     ]
     b, s, p, t = (torch.export.Dim(n) for n in (BATCH, SEQ, PAST, TOTAL))
     dynamic = {
-        "input_ids": {0: b, 1: s},
+        "tokens": {0: b, 1: s},
         "attention_mask": {0: b, 1: t},
         "position_ids": {0: b, 1: s},
         "past": [({0: b, 2: p}, {0: b, 2: p}) for _ in range(n_layers)],
     }
     cache_inputs = [tensor.input for layer in layers for tensor in layer.tensors]
     cache_outputs = [tensor.output for layer in layers for tensor in layer.tensors]
-    inputs = ["input_ids", "attention_mask", "position_ids", *cache_inputs]
+    inputs = ["inputs_embeds" if embeds else "input_ids", "attention_mask", "position_ids", *cache_inputs]
     outputs = ["logits", *cache_outputs]
-    wrapper = _decoder_wrapper(model, adapter)
-    onnx_model = _run_exporter(wrapper, (input_ids, attention_mask, position_ids, cache), inputs, outputs, dynamic,
-                               _weight_files(loaded, from_files))
+    wrapper = _decoder_wrapper(model, adapter, config, embeds)
+    onnx_model = _run_exporter(wrapper, (tokens, attention_mask, position_ids, cache), inputs, outputs, dynamic,
+                               weight_files)
     return ExportedGraph(onnx_model, inputs, outputs, layers)
 
 
@@ -379,17 +388,41 @@ def export_vision(loaded: LoadedModel, from_files: bool = False) -> ExportedGrap
     return ExportedGraph(onnx_model, inputs, outputs, [])
 
 
+def export_vlm(loaded: LoadedModel, from_files: bool = False) -> dict[str, ExportedGraph]:
+    """The three graphs of a VLM bundle by role (:mod:`qsvd_export.models.vlm`): ``vision``
+    (pixel_values → image_features), ``embed`` (input_ids → inputs_embeds) and ``model`` (the decoder)."""
+    import torch
+
+    from qsvd_export.models.vlm import vlm_parts
+
+    parts = vlm_parts(loaded.model)
+    files = _weight_files(loaded, from_files)
+    channels = int(parts.vision_config.num_channels)
+    pixel_values = torch.randn(2, channels, parts.image_size, parts.image_size)
+    vision = _run_exporter(parts.vision, (pixel_values,), ["pixel_values"], ["image_features"],
+                           {"pixel_values": {0: torch.export.Dim("frames")}}, files)
+    ids = torch.randint(0, int(parts.text_config.vocab_size), (2, 3))
+    embed = _run_exporter(parts.embed, (ids,), ["input_ids"], ["inputs_embeds"],
+                          {"input_ids": {0: torch.export.Dim(BATCH), 1: torch.export.Dim(SEQ)}}, files)
+    decoder = export_causal_lm(parts.decoder, parts.text_config, files, embeds=True)
+    return {
+        "vision": ExportedGraph(vision, ["pixel_values"], ["image_features"], []),
+        "embed": ExportedGraph(embed, ["input_ids"], ["inputs_embeds"], []),
+        "model": decoder,
+    }
+
+
 def _weight_files(loaded: LoadedModel, from_files: bool) -> tuple[Any, Path] | None:
     return (loaded.model, loaded.weights_dir) if from_files and loaded.weights_dir is not None else None
 
 
 def export_graph(loaded: LoadedModel, from_files: bool = False) -> ExportedGraph:
-    """Export ``loaded`` to an in-memory ONNX IR model according to its kind.
+    """Export ``loaded`` to an in-memory ONNX IR model according to its kind (VLMs: :func:`export_vlm`).
 
     ``from_files``: the weights are unchanged since ``loaded`` was read from its safetensors folder, so the
     graph reads them from there (:func:`read_weights_from_files`) and the torch model may be released
     before the graph is written."""
     exporters = {"decoder": export_decoder, "encoder": export_encoder, "vision": export_vision}
     if loaded.kind not in exporters:
-        raise UnsupportedModelError(f"{loaded.name}: no exporter for kind '{loaded.kind}'")
+        raise UnsupportedModelError(f"{loaded.name}: no single-graph exporter for kind '{loaded.kind}'")
     return exporters[loaded.kind](loaded, from_files)

@@ -44,18 +44,17 @@ def model_config_summary(config: Any) -> dict[str, Any]:
     return summary
 
 
-def generation_summary(loaded: LoadedModel) -> dict[str, Any]:
-    config = loaded.model.config
+def generation_summary(config: Any, tokenizer: Any, chat: bool) -> dict[str, Any]:
+    """Generation defaults of a language model with ``config`` (a VLM's text config) and ``tokenizer``."""
     eos = getattr(config, "eos_token_id", None)
     eos_ids = [int(e) for e in (eos if isinstance(eos, (list, tuple)) else [eos]) if e is not None]
-    tokenizer = loaded.tokenizer
     if tokenizer is not None and tokenizer.eos_token_id is not None and int(tokenizer.eos_token_id) not in eos_ids:
         eos_ids.append(int(tokenizer.eos_token_id))
     return {
         "eos_token_ids": eos_ids,
         "bos_token_id": getattr(config, "bos_token_id", None),
         "pad_token_id": getattr(config, "pad_token_id", None),
-        "chat_template": bool(loaded.chat),
+        "chat_template": bool(chat),
         "do_sample": False,  # greedy, as `run` and samples/run_bundle.py decode
         "max_length": int(getattr(config, "max_position_embeddings", 0) or 0),
     }
@@ -95,7 +94,8 @@ def write_bundle(loaded: LoadedModel, model: ir.Model, cache: list[Any], folder:
         graphs=[GraphSpec("model", GRAPH_FILE, inputs, outputs)],
         cache=cache,
         model_config=model_config_summary(loaded.model.config),
-        generation=generation_summary(loaded) if loaded.kind == "decoder" else {},
+        generation=generation_summary(loaded.model.config, loaded.tokenizer, loaded.chat)
+        if loaded.kind == "decoder" else {},
         tokenizer_files=tokenizer_files,
         source=loaded.source,
     )
@@ -162,6 +162,12 @@ def build_dense_bundle(spec: str, out: Path, overwrite: bool = False, seed: int 
     timings: dict[str, float] = {}
     start = time.perf_counter()
     loaded = load_model(spec, seed=seed)
+    if loaded.kind == "vlm":
+        from qsvd_export.vlm_bundle import build_vlm_bundle, check_vlm_options
+
+        check_vlm_options(target, mobile, rotate, smooth)
+        timings["load_s"] = time.perf_counter() - start
+        return build_vlm_bundle(loaded, out, overwrite, timings)
     extra: dict[str, Any] = {}
     if rotate:
         from qsvd_export.compress.residual_rotation import rotate_residual_stream
@@ -203,10 +209,10 @@ def plan_report(plan: Any) -> dict[str, Any]:
         layers.append({
             "layer": layer.layer, "grouping": layer.grouping, "ranks": {g.members: g.rank for g in layer.groups},
             "latent_rank": layer.latent_rank, "params": params, "kv_bytes_per_token_fp16": 2 * width,
-            "dense_kv_width": layer.dims["k"] + layer.dims["v"],
+            "dense_kv_width": layer.layer_dims().dense_kv,
             "betas": {g.members: g.beta for g in layer.groups},
         })
-    dense_kv = sum(2 * (la.dims["k"] + la.dims["v"]) for la in plan.layers)
+    dense_kv = sum(2 * la.layer_dims().dense_kv for la in plan.layers)
     return {
         "model": plan.model, "budget": plan.budget, "r1": plan.r1, "r2": plan.r2, "method": plan.method,
         "calibration": plan.calibration, "kv_bytes_per_token_fp16": sum(la["kv_bytes_per_token_fp16"] for la in layers),
@@ -240,6 +246,9 @@ def build_compressed_bundle(spec: str, options: Any, out: Path, overwrite: bool 
     timings: dict[str, float] = {}
     start = time.perf_counter()
     loaded = load_model(spec, seed=options.seed)
+    if loaded.kind == "vlm":
+        return _build_compressed_vlm_bundle(loaded, options, out, overwrite, timings, start, dense_graph, target,
+                                            mobile, eval_text)
     rotation_report: dict[str, Any] = {}
     if options.residual_rotation:
         if dense_graph is not None:
@@ -296,6 +305,27 @@ def build_compressed_bundle(spec: str, options: Any, out: Path, overwrite: bool 
         _finish_bundle(tmp, config, mobile, timings)
     report = json.loads((Path(out) / "report.json").read_text())
     return BuildResult(Path(out), config, report, timings)
+
+
+def _build_compressed_vlm_bundle(loaded: LoadedModel, options: Any, out: Path, overwrite: bool,
+                                 timings: dict[str, float], start: float, dense_graph: Path | None, target: str | None,
+                                 mobile: bool, eval_text: str | None) -> BuildResult:
+    """``compress`` of a vision-language model: one plan over both towers (images + text calibration), then
+    the three-graph bundle (qsvd_export/vlm_bundle.py)."""
+    from qsvd_export.compress.compressor import compress_model, options_summary
+    from qsvd_export.vlm_bundle import build_vlm_bundle, check_vlm_options
+
+    check_vlm_options(target, mobile, options.residual_rotation)
+    for flag, given in (("--dense-graph", dense_graph is not None), ("--eval", eval_text is not None)):
+        if given:
+            raise UsageError(f"{flag} is not supported for vision-language models yet")
+    timings["load_s"] = time.perf_counter() - start
+    start = time.perf_counter()
+    folder = loaded.weights_dir
+    plan = compress_model(loaded, options, reload=None if folder is None else lambda: load_model(str(folder)).model)
+    timings["compress_s"] = time.perf_counter() - start
+    report = {"stage": "compressed", **plan_report(plan), "options": options_summary(options)}
+    return build_vlm_bundle(loaded, out, overwrite, timings, plan, report)
 
 
 def _evaluate_bundle(loaded: LoadedModel, plan: Any, bundle: Path, text: str, windows: int) -> dict[str, Any]:

@@ -12,7 +12,7 @@ Members outside every group stay dense.
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -81,6 +81,8 @@ class PlanLayer:
     groups: list[PlanGroup] = field(default_factory=list)
     # member → weight_probes of the dense weight the factors were computed from (None: plans before 2026-11-27)
     probes: dict[str, list[float]] | None = None
+    # the bundle graph holding this block (VLMs: "vision" has no cache, "model" the decoder); None: one graph
+    graph: str | None = None
 
     @property
     def grouping(self) -> str:
@@ -95,9 +97,12 @@ class PlanLayer:
     def group_of(self, member: str) -> PlanGroup | None:
         return next((g for g in self.groups if member in g.members), None)
 
+    def layer_dims(self) -> LayerDims:
+        return LayerDims(**self.dims, cached=self.graph != "vision")
+
     def cost(self) -> tuple[int, int]:
         """(params, cache width) by the EVAL.md cost model."""
-        return layer_cost(LayerDims(**self.dims), {g.members: g.rank for g in self.groups})
+        return layer_cost(self.layer_dims(), {g.members: g.rank for g in self.groups})
 
 
 @dataclass
@@ -121,6 +126,9 @@ class CompressionPlan:
     def to_json(self) -> str:
         data = asdict(self)
         data.pop("tensors")
+        for layer in data["layers"]:  # written only when set: single-graph plans stay as they were
+            if layer["graph"] is None:
+                del layer["graph"]
         return json.dumps(data, indent=2) + "\n"
 
     @staticmethod
@@ -132,6 +140,21 @@ class CompressionPlan:
         if name not in self.tensors:
             raise BadInputError(f"plan has no tensor {name}")
         return self.tensors[name]
+
+
+def plan_for_graph(plan: CompressionPlan, graph: str) -> CompressionPlan:
+    """The layers of ``plan`` that live in bundle graph ``graph`` (a VLM plan covers two graphs), renumbered
+    0… in order with their tensors, as the graph stage of that one graph expects. R1/R2 stay the whole
+    plan's."""
+    layers, tensors = [], {}
+    for index, layer in enumerate(la for la in plan.layers if la.graph == graph):
+        for group in layer.groups:
+            for part in ["down", *(f"up_{m}" for m in group.members)]:
+                tensors[plan.tensor_name(index, group.members, part)] = plan.factor(layer.layer, group.members, part)
+        layers.append(replace(layer, layer=index, graph=None))
+    if not layers:
+        raise BadInputError(f"plan has no layer in graph '{graph}'")
+    return replace(plan, layers=layers, tensors=tensors)
 
 
 def save_plan(plan: CompressionPlan, folder: Path) -> None:

@@ -51,7 +51,7 @@ def _cache_dtype(config: BundleConfig) -> np.dtype | None:
 
 def dense_kv_bytes(config: BundleConfig, report: dict[str, Any]) -> int | None:
     """Bytes/token a dense K/V cache of this model takes in the bundle's cache dtype (None: encoders)."""
-    if config.kind != "decoder":
+    if config.kind not in ("decoder", "vlm"):
         return None
     if "kv_bytes_per_token_dense_fp16" in report:  # from the plan: per-layer K and V widths
         return int(report["kv_bytes_per_token_dense_fp16"]) * (_cache_dtype(config) or np.dtype("float32")).itemsize // 2

@@ -93,6 +93,42 @@ def _dinov2() -> Any:
     )
 
 
+_VLM_SPECIALS = ["<|endoftext|>", "<fake_token_around_image>", "<image>", "<end_of_utterance>", "<global-img>",
+                 *(f"<row_{i}_col_{j}>" for i in range(1, 7) for j in range(1, 7))]
+
+
+def _vlm_processor() -> Any:
+    """An Idefics3 processor over a byte-level tokenizer (256 byte tokens + the Idefics3 special tokens):
+    32-pixel frames, images split into tiles of one frame each plus the global frame (64-pixel longest edge)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import Idefics3ImageProcessorPil, Idefics3Processor, PreTrainedTokenizerFast
+
+    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
+    backend = Tokenizer(models.BPE(vocab={ch: i for i, ch in enumerate(alphabet)}, merges=[]))
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.decoder = decoders.ByteLevel()
+    backend.add_special_tokens(_VLM_SPECIALS)
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, eos_token="<|endoftext|>",
+                                        bos_token="<|endoftext|>", pad_token="<|endoftext|>")
+    images = Idefics3ImageProcessorPil(size={"longest_edge": 64}, max_image_size={"longest_edge": 32},
+                                       do_image_splitting=True)
+    return Idefics3Processor(image_processor=images, tokenizer=tokenizer, image_seq_len=4)
+
+
+def _idefics3() -> Any:
+    from transformers import Idefics3Config
+
+    return Idefics3Config(
+        vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                           image_size=32, patch_size=8),
+        text_config=dict(model_type="llama", vocab_size=320, hidden_size=64, intermediate_size=128,
+                         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                         max_position_embeddings=4096, tie_word_embeddings=False, eos_token_id=256,
+                         bos_token_id=256, pad_token_id=256),
+        scale_factor=2, image_token_id=258, tie_word_embeddings=False,
+    )
+
+
 TINY_CONFIGS: dict[str, Callable[[], Any]] = {
     "llama": _llama,
     "qwen2": _qwen2,
@@ -101,6 +137,7 @@ TINY_CONFIGS: dict[str, Callable[[], Any]] = {
     "bert": _bert,
     "vit": _vit,
     "dinov2": _dinov2,
+    "idefics3": _idefics3,
 }
 
 
@@ -128,6 +165,12 @@ def build_tiny(family: str, seed: int = 0):
     finally:
         torch.random.set_rng_state(generator_state)
     model.eval()
-    tokenizer = ByteTokenizer() if adapter.kind != "vision" else None
+    processor = _vlm_processor() if adapter.kind == "vlm" else None
+    if processor is not None:
+        tokenizer = processor.tokenizer
+        if tokenizer.convert_tokens_to_ids("<image>") != config.image_token_id:
+            raise AssertionError("tiny idefics3: image token id out of step with the tokenizer")
+    else:
+        tokenizer = ByteTokenizer() if adapter.kind != "vision" else None
     return LoadedModel(name=f"tiny-{family}", model=model, tokenizer=tokenizer, kind=adapter.kind,
-                       source={"tiny": family, "seed": seed})
+                       source={"tiny": family, "seed": seed}, processor=processor)

@@ -34,10 +34,11 @@ class LoadedModel:
     name: str
     model: Any
     tokenizer: Any | None
-    kind: str  # "decoder" | "encoder" | "vision"
+    kind: str  # "decoder" | "encoder" | "vision" | "vlm"
     source: dict[str, Any] = field(default_factory=dict)
     chat: bool = False  # an instruct model whose prompts go through the chat template
     weights_dir: Path | None = None  # the safetensors folder ``model`` was loaded from (None: built in memory)
+    processor: Any | None = None  # VLMs: the transformers processor (image processor + ``tokenizer``)
 
 
 @dataclass(frozen=True)
@@ -175,7 +176,8 @@ def _load_hf_folder(folder: Path, name: str | None = None) -> LoadedModel:
         folder, config=config, dtype=torch.float32, use_safetensors=True, attn_implementation="eager"
     )
     model.eval()
-    tokenizer = _load_tokenizer(folder)
+    processor = _load_processor(folder) if adapter.kind == "vlm" else None
+    tokenizer = processor.tokenizer if processor is not None else _load_tokenizer(folder)
     return LoadedModel(
         name=name or folder.name,
         model=model,
@@ -184,6 +186,7 @@ def _load_hf_folder(folder: Path, name: str | None = None) -> LoadedModel:
         source={"path": str(folder.resolve())},
         chat=bool(tokenizer is not None and getattr(tokenizer, "chat_template", None)),
         weights_dir=folder,
+        processor=processor,
     )
 
 
@@ -193,6 +196,16 @@ def _load_tokenizer(folder: Path) -> Any | None:
     from transformers import AutoTokenizer
 
     return AutoTokenizer.from_pretrained(folder, trust_remote_code=False)
+
+
+def _load_processor(folder: Path) -> Any:
+    """A VLM folder's processor (image processor + tokenizer); refused by name when the folder has none."""
+    if not (folder / "preprocessor_config.json").is_file():
+        raise BadInputError(f"{folder}: a vision-language model folder needs its processor files "
+                            "(preprocessor_config.json and the tokenizer)")
+    from transformers import AutoProcessor
+
+    return AutoProcessor.from_pretrained(folder, trust_remote_code=False)
 
 
 def load_model(spec: str, seed: int = 0) -> LoadedModel:

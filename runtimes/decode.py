@@ -25,7 +25,7 @@ class DecoderRunner:
     def __init__(self, bundle: str | Path, target: str = "cpu", options: SessionOptions | None = None) -> None:
         self.bundle = Path(bundle)
         self.config: BundleConfig = load_bundle_config(self.bundle)
-        if self.config.kind != "decoder":
+        if self.config.kind not in ("decoder", "vlm"):
             raise UsageError(f"{bundle}: a {self.config.kind} bundle has no decode loop")
         spec = self.config.graph("model")
         self.session = create_session(self.bundle / spec.filename, target, options)
@@ -41,10 +41,15 @@ class DecoderRunner:
         return cache
 
     def step(
-        self, input_ids: np.ndarray, attention_mask: np.ndarray, position_ids: np.ndarray, cache: Cache
+        self, tokens: np.ndarray, attention_mask: np.ndarray, position_ids: np.ndarray, cache: Cache
     ) -> tuple[np.ndarray, Cache]:
-        """Run one forward; returns logits [batch, seq, vocab] and the next cache."""
-        feed = {"input_ids": input_ids.astype(np.int64), "attention_mask": attention_mask.astype(np.int64)}
+        """Run one forward of ``tokens``: ids [batch, seq], or for a VLM decoder ``inputs_embeds``
+        [batch, seq, hidden] float32. Returns logits [batch, seq, vocab] and the next cache."""
+        if np.issubdtype(tokens.dtype, np.floating):
+            first = {"inputs_embeds": tokens.astype(np.float32)}
+        else:
+            first = {"input_ids": tokens.astype(np.int64)}
+        feed = {**first, "attention_mask": attention_mask.astype(np.int64)}
         if "position_ids" in self.graph_inputs:
             feed["position_ids"] = position_ids.astype(np.int64)
         feed.update(cache)
@@ -53,8 +58,8 @@ class DecoderRunner:
         return values["logits"], present
 
     def prefill(self, token_ids: np.ndarray) -> tuple[np.ndarray, Cache]:
-        """Forward a [batch, seq] block with an empty cache."""
-        batch, seq = token_ids.shape
+        """Forward a [batch, seq] block of ids (or [batch, seq, hidden] embeddings) with an empty cache."""
+        batch, seq = token_ids.shape[:2]
         mask = np.ones((batch, seq), dtype=np.int64)
         positions = np.broadcast_to(np.arange(seq, dtype=np.int64), (batch, seq))
         return self.step(token_ids, mask, positions, self.empty_cache(batch))

@@ -59,6 +59,10 @@ def _group_lagrangian(importance: np.ndarray, price: float, min_rank: int) -> tu
 
 def _best_choice(s: LayerScores, lam: float, mu: float, grouping: str, min_rank: int) -> tuple[float, Choice]:
     d = s.dims
+    if not d.cached:  # no cache to price; without a parameter price, dense costs nothing and loses nothing
+        if mu == 0:
+            return 0.0, {}
+        lam = 0.0
     options: list[tuple[float, Choice]] = []
     if grouping in ("auto", "qkv"):
         cost, keep = _group_lagrangian(s.importance["qkv"], lam + mu * d.group_params_per_rank("qkv"), min_rank)
@@ -116,7 +120,7 @@ def _fill_slack(layers: list[LayerScores], choices: list[Choice], budget: Budget
     for _, li, members, i in candidates:
         d = layers[li].dims
         add_p = d.group_params_per_rank(members) / dense_p
-        add_kv = (1.0 if ("k" in members or "v" in members) else 0.0) / dense_kv
+        add_kv = (1.0 if d.cached and ("k" in members or "v" in members) else 0.0) / dense_kv
         if within(budget, r1 + add_p, r2 + add_kv):
             choices[li][members] = np.sort(np.append(choices[li][members], i))
             r1, r2 = r1 + add_p, r2 + add_kv

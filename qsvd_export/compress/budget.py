@@ -5,6 +5,8 @@ Per layer with input width E and output widths (q, k, v):
 - dense: params E(q+k+v), cache k+v.
 - a factor group over members M with rank r: params r(E + Σ_{m∈M} out_m); it is cached (adds r to the
   cache width) iff M contains k or v. Members outside every group stay dense.
+- a layer without a cache (a VLM's vision encoder: ``LayerDims.cached`` false) adds parameters only; R2
+  sums over the cached layers.
 Biases are identical on both sides and not counted.
 """
 
@@ -51,6 +53,7 @@ class LayerDims:
     q: int
     k: int
     v: int
+    cached: bool = True  # False: no KV cache (a VLM's vision tower): parameters only
 
     def out(self, member: str) -> int:
         return {"q": self.q, "k": self.k, "v": self.v}[member]
@@ -61,7 +64,7 @@ class LayerDims:
 
     @property
     def dense_kv(self) -> int:
-        return self.k + self.v
+        return self.k + self.v if self.cached else 0
 
     def group_params_per_rank(self, members: str) -> int:
         return self.e + sum(self.out(m) for m in members)
@@ -76,6 +79,8 @@ def layer_cost(dims: LayerDims, groups: dict[str, int]) -> tuple[int, int]:
     covered = "".join(groups)
     params = sum(rank * dims.group_params_per_rank(m) for m, rank in groups.items())
     params += sum(dims.e * dims.out(m) for m in "qkv" if m not in covered)
+    if not dims.cached:
+        return params, 0
     width = sum(rank for m, rank in groups.items() if is_cached(m))
     width += sum(dims.out(m) for m in "kv" if m not in covered)
     return params, width

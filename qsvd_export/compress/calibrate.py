@@ -67,11 +67,11 @@ def collect_input_stats(
     """Run ``batches`` (model kwargs, on the CPU) through the body and return one :class:`InputStats` per block,
     kept on the device of that block's weights. Without ``second_moments`` XᵀX is skipped (only the
     Cholesky whitening and kfac importance read it): E² float64 per layer less, and the pass's largest cost."""
-    dim = blocks[0].dims["e"]
-    devices = [b.weights()[0].device for b in blocks]
-    stats = [InputStats(torch.zeros(dim, dim, dtype=torch.float64, device=d) if second_moments else None,
-                        torch.zeros(dim, dtype=torch.float64, device=d))
-             for d in devices]
+    stats = []
+    for block in blocks:
+        dim, device = block.dims["e"], block.weights()[0].device
+        stats.append(InputStats(torch.zeros(dim, dim, dtype=torch.float64, device=device) if second_moments else None,
+                                torch.zeros(dim, dtype=torch.float64, device=device)))
     rng = np.random.default_rng(seed)
     rows_per_batch = max(1, sample_rows // max(len(batches), 1))
     current_mask: list[torch.Tensor | None] = [None]
@@ -79,7 +79,8 @@ def collect_input_stats(
     def make_hook(stat: InputStats):  # type: ignore[no-untyped-def]
         def hook(module, args):  # type: ignore[no-untyped-def]
             x = args[0].detach().to(stat.abs_sum.device)
-            if current_mask[0] is not None:
+            # the token mask applies to token rows (a VLM's vision tower sees frames × patches instead)
+            if current_mask[0] is not None and tuple(x.shape[:-1]) == tuple(current_mask[0].shape):
                 x = x[current_mask[0].to(x.device).bool()]
             x = x.reshape(-1, x.shape[-1])
             x64 = x.double()

@@ -25,6 +25,7 @@ from qsvd_export.compress.calibrate import LossFn, collect_input_stats, for_each
 from qsvd_export.compress.memory import return_freed_memory
 from qsvd_export.compress.placement import torch_stage_placement
 from qsvd_export.compress.rotation import latent_rotation
+from qsvd_export.compress.vlm_calibration import vlm_calibration, vlm_loss
 from qsvd_export.compress.svd import WhitenedSVD, output_whitening, whitened_svd, whitening
 from qsvd_export.data import read_text, resolve_text, token_windows
 from qsvd_export.errors import UnsupportedModelError, UsageError
@@ -37,11 +38,13 @@ from qsvd_export.zoo import LoadedModel
 ALLOCATIONS = ("qsvd", "uniform", "fisher")
 # Input side of the fisher whitening, chosen by measurement (docs/decisions.md): absmean on smollm2,
 # Cholesky (SVD-LLM) on minilm.
-FISHER_INPUT_DEFAULT = {"decoder": "absmean", "encoder": "cholesky", "vision": "cholesky"}
+FISHER_INPUT_DEFAULT = {"decoder": "absmean", "encoder": "cholesky", "vision": "cholesky", "vlm": "absmean"}
 # (windows, tokens per window, gradient windows). Decoders: EVAL.md's 128 x 512. Sentence encoders embed
 # sentences, so they calibrate on sentence-length windows (measured on minilm: 256 x 32 beats 128 x 128).
 # Vision graphs (graph-only, --calib-images): up to 128 images, gradients on 32; no token length.
-CALIBRATION_DEFAULTS = {"decoder": (128, 512, 32), "encoder": (256, 32, 128), "vision": (128, 0, 32)}
+# VLMs: 64 image + 256-token text samples (an image prompt adds image_seq_len tokens per frame), 16 with gradients.
+CALIBRATION_DEFAULTS = {"decoder": (128, 512, 32), "encoder": (256, 32, 128), "vision": (128, 0, 32),
+                        "vlm": (64, 256, 16)}
 
 
 def with_calibration_defaults(options: CompressOptions, kind: str) -> CompressOptions:
@@ -63,6 +66,7 @@ class CompressOptions:
     fisher_gamma: float = 0.5  # output side: F^(γ/2)
     fisher_input: str | None = None  # input side of fisher whitening: absmean | cholesky (None: per model kind)
     calib_text: str = "wiki_calib"
+    calib_images: str | None = None  # VLMs: a folder of calibration images (None: skimage.data samples)
     calib_windows: int | None = None  # None: CALIBRATION_DEFAULTS for the model kind
     calib_length: int | None = None
     grad_windows: int | None = None
@@ -214,7 +218,13 @@ def analyze(loaded: LoadedModel, options: CompressOptions, windows: np.ndarray |
     options = with_calibration_defaults(options, loaded.kind)
     model = loaded.model
     blocks = attention_projections(model)
-    if windows is None:
+    loss_fn = lm_loss if loaded.kind == "decoder" else hidden_state_probe_loss
+    if loaded.kind == "vlm":
+        if windows is not None:
+            raise UsageError(f"{loaded.name}: a vision-language model calibrates on images and text, not given windows")
+        windows, batches, calib_source = vlm_calibration(loaded.processor, options)
+        loss_fn = vlm_loss(batches, calib_source["prompt_length"])
+    elif windows is None:
         windows, batches = _calibration_batches(loaded, options)
         text_path = resolve_text(options.calib_text)
         calib_source = {"text": str(options.calib_text), "sha256": hashlib.sha256(text_path.read_bytes()).hexdigest()}
@@ -229,14 +239,14 @@ def analyze(loaded: LoadedModel, options: CompressOptions, windows: np.ndarray |
                                 second_moments=second_moments)
     progress.close()
 
-    dims = [LayerDims(**b.dims) for b in blocks]
+    dims = [LayerDims(**b.dims, cached=b.graph != "vision") for b in blocks]
     weights = [b.weights() for b in blocks]
     use_gradients = options.grad_windows > 0
-    loss_fn = lm_loss if loaded.kind == "decoder" else hidden_state_probe_loss
     output_fisher = None
     if options.whitening == "fisher" and use_gradients:
         output_fisher = _output_fisher(model, blocks, windows[: options.grad_windows], loss_fn)
-    meta = [{"num_heads": b.num_heads, "num_kv_heads": b.num_kv_heads, "head_dim": b.head_dim} for b in blocks]
+    meta = [{"num_heads": b.num_heads, "num_kv_heads": b.num_kv_heads, "head_dim": b.head_dim,
+             **({"graph": b.graph} if b.graph else {})} for b in blocks]
     calibration = {**calib_source, "windows": len(batches), "length": int(windows.shape[1])}
     gradients = None
     if use_gradients:

@@ -15,7 +15,7 @@ from qsvd_export.errors import UnsupportedModelError
 @dataclass(frozen=True)
 class ArchAdapter:
     model_type: str
-    kind: str  # "decoder" | "encoder" | "vision"
+    kind: str  # "decoder" | "encoder" | "vision" | "vlm"
     auto_class: str  # transformers class name used to instantiate the model
 
     def model_class(self) -> type:
@@ -65,6 +65,7 @@ _ADAPTERS: dict[str, ArchAdapter] = {
         ArchAdapter("bert", "encoder", "AutoModel"),
         ArchAdapter("vit", "vision", "AutoModel"),
         ArchAdapter("dinov2", "vision", "AutoModel"),
+        ArchAdapter("idefics3", "vlm", "AutoModelForImageTextToText"),
     )
 }
 

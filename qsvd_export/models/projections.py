@@ -29,6 +29,7 @@ class AttentionProjections:
     num_heads: int
     num_kv_heads: int
     head_dim: int
+    graph: str | None = None  # VLMs: the bundle graph of this block ("vision" or "model"); None: one graph
 
     @property
     def inputs(self) -> nn.Module:
@@ -97,11 +98,25 @@ def _head_counts(config: Any) -> tuple[int, int, int]:
     return heads, kv_heads, head_dim
 
 
+def _vision_tower(model: nn.Module) -> tuple[str, Any] | None:
+    """(path prefix, config) of a VLM's vision tower: the module whose ``config`` is the vision config."""
+    vision_config = getattr(model.config, "vision_config", None)
+    if vision_config is None:
+        return None
+    for path, module in model.named_modules():
+        if path and getattr(module, "config", None) is vision_config:
+            return path + ".", vision_config
+    raise UnsupportedModelError(f"{type(model).__name__}: vision config without a vision tower module")
+
+
 def attention_projections(model: nn.Module) -> list[AttentionProjections]:
-    """Every self-attention block's projections, in layer order. Raises if none is found."""
+    """Every self-attention block's projections, in module order (a VLM: vision tower first, ``graph``
+    "vision", then the language model, ``graph`` "model"), each with its own tower's head counts.
+    Raises if none is found."""
     config = model.config
     text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
-    heads, kv_heads, head_dim = _head_counts(text_config)
+    text_heads = _head_counts(text_config)
+    vision = _vision_tower(model)
     found: list[AttentionProjections] = []
     for path, module in model.named_modules():
         if "crossattention" in path:
@@ -110,7 +125,11 @@ def attention_projections(model: nn.Module) -> list[AttentionProjections]:
         fused = "c_attn" if type(getattr(module, "c_attn", None)).__name__ == "Conv1D" else None
         if names is None and fused is None:
             continue
-        found.append(AttentionProjections(len(found), path, module, names, fused, heads, kv_heads, head_dim))
+        graph, heads = None, text_heads
+        if vision is not None:
+            in_vision = path.startswith(vision[0])
+            graph, heads = ("vision", _head_counts(vision[1])) if in_vision else ("model", text_heads)
+        found.append(AttentionProjections(len(found), path, module, names, fused, *heads, graph=graph))
     if not found:
         raise UnsupportedModelError(f"{type(model).__name__}: no attention Q/K/V projections found")
     return found
