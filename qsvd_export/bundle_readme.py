@@ -24,6 +24,8 @@ def write_readme(folder: Path) -> None:
         text = render_npu_readme(config, report["target"])
     elif config.kind == "decoder":
         text = render_decoder_readme(config, report)
+    elif config.kind == "vlm":
+        text = render_vlm_readme(config, report)
     else:
         text = render_encoder_readme(config, report)
     (folder / README).write_text(text)
@@ -101,6 +103,38 @@ def render_decoder_readme(config: BundleConfig, report: dict[str, Any]) -> str:
         "`samples/run_bundle.py` in qsvd-export is a reference loop with only onnxruntime, tokenizers and numpy;",
         "`samples/README.md` there spells out the contract for ports.",
         "",
+        "## Numbers from report.json",
+        "",
+        *_numbers(report),
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def render_vlm_readme(config: BundleConfig, report: dict[str, Any]) -> str:
+    """A vision-language bundle: three graphs chained by the runner (qsvd_export/runtimes/vlm.py)."""
+    vlm = config.model_config["vlm"]
+    decoder = render_decoder_readme(config, report).split("## Inputs and outputs", 1)[1]
+    decoder = decoder.replace("- `input_ids` int64 [B, n]: the new tokens",
+                              "- `inputs_embeds` float32 [B, n, hidden]: the new tokens' embeddings (`embed.onnx`)")
+    lines = [
+        f"# {config.model_name}: vision-language bundle",
+        "",
+        *_files(config),
+        "",
+        "## Chaining the graphs",
+        "",
+        "1. The processor (saved here; `AutoProcessor.from_pretrained(bundle)`) turns an image and a prompt into",
+        f"   `input_ids` and `pixel_values` [frames, 3, {vlm['image_size']}, {vlm['image_size']}]: the image as tiles "
+        "plus a global frame,",
+        f"   each frame written as {vlm['image_seq_len']} image tokens (id {vlm['image_token_id']}) in the prompt.",
+        "2. `vision.onnx`: `pixel_values` → `image_features` float32 [frames, "
+        f"{vlm['image_seq_len']}, hidden].",
+        "3. `embed.onnx`: `input_ids` int64 [B, n] → `inputs_embeds` float32 [B, n, hidden]; then overwrite the rows of",
+        "   the image tokens, in order, with the frames' features (frame-major).",
+        "4. `model.onnx` (the decoder): prefill with the merged embeddings; decode each new token through",
+        "   `embed.onnx`. `qsvd-export run BUNDLE --image FILE --prompt TEXT` does all of this.",
+        "",
+        "## Decoder inputs and outputs" + decoder.split("## Driving it", 1)[0].split(")", 1)[1],
         "## Numbers from report.json",
         "",
         *_numbers(report),

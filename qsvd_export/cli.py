@@ -100,9 +100,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "default with --target cpu and no --bits: on, with w4a8, for llama-family models")
     _add_common(p)
 
-    p = sub.add_parser("run", help="greedy generation from a decoder bundle")
+    p = sub.add_parser("run", help="greedy generation from a decoder or vision-language bundle")
     p.add_argument("bundle", type=Path)
     p.add_argument("--prompt", required=True)
+    p.add_argument("--image", type=Path, default=None, help="vision-language bundles: the image the prompt is about")
     p.add_argument("--max-new-tokens", type=int, default=32)
     p.add_argument("--raw", action="store_true", help="do not apply the chat template")
     _add_runtime(p)
@@ -137,7 +138,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="fisher: input absmean (decoders) or Cholesky (encoders) + output-gradient Fisher "
                         "(default); absmean: ASVD; cholesky: SVD-LLM")
     p.add_argument("--calib", default="wiki_calib", help="calibration text file or bundled corpus")
-    p.add_argument("--calib-windows", type=int, default=None, help="default: 128 (decoders), 256 (encoders)")
+    p.add_argument("--calib-images", type=Path, default=None,
+                   help="vision-language models: a folder of calibration images (default: scikit-image's samples)")
+    p.add_argument("--calib-windows", type=int, default=None, help="default: 128 (decoders), 256 (encoders), 64 (VLMs)")
     p.add_argument("--calib-length", type=int, default=None, help="tokens per window; default: 512 (decoders), 32 (encoders)")
     p.add_argument("--grad-windows", type=int, default=None,
                    help="windows for the gradient passes; default: 32 (decoders), 128 (encoders)")
@@ -254,10 +257,36 @@ def generate_text(bundle: Path, prompt: str, max_new_tokens: int, raw: bool, tar
     return tokenizer.decode(new, skip_special_tokens=True)
 
 
+def describe_image(bundle: Path, image: Path | None, prompt: str, max_new_tokens: int, raw: bool, target: str,
+                   options: Any) -> str:
+    """Greedy answer of a VLM bundle to ``prompt`` about ``image`` (through the bundle's processor)."""
+    from transformers import AutoProcessor
+
+    from qsvd_export.runtimes.vlm import VisionLanguageRunner, processor_inputs, read_image
+
+    runner = VisionLanguageRunner(bundle, target, options)  # checks the bundle before the image is read
+    if image is None:
+        raise UsageError(f"{bundle} is a vision-language bundle: give --image FILE")
+    picture = read_image(image)
+    processor = AutoProcessor.from_pretrained(bundle, trust_remote_code=False)
+    ids, pixel_values = processor_inputs(processor, picture, prompt, chat=runner.config.generation.get(
+        "chat_template", False) and not raw)
+    new = runner.generate(ids, pixel_values, max_new_tokens, runner.config.generation.get("eos_token_ids"))
+    return processor.tokenizer.decode(new, skip_special_tokens=True)
+
+
 def cmd_run(args: argparse.Namespace) -> int:
+    from qsvd_export.bundle import load_bundle_config
+
     if args.max_new_tokens < 1:
         raise UsageError("--max-new-tokens must be at least 1")
-    print(generate_text(args.bundle, args.prompt, args.max_new_tokens, args.raw, args.target, _session_options(args)))
+    options = _session_options(args)
+    if load_bundle_config(args.bundle).kind == "vlm":
+        print(describe_image(args.bundle, args.image, args.prompt, args.max_new_tokens, args.raw, args.target, options))
+        return 0
+    if args.image is not None:
+        raise UsageError(f"{args.bundle} is not a vision-language bundle: --image does not apply")
+    print(generate_text(args.bundle, args.prompt, args.max_new_tokens, args.raw, args.target, options))
     return 0
 
 
@@ -351,6 +380,7 @@ def cmd_compress(args: argparse.Namespace) -> int:
     options = CompressOptions(
         budget=parse_budget(args.budget), allocation=args.allocation, grouping=args.grouping,
         whitening=args.whitening, calib_text=args.calib, calib_windows=args.calib_windows,
+        calib_images=str(args.calib_images) if args.calib_images is not None else None,
         calib_length=args.calib_length, grad_windows=args.grad_windows, importance=args.importance,
         bits=args.bits or "fp", beta=args.beta, rotation=args.rotation, residual_rotation=args.rotate,
         rotate_mlp=args.rotate_mlp,

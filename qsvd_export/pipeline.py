@@ -246,6 +246,9 @@ def build_compressed_bundle(spec: str, options: Any, out: Path, overwrite: bool 
     timings: dict[str, float] = {}
     start = time.perf_counter()
     loaded = load_model(spec, seed=options.seed)
+    if options.calib_images is not None and loaded.kind != "vlm":
+        raise UsageError(f"{loaded.name} is a {loaded.kind} model: --calib-images is for vision-language models "
+                         "(vision graphs: qsvd-export GRAPH.onnx --budget B --calib-images DIR)")
     if loaded.kind == "vlm":
         return _build_compressed_vlm_bundle(loaded, options, out, overwrite, timings, start, dense_graph, target,
                                             mobile, eval_text)

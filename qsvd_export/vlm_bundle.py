@@ -67,12 +67,9 @@ def build_vlm_bundle(loaded: LoadedModel, out: Path, overwrite: bool, timings: d
     cache = graphs["model"].cache
     if plan is not None:
         start = time.perf_counter()
-        stage = {}
-        for role in ("vision", "model"):
-            if any(layer.graph == role for layer in plan.layers):
-                info(f"graph stage on the {role} graph")
-                stage[role] = run_graph_stage(graphs[role].model, plan_for_graph(plan, role)).report()
-        report["graph_stage"] = stage
+        for role, key in (("vision", "graph_stage_vision"), ("model", "graph_stage")):
+            info(f"graph stage on the {role} graph")
+            report[key] = run_graph_stage(graphs[role].model, plan_for_graph(plan, role)).report()
         cache = cache_layout_from_graph(graphs["model"].model)
         report["kv_bytes_per_token_fp16_graph"] = sum(layer.bytes_per_token() // 2 for layer in cache)
         timings["graph_stage_s"] = time.perf_counter() - start
