@@ -97,22 +97,41 @@ _VLM_SPECIALS = ["<|endoftext|>", "<fake_token_around_image>", "<image>", "<end_
                  *(f"<row_{i}_col_{j}>" for i in range(1, 7) for j in range(1, 7))]
 
 
-def _vlm_processor() -> Any:
-    """An Idefics3 processor over a byte-level tokenizer (256 byte tokens + the Idefics3 special tokens):
-    32-pixel frames, images split into tiles of one frame each plus the global frame (64-pixel longest edge)."""
+def _vlm_tokenizer() -> Any:
+    """A byte-level fast tokenizer: 256 byte tokens, then the Idefics3 special tokens (``<image>`` = 258)."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-    from transformers import Idefics3ImageProcessorPil, Idefics3Processor, PreTrainedTokenizerFast
+    from transformers import PreTrainedTokenizerFast
 
     alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
     backend = Tokenizer(models.BPE(vocab={ch: i for i, ch in enumerate(alphabet)}, merges=[]))
     backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     backend.decoder = decoders.ByteLevel()
     backend.add_special_tokens(_VLM_SPECIALS)
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, eos_token="<|endoftext|>",
-                                        bos_token="<|endoftext|>", pad_token="<|endoftext|>")
-    images = Idefics3ImageProcessorPil(size={"longest_edge": 64}, max_image_size={"longest_edge": 32},
-                                       do_image_splitting=True)
-    return Idefics3Processor(image_processor=images, tokenizer=tokenizer, image_seq_len=4)
+    return PreTrainedTokenizerFast(tokenizer_object=backend, eos_token="<|endoftext|>", bos_token="<|endoftext|>",
+                                   pad_token="<|endoftext|>")
+
+
+def _vlm_processor(family: str) -> Any:
+    """The family's real processor over :func:`_vlm_tokenizer`, for 32-pixel frames. Idefics3: images split
+    into 2 × 2 tiles of one frame each plus the global frame (64-pixel longest edge); LLaVA: one
+    center-cropped frame, 16 image tokens."""
+    if family == "idefics3":
+        from transformers import Idefics3ImageProcessorPil, Idefics3Processor
+
+        images = Idefics3ImageProcessorPil(size={"longest_edge": 64}, max_image_size={"longest_edge": 32},
+                                           do_image_splitting=True)
+        return Idefics3Processor(image_processor=images, tokenizer=_vlm_tokenizer(), image_seq_len=4)
+    from transformers import CLIPImageProcessorPil, LlavaProcessor
+
+    images = CLIPImageProcessorPil(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
+    return LlavaProcessor(image_processor=images, tokenizer=_vlm_tokenizer(), patch_size=8,
+                          vision_feature_select_strategy="default", num_additional_image_tokens=1,
+                          image_token="<image>")
+
+
+_VLM_TEXT = dict(model_type="llama", vocab_size=320, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                 num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096,
+                 tie_word_embeddings=False, eos_token_id=256, bos_token_id=256, pad_token_id=256)
 
 
 def _idefics3() -> Any:
@@ -121,11 +140,19 @@ def _idefics3() -> Any:
     return Idefics3Config(
         vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
                            image_size=32, patch_size=8),
-        text_config=dict(model_type="llama", vocab_size=320, hidden_size=64, intermediate_size=128,
-                         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                         max_position_embeddings=4096, tie_word_embeddings=False, eos_token_id=256,
-                         bos_token_id=256, pad_token_id=256),
-        scale_factor=2, image_token_id=258, tie_word_embeddings=False,
+        text_config=dict(_VLM_TEXT), scale_factor=2, image_token_id=258, tie_word_embeddings=False,
+    )
+
+
+def _llava() -> Any:
+    from transformers import LlavaConfig
+
+    return LlavaConfig(
+        vision_config=dict(model_type="clip_vision_model", hidden_size=32, intermediate_size=64,
+                           num_hidden_layers=2, num_attention_heads=4, image_size=32, patch_size=8,
+                           projection_dim=32),
+        text_config=dict(_VLM_TEXT), image_token_id=258, vision_feature_layer=-2,
+        vision_feature_select_strategy="default", tie_word_embeddings=False,
     )
 
 
@@ -138,6 +165,7 @@ TINY_CONFIGS: dict[str, Callable[[], Any]] = {
     "vit": _vit,
     "dinov2": _dinov2,
     "idefics3": _idefics3,
+    "llava": _llava,
 }
 
 
@@ -165,11 +193,11 @@ def build_tiny(family: str, seed: int = 0):
     finally:
         torch.random.set_rng_state(generator_state)
     model.eval()
-    processor = _vlm_processor() if adapter.kind == "vlm" else None
+    processor = _vlm_processor(family) if adapter.kind == "vlm" else None
     if processor is not None:
         tokenizer = processor.tokenizer
         if tokenizer.convert_tokens_to_ids("<image>") != config.image_token_id:
-            raise AssertionError("tiny idefics3: image token id out of step with the tokenizer")
+            raise AssertionError(f"tiny {family}: image token id out of step with the tokenizer")
     else:
         tokenizer = ByteTokenizer() if adapter.kind != "vision" else None
     return LoadedModel(name=f"tiny-{family}", model=model, tokenizer=tokenizer, kind=adapter.kind,

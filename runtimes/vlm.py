@@ -78,7 +78,7 @@ class VisionLanguageRunner:
 
 
 def processor_inputs(processor: Any, image: Any, prompt: str, chat: bool) -> tuple[list[int], np.ndarray]:
-    """(input ids, pixel_values [frames, 3, S, S]) for one image and prompt. ``chat``: wrap them in the
+    """(input ids, pixel_values [frames, 3, S, S]) for one image and prompt (the vision graph's input). ``chat``: wrap them in the
     processor's chat template (user turn: image, then text; generation prompt added)."""
     if chat and getattr(processor, "chat_template", None):
         messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": prompt}]}]
@@ -89,7 +89,10 @@ def processor_inputs(processor: Any, image: Any, prompt: str, chat: bool) -> tup
     mask = batch.get("pixel_attention_mask")
     if mask is not None and not np.asarray(mask).all():
         raise BadInputError("the processor padded the image frames; the vision graph takes full frames only")
-    return [int(i) for i in batch["input_ids"][0]], np.asarray(batch["pixel_values"][0], dtype=np.float32)
+    pixel_values = np.asarray(batch["pixel_values"], dtype=np.float32)
+    if pixel_values.ndim == 5:  # Idefics3: [batch, frames, 3, S, S]; LLaVA: [images, 3, S, S]
+        pixel_values = pixel_values[0]
+    return [int(i) for i in batch["input_ids"][0]], pixel_values
 
 
 def read_image(path: Path) -> Any:

@@ -1,5 +1,5 @@
-"""Vision-language bundles (tiny Idefics3 = SmolVLM's architecture): three chained graphs, one plan over
-both towers, image + prompt → the same tokens as transformers."""
+"""Vision-language bundles (tiny Idefics3 = SmolVLM's architecture, and LLaVA): three chained graphs, one plan
+over both towers, image + prompt → the same tokens as transformers."""
 
 from __future__ import annotations
 
@@ -23,6 +23,7 @@ from qsvd_export.zoo import load_model
 skimage_data = pytest.importorskip("skimage.data")
 
 NEW_TOKENS = 12
+FAMILIES = ["idefics3", "llava"]
 
 
 def _image(name: str):  # type: ignore[no-untyped-def]
@@ -35,62 +36,79 @@ def _inputs(loaded, name: str, prompt: str) -> tuple[list[int], np.ndarray]:  # 
     return processor_inputs(loaded.processor, _image(name), prompt, chat=False)
 
 
-def _torch_tokens(model, ids: list[int], pixel_values: np.ndarray) -> list[int]:  # type: ignore[no-untyped-def]
-    out = model.generate(input_ids=torch.tensor([ids]), pixel_values=torch.from_numpy(pixel_values)[None],
+def _model_pixels(family: str, pixel_values: np.ndarray) -> torch.Tensor:
+    """The runner's frames [frames, 3, S, S] as the transformers model takes them."""
+    pixels = torch.from_numpy(pixel_values)
+    return pixels[None] if family == "idefics3" else pixels
+
+
+def _torch_tokens(family: str, model, ids: list[int], pixel_values: np.ndarray) -> list[int]:  # type: ignore[no-untyped-def]
+    out = model.generate(input_ids=torch.tensor([ids]), pixel_values=_model_pixels(family, pixel_values),
                          max_new_tokens=NEW_TOKENS, do_sample=False)
     return out[0, len(ids):].tolist()
 
 
-@pytest.fixture(scope="module")
-def tiny_vlm():  # type: ignore[no-untyped-def]
-    return load_model("tiny-idefics3")
+@pytest.fixture(scope="module", params=FAMILIES)
+def family(request) -> str:  # type: ignore[no-untyped-def]
+    return request.param
 
 
 @pytest.fixture(scope="module")
-def dense_vlm(bundles) -> Path:  # type: ignore[no-untyped-def]
-    return bundles.dense("idefics3")
+def tiny_vlm(family: str):  # type: ignore[no-untyped-def]
+    return load_model(f"tiny-{family}")
 
 
 @pytest.fixture(scope="module")
-def compressed_vlm(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    out = tmp_path_factory.mktemp("vlm") / "compressed"
+def dense_vlm(bundles, family: str) -> Path:  # type: ignore[no-untyped-def]
+    return bundles.dense(family)
+
+
+@pytest.fixture(scope="module")
+def compressed_vlm(tmp_path_factory: pytest.TempPathFactory, family: str) -> Path:
+    out = tmp_path_factory.mktemp("vlm") / f"compressed-{family}"
     options = CompressOptions(budget=parse_budget("params=0.7,kv=0.5"), calib_windows=8, calib_length=32,
                               grad_windows=4, min_rank=4)
-    build_compressed_bundle("tiny-idefics3", options, out)
+    build_compressed_bundle(f"tiny-{family}", options, out)
     return out
 
 
-def test_dense_bundle_chains_three_graphs(dense_vlm: Path) -> None:
+def test_dense_bundle_chains_three_graphs(dense_vlm: Path, family: str) -> None:
     config = json.loads((dense_vlm / "qsvd_config.json").read_text())
     assert config["kind"] == "vlm"
     assert [(g["role"], g["inputs"][0], g["outputs"][0]) for g in config["graphs"]] == [
         ("vision", "pixel_values", "image_features"), ("embed", "input_ids", "inputs_embeds"),
         ("model", "inputs_embeds", "logits")]
-    assert config["model_config"]["vlm"] == {"image_token_id": 258, "image_seq_len": 4, "image_size": 32,
+    features = {"idefics3": 4, "llava": 16}[family]  # pixel shuffle 4×: 16 patches → 4; LLaVA: 16 patches (CLS dropped)
+    assert config["model_config"]["vlm"] == {"image_token_id": 258, "image_seq_len": features, "image_size": 32,
                                              "vision_hidden_size": 32, "vision_layers": 2, "vision_heads": 4}
     assert "processor_config.json" in config["tokenizer_files"]
     assert "## Chaining the graphs" in (dense_vlm / "README.md").read_text()
 
 
 @pytest.mark.parametrize("image, prompt", [("astronaut", "Who is this?"), ("chelsea", "Describe the animal.")])
-def test_full_rank_tokens_equal_transformers(dense_vlm: Path, tiny_vlm, image: str, prompt: str) -> None:  # type: ignore[no-untyped-def]
+def test_full_rank_tokens_equal_transformers(dense_vlm: Path, tiny_vlm, family: str, image: str,  # type: ignore[no-untyped-def]
+                                             prompt: str) -> None:
     ids, pixel_values = _inputs(tiny_vlm, image, prompt)
-    assert pixel_values.shape[0] > 1  # tiles + the global frame
+    assert pixel_values.shape[0] == (5 if family == "idefics3" else 1)  # 2 × 2 tiles + the global frame
     ours = VisionLanguageRunner(dense_vlm).generate(ids, pixel_values, NEW_TOKENS)
-    assert ours == _torch_tokens(tiny_vlm.model, ids, pixel_values)
+    assert ours == _torch_tokens(family, tiny_vlm.model, ids, pixel_values)
 
 
-def test_vision_graph_equals_transformers_image_features(dense_vlm: Path, tiny_vlm) -> None:  # type: ignore[no-untyped-def]
+def test_vision_graph_equals_transformers_image_features(dense_vlm: Path, tiny_vlm, family: str) -> None:  # type: ignore[no-untyped-def]
     ids, pixel_values = _inputs(tiny_vlm, "coffee", "x")
     ours = VisionLanguageRunner(dense_vlm).image_features(pixel_values)
+    config = tiny_vlm.model.config
+    extra = {} if family == "idefics3" else {"vision_feature_layer": config.vision_feature_layer,
+                                             "vision_feature_select_strategy": config.vision_feature_select_strategy}
     with torch.no_grad():
-        ref = tiny_vlm.model.model.get_image_features(torch.from_numpy(pixel_values)[None]).pooler_output
+        ref = tiny_vlm.model.model.get_image_features(_model_pixels(family, pixel_values), **extra).pooler_output
     np.testing.assert_allclose(ours.reshape(-1, ours.shape[-1]), torch.cat(ref).numpy(), atol=1e-5)
 
 
-def test_one_plan_covers_both_towers_under_one_budget(compressed_vlm: Path) -> None:
+def test_one_plan_covers_both_towers_under_one_budget(compressed_vlm: Path, family: str) -> None:
     plan = load_plan(compressed_vlm)
-    assert [layer.graph for layer in plan.layers] == ["vision", "vision", "model", "model"]
+    vision_layers = {"idefics3": 2, "llava": 1}[family]  # LLaVA reads layer -2: the last CLIP layer is unused
+    assert [layer.graph for layer in plan.layers] == ["vision"] * vision_layers + ["model", "model"]
     assert plan.r1 <= 0.7 + 1e-9 and plan.r2 <= 0.5 + 1e-9
     assert any(layer.groups for layer in plan.layers if layer.graph == "vision")  # the vision tower shares the budget
     assert all(layer.cost()[1] == 0 for layer in plan.layers if layer.graph == "vision")  # and has no cache
@@ -101,15 +119,15 @@ def test_one_plan_covers_both_towers_under_one_budget(compressed_vlm: Path) -> N
     assert {layer["kind"] for layer in config["cache"]} == {"latent"}
 
 
-def test_compressed_bundle_matches_the_plan_in_torch(compressed_vlm: Path, tiny_vlm) -> None:  # type: ignore[no-untyped-def]
+def test_compressed_bundle_matches_the_plan_in_torch(compressed_vlm: Path, tiny_vlm, family: str) -> None:  # type: ignore[no-untyped-def]
     model = apply_plan(copy.deepcopy(tiny_vlm.model), load_plan(compressed_vlm))
     ids, pixel_values = _inputs(tiny_vlm, "rocket", "What is in the picture?")
     runner = VisionLanguageRunner(compressed_vlm)
     logits, _ = runner.decoder.prefill(runner.prompt_embeddings(np.asarray([ids]), pixel_values))
     with torch.no_grad():
-        ref = model(input_ids=torch.tensor([ids]), pixel_values=torch.from_numpy(pixel_values)[None]).logits
+        ref = model(input_ids=torch.tensor([ids]), pixel_values=_model_pixels(family, pixel_values)).logits
     assert np.abs(logits - ref.numpy()).max() <= 1e-4
-    assert runner.generate(ids, pixel_values, NEW_TOKENS) == _torch_tokens(model, ids, pixel_values)
+    assert runner.generate(ids, pixel_values, NEW_TOKENS) == _torch_tokens(family, model, ids, pixel_values)
 
 
 def test_kv_only_budget_leaves_the_vision_tower_dense(tiny_vlm) -> None:  # type: ignore[no-untyped-def]

@@ -66,6 +66,7 @@ _ADAPTERS: dict[str, ArchAdapter] = {
         ArchAdapter("vit", "vision", "AutoModel"),
         ArchAdapter("dinov2", "vision", "AutoModel"),
         ArchAdapter("idefics3", "vlm", "AutoModelForImageTextToText"),
+        ArchAdapter("llava", "vlm", "AutoModelForImageTextToText"),
     )
 }
 

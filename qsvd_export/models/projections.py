@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from qsvd_export.errors import UnsupportedModelError
+from qsvd_export.models.vlm import unused_vision_layers
 
 _SEPARATE_NAMES = (("q_proj", "k_proj", "v_proj"), ("query", "key", "value"))
 
@@ -111,15 +112,16 @@ def _vision_tower(model: nn.Module) -> tuple[str, Any] | None:
 
 def attention_projections(model: nn.Module) -> list[AttentionProjections]:
     """Every self-attention block's projections, in module order (a VLM: vision tower first, ``graph``
-    "vision", then the language model, ``graph`` "model"), each with its own tower's head counts.
-    Raises if none is found."""
+    "vision", then the language model, ``graph`` "model"), each with its own tower's head counts; vision
+    layers whose output no image feature reads are left out. Raises if none is found."""
     config = model.config
     text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
     text_heads = _head_counts(text_config)
     vision = _vision_tower(model)
+    unused = tuple(f"{p}." for p in unused_vision_layers(model)) if vision is not None else ()
     found: list[AttentionProjections] = []
     for path, module in model.named_modules():
-        if "crossattention" in path:
+        if "crossattention" in path or (unused and path.startswith(unused)):
             continue
         names = next((n for n in _SEPARATE_NAMES if all(isinstance(getattr(module, a, None), nn.Linear) for a in n)), None)
         fused = "c_attn" if type(getattr(module, "c_attn", None)).__name__ == "Conv1D" else None
