@@ -172,3 +172,14 @@ def test_cli_refuses_with_one_line(compressed_vlm: Path, tmp_path: Path, args: l
     errors = [line for line in done.stderr.splitlines() if line.startswith("qsvd-export: error:")]
     assert len(errors) == 1 and message in errors[0] and "Traceback" not in done.stderr, done.stderr
     assert not (tmp_path / "out").exists()
+
+
+def test_same_inputs_give_the_same_bytes(dense_vlm: Path, family: str, tmp_path: Path) -> None:
+    from qsvd_export.pipeline import build_dense_bundle
+
+    again = tmp_path / "again"
+    build_dense_bundle(f"tiny-{family}", again)
+    names = sorted(p.name for p in dense_vlm.iterdir())
+    assert names == sorted(p.name for p in again.iterdir())
+    differ = [n for n in names if n != "timings.json" and (dense_vlm / n).read_bytes() != (again / n).read_bytes()]
+    assert differ == []
