@@ -1,6 +1,7 @@
 """npu target quality: build the static QDQ graphs from a bundle and score them on the CPU EP.
 
-    python -m benchmarks.npu_quality BUNDLE --bits w8a16 [--windows 32] [--verify [--htp-arch 73]] [--json OUT.json]
+    python -m benchmarks.npu_quality BUNDLE --bits w8a16 [--windows 32] [--calibration-method minmax|percentile|mse]
+        [--verify [--htp-arch 73]] [--json OUT.json]
 
 BUNDLE is a dynamic-graph bundle (``qsvd-export export`` / ``compress`` output). Prints one JSON line:
 dense perplexity of the bundle's fp32 graph and of the QDQ prefill graph on the same ``--windows`` ×
@@ -32,14 +33,17 @@ def main() -> None:
     parser.add_argument("--bits", default="w8a16")
     parser.add_argument("--windows", type=int, default=32)
     parser.add_argument("--calibration-windows", type=int, default=8)
+    parser.add_argument("--calibration-method", default="minmax", choices=["minmax", "percentile", "mse"])
     parser.add_argument("--verify", action="store_true", help="also run the QNN HTP check (minutes)")
     parser.add_argument("--htp-arch", default=NpuOptions.htp_arch, help="HTP architecture for --verify")
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args()
     config, tokenizer = load_bundle_config(args.bundle), bundle_tokenizer(args.bundle)
-    options = NpuOptions(calibration_windows=args.calibration_windows, htp_arch=args.htp_arch)
+    options = NpuOptions(calibration_windows=args.calibration_windows, htp_arch=args.htp_arch,
+                         calibration_method=args.calibration_method)
     rows = token_windows(tokenizer, read_text("wiki_eval"), options.prefill_length, args.windows, source="wiki_eval")
-    result: dict = {"bundle": str(args.bundle), "bits": args.bits, "windows": args.windows,
+    result: dict = {"bundle": str(args.bundle), "bits": args.bits, "calibration": args.calibration_method,
+                    "windows": args.windows,
                     "window_length": options.prefill_length}
     result["dense"] = round(perplexity(DecoderRunner(args.bundle).window_nlls(rows)), 4)
     with tempfile.TemporaryDirectory(prefix="npu-quality-") as tmp:

@@ -27,6 +27,7 @@ from typing import Any
 import numpy as np
 import onnx_ir as ir
 
+from qsvd_export.activation_ranges import METHODS as _CALIBRATION_METHODS
 from qsvd_export.bundle import GraphSpec, LayerCache
 from qsvd_export.errors import RuntimeFailure, UsageError
 from qsvd_export.quantize import Bits
@@ -41,7 +42,7 @@ class NpuOptions:
     mask_value: float = 100.0
     calibration_windows: int = 8  # each gives 2 prefill chunks and `calibration_decode_steps` decode feeds
     calibration_decode_steps: int = 4
-    calibration_method: str = "minmax"
+    calibration_method: str = "minmax"  # or percentile / mse clipping of the 8-bit activations (activation_ranges.py)
     htp_arch: str = HTP_ARCH
     verify_tokens: int = 4  # greedy decode steps after one prefill window, on HTP and on the CPU EP
     precompile: bool = False  # write QNN context binaries (EPContext models) beside the QDQ graphs
@@ -56,7 +57,6 @@ class NpuOptions:
             _require_qnn("--precompile")  # before any slow step
 
 
-_CALIBRATION_METHODS = ("minmax", "percentile", "entropy")
 GRAPH_FILES = {"prefill": "prefill.onnx", "decode": "decode.onnx"}
 _ACTIVATIONS = frozenset({"Sigmoid", "Gelu", "Tanh", "Relu", "Erf", "Softplus", "FastGelu"})
 CONTEXT_FILES = {"prefill": "prefill_ctx.onnx", "decode": "decode_ctx.onnx"}  # + <name>_qnn.bin each
@@ -185,13 +185,21 @@ def insert_qdq(float_path: Path, out_path: Path, bits: Bits, feeds: list[dict[st
     from onnxruntime.quantization import CalibrationMethod, QuantType, quantize
     from onnxruntime.quantization.execution_providers.qnn import get_qnn_qdq_config
 
+    from qsvd_export.activation_ranges import clipped_ranges
+
     matmul_inputs = {16: None, 8: QuantType.QUInt8}[bits.activations or 16]
     weight = {8: QuantType.QInt8, 4: QuantType.QInt4}[bits.weights or 8]
-    calibrate = {"minmax": CalibrationMethod.MinMax, "percentile": CalibrationMethod.Percentile,
-                 "entropy": CalibrationMethod.Entropy}[method]
-    config = get_qnn_qdq_config(str(float_path), FeedReader(feeds), calibrate_method=calibrate,
+    overrides = _tensor_overrides(float_path, weight, matmul_inputs)
+    # the 8-bit activations (a8 presets): the tensors a calibration method other than min/max clips
+    low_bit = {name: (entry[0]["convert"] if "convert" in entry[0] else entry[0])
+               for name, entry in overrides.items()
+               if (entry[0].get("convert") or entry[0]).get("quant_type") == QuantType.QUInt8}
+    ranges = clipped_ranges(float_path, feeds, {name: 8 for name in low_bit}, method)
+    for name, (rmin, rmax) in ranges.items():
+        low_bit[name].update(rmin=np.float32(rmin), rmax=np.float32(rmax))
+    config = get_qnn_qdq_config(str(float_path), FeedReader(feeds), calibrate_method=CalibrationMethod.MinMax,
                                 activation_type=QuantType.QUInt16, weight_type=weight, weight_symmetric=True,
-                                init_overrides=_tensor_overrides(float_path, weight, matmul_inputs))
+                                init_overrides=overrides)
     config.use_external_data_format = True
     ort.set_default_logger_severity(3)  # the quantizer's sessions warn about every unused initializer
     root = logging.getLogger()
@@ -204,7 +212,7 @@ def insert_qdq(float_path: Path, out_path: Path, bits: Bits, feeds: list[dict[st
     activations = ("QUInt16" if matmul_inputs is None
                    else "QUInt8 in/out of the MatMuls reading the norm (q/k/v, MLP gate), QUInt16 elsewhere")
     return {"activations": activations, "weights": f"{weight.name} symmetric per output channel (MatMul)",
-            "calibration": {"method": method, "feeds": len(feeds)}}
+            "calibration": {"method": method, "feeds": len(feeds), "clipped_tensors": len(ranges)}}
 
 
 SHARED_DATA = "weights.data"
