@@ -12,10 +12,15 @@ of :func:`qsvd_export.compress.residual_rotation.rotate_residual_stream` (MatMul
   into the head only);
 - each residual writer ``MatMul(x, W [in, E])`` (+ bias b) feeding a residual ``Add`` → W·Q (b·Q).
 
+With the plan's online down_proj rotation (``--rotate-mlp``), each MLP down_proj (a residual writer
+reading a ``Mul``: the GLU product) also gets its input rotated online by Q_m = A ⊗ B, as the torch
+model's ``OnlineRotation``: ``Reshape [0, 0, a, b] → MatMul(·, B) → MatMul(Aᵀ, ·) → Reshape [0, 0, n]``
+before it, and its weight W → Q_mᵀ·W.
+
 Anything else reading the residual stream (a LayerNorm's mean, a stream value that is a graph output, a
-Cast) makes the pass refuse with the node named: rotating it would change the graph's function. The
-online down_proj rotation (``--rotate-mlp``) is not inserted here. Outputs are unchanged up to float32
-rounding; the plan's weight probes, checked by split_qkv afterwards, confirm the basis.
+Cast) makes the pass refuse with the node named: rotating it would change the graph's function.
+Outputs are unchanged up to float32 rounding; the plan's weight probes, checked by split_qkv afterwards,
+confirm the basis.
 """
 
 from __future__ import annotations
@@ -152,6 +157,46 @@ def _set(value: ir.Value, array: np.ndarray) -> None:
     value.const_value = ir.tensor(np.ascontiguousarray(array.astype(np.float32)), name=value.name)
 
 
+def _mlp_writers(folds: _Folds) -> list[ir.Node]:
+    """The residual writers that are MLP down_projs: their input is the GLU product (a ``Mul``)."""
+    writers = []
+    for node, _ in folds.writers:
+        source = node.inputs[0].producer() if node.inputs[0] is not None else None
+        if source is not None and source.op_type == "Mul":
+            writers.append(node)
+    return writers
+
+
+def insert_online_rotations(graph: ir.Graph, writers: list[ir.Node], seed: int) -> None:
+    """Rotate each down_proj's input online by A ⊗ B (``kronecker_factors(n, seed)``) and its weight by the
+    transpose, so the MatMul's output is unchanged. Inputs must be [batch, seq, n]."""
+    from qsvd_export.compress.residual_rotation import kronecker_factors
+    from qsvd_export.passes._graph import add_node, initializer
+
+    for index, node in enumerate(writers):
+        x, weight = node.inputs[0], node.inputs[1]
+        if x is None or x.shape is None or x.shape.rank() != 3:
+            raise FoldError(f"down_proj node {node.name} input is not [batch, seq, n]: cannot rotate it online")
+        n = int(_const(weight).shape[0])  # type: ignore[union-attr]
+        a, b = (m.numpy() for m in kronecker_factors(n, seed))
+        prefix = f"qsvd/online_rotation{index}"
+        grid = initializer(graph, f"{prefix}/grid", np.asarray([0, 0, a.shape[0], b.shape[0]], dtype=np.int64))
+        flat = initializer(graph, f"{prefix}/flat", np.asarray([0, 0, n], dtype=np.int64))
+        right = initializer(graph, f"{prefix}/b", np.ascontiguousarray(b.astype(np.float32)))
+        left = initializer(graph, f"{prefix}/a_t", np.ascontiguousarray(a.T.astype(np.float32)))
+        value = add_node(graph, "Reshape", [x, grid], f"{prefix}/grid_view").outputs[0]
+        value = add_node(graph, "MatMul", [value, right], f"{prefix}/times_b").outputs[0]
+        value = add_node(graph, "MatMul", [left, value], f"{prefix}/a_t_times").outputs[0]
+        value = add_node(graph, "Reshape", [value, flat], f"{prefix}/flat_view").outputs[0]
+        value.dtype, value.shape = x.dtype, x.shape
+        node.replace_input_with(0, value)
+        rotated = np.kron(a, b).T @ _const(weight).astype(np.float64)  # type: ignore[union-attr]
+        if len(weight.uses()) == 1:  # type: ignore[union-attr]
+            _set(weight, rotated)  # type: ignore[arg-type]
+        else:
+            node.replace_input_with(1, initializer(graph, f"{prefix}/weight", rotated.astype(np.float32)))
+
+
 def apply_folds(graph: ir.Graph, folds: _Folds, q: np.ndarray) -> None:
     """Rewrite the collected weights for the residual rotation ``q`` [E, E] (float64 math)."""
     table = folds.table
@@ -213,14 +258,17 @@ class FoldRotationsPass(ir.passes.InPlacePass):
         spec = plan.method.get("residual_rotation") if plan is not None else None
         if not spec or graph_matches_plan(model, plan):
             return ir.passes.PassResult(model, False)
-        if spec.get("online_mlp_rotation"):
-            raise FoldError(f"the plan's rotation includes the online down_proj rotation, which fold_rotations does "
-                            f"not insert: use the graph exported with it (export --rotate --rotate-mlp --seed {spec['seed']})")
         folds = collect_folds(model.graph)
         width = int(folds.table.const_value.shape[1])  # type: ignore[union-attr]
         if width != int(spec["width"]):
             raise FoldError(f"the plan's rotation is {spec['width']} wide, the graph's residual stream {width}")
+        online = _mlp_writers(folds) if spec.get("online_mlp_rotation") else []
+        if spec.get("online_mlp_rotation") and len(online) != len(folds.writers) // 2:
+            raise FoldError(f"found {len(online)} MLP down_projs among {len(folds.writers)} residual writers: "
+                            "cannot place the online down_proj rotation")
         apply_folds(model.graph, folds, residual_rotation_matrix(width, int(spec["seed"])).numpy())
+        insert_online_rotations(model.graph, online, int(spec["seed"]) + 1)
         self.context.folded_rotation = {**spec, "folded_in_graph_stage": True, "readers": len(folds.readers),
-                                        "writers": len(folds.writers), "norms": len(folds.gains)}
+                                        "writers": len(folds.writers), "norms": len(folds.gains),
+                                        "online_rotations": len(online)}
         return ir.passes.PassResult(model, True)

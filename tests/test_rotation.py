@@ -55,36 +55,27 @@ ROTATED_PLAN = ["--budget", "kv=0.5", "--rotate", "--seed", "0", "--calib-window
                 "--grad-windows", "2", "-q"]
 
 
-@pytest.mark.parametrize("family", ["llama", "qwen2"])
-def test_a_rotated_plan_is_folded_into_the_unrotated_graph(family, tmp_path, bundles, capsys):
-    """fold_rotations: the plain dense graph takes a `compress --rotate` plan; the bundle equals the rotated
-    torch model with that plan (prefill and a cached step)."""
+@pytest.mark.parametrize("family,online_mlp", [("llama", False), ("qwen2", False), ("llama", True)])
+def test_a_rotated_plan_is_folded_into_the_unrotated_graph(family, online_mlp, tmp_path, bundles, capsys):
+    """fold_rotations: the plain dense graph takes a `compress --rotate [--rotate-mlp]` plan; the bundle equals
+    the rotated torch model with that plan (prefill and a cached step)."""
     from qsvd_export.plan import apply_plan, load_plan
 
     rotated = tmp_path / "rotated"
-    assert main(["compress", f"tiny-{family}", *ROTATED_PLAN, "-o", str(rotated)]) == 0
+    extra = ["--rotate-mlp"] if online_mlp else []
+    assert main(["compress", f"tiny-{family}", *ROTATED_PLAN, *extra, "-o", str(rotated)]) == 0
     assert json.loads((rotated / "plan.json").read_text())["method"]["residual_rotation"]["seed"] == 0
     out = tmp_path / "out"
     assert main([str(bundles.dense(family) / "model.onnx"), "--plan", str(rotated), "-o", str(out), "-q"]) == 0
     stage = json.loads((out / "report.json").read_text())["graph_stage"]
     layers = len(stage["layers"])
     assert stage["folded_rotation"]["seed"] == 0 and stage["folded_rotation"]["norms"] == 2 * layers + 1
+    assert stage["folded_rotation"]["online_rotations"] == (layers if online_mlp else 0)
     assert all(layer["cache"] == "latent" for layer in stage["layers"])
     reference = copy.deepcopy(load_model(f"tiny-{family}").model)
-    rotate_residual_stream(reference, seed=0)
+    rotate_residual_stream(reference, seed=0, online_mlp=online_mlp)
     reference = apply_plan(reference, load_plan(rotated))
     assert_decoder_parity(out, reference, np.random.default_rng(2).integers(0, 256, (1, 10)), next_token=4)
-
-
-def test_a_rotated_plan_with_the_online_mlp_rotation_is_refused_with_the_fix(tmp_path, bundles, capsys):
-    rotated = tmp_path / "rotated"
-    assert main(["compress", "tiny-llama", *ROTATED_PLAN, "--rotate-mlp", "-o", str(rotated)]) == 0
-    capsys.readouterr()
-    out = tmp_path / "out"
-    assert main([str(bundles.dense("llama") / "model.onnx"), "--plan", str(rotated), "-o", str(out)]) == 3
-    err = capsys.readouterr().err.strip().splitlines()[-1]
-    assert "online down_proj rotation" in err and "(export --rotate --rotate-mlp --seed 0)" in err
-    assert not out.exists()
 
 
 def test_smoothing_keeps_fp_outputs_and_lowers_the_quantized_error():
