@@ -167,7 +167,7 @@ def build_dense_bundle(spec: str, out: Path, overwrite: bool = False, seed: int 
 
         check_vlm_options(target, mobile, rotate, smooth)
         timings["load_s"] = time.perf_counter() - start
-        return build_vlm_bundle(loaded, out, overwrite, timings)
+        return build_vlm_bundle(loaded, out, overwrite, timings, target=target, bits=bits, strict=strict)
     extra: dict[str, Any] = {}
     if rotate:
         from qsvd_export.compress.residual_rotation import rotate_residual_stream
@@ -251,7 +251,7 @@ def build_compressed_bundle(spec: str, options: Any, out: Path, overwrite: bool 
                          "(vision graphs: qsvd-export GRAPH.onnx --budget B --calib-images DIR)")
     if loaded.kind == "vlm":
         return _build_compressed_vlm_bundle(loaded, options, out, overwrite, timings, start, dense_graph, target,
-                                            mobile, eval_text)
+                                            target_bits, target_strict, mobile, eval_text)
     rotation_report: dict[str, Any] = {}
     if options.residual_rotation:
         if dense_graph is not None:
@@ -312,7 +312,7 @@ def build_compressed_bundle(spec: str, options: Any, out: Path, overwrite: bool 
 
 def _build_compressed_vlm_bundle(loaded: LoadedModel, options: Any, out: Path, overwrite: bool,
                                  timings: dict[str, float], start: float, dense_graph: Path | None, target: str | None,
-                                 mobile: bool, eval_text: str | None) -> BuildResult:
+                                 bits: str | None, strict: bool, mobile: bool, eval_text: str | None) -> BuildResult:
     """``compress`` of a vision-language model: one plan over both towers (images + text calibration), then
     the three-graph bundle (qsvd_export/vlm_bundle.py)."""
     from qsvd_export.compress.compressor import compress_model, options_summary
@@ -328,7 +328,7 @@ def _build_compressed_vlm_bundle(loaded: LoadedModel, options: Any, out: Path, o
     plan = compress_model(loaded, options, reload=None if folder is None else lambda: load_model(str(folder)).model)
     timings["compress_s"] = time.perf_counter() - start
     report = {"stage": "compressed", **plan_report(plan), "options": options_summary(options)}
-    return build_vlm_bundle(loaded, out, overwrite, timings, plan, report)
+    return build_vlm_bundle(loaded, out, overwrite, timings, plan, report, target, bits, strict)
 
 
 def _evaluate_bundle(loaded: LoadedModel, plan: Any, bundle: Path, text: str, windows: int) -> dict[str, Any]:

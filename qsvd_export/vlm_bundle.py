@@ -20,12 +20,30 @@ from qsvd_export.zoo import LoadedModel
 ROLES = {"vision": "vision.onnx", "embed": "embed.onnx", "model": "model.onnx"}
 
 
+VLM_TARGETS = ("cpu",)
+
+
 def check_vlm_options(target: str | None, mobile: bool, rotate: bool = False, smooth: bool | None = None) -> None:
     """Refuse what VLM bundles do not support yet, by name, before any slow step."""
-    for flag, given in (("--target", target is not None), ("--mobile", mobile), ("--rotate", rotate),
-                        ("--smooth", bool(smooth))):
+    if target is not None and target not in VLM_TARGETS:
+        raise UsageError(f"--target {target} is not supported for vision-language models yet "
+                         f"(fp32, or {', '.join(VLM_TARGETS)})")
+    for flag, given in (("--mobile", mobile), ("--rotate", rotate), ("--smooth", bool(smooth))):
         if given:
-            raise UsageError(f"{flag} is not supported for vision-language models yet (fp32 bundles only)")
+            raise UsageError(f"{flag} is not supported for vision-language models yet")
+
+
+def _apply_targets(graphs: dict[str, Any], target: str | None, bits: str | None) -> dict[str, Any] | None:
+    """The target stage on every graph (cpu: MatMulNBits weights, the embedding table at 8 bits)."""
+    from qsvd_export.pipeline import apply_target
+
+    if target is None:
+        return None
+    per_graph = {role: apply_target(graphs[role].model, target, bits) for role in ROLES}
+    first = next(iter(per_graph.values()))
+    return {"target": target, "bits": first["bits"],  # type: ignore[index]
+            "quantized_matmuls": sum(r.get("quantized_matmuls", 0) for r in per_graph.values()),  # type: ignore[union-attr]
+            "graphs": per_graph}
 
 
 def vlm_model_config(loaded: LoadedModel) -> dict[str, Any]:
@@ -49,13 +67,15 @@ def vlm_model_config(loaded: LoadedModel) -> dict[str, Any]:
 
 
 def build_vlm_bundle(loaded: LoadedModel, out: Path, overwrite: bool, timings: dict[str, float],
-                     plan: Any = None, report: dict[str, Any] | None = None) -> Any:
+                     plan: Any = None, report: dict[str, Any] | None = None, target: str | None = None,
+                     bits: str | None = None, strict: bool = False) -> Any:
     """Export the three graphs of ``loaded`` (from its files when unchanged), apply ``plan``'s layers to the
-    vision and decoder graphs, and write the bundle atomically. Returns a ``BuildResult``."""
+    vision and decoder graphs, quantize every graph for ``target``, and write the bundle atomically.
+    Returns a ``BuildResult``."""
     from qsvd_export.export import cache_layout_from_graph, export_vlm
     from qsvd_export.passes.chain import run_graph_stage
-    from qsvd_export.pipeline import (BuildResult, _finish_bundle, generation_summary, graph_io, save_graph,
-                                      save_tokenizer)
+    from qsvd_export.pipeline import (BuildResult, _finish_bundle, check_target, generation_summary, graph_io,
+                                      save_graph, save_tokenizer)
     from qsvd_export.plan import plan_for_graph, save_plan
     from qsvd_export.progress import info
 
@@ -74,11 +94,14 @@ def build_vlm_bundle(loaded: LoadedModel, out: Path, overwrite: bool, timings: d
         report["kv_bytes_per_token_fp16_graph"] = sum(layer.bytes_per_token() // 2 for layer in cache)
         timings["graph_stage_s"] = time.perf_counter() - start
     model_config = vlm_model_config(loaded)
+    target_report = _apply_targets(graphs, target, bits)
     with atomic_output_dir(out, overwrite) as tmp:
         specs = []
         for role, filename in ROLES.items():
             save_graph(graphs[role].model, tmp, filename)
             specs.append(GraphSpec(role, filename, *graph_io(graphs[role].model)))
+            if target_report is not None:
+                check_target(tmp / filename, target_report["graphs"][role], strict)
         if plan is not None:
             save_plan(plan, tmp)
         tokenizer_files = save_tokenizer(loaded.processor, tmp)
@@ -103,6 +126,7 @@ def build_vlm_bundle(loaded: LoadedModel, out: Path, overwrite: bool, timings: d
             "kv_bytes_per_token": config.kv_bytes_per_token(),
             "parameters": parameters,
             **report,
+            **({"target": target_report} if target_report is not None else {}),
         })
         _finish_bundle(tmp, config, False, timings)
     return BuildResult(Path(out), config, json.loads((Path(out) / "report.json").read_text()), timings)

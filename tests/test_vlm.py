@@ -155,11 +155,31 @@ def test_cli_run_with_an_image(compressed_vlm: Path, tmp_path: Path, tiny_vlm) -
     assert done.stdout.rstrip("\n") == tiny_vlm.processor.tokenizer.decode(expected, skip_special_tokens=True)
 
 
+def test_cpu_target_quantizes_all_three_graphs_and_stays_close(dense_vlm: Path, tiny_vlm, family: str,  # type: ignore[no-untyped-def]
+                                                                 tmp_path: Path) -> None:
+    from qsvd_export.pipeline import build_dense_bundle
+
+    out = tmp_path / "cpu"
+    report = build_dense_bundle(f"tiny-{family}", out, target="cpu").report
+    graphs = report["target"]["graphs"]
+    assert graphs["vision"]["quantized_matmuls"] > 0 and graphs["model"]["quantized_matmuls"] > 0
+    assert graphs["embed"]["quantized_embeddings"] == 1
+    assert all(g["onnxruntime_optimized_graph"]["float_matmuls_with_constant_weight"] == 0 for g in graphs.values())
+    ids, pixel_values = _inputs(tiny_vlm, "astronaut", "What is it?")
+    logits = {}
+    for name, bundle in (("fp32", dense_vlm), ("cpu", out)):
+        runner = VisionLanguageRunner(bundle)
+        logits[name], _ = runner.decoder.prefill(runner.prompt_embeddings(np.asarray([ids]), pixel_values))
+    spread = np.abs(logits["fp32"]).max()
+    assert 0 < np.abs(logits["cpu"] - logits["fp32"]).max() <= 0.05 * spread  # int8 weights: close, not equal
+
+
 @pytest.mark.parametrize("args, message", [
     (["run", "{vlm}", "--prompt", "x"], "give --image FILE"),
     (["run", "{vlm}", "--prompt", "x", "--image", "{missing}"], "image file not found"),
     (["run", "{vlm}", "--prompt", "x", "--image", "{text}"], "not a readable image"),
-    (["export", "tiny-idefics3", "-o", "{out}", "--target", "cpu"], "--target is not supported for vision-language"),
+    (["export", "tiny-idefics3", "-o", "{out}", "--target", "npu"], "--target npu is not supported for vision-language"),
+    (["export", "tiny-idefics3", "-o", "{out}", "--mobile"], "--mobile is not supported for vision-language"),
     (["compress", "tiny-llama", "--budget", "kv=0.5", "-o", "{out}", "--calib-images", "{tmp}"],
      "--calib-images is for vision-language models"),
 ])
