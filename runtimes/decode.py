@@ -8,6 +8,7 @@ and grows ``attention_mask`` by the new tokens.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 
@@ -64,10 +65,15 @@ class DecoderRunner:
         positions = np.broadcast_to(np.arange(seq, dtype=np.int64), (batch, seq))
         return self.step(token_ids, mask, positions, self.empty_cache(batch))
 
-    def generate(self, prompt_ids: list[int], max_new_tokens: int, eos_ids: list[int] | None = None) -> list[int]:
-        """Greedy generation for one prompt; returns the new token ids (stops after an EOS id)."""
+    def generate(self, prompt_ids: list[int], max_new_tokens: int, eos_ids: list[int] | None = None,
+                 prompt: np.ndarray | None = None,
+                 embed: Callable[[np.ndarray], np.ndarray] | None = None) -> list[int]:
+        """Greedy generation for one prompt; returns the new token ids (stops after an EOS id).
+
+        A VLM decoder takes embeddings: ``prompt`` [1, seq, hidden] is the prefill input in place of the ids
+        (image features merged in), and ``embed`` maps each new token [[id]] to its embedding [1, 1, hidden]."""
         eos = set(eos_ids or [])
-        logits, cache = self.prefill(np.asarray([prompt_ids], dtype=np.int64))
+        logits, cache = self.prefill(np.asarray([prompt_ids], dtype=np.int64) if prompt is None else prompt)
         length = len(prompt_ids)
         new: list[int] = []
         for _ in range(max_new_tokens):
@@ -76,7 +82,9 @@ class DecoderRunner:
             if token in eos:
                 break
             mask = np.ones((1, length + 1), dtype=np.int64)
-            logits, cache = self.step(np.asarray([[token]]), mask, np.asarray([[length]]), cache)
+            step_input = np.asarray([[token]], dtype=np.int64)
+            logits, cache = self.step(step_input if embed is None else embed(step_input), mask,
+                                      np.asarray([[length]]), cache)
             length += 1
         return new
 

@@ -60,21 +60,8 @@ class VisionLanguageRunner:
     def generate(self, input_ids: list[int], pixel_values: np.ndarray | None, max_new_tokens: int,
                  eos_ids: list[int] | None = None) -> list[int]:
         """Greedy generation; ``pixel_values`` [frames, 3, S, S] (the processor's, batch axis dropped)."""
-        eos = set(eos_ids or [])
-        ids = np.asarray([input_ids], dtype=np.int64)
-        logits, cache = self.decoder.prefill(self.prompt_embeddings(ids, pixel_values))
-        length = ids.shape[1]
-        new: list[int] = []
-        for _ in range(max_new_tokens):
-            token = int(np.argmax(logits[0, -1]))
-            new.append(token)
-            if token in eos:
-                break
-            mask = np.ones((1, length + 1), dtype=np.int64)
-            logits, cache = self.decoder.step(self.embeddings(np.asarray([[token]])), mask, np.asarray([[length]]),
-                                              cache)
-            length += 1
-        return new
+        prompt = self.prompt_embeddings(np.asarray([input_ids], dtype=np.int64), pixel_values)
+        return self.decoder.generate(input_ids, max_new_tokens, eos_ids, prompt=prompt, embed=self.embeddings)
 
 
 def processor_inputs(processor: Any, image: Any, prompt: str, chat: bool) -> tuple[list[int], np.ndarray]:
