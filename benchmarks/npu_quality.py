@@ -1,6 +1,6 @@
 """npu target quality: build the static QDQ graphs from a bundle and score them on the CPU EP.
 
-    python -m benchmarks.npu_quality BUNDLE --bits w8a16 [--windows 32] [--calibration-method minmax|percentile|mse]
+    python -m benchmarks.npu_quality BUNDLE --bits w8a16 [--windows 32] [--calibration-method mse|minmax|percentile]
         [--verify [--htp-arch 73]] [--json OUT.json]
 
 BUNDLE is a dynamic-graph bundle (``qsvd-export export`` / ``compress`` output). Prints one JSON line:
@@ -33,7 +33,7 @@ def main() -> None:
     parser.add_argument("--bits", default="w8a16")
     parser.add_argument("--windows", type=int, default=32)
     parser.add_argument("--calibration-windows", type=int, default=8)
-    parser.add_argument("--calibration-method", default="minmax", choices=["minmax", "percentile", "mse"])
+    parser.add_argument("--calibration-method", default="mse", choices=["minmax", "percentile", "mse"])
     parser.add_argument("--verify", action="store_true", help="also run the QNN HTP check (minutes)")
     parser.add_argument("--htp-arch", default=NpuOptions.htp_arch, help="HTP architecture for --verify")
     parser.add_argument("--json", type=Path, default=None)

@@ -1,6 +1,8 @@
 """Clipped activation ranges for the npu target's low-bit tensors, from streamed histograms.
 
-``minmax`` keeps onnxruntime's calibrated [min, max]. ``percentile`` and ``mse`` run the float static graph
+``mse`` is the default, by measurement (smollm2 w8a8 + H1, 32 × 128 wiki_eval: mse 1.015× dense, minmax
+1.022×, percentile 1.438×: the 0.01% tails it cuts carry the model). ``minmax`` keeps onnxruntime's
+calibrated [min, max]. ``percentile`` and ``mse`` run the float static graph
 once more over the calibration feeds with the chosen tensors as extra outputs, keep one fixed-range
 histogram per tensor (the range from a first min/max pass; nothing is stored per feed), and pick
 

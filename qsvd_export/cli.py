@@ -50,8 +50,9 @@ def _add_target(parser: argparse.ArgumentParser, bits: bool = True) -> None:
     npu.add_argument("--context-length", type=int, default=1024, help="cache slots of the static graphs (default 1024)")
     npu.add_argument("--prefill-length", type=int, default=128, help="tokens per prefill call (default 128)")
     npu.add_argument("--htp-arch", default="73", help="QNN HTP architecture to compile for (default 73)")
-    npu.add_argument("--calibration-method", default="minmax", choices=["minmax", "percentile", "mse"],
-                     help="activation ranges: minmax (default), or percentile / mse clipping of the 8-bit activations")
+    npu.add_argument("--calibration-method", default="mse", choices=["minmax", "percentile", "mse"],
+                     help="ranges of the 8-bit activations (w8a8): mse clipping (default, measured best), "
+                          "minmax, or percentile")
     npu.add_argument("--precompile", action="store_true",
                      help="also write QNN HTP context binaries (prefill_ctx.onnx / decode_ctx.onnx + .bin)")
     npu.add_argument("--no-verify", dest="verify", action="store_false",
