@@ -10,6 +10,9 @@ One graph serves prefill (past = 0) and decode. ``attention_mask`` covers past a
 
 Encoder graph: ``input_ids``, ``attention_mask``, ``token_type_ids`` → ``last_hidden_state``.
 Vision graph: ``pixel_values`` [batch, channels, H, W] → ``last_hidden_state``.
+Vision-language models (:func:`export_vlm`): three graphs, ``vision`` (``pixel_values`` [frames, 3, S, S] →
+``image_features``), ``embed`` (``input_ids`` → ``inputs_embeds``) and the decoder above with
+``inputs_embeds`` [batch, seq, hidden] float32 in place of ``input_ids``.
 """
 
 from __future__ import annotations
