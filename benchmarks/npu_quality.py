@@ -34,15 +34,17 @@ def main() -> None:
     parser.add_argument("--windows", type=int, default=32)
     parser.add_argument("--calibration-windows", type=int, default=8)
     parser.add_argument("--calibration-method", default="mse", choices=["minmax", "percentile", "mse"])
+    parser.add_argument("--weight-clip", default="mse", choices=["mse", "none"])
     parser.add_argument("--verify", action="store_true", help="also run the QNN HTP check (minutes)")
     parser.add_argument("--htp-arch", default=NpuOptions.htp_arch, help="HTP architecture for --verify")
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args()
     config, tokenizer = load_bundle_config(args.bundle), bundle_tokenizer(args.bundle)
     options = NpuOptions(calibration_windows=args.calibration_windows, htp_arch=args.htp_arch,
-                         calibration_method=args.calibration_method)
+                         calibration_method=args.calibration_method, weight_clip=args.weight_clip)
     rows = token_windows(tokenizer, read_text("wiki_eval"), options.prefill_length, args.windows, source="wiki_eval")
     result: dict = {"bundle": str(args.bundle), "bits": args.bits, "calibration": args.calibration_method,
+                    "weight_clip": args.weight_clip,
                     "windows": args.windows,
                     "window_length": options.prefill_length}
     result["dense"] = round(perplexity(DecoderRunner(args.bundle).window_nlls(rows)), 4)

@@ -45,6 +45,7 @@ class NpuOptions:
     # the 8-bit activations' ranges (activation_ranges.py): mse clipping, chosen by measurement (smollm2 w8a8 + H1:
     # 1.015x dense; minmax 1.022x, percentile 1.438x; docs/results.md)
     calibration_method: str = "mse"
+    weight_clip: str = "mse"  # per-channel weight ranges: mse clip search (weight_ranges.py) or "none" (absmax)
     htp_arch: str = HTP_ARCH
     verify_tokens: int = 4  # greedy decode steps after one prefill window, on HTP and on the CPU EP
     precompile: bool = False  # write QNN context binaries (EPContext models) beside the QDQ graphs
@@ -52,6 +53,8 @@ class NpuOptions:
     def check(self) -> None:
         if not 1 < self.prefill_length < self.context_length:
             raise UsageError(f"--prefill-length must be in (1, context length {self.context_length})")
+        if self.weight_clip not in ("mse", "none"):
+            raise UsageError(f"unknown weight clip '{self.weight_clip}' (mse or none)")
         if self.calibration_method not in _CALIBRATION_METHODS:
             raise UsageError(f"unknown calibration method '{self.calibration_method}' "
                              f"(choose from {', '.join(_CALIBRATION_METHODS)})")
@@ -129,12 +132,15 @@ class FeedReader:
         return self.feeds[self.index - 1]
 
 
-def _tensor_overrides(float_path: Path, weight: Any, matmul_inputs: Any | None) -> dict[str, list[dict[str, Any]]]:
+def _tensor_overrides(float_path: Path, weight: Any, matmul_inputs: Any | None,
+                      clips: dict[str, np.ndarray] | None = None) -> dict[str, list[dict[str, Any]]]:
     """Tensor overrides for the QNN recipe.
 
     - Every 2-D initializer a MatMul reads as its weight [K, N]: symmetric per-output-channel scales
       (axis 1). The recipe's default is per-tensor for MatMul, which on smollm2 alone costs 7% perplexity
-      at int8; QNN HTP compiles the per-channel form (checked in tests).
+      at int8; QNN HTP compiles the per-channel form (checked in tests). With ``clips`` (a cache shared by
+      the prefill and decode graphs, filled here) each channel's range is its MSE-optimal clip
+      (:func:`qsvd_export.weight_ranges.mse_channel_clips`) instead of its absolute maximum.
     - ``matmul_inputs`` (the ``a8`` presets): where a MatMul reads the RMSNorm output (q/k/v, MLP gate:
       41% of smollm2's weight MACs) its input is converted to that type for the MatMul only (a QNN
       Convert; RmsNorm must output its input's type) and its output uses that type too (QNN's quantized
@@ -164,9 +170,13 @@ def _tensor_overrides(float_path: Path, weight: Any, matmul_inputs: Any | None) 
     for name in shapes:
         if name.endswith(TABLE_SUFFIX):  # rotary cos/sin tables: 16-bit like the activations they replace
             overrides[name] = [{"quant_type": QuantType.QUInt16}]
+    initializers = {i.name: i for i in proto.graph.initializer}
     for node in proto.graph.node:
         if node.op_type == "MatMul" and node.input[1] in matrices:
             overrides[node.input[1]] = [{"quant_type": weight, "symmetric": True, "axis": 1}]
+            if clips is not None:
+                overrides[node.input[1]] = _clipped_channels(overrides[node.input[1]][0], initializers[node.input[1]],
+                                                             float_path.parent, weight, clips)
             source = producers.get(node.input[0])
             reads_norm = source is not None and source.op_type == "SimplifiedLayerNormalization"
             k, n = shapes[node.input[1]]
@@ -180,8 +190,24 @@ def _tensor_overrides(float_path: Path, weight: Any, matmul_inputs: Any | None) 
     return overrides
 
 
+def _clipped_channels(first: dict[str, Any], tensor: Any, folder: Path, weight: Any,
+                      clips: dict[str, np.ndarray]) -> list[dict[str, Any]]:
+    """Per-channel overrides with each channel's range [-c, c] at its MSE-optimal clip (cached by name)."""
+    from onnx import numpy_helper
+    from onnxruntime.quantization import QuantType
+
+    from qsvd_export.weight_ranges import mse_channel_clips
+
+    if tensor.name not in clips:
+        bits = 4 if weight == QuantType.QInt4 else 8
+        clips[tensor.name] = mse_channel_clips(numpy_helper.to_array(tensor, base_dir=str(folder)), bits)
+    channels = [{"rmin": np.float32(-c), "rmax": np.float32(c)} for c in clips[tensor.name]]
+    channels[0] = {**first, **channels[0]}
+    return channels
+
+
 def insert_qdq(float_path: Path, out_path: Path, bits: Bits, feeds: list[dict[str, np.ndarray]],
-               method: str) -> dict[str, Any]:
+               method: str, clips: dict[str, np.ndarray] | None = None) -> dict[str, Any]:
     """Calibrate activation ranges on ``feeds`` and write the QDQ graph (external data) to ``out_path``."""
     import onnxruntime as ort
     from onnxruntime.quantization import CalibrationMethod, QuantType, quantize
@@ -191,7 +217,7 @@ def insert_qdq(float_path: Path, out_path: Path, bits: Bits, feeds: list[dict[st
 
     matmul_inputs = {16: None, 8: QuantType.QUInt8}[bits.activations or 16]
     weight = {8: QuantType.QInt8, 4: QuantType.QInt4}[bits.weights or 8]
-    overrides = _tensor_overrides(float_path, weight, matmul_inputs)
+    overrides = _tensor_overrides(float_path, weight, matmul_inputs, clips)
     # the 8-bit activations (a8 presets): the tensors a calibration method other than min/max clips
     low_bit = {name: (entry[0]["convert"] if "convert" in entry[0] else entry[0])
                for name, entry in overrides.items()
@@ -213,7 +239,8 @@ def insert_qdq(float_path: Path, out_path: Path, bits: Bits, feeds: list[dict[st
         root.setLevel(level)
     activations = ("QUInt16" if matmul_inputs is None
                    else "QUInt8 in/out of the MatMuls reading the norm (q/k/v, MLP gate), QUInt16 elsewhere")
-    return {"activations": activations, "weights": f"{weight.name} symmetric per output channel (MatMul)",
+    clip = ", MSE-clipped ranges" if clips is not None else ""
+    return {"activations": activations, "weights": f"{weight.name} symmetric per output channel (MatMul){clip}",
             "calibration": {"method": method, "feeds": len(feeds), "clipped_tensors": len(ranges)}}
 
 
@@ -278,12 +305,13 @@ def build_npu_graphs(dynamic_path: Path, folder: Path, cache: list[LayerCache], 
         info("npu: calibration feeds from the float static graphs")
         feeds = calibration_feeds(float_paths, cache, windows, options)
         qdq_paths = {}
+        clips: dict[str, np.ndarray] | None = {} if options.weight_clip == "mse" else None
         progress = bar(len(GRAPH_FILES), "npu activation ranges + QDQ (prefill, decode)")
         for role, filename in GRAPH_FILES.items():
             info(f"npu: QDQ {bits.name} for the {role} graph ({len(feeds[role])} calibration feeds)")
             start = time.perf_counter()
             qdq_paths[role] = work / filename
-            qdq = insert_qdq(float_paths[role], qdq_paths[role], bits, feeds[role], options.calibration_method)
+            qdq = insert_qdq(float_paths[role], qdq_paths[role], bits, feeds[role], options.calibration_method, clips)
             model = ir.load(qdq_paths[role])
             specs.append(GraphSpec(role, filename, [v.name for v in model.graph.inputs],
                                    [v.name for v in model.graph.outputs]))
