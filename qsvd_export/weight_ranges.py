@@ -2,8 +2,10 @@
 
 For each output channel (column n of W [K, N]) the clip c = f·max|W[:, n]| is chosen from a grid of
 fractions f to minimize Σ_k (Q(W[k, n]) − W[k, n])², Q = symmetric round-to-nearest with scale c / qmax.
-Clipping a channel's rare large weights buys a finer step for all the others; at 4 bits that usually
-wins, at 8 bits the search mostly keeps the full range.
+Clipping a channel's rare large weights buys a finer step for all the others. The npu target uses it for
+int8 weights only: measured on smollm2, w8a16 1.013× dense with it vs 1.020× without, but w4a16 3.73× vs
+1.94× — weight-space error ignores that some input rows meet massive activations, and at 4 bits the
+search clips exactly those weights (an activation-weighted criterion would be needed there).
 """
 
 from __future__ import annotations
