@@ -29,7 +29,7 @@ PERCENTILE = 1e-4  # clip the lowest and highest 0.01% of values
 _SHRINK = np.geomspace(0.01, 1.0, 49)  # candidate fractions of each end of the min/max range
 
 
-def _session(float_path: Path, tensors: list[str]):  # type: ignore[no-untyped-def]
+def session_with_outputs(float_path: Path, tensors: list[str]):  # type: ignore[no-untyped-def]
     """A CPU session over ``float_path`` with ``tensors`` as outputs (the graph proto is rewritten beside
     the original so its external data is shared, not copied)."""
     import onnx
@@ -90,7 +90,7 @@ def clipped_ranges(float_path: Path, feeds: list[dict[str, np.ndarray]], tensors
     if method == "minmax" or not tensors:
         return {}
     names = sorted(tensors)
-    session = _session(float_path, names)
+    session = session_with_outputs(float_path, names)
     low = {n: np.inf for n in names}
     high = {n: -np.inf for n in names}
     for feed in feeds:  # pass 1: the histogram ranges

@@ -45,9 +45,7 @@ class NpuOptions:
     # the 8-bit activations' ranges (activation_ranges.py): mse clipping, chosen by measurement (smollm2 w8a8 + H1:
     # 1.015x dense; minmax 1.022x, percentile 1.438x; docs/results.md)
     calibration_method: str = "mse"
-    # per-channel ranges of int8 weights: mse clip search (weight_ranges.py) or "none" (absmax). int4 weights
-    # always keep absmax: weight-space MSE clips the weights that multiply the massive activation channels
-    # (smollm2 w4a16: 3.73x with the search, 1.94x without; w8a16: 1.013x with, 1.020x without)
+    # per-channel weight ranges: mse clip search (weight_ranges.py; activation-weighted at 4 bits) or "none"
     weight_clip: str = "mse"
     htp_arch: str = HTP_ARCH
     verify_tokens: int = 4  # greedy decode steps after one prefill window, on HTP and on the CPU EP
@@ -141,9 +139,9 @@ def _tensor_overrides(float_path: Path, weight: Any, matmul_inputs: Any | None,
 
     - Every 2-D initializer a MatMul reads as its weight [K, N]: symmetric per-output-channel scales
       (axis 1). The recipe's default is per-tensor for MatMul, which on smollm2 alone costs 7% perplexity
-      at int8; QNN HTP compiles the per-channel form (checked in tests). With ``clips`` (a cache shared by
-      the prefill and decode graphs, filled here) each channel's range is its MSE-optimal clip
-      (:func:`qsvd_export.weight_ranges.mse_channel_clips`) instead of its absolute maximum.
+      at int8; QNN HTP compiles the per-channel form (checked in tests). With ``clips`` ({weight name:
+      per-channel clip}, :func:`qsvd_export.weight_ranges.weight_clips`) a channel's range is its clip
+      instead of its absolute maximum.
     - ``matmul_inputs`` (the ``a8`` presets): where a MatMul reads the RMSNorm output (q/k/v, MLP gate:
       41% of smollm2's weight MACs) its input is converted to that type for the MatMul only (a QNN
       Convert; RmsNorm must output its input's type) and its output uses that type too (QNN's quantized
@@ -173,13 +171,11 @@ def _tensor_overrides(float_path: Path, weight: Any, matmul_inputs: Any | None,
     for name in shapes:
         if name.endswith(TABLE_SUFFIX):  # rotary cos/sin tables: 16-bit like the activations they replace
             overrides[name] = [{"quant_type": QuantType.QUInt16}]
-    initializers = {i.name: i for i in proto.graph.initializer}
     for node in proto.graph.node:
         if node.op_type == "MatMul" and node.input[1] in matrices:
             overrides[node.input[1]] = [{"quant_type": weight, "symmetric": True, "axis": 1}]
-            if clips is not None:
-                overrides[node.input[1]] = _clipped_channels(overrides[node.input[1]][0], initializers[node.input[1]],
-                                                             float_path.parent, weight, clips)
+            if clips is not None and node.input[1] in clips:
+                overrides[node.input[1]] = _clipped_channels(overrides[node.input[1]][0], clips[node.input[1]])
             source = producers.get(node.input[0])
             reads_norm = source is not None and source.op_type == "SimplifiedLayerNormalization"
             k, n = shapes[node.input[1]]
@@ -193,18 +189,9 @@ def _tensor_overrides(float_path: Path, weight: Any, matmul_inputs: Any | None,
     return overrides
 
 
-def _clipped_channels(first: dict[str, Any], tensor: Any, folder: Path, weight: Any,
-                      clips: dict[str, np.ndarray]) -> list[dict[str, Any]]:
-    """Per-channel overrides with each channel's range [-c, c] at its MSE-optimal clip (cached by name)."""
-    from onnx import numpy_helper
-    from onnxruntime.quantization import QuantType
-
-    from qsvd_export.weight_ranges import mse_channel_clips
-
-    if tensor.name not in clips:
-        bits = 4 if weight == QuantType.QInt4 else 8
-        clips[tensor.name] = mse_channel_clips(numpy_helper.to_array(tensor, base_dir=str(folder)), bits)
-    channels = [{"rmin": np.float32(-c), "rmax": np.float32(c)} for c in clips[tensor.name]]
+def _clipped_channels(first: dict[str, Any], clip: np.ndarray) -> list[dict[str, Any]]:
+    """Per-channel overrides with channel n's range [-clip[n], clip[n]]."""
+    channels = [{"rmin": np.float32(-c), "rmax": np.float32(c)} for c in clip]
     channels[0] = {**first, **channels[0]}
     return channels
 
@@ -308,7 +295,12 @@ def build_npu_graphs(dynamic_path: Path, folder: Path, cache: list[LayerCache], 
         info("npu: calibration feeds from the float static graphs")
         feeds = calibration_feeds(float_paths, cache, windows, options)
         qdq_paths = {}
-        clips: dict[str, np.ndarray] | None = {} if options.weight_clip == "mse" and bits.weights == 8 else None
+        clips = None
+        if options.weight_clip == "mse":
+            from qsvd_export.weight_ranges import weight_clips
+
+            info("npu: per-channel weight clips (MSE search)")
+            clips = weight_clips(float_paths["prefill"], feeds["prefill"], bits.weights or 8)
         progress = bar(len(GRAPH_FILES), "npu activation ranges + QDQ (prefill, decode)")
         for role, filename in GRAPH_FILES.items():
             info(f"npu: QDQ {bits.name} for the {role} graph ({len(feeds[role])} calibration feeds)")

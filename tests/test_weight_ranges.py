@@ -8,10 +8,11 @@ import pytest
 from qsvd_export.weight_ranges import FRACTIONS, mse_channel_clips
 
 
-def _error(column: np.ndarray, clip: float, bits: int) -> float:
+def _error(column: np.ndarray, clip: float, bits: int, rows: np.ndarray | None = None) -> float:
     qmax = 2 ** (bits - 1) - 1
     scale = np.float32(clip / qmax)
-    return float(((np.clip(np.rint(column / scale), -qmax, qmax) * scale - column) ** 2).sum())
+    squared = (np.clip(np.rint(column / scale), -qmax, qmax) * scale - column) ** 2
+    return float((squared * (1.0 if rows is None else rows)).sum())
 
 
 @pytest.mark.parametrize("bits", [4, 8])
@@ -32,3 +33,15 @@ def test_int4_clips_an_outlier_channel_and_int8_keeps_more_of_it() -> None:
     column[0, 0] = 6.0
     clip4, clip8 = mse_channel_clips(column, 4)[0], mse_channel_clips(column, 8)[0]
     assert clip4 < 0.9 * 6.0 and clip8 >= clip4
+
+
+def test_row_weights_keep_the_weights_that_meet_large_activations() -> None:
+    rng = np.random.default_rng(3)
+    column = rng.standard_normal((256, 1)).astype(np.float32)
+    column[5, 0] = 6.0  # a large weight on an input channel with massive activations
+    rows = np.ones(256)
+    rows[5] = 1e4
+    plain, weighted = mse_channel_clips(column, 4)[0], mse_channel_clips(column, 4, rows)[0]
+    assert plain < 0.9 * 6.0 and weighted > plain
+    errors = [_error(column[:, 0], f * 6.0, 4, rows) for f in FRACTIONS]
+    assert _error(column[:, 0], weighted, 4, rows) == pytest.approx(min(errors), rel=1e-6)
