@@ -20,7 +20,7 @@ from qsvd_export.zoo import LoadedModel
 ROLES = {"vision": "vision.onnx", "embed": "embed.onnx", "model": "model.onnx"}
 
 
-VLM_TARGETS = ("cpu",)
+VLM_TARGETS = ("cpu", "gpu")
 
 
 def check_vlm_options(target: str | None, mobile: bool, rotate: bool = False, smooth: bool | None = None) -> None:
@@ -72,7 +72,7 @@ def build_vlm_bundle(loaded: LoadedModel, out: Path, overwrite: bool, timings: d
     """Export the three graphs of ``loaded`` (from its files when unchanged), apply ``plan``'s layers to the
     vision and decoder graphs, quantize every graph for ``target``, and write the bundle atomically.
     Returns a ``BuildResult``."""
-    from qsvd_export.export import cache_layout_from_graph, export_vlm
+    from qsvd_export.export import cache_layout_from_graph, export_vlm, sync_cache_dtypes
     from qsvd_export.passes.chain import run_graph_stage
     from qsvd_export.pipeline import (BuildResult, _finish_bundle, check_target, generation_summary, graph_io,
                                       save_graph, save_tokenizer)
@@ -95,6 +95,7 @@ def build_vlm_bundle(loaded: LoadedModel, out: Path, overwrite: bool, timings: d
         timings["graph_stage_s"] = time.perf_counter() - start
     model_config = vlm_model_config(loaded)
     target_report = _apply_targets(graphs, target, bits)
+    sync_cache_dtypes(cache, graphs["model"].model)  # the gpu target's fp16 cache
     with atomic_output_dir(out, overwrite) as tmp:
         specs = []
         for role, filename in ROLES.items():

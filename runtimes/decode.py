@@ -31,6 +31,8 @@ class DecoderRunner:
         spec = self.config.graph("model")
         self.session = create_session(self.bundle / spec.filename, target, options)
         self.graph_inputs = {i.name for i in self.session.get_inputs()}
+        embeds = next((i for i in self.session.get_inputs() if i.name == "inputs_embeds"), None)
+        self.embeds_dtype = np.float16 if embeds is not None and embeds.type == "tensor(float16)" else np.float32
         self.output_names = [o.name for o in self.session.get_outputs()]
 
     def empty_cache(self, batch: int) -> Cache:
@@ -45,9 +47,10 @@ class DecoderRunner:
         self, tokens: np.ndarray, attention_mask: np.ndarray, position_ids: np.ndarray, cache: Cache
     ) -> tuple[np.ndarray, Cache]:
         """Run one forward of ``tokens``: ids [batch, seq], or for a VLM decoder ``inputs_embeds``
-        [batch, seq, hidden] float32. Returns logits [batch, seq, vocab] and the next cache."""
+        [batch, seq, hidden] (cast to the graph's float type). Returns logits [batch, seq, vocab] and the
+        next cache."""
         if np.issubdtype(tokens.dtype, np.floating):
-            first = {"inputs_embeds": tokens.astype(np.float32)}
+            first = {"inputs_embeds": tokens.astype(self.embeds_dtype)}
         else:
             first = {"input_ids": tokens.astype(np.int64)}
         feed = {**first, "attention_mask": attention_mask.astype(np.int64)}

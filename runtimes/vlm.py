@@ -35,8 +35,9 @@ class VisionLanguageRunner:
         self.decoder = DecoderRunner(self.bundle, target, options)
 
     def image_features(self, pixel_values: np.ndarray) -> np.ndarray:
-        """[frames, 3, S, S] float32 → [frames, image_seq_len, hidden]."""
-        return self.vision.run(None, {"pixel_values": pixel_values.astype(np.float32)})[0]
+        """[frames, 3, S, S] → [frames, image_seq_len, hidden] (float16 for a gpu bundle)."""
+        dtype = np.float16 if self.vision.get_inputs()[0].type == "tensor(float16)" else np.float32
+        return self.vision.run(None, {"pixel_values": pixel_values.astype(dtype)})[0]
 
     def embeddings(self, input_ids: np.ndarray) -> np.ndarray:
         """[batch, seq] int64 → [batch, seq, hidden]."""

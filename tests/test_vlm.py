@@ -174,6 +174,25 @@ def test_cpu_target_quantizes_all_three_graphs_and_stays_close(dense_vlm: Path, 
     assert 0 < np.abs(logits["cpu"] - logits["fp32"]).max() <= 0.05 * spread  # int8 weights: close, not equal
 
 
+def test_gpu_target_writes_float16_graphs_the_runner_drives(dense_vlm: Path, tiny_vlm, family: str,  # type: ignore[no-untyped-def]
+                                                              tmp_path: Path) -> None:
+    from qsvd_export.pipeline import build_dense_bundle
+
+    out = tmp_path / "gpu"
+    report = build_dense_bundle(f"tiny-{family}", out, target="gpu", bits="fp").report
+    assert all("float16" in report["target"]["graphs"][role] for role in ("vision", "embed", "model"))
+    config = json.loads((out / "qsvd_config.json").read_text())
+    assert {t["dtype"] for layer in config["cache"] for t in layer["tensors"]} == {"float16"}
+    ids, pixel_values = _inputs(tiny_vlm, "astronaut", "What is it?")
+    logits = {}
+    for name, bundle in (("fp32", dense_vlm), ("fp16", out)):  # fp16 graphs on the CPU EP here
+        runner = VisionLanguageRunner(bundle)
+        logits[name], _ = runner.decoder.prefill(runner.prompt_embeddings(np.asarray([ids]), pixel_values))
+    assert logits["fp16"].dtype == np.float32  # logits stay fp32
+    assert np.abs(logits["fp16"] - logits["fp32"]).max() <= 0.02 * np.abs(logits["fp32"]).max()
+    assert len(VisionLanguageRunner(out).generate(ids, pixel_values, 4)) == 4
+
+
 @pytest.mark.parametrize("args, message", [
     (["run", "{vlm}", "--prompt", "x"], "give --image FILE"),
     (["run", "{vlm}", "--prompt", "x", "--image", "{missing}"], "image file not found"),
