@@ -70,12 +70,13 @@ def additive_causal_mask(attention_mask: Any, query_length: int, sliding_window:
     return (1.0 - keep) * torch.finfo(dtype).min
 
 
-def _decoder_wrapper(model: Any, adapter: Any, config: Any, embeds: bool = False) -> Any:
+def _decoder_wrapper(model: Any, adapter: Any, embeds: bool = False) -> Any:
     """``model`` (a causal LM, or :class:`~qsvd_export.models.vlm.EmbeddingsCausalLM` with ``embeds``) with the
     cache as flat (key, value) pairs and the additive mask built from the 2D ``attention_mask``."""
     import torch
     from transformers import DynamicCache
 
+    config = model.config
     layer_types = adapter.layer_types(config)
     window = adapter.sliding_window(config)
     uses_mapping = "sliding_attention" in layer_types
@@ -317,15 +318,15 @@ def defer_weight_transposes(model: ir.Model) -> int:
 
 
 def export_decoder(loaded: LoadedModel, from_files: bool = False) -> ExportedGraph:
-    return export_causal_lm(loaded.model, loaded.model.config, _weight_files(loaded, from_files))
+    return export_causal_lm(loaded.model, _weight_files(loaded, from_files))
 
 
-def export_causal_lm(model: Any, config: Any, weight_files: tuple[Any, Path] | None = None,
-                     embeds: bool = False) -> ExportedGraph:
-    """The decoder graph of ``model`` (config ``config``); with ``embeds`` its first input is ``inputs_embeds``
-    float32 [batch, seq, hidden] instead of ``input_ids``."""
+def export_causal_lm(model: Any, weight_files: tuple[Any, Path] | None = None, embeds: bool = False) -> ExportedGraph:
+    """The decoder graph of ``model`` (a causal LM: ``model.config`` is its text config); with ``embeds`` its
+    first input is ``inputs_embeds`` float32 [batch, seq, hidden] instead of ``input_ids``."""
     import torch
 
+    config = model.config
     adapter = adapter_for_config(config)
     layers = decoder_cache_layout(config)
     n_layers = len(layers)
@@ -353,7 +354,7 @@ def export_causal_lm(model: Any, config: Any, weight_files: tuple[Any, Path] | N
     cache_outputs = [tensor.output for layer in layers for tensor in layer.tensors]
     inputs = ["inputs_embeds" if embeds else "input_ids", "attention_mask", "position_ids", *cache_inputs]
     outputs = ["logits", *cache_outputs]
-    wrapper = _decoder_wrapper(model, adapter, config, embeds)
+    wrapper = _decoder_wrapper(model, adapter, embeds)
     onnx_model = _run_exporter(wrapper, (tokens, attention_mask, position_ids, cache), inputs, outputs, dynamic,
                                weight_files)
     return ExportedGraph(onnx_model, inputs, outputs, layers)
@@ -407,7 +408,7 @@ def export_vlm(loaded: LoadedModel, from_files: bool = False) -> dict[str, Expor
     ids = torch.randint(0, int(parts.text_config.vocab_size), (2, 3))
     embed = _run_exporter(parts.embed, (ids,), ["input_ids"], ["inputs_embeds"],
                           {"input_ids": {0: torch.export.Dim(BATCH), 1: torch.export.Dim(SEQ)}}, files)
-    decoder = export_causal_lm(parts.decoder, parts.text_config, files, embeds=True)
+    decoder = export_causal_lm(parts.decoder, files, embeds=True)
     return {
         "vision": ExportedGraph(vision, ["pixel_values"], ["image_features"], []),
         "embed": ExportedGraph(embed, ["input_ids"], ["inputs_embeds"], []),

@@ -49,27 +49,29 @@ def weight_clips(float_path: Path, feeds: list[dict[str, np.ndarray]], bits: int
     import onnx
     from onnx import numpy_helper
 
-    from qsvd_export.activation_ranges import session_with_outputs
-
     proto = onnx.load(float_path, load_external_data=False)
     matrices = {i.name: i for i in proto.graph.initializer if len(i.dims) == 2}
     inputs = {node.input[1]: node.input[0] for node in proto.graph.node
               if node.op_type == "MatMul" and node.input[1] in matrices}
-    if bits != 4:
-        return {weight: mse_channel_clips(numpy_helper.to_array(matrices[weight], base_dir=str(float_path.parent)),
-                                          bits) for weight in sorted(inputs)}
-    names = sorted(set(inputs.values()))
+    moments = _second_moments(float_path, feeds, sorted(set(inputs.values()))) if bits == 4 else {}
+    clips = {}
+    for weight, source in sorted(inputs.items()):
+        rows = moments.get(source)
+        clips[weight] = mse_channel_clips(numpy_helper.to_array(matrices[weight], base_dir=str(float_path.parent)),
+                                          bits, None if rows is None else rows + 1e-12 * rows.max())
+    return clips
+
+
+def _second_moments(float_path: Path, feeds: list[dict[str, np.ndarray]], names: list[str]) -> dict[str, np.ndarray]:
+    """{tensor: mean over rows of x² per last-axis channel} for ``names`` of the graph over ``feeds``."""
+    from qsvd_export.activation_ranges import session_with_outputs
+
     session = session_with_outputs(float_path, names)
-    sums = {name: 0.0 for name in names}
+    sums: dict[str, np.ndarray | float] = {name: 0.0 for name in names}
     counts = {name: 0 for name in names}
     for feed in feeds:
         for name, value in zip(names, session.run(names, feed)):
             flat = value.reshape(-1, value.shape[-1]).astype(np.float64)
             sums[name] = sums[name] + (flat ** 2).sum(axis=0)
             counts[name] += flat.shape[0]
-    clips = {}
-    for weight, source in sorted(inputs.items()):
-        moments = sums[source] / max(counts[source], 1)
-        clips[weight] = mse_channel_clips(numpy_helper.to_array(matrices[weight], base_dir=str(float_path.parent)),
-                                          bits, moments + 1e-12 * moments.max())
-    return clips
+    return {name: np.asarray(sums[name]) / max(counts[name], 1) for name in names}

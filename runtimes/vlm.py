@@ -85,13 +85,9 @@ def processor_inputs(processor: Any, image: Any, prompt: str, chat: bool) -> tup
 
 def read_image(path: Path) -> Any:
     """An RGB PIL image from ``path`` (one-line error when it is missing or not an image)."""
-    from PIL import Image, UnidentifiedImageError
+    from qsvd_export.compress.images import open_rgb
 
     path = Path(path)
     if not path.is_file():
         raise UsageError(f"{path}: image file not found")
-    try:
-        with Image.open(path) as image:
-            return image.convert("RGB")
-    except (UnidentifiedImageError, OSError) as exc:
-        raise BadInputError(f"{path}: not a readable image ({exc.__class__.__name__})") from None
+    return open_rgb(path)

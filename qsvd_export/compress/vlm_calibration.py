@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from qsvd_export.compress.images import IMAGE_SUFFIXES
+from qsvd_export.compress.images import read_images
 from qsvd_export.data import read_text, resolve_text, token_windows
 from qsvd_export.errors import BadInputError, UsageError
 
@@ -33,41 +33,28 @@ def _square(image: Any) -> Any:
 
 
 def calibration_images(folder: Path | None, count: int) -> tuple[list[Any], dict[str, Any]]:
-    """Up to ``count`` RGB PIL images: the files of ``folder`` (sorted by name), else the bundled
+    """Up to ``count`` square RGB PIL images: the files of ``folder`` (sorted by name), else the bundled
     ``skimage.data`` samples. Returns (images, source record with a content hash)."""
-    from PIL import Image, UnidentifiedImageError
+    from PIL import Image
 
-    digest = hashlib.sha256()
-    images = []
     if folder is not None:
-        folder = Path(folder)
-        if not folder.is_dir():
-            raise BadInputError(f"--calib-images {folder}: not a folder")
-        files = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)[:count]
-        if not files:
-            raise BadInputError(f"--calib-images {folder}: no images ({', '.join(IMAGE_SUFFIXES)})")
-        for path in files:
-            data = path.read_bytes()
-            digest.update(data)
-            try:
-                with Image.open(path) as image:
-                    images.append(_square(image.convert("RGB")))
-            except (UnidentifiedImageError, OSError, ValueError) as exc:
-                raise BadInputError(f"{path}: not a readable image ({exc.__class__.__name__})") from None
-        return images, {"images": folder.name, "count": len(images), "sha256": digest.hexdigest()}
+        images, digest = read_images(Path(folder), count)
+        return [_square(image) for image in images], {"images": Path(folder).name, "count": len(images),
+                                                       "sha256": digest}
     try:
         from skimage import data as samples
     except ImportError:
         raise UsageError("a vision-language model calibrates on images: give --calib-images DIR "
                          "(or install scikit-image for its bundled sample images)") from None
     names = SKIMAGE_IMAGES[:count]
+    hasher = hashlib.sha256()
+    images = []
     for name in names:
         pixels = np.asarray(getattr(samples, name)())
-        digest.update(pixels.tobytes())
-        image = Image.fromarray(pixels.astype(np.uint8))
-        images.append(_square(image.convert("RGB")))
+        hasher.update(pixels.tobytes())
+        images.append(_square(Image.fromarray(pixels.astype(np.uint8)).convert("RGB")))
     return images, {"images": "skimage.data: " + ", ".join(names), "count": len(images),
-                    "sha256": digest.hexdigest()}
+                    "sha256": hasher.hexdigest()}
 
 
 def vlm_calibration(processor: Any, options: Any) -> tuple[np.ndarray, list[dict[str, torch.Tensor]], dict[str, Any]]:

@@ -162,12 +162,3 @@ def unused_vision_layers(model: nn.Module) -> list[str]:
     tower_path = next(p for p, m in model.named_modules() if m is tower)
     return [f"{tower_path}.{path}.{j}" for j in range(last_read, len(layers))]
 
-
-def merge_image_features(inputs_embeds: torch.Tensor, input_ids: torch.Tensor, features: torch.Tensor,
-                         image_token_id: int) -> torch.Tensor:
-    """``inputs_embeds`` [B, T, H] with the image-token rows replaced by ``features`` [frames, S, H] in order."""
-    mask = (input_ids == image_token_id).unsqueeze(-1)
-    count = int(mask.sum())
-    if count != features.shape[0] * features.shape[1]:
-        raise ValueError(f"{count} image tokens for {features.shape[0]} frames × {features.shape[1]} features")
-    return inputs_embeds.masked_scatter(mask, features.reshape(-1, features.shape[-1]).to(inputs_embeds.dtype))
