@@ -1,7 +1,7 @@
 """npu target quality: build the static QDQ graphs from a bundle and score them on the CPU EP.
 
     python -m benchmarks.npu_quality BUNDLE --bits w8a16 [--windows 32] [--calibration-method mse|minmax|percentile]
-        [--verify [--htp-arch 73]] [--json OUT.json]
+        [--int4-block 64] [--verify [--htp-arch 73]] [--json OUT.json]
 
 BUNDLE is a dynamic-graph bundle (``qsvd-export export`` / ``compress`` output). Prints one JSON line:
 dense perplexity of the bundle's fp32 graph and of the QDQ prefill graph on the same ``--windows`` ×
@@ -35,16 +35,19 @@ def main() -> None:
     parser.add_argument("--calibration-windows", type=int, default=8)
     parser.add_argument("--calibration-method", default="mse", choices=["minmax", "percentile", "mse"])
     parser.add_argument("--weight-clip", default="mse", choices=["mse", "none"])
+    parser.add_argument("--int4-block", type=int, default=NpuOptions.int4_block,
+                        help="w4 presets: LPBQ block size (0 = per-channel int4)")
     parser.add_argument("--verify", action="store_true", help="also run the QNN HTP check (minutes)")
     parser.add_argument("--htp-arch", default=NpuOptions.htp_arch, help="HTP architecture for --verify")
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args()
     config, tokenizer = load_bundle_config(args.bundle), bundle_tokenizer(args.bundle)
     options = NpuOptions(calibration_windows=args.calibration_windows, htp_arch=args.htp_arch,
-                         calibration_method=args.calibration_method, weight_clip=args.weight_clip)
+                         calibration_method=args.calibration_method, weight_clip=args.weight_clip,
+                         int4_block=args.int4_block)
     rows = token_windows(tokenizer, read_text("wiki_eval"), options.prefill_length, args.windows, source="wiki_eval")
     result: dict = {"bundle": str(args.bundle), "bits": args.bits, "calibration": args.calibration_method,
-                    "weight_clip": args.weight_clip,
+                    "weight_clip": args.weight_clip, "int4_block": args.int4_block,
                     "windows": args.windows,
                     "window_length": options.prefill_length}
     result["dense"] = round(perplexity(DecoderRunner(args.bundle).window_nlls(rows)), 4)

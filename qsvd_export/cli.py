@@ -53,6 +53,9 @@ def _add_target(parser: argparse.ArgumentParser, bits: bool = True) -> None:
     npu.add_argument("--calibration-method", default="mse", choices=["minmax", "percentile", "mse"],
                      help="ranges of the 8-bit activations (w8a8): mse clipping (default, measured best), "
                           "minmax, or percentile")
+    npu.add_argument("--int4-block", type=int, default=32,
+                     help="w4a16: int4 weights in LPBQ blocks of this many input channels (4-bit block scales "
+                          "x a float channel scale, the form HTP runs); 0 = one scale per output channel (default 32)")
     npu.add_argument("--precompile", action="store_true",
                      help="also write QNN HTP context binaries (prefill_ctx.onnx / decode_ctx.onnx + .bin)")
     npu.add_argument("--no-verify", dest="verify", action="store_false",
@@ -60,14 +63,14 @@ def _add_target(parser: argparse.ArgumentParser, bits: bool = True) -> None:
 
 
 def _npu_options(args: argparse.Namespace) -> Any:
-    """NpuOptions from --context-length/--prefill-length/--htp-arch/--calibration-method (validated)."""
+    """NpuOptions from the npu argument group (validated)."""
     from qsvd_export.npu import NpuOptions
 
     if args.precompile and args.target != "npu":
         raise UsageError("--precompile needs --target npu")
     options = NpuOptions(prefill_length=args.prefill_length, context_length=args.context_length,
                          htp_arch=args.htp_arch, calibration_method=args.calibration_method,
-                         precompile=args.precompile)
+                         int4_block=args.int4_block, precompile=args.precompile)
     options.check()
     return options
 

@@ -42,6 +42,10 @@ class TargetPolicy:
     def bits(self, requested: str | None) -> Bits:
         name = requested or self.default_bits
         bits = parse_bits(name)
+        if name == "w4a4":
+            raise UsageError(f"--bits w4a4 is not available for target {self.name}: no target runs 4-bit activations "
+                             "(QNN HTP: 8/16-bit, MLAS: int8, CUDA EP: fp16); w4a4 serves the torch stage's β search "
+                             "(compress --bits w4a4 without --target)")
         if name not in self.allowed_bits:
             raise UsageError(f"--bits {name} is not available for target {self.name} "
                              f"(choose from {', '.join(self.allowed_bits)})")
@@ -88,7 +92,7 @@ POLICIES = {
     "cpu": TargetPolicy("cpu", default_bits="w8a8", allowed_bits=("fp", "w8a16", "w8a8", "w4a16", "w4a8"),
                         smoothed_default="w4a8", quantize_embedding=True),
     "gpu": TargetPolicy("gpu", default_bits="w4a16", allowed_bits=("fp", "w8a16", "w4a16"), float16=True),
-    "npu": TargetPolicy("npu", default_bits="w8a16", allowed_bits=("w8a16", "w8a8", "w4a16")),
+    "npu": TargetPolicy("npu", default_bits="w8a16", allowed_bits=("w8a16", "w8a8", "w4a16", "w4a8")),
 }
 
 

@@ -12,6 +12,7 @@ c / qmax and r_k a weight per input row. Measured on smollm2 (docs/results.md), 
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -46,26 +47,40 @@ def weight_clips(float_path: Path, feeds: list[dict[str, np.ndarray]], bits: int
     """{weight name: per-channel clip [N]} for every MatMul of the graph at ``float_path`` with a 2-D
     initializer weight. At 4 bits each row is weighted by its input's per-channel second moment over
     ``feeds``; at 8 bits rows weigh the same (see the module docstring)."""
+    weights = matmul_weights(float_path)
+    moments = input_second_moments(float_path, feeds, weights) if bits == 4 else {}
+    clips = {}
+    for node, (weight, _) in sorted(weights.items()):
+        clips[weight.name] = mse_channel_clips(weight.array, bits, moments.get(node))
+    return clips
+
+
+@dataclass(frozen=True)
+class MatMulWeight:
+    name: str
+    array: np.ndarray  # [K, N] float32
+
+
+def matmul_weights(float_path: Path) -> dict[str, tuple[MatMulWeight, str]]:
+    """{MatMul node name: (its 2-D initializer weight, its input tensor name)} of the graph at ``float_path``."""
     import onnx
     from onnx import numpy_helper
 
     proto = onnx.load(float_path, load_external_data=False)
     matrices = {i.name: i for i in proto.graph.initializer if len(i.dims) == 2}
-    inputs = {node.input[1]: node.input[0] for node in proto.graph.node
-              if node.op_type == "MatMul" and node.input[1] in matrices}
-    moments = _second_moments(float_path, feeds, sorted(set(inputs.values()))) if bits == 4 else {}
-    clips = {}
-    for weight, source in sorted(inputs.items()):
-        rows = moments.get(source)
-        clips[weight] = mse_channel_clips(numpy_helper.to_array(matrices[weight], base_dir=str(float_path.parent)),
-                                          bits, None if rows is None else rows + 1e-12 * rows.max())
-    return clips
+    return {node.name: (MatMulWeight(node.input[1], numpy_helper.to_array(matrices[node.input[1]],
+                                                                          base_dir=str(float_path.parent))),
+                        node.input[0])
+            for node in proto.graph.node if node.op_type == "MatMul" and node.input[1] in matrices}
 
 
-def _second_moments(float_path: Path, feeds: list[dict[str, np.ndarray]], names: list[str]) -> dict[str, np.ndarray]:
-    """{tensor: mean over rows of x² per last-axis channel} for ``names`` of the graph over ``feeds``."""
+def input_second_moments(float_path: Path, feeds: list[dict[str, np.ndarray]],
+                         weights: dict[str, tuple[MatMulWeight, str]]) -> dict[str, np.ndarray]:
+    """{MatMul node name: E[x_k²] [K] of its input over ``feeds``}, floored at 1e-12 of the largest so no
+    row weighs nothing."""
     from qsvd_export.activation_ranges import session_with_outputs
 
+    names = sorted({source for _, source in weights.values()})
     session = session_with_outputs(float_path, names)
     sums: dict[str, np.ndarray | float] = {name: 0.0 for name in names}
     counts = {name: 0 for name in names}
@@ -74,4 +89,5 @@ def _second_moments(float_path: Path, feeds: list[dict[str, np.ndarray]], names:
             flat = value.reshape(-1, value.shape[-1]).astype(np.float64)
             sums[name] = sums[name] + (flat ** 2).sum(axis=0)
             counts[name] += flat.shape[0]
-    return {name: np.asarray(sums[name]) / max(counts[name], 1) for name in names}
+    moments = {name: np.asarray(sums[name]) / max(counts[name], 1) for name in names}
+    return {node: moments[source] + 1e-12 * moments[source].max() for node, (_, source) in weights.items()}

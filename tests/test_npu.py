@@ -265,3 +265,32 @@ def test_decisive_agreement_ignores_near_ties_and_counts_decisive_flips():
     assert decisive_agreement(tie_flip, reference) == {"decisive_positions": 2, "decisive_argmax_agreement": 1.0}
     real_flip = np.asarray([[0.0, 6.0, 0.0], [2.0, 1.8, 0.0], [0.0, 3.0, 1.0]])
     assert decisive_agreement(real_flip, reference)["decisive_argmax_agreement"] == 0.5
+
+
+def test_w4a16_puts_int4_weights_in_lpbq_blocks_that_compile_whole_on_qnn(tmp_path, bundles, capsys):
+    """Every projection's int4 weight is blockwise (4-bit block codes × a channel scale); HTP takes the graphs
+    with CPU fallback disabled and agrees with the CPU EP."""
+    out = tmp_path / "w4a16"
+    code = main([str(bundles.dense("llama") / "model.onnx"), "--target", "npu", "--bits", "w4a16",
+                 "--int4-block", "32", *SMALL, "-o", str(out), "-q"])
+    assert code == 0, capsys.readouterr().err
+    report = json.loads((out / "report.json").read_text())["target"]
+    for role in ("prefill", "decode"):
+        assert report["graphs"][role]["weight_blocks"] == {"lpbq_matmuls": 2 * 7, "per_channel_int4_matmuls": 0}
+        assert report["graphs"][role]["htp_violations"] == []
+        proto = onnx.load(out / f"{role}.onnx", load_external_data=False)
+        blocked = [n for n in proto.graph.node if n.op_type == "DequantizeLinear"
+                   and any(a.name == "block_size" and a.i == 32 for a in n.attribute)]
+        assert len(blocked) == 2 * 7
+    check = report["verification"]
+    if HAS_QNN:
+        assert check["qnn"] == "compiled" and check["max_abs_logit_diff"] < 0.05, check
+    else:
+        assert check["qnn"].startswith("skipped")
+
+
+def test_int4_block_must_fit_htp(tmp_path, bundles, capsys):
+    code = main([str(bundles.dense("llama") / "model.onnx"), "--target", "npu", "--bits", "w4a16",
+                 "--int4-block", "20", *SMALL, "-o", str(tmp_path / "x"), "-q"])
+    assert code == 2 and "--int4-block must be 0 (per channel) or a positive multiple of 16" in capsys.readouterr().err
+    assert not (tmp_path / "x").exists()

@@ -145,10 +145,11 @@ def test_cpu_target_on_a_latent_bundle(tmp_path, bundles, capsys):
 
 
 @pytest.mark.parametrize("args,fragment", [
-    (["--target", "cpu", "--bits", "w4a4"], "not available for target cpu"),
+    (["--target", "cpu", "--bits", "w4a4"], "not available for target cpu: no target runs 4-bit activations"),
+    (["--target", "npu", "--bits", "w4a4"], "not available for target npu: no target runs 4-bit activations"),
     (["--bits", "w8a8"], "--bits needs --target"),
     (["--target", "cpu", "--bits", "w3a8"], "invalid bit widths"),
-    (["--target", "npu", "--bits", "w4a8"], "not available for target npu"),
+    (["--target", "gpu", "--bits", "w8a8"], "not available for target gpu"),
     (["--target", "npu", "--prefill-length", "64", "--context-length", "32"], "--prefill-length"),
     (["--target", "cpu", "--precompile"], "--precompile needs --target npu"),
 ])
