@@ -96,6 +96,10 @@ def main() -> None:
     args = parser.parse_args()
     args.work.mkdir(parents=True, exist_ok=True)
     model_dir = args.work / "model"
+    if not (model_dir / "config.json").exists():  # in a child: a child's ru_maxrss counts the parent's RSS at fork
+        subprocess.run([sys.executable, "-c", "import sys; from pathlib import Path; from benchmarks.big_model import "
+                        "make_model, synthetic_config; make_model(Path(sys.argv[1]), synthetic_config(int(sys.argv[2])))",
+                        str(model_dir), str(args.layers)], check=True)
     model_bytes = make_model(model_dir, synthetic_config(args.layers))
     cli = [sys.executable, "-m", "qsvd_export"]
     compressed, dense, graph = args.work / "compressed", args.work / "dense", args.work / "graph"

@@ -15,7 +15,9 @@ of :func:`qsvd_export.compress.residual_rotation.rotate_residual_stream` (MatMul
 With the plan's online down_proj rotation (``--rotate-mlp``), each MLP down_proj (a residual writer
 reading a ``Mul``: the GLU product) also gets its input rotated online by Q_m = A ⊗ B, as the torch
 model's ``OnlineRotation``: ``Reshape [0, 0, a, b] → MatMul(·, B) → MatMul(Aᵀ, ·) → Reshape [0, 0, n]``
-before it, and its weight W → Q_mᵀ·W.
+before it, and its weight W → Q_mᵀ·W. With the online o_proj rotation (``--rotate-o-proj``) each
+attention o_proj (a residual writer not reading a ``Mul``) gets the same treatment with
+Q_o = A_h ⊗ B_d (``head_factors``: heads × head_dim).
 
 Anything else reading the residual stream (a LayerNorm's mean, a stream value that is a graph output, a
 Cast) makes the pass refuse with the node named: rotating it would change the graph's function.
@@ -25,6 +27,7 @@ confirm the basis.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -167,19 +170,19 @@ def _mlp_writers(folds: _Folds) -> list[ir.Node]:
     return writers
 
 
-def insert_online_rotations(graph: ir.Graph, writers: list[ir.Node], seed: int) -> None:
-    """Rotate each down_proj's input online by A ⊗ B (``kronecker_factors(n, seed)``) and its weight by the
-    transpose, so the MatMul's output is unchanged. Inputs must be [batch, seq, n]."""
-    from qsvd_export.compress.residual_rotation import kronecker_factors
+def insert_online_rotations(graph: ir.Graph, writers: list[ir.Node],
+                            factors: Callable[[int], tuple[np.ndarray, np.ndarray]], name: str) -> None:
+    """Rotate each writer's input online by A ⊗ B (``factors(n)`` for its input width n) and its weight by
+    the transpose, so the MatMul's output is unchanged. Inputs must be [batch, seq, n]."""
     from qsvd_export.passes._graph import add_node, initializer
 
     for index, node in enumerate(writers):
         x, weight = node.inputs[0], node.inputs[1]
         if x is None or x.shape is None or x.shape.rank() != 3:
-            raise FoldError(f"down_proj node {node.name} input is not [batch, seq, n]: cannot rotate it online")
+            raise FoldError(f"{name} node {node.name} input is not [batch, seq, n]: cannot rotate it online")
         n = int(_const(weight).shape[0])  # type: ignore[union-attr]
-        a, b = (m.numpy() for m in kronecker_factors(n, seed))
-        prefix = f"qsvd/online_rotation{index}"
+        a, b = factors(n)
+        prefix = f"qsvd/online_rotation_{name}{index}"
         grid = initializer(graph, f"{prefix}/grid", np.asarray([0, 0, a.shape[0], b.shape[0]], dtype=np.int64))
         flat = initializer(graph, f"{prefix}/flat", np.asarray([0, 0, n], dtype=np.int64))
         right = initializer(graph, f"{prefix}/b", np.ascontiguousarray(b.astype(np.float32)))
@@ -252,7 +255,8 @@ class FoldRotationsPass(ir.passes.InPlacePass):
         self.context = context
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
-        from qsvd_export.compress.residual_rotation import residual_rotation_matrix
+        from qsvd_export.compress.residual_rotation import (O_PROJ_SEED_OFFSET, head_factors, kronecker_factors,
+                                                            residual_rotation_matrix)
 
         plan = self.context.plan
         spec = plan.method.get("residual_rotation") if plan is not None else None
@@ -266,9 +270,26 @@ class FoldRotationsPass(ir.passes.InPlacePass):
         if spec.get("online_mlp_rotation") and len(online) != len(folds.writers) // 2:
             raise FoldError(f"found {len(online)} MLP down_projs among {len(folds.writers)} residual writers: "
                             "cannot place the online down_proj rotation")
-        apply_folds(model.graph, folds, residual_rotation_matrix(width, int(spec["seed"])).numpy())
-        insert_online_rotations(model.graph, online, int(spec["seed"]) + 1)
+        mlp = set(online)
+        attention = [node for node, _ in folds.writers if node not in mlp] if spec.get("online_o_proj_rotation") else []
+        if attention and len(attention) != len(folds.writers) // 2:
+            raise FoldError(f"found {len(attention)} attention o_projs among {len(folds.writers)} residual writers: "
+                            "cannot place the online o_proj rotation")
+        seed = int(spec["seed"])
+        apply_folds(model.graph, folds, residual_rotation_matrix(width, seed).numpy())
+        insert_online_rotations(model.graph, online, lambda n: tuple(m.numpy() for m in kronecker_factors(n, seed + 1)),
+                                "down_proj")
+        if attention:
+            heads, head_dim = int(spec["heads"]), int(spec["head_dim"])
+            factors = tuple(m.numpy() for m in head_factors(heads, head_dim, seed + O_PROJ_SEED_OFFSET))
+
+            def o_proj_factors(n: int) -> tuple[np.ndarray, np.ndarray]:
+                if n != heads * head_dim:
+                    raise FoldError(f"an o_proj reads {n} values, the plan's rotation {heads} heads x {head_dim}")
+                return factors  # type: ignore[return-value]
+
+            insert_online_rotations(model.graph, attention, o_proj_factors, "o_proj")
         self.context.folded_rotation = {**spec, "folded_in_graph_stage": True, "readers": len(folds.readers),
                                         "writers": len(folds.writers), "norms": len(folds.gains),
-                                        "online_rotations": len(online)}
+                                        "online_rotations": len(online) + len(attention)}
         return ir.passes.PassResult(model, True)

@@ -92,6 +92,7 @@ def _rotation_hint(rotation: dict | None) -> str:
     """For a plan built on residual-rotated weights: the export whose graph carries the same rotation."""
     if not rotation:
         return ""
-    mlp = " --rotate-mlp" if rotation.get("online_mlp_rotation") else ""
+    online = (" --rotate-mlp" if rotation.get("online_mlp_rotation") else "") + \
+        (" --rotate-o-proj" if rotation.get("online_o_proj_rotation") else "")
     return (f"; the plan was built on residual-rotated weights (seed {rotation['seed']}): use the graph exported "
-            f"with them (export --rotate{mlp} --seed {rotation['seed']})")
+            f"with them (export --rotate{online} --seed {rotation['seed']})")

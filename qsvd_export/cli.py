@@ -80,6 +80,8 @@ def _add_rotation(parser: argparse.ArgumentParser) -> None:
                         help="H1: fold norm gains and rotate the residual stream (QuaRot) before export")
     parser.add_argument("--rotate-mlp", action="store_true",
                         help="with --rotate: also rotate each down_proj input online (for 8-bit activations)")
+    parser.add_argument("--rotate-o-proj", action="store_true",
+                        help="with --rotate: also rotate each o_proj input online, across and within heads")
 
 
 def _add_runtime(parser: argparse.ArgumentParser) -> None:
@@ -228,7 +230,8 @@ def cmd_export(args: argparse.Namespace) -> int:
 
     info(f"exporting {args.model} → {args.output}")
     result = build_dense_bundle(args.model, args.output, overwrite=args.overwrite, seed=args.seed,
-                                rotate=args.rotate, rotate_mlp=args.rotate_mlp, target=args.target, bits=args.bits,
+                                rotate=args.rotate, rotate_mlp=args.rotate_mlp, rotate_o_proj=args.rotate_o_proj,
+                                target=args.target, bits=args.bits,
                                 strict=args.strict, smooth=args.smooth, npu_options=_npu_options(args),
                                 verify=args.verify, mobile=args.mobile)
     report = result.report
@@ -387,7 +390,7 @@ def cmd_compress(args: argparse.Namespace) -> int:
         calib_images=str(args.calib_images) if args.calib_images is not None else None,
         calib_length=args.calib_length, grad_windows=args.grad_windows, importance=args.importance,
         bits=args.bits or "fp", beta=args.beta, rotation=args.rotation, residual_rotation=args.rotate,
-        rotate_mlp=args.rotate_mlp,
+        rotate_mlp=args.rotate_mlp, rotate_o_proj=args.rotate_o_proj,
         min_rank=args.min_rank, seed=args.seed, device=args.device, device_map=args.device_map,
     )
     check_placement(args.device, args.device_map)  # before the model loads

@@ -141,14 +141,15 @@ def release_torch_model(loaded: LoadedModel, graph: ir.Model) -> None:
 
 
 def build_dense_bundle(spec: str, out: Path, overwrite: bool = False, seed: int = 0, rotate: bool = False,
-                       rotate_mlp: bool = False,
+                       rotate_mlp: bool = False, rotate_o_proj: bool = False,
                        target: str | None = None, bits: str | None = None, strict: bool = False,
                        smooth: bool | None = None, smooth_windows: int = 16, npu_options: Any = None,
                        verify: bool = True, mobile: bool = False) -> BuildResult:
     """``qsvd-export export``: the dense bundle of ``spec`` (fp32, or quantized for ``target``).
 
     ``rotate``: fold the norm gains and rotate the residual stream first (H1, QuaRot; outputs unchanged);
-    ``rotate_mlp``: also rotate every down_proj input online (one constant MatMul per layer).
+    ``rotate_mlp``: also rotate every down_proj input online (one constant MatMul per layer);
+    ``rotate_o_proj``: every o_proj input (across and within heads).
     ``smooth``: activation-aware weight scaling for the target's weight bits, calibrated on
     ``smooth_windows`` × 512 tokens of wiki_calib (outputs unchanged in fp32). With ``target`` set and
     neither ``bits`` nor ``smooth`` given, the policy's export preset applies (cpu: smoothed w4a8 for
@@ -158,7 +159,7 @@ def build_dense_bundle(spec: str, out: Path, overwrite: bool = False, seed: int 
 
     check_output_dir(out, overwrite)  # fail before the slow steps
     _check_target_options(target, bits, smooth)
-    _check_rotation_options(rotate, rotate_mlp, target, bits)
+    _check_rotation_options(rotate, rotate_mlp or rotate_o_proj, target, bits)
     timings: dict[str, float] = {}
     start = time.perf_counter()
     loaded = load_model(spec, seed=seed)
@@ -172,7 +173,8 @@ def build_dense_bundle(spec: str, out: Path, overwrite: bool = False, seed: int 
     if rotate:
         from qsvd_export.compress.residual_rotation import rotate_residual_stream
 
-        extra["residual_rotation"] = rotate_residual_stream(loaded.model, seed, online_mlp=rotate_mlp)
+        extra["residual_rotation"] = rotate_residual_stream(loaded.model, seed, online_mlp=rotate_mlp,
+                                                            online_o_proj=rotate_o_proj)
     timings["load_s"] = time.perf_counter() - start
     if target is not None and bits is None and smooth is None:
         bits, smooth = _export_preset(loaded, target)
@@ -242,7 +244,8 @@ def build_compressed_bundle(spec: str, options: Any, out: Path, overwrite: bool 
 
     check_output_dir(out, overwrite)
     _check_target_options(target, target_bits)
-    _check_rotation_options(options.residual_rotation, options.rotate_mlp, target, target_bits)
+    _check_rotation_options(options.residual_rotation, options.rotate_mlp or options.rotate_o_proj, target,
+                            target_bits)
     timings: dict[str, float] = {}
     start = time.perf_counter()
     loaded = load_model(spec, seed=options.seed)
@@ -259,7 +262,8 @@ def build_compressed_bundle(spec: str, options: Any, out: Path, overwrite: bool 
         from qsvd_export.compress.residual_rotation import rotate_residual_stream
 
         rotation_report["residual_rotation"] = rotate_residual_stream(loaded.model, options.seed,
-                                                                      online_mlp=options.rotate_mlp)
+                                                                      online_mlp=options.rotate_mlp,
+                                                                      online_o_proj=options.rotate_o_proj)
     timings["load_s"] = time.perf_counter() - start
     start = time.perf_counter()
     # on a GPU, the model then comes back by reloading (lazy, memory-mapped) instead of a full host copy
@@ -382,10 +386,11 @@ def _smooth(loaded: LoadedModel, target: str, bits: str | None, windows: int, se
     return smooth_for_weight_bits(loaded.model, batches, chosen.weights, policy.block_size, seed)
 
 
-def _check_rotation_options(rotate: bool, rotate_mlp: bool, target: str | None, bits: str | None) -> None:
-    """--rotate-mlp needs --rotate; npu 8-bit activations without the rotation get a note (smollm2 measured)."""
-    if rotate_mlp and not rotate:
-        raise UsageError("--rotate-mlp needs --rotate (the MLP rotation is part of the rotated model)")
+def _check_rotation_options(rotate: bool, online: bool, target: str | None, bits: str | None) -> None:
+    """--rotate-mlp / --rotate-o-proj (``online``) need --rotate; npu 8-bit activations without the rotation
+    get a note (smollm2 measured)."""
+    if online and not rotate:
+        raise UsageError("--rotate-mlp and --rotate-o-proj need --rotate (online rotations are part of the rotated model)")
     if target == "npu" and bits is not None and bits.endswith("a8") and not rotate:
         from qsvd_export.progress import info
 

@@ -267,11 +267,12 @@ def test_decisive_agreement_ignores_near_ties_and_counts_decisive_flips():
     assert decisive_agreement(real_flip, reference)["decisive_argmax_agreement"] == 0.5
 
 
-def test_w4a16_puts_int4_weights_in_lpbq_blocks_that_compile_whole_on_qnn(tmp_path, bundles, capsys):
+@pytest.mark.parametrize("bits", ["w4a16", "w4a8"])
+def test_int4_presets_put_weights_in_lpbq_blocks_that_compile_whole_on_qnn(bits, tmp_path, bundles, capsys):
     """Every projection's int4 weight is blockwise (4-bit block codes × a channel scale); HTP takes the graphs
     with CPU fallback disabled and agrees with the CPU EP."""
-    out = tmp_path / "w4a16"
-    code = main([str(bundles.dense("llama") / "model.onnx"), "--target", "npu", "--bits", "w4a16",
+    out = tmp_path / bits
+    code = main([str(bundles.dense("llama") / "model.onnx"), "--target", "npu", "--bits", bits,
                  "--int4-block", "32", *SMALL, "-o", str(out), "-q"])
     assert code == 0, capsys.readouterr().err
     report = json.loads((out / "report.json").read_text())["target"]

@@ -19,12 +19,14 @@ from parity import assert_decoder_parity
 IDS = torch.tensor([[1, 5, 9, 20, 3, 7, 11, 2]])
 
 
-@pytest.mark.parametrize("family,online_mlp", [("llama", False), ("qwen2", False), ("llama", True)])
-def test_rotation_keeps_the_outputs_and_changes_the_weights(family, online_mlp):
+@pytest.mark.parametrize("family,online_mlp,online_o_proj", [("llama", False, False), ("qwen2", False, False),
+                                                            ("llama", True, False), ("qwen2", True, True)])
+def test_rotation_keeps_the_outputs_and_changes_the_weights(family, online_mlp, online_o_proj):
     loaded = load_model(f"tiny-{family}")
     rotated = copy.deepcopy(loaded.model)
-    summary = rotate_residual_stream(rotated, seed=3, online_mlp=online_mlp)
+    summary = rotate_residual_stream(rotated, seed=3, online_mlp=online_mlp, online_o_proj=online_o_proj)
     assert isinstance(rotated.model.layers[0].mlp.down_proj, torch.nn.Sequential) == online_mlp
+    assert isinstance(rotated.model.layers[0].self_attn.o_proj, torch.nn.Sequential) == online_o_proj
     assert summary["norm_gains_folded"]
     with torch.no_grad():
         a, b = loaded.model(input_ids=IDS).logits, rotated(input_ids=IDS).logits
@@ -35,15 +37,32 @@ def test_rotation_keeps_the_outputs_and_changes_the_weights(family, online_mlp):
     assert rotated.lm_head.weight.data_ptr() != rotated.model.embed_tokens.weight.data_ptr()
 
 
+def test_head_factors_are_orthogonal_for_any_head_count():
+    from qsvd_export.compress.residual_rotation import head_factors
+
+    for heads in (9, 16):  # smollm2's 9 heads: random orthogonal; powers of two: randomized Hadamard
+        a, b = head_factors(heads, 64, seed=5)
+        assert a.shape == (heads, heads) and b.shape == (64, 64)
+        for m in (a, b):
+            assert torch.allclose(m @ m.T, torch.eye(m.shape[0], dtype=m.dtype), atol=1e-10)
+
+
+def test_online_rotations_need_rotate(tmp_path, capsys):
+    assert main(["export", "tiny-llama", "--rotate-o-proj", "-o", str(tmp_path / "x")]) == 2
+    assert "--rotate-mlp and --rotate-o-proj need --rotate" in capsys.readouterr().err
+
+
 def test_rotation_refuses_models_it_does_not_know():
     with pytest.raises(UnsupportedModelError, match="residual rotation"):
         rotate_residual_stream(load_model("tiny-gpt2").model)
 
 
-def test_rotated_export_matches_the_unrotated_bundle(tmp_path, bundles, capsys):
+@pytest.mark.parametrize("online", [[], ["--rotate-mlp", "--rotate-o-proj"]])
+def test_rotated_export_matches_the_unrotated_bundle(online, tmp_path, bundles, capsys):
     out = tmp_path / "rotated"
-    assert main(["export", "tiny-llama", "--rotate", "-o", str(out), "-q"]) == 0, capsys.readouterr().err
-    assert json.loads((out / "report.json").read_text())["residual_rotation"]["width"] == 64
+    assert main(["export", "tiny-llama", "--rotate", *online, "-o", str(out), "-q"]) == 0, capsys.readouterr().err
+    rotation = json.loads((out / "report.json").read_text())["residual_rotation"]
+    assert rotation["width"] == 64 and rotation["online_o_proj_rotation"] == bool(online)
     ids = np.asarray([[5, 6, 7, 8, 9]])
     a, _ = DecoderRunner(bundles.dense("llama")).prefill(ids)
     b, _ = DecoderRunner(out).prefill(ids)
@@ -55,14 +74,16 @@ ROTATED_PLAN = ["--budget", "kv=0.5", "--rotate", "--seed", "0", "--calib-window
                 "--grad-windows", "2", "-q"]
 
 
-@pytest.mark.parametrize("family,online_mlp", [("llama", False), ("qwen2", False), ("llama", True)])
-def test_a_rotated_plan_is_folded_into_the_unrotated_graph(family, online_mlp, tmp_path, bundles, capsys):
-    """fold_rotations: the plain dense graph takes a `compress --rotate [--rotate-mlp]` plan; the bundle equals
-    the rotated torch model with that plan (prefill and a cached step)."""
+@pytest.mark.parametrize("family,online_mlp,online_o_proj", [("llama", False, False), ("qwen2", False, False),
+                                                            ("llama", True, True)])
+def test_a_rotated_plan_is_folded_into_the_unrotated_graph(family, online_mlp, online_o_proj, tmp_path, bundles,
+                                                           capsys):
+    """fold_rotations: the plain dense graph takes a `compress --rotate [--rotate-mlp] [--rotate-o-proj]` plan;
+    the bundle equals the rotated torch model with that plan (prefill and a cached step)."""
     from qsvd_export.plan import apply_plan, load_plan
 
     rotated = tmp_path / "rotated"
-    extra = ["--rotate-mlp"] if online_mlp else []
+    extra = (["--rotate-mlp"] if online_mlp else []) + (["--rotate-o-proj"] if online_o_proj else [])
     assert main(["compress", f"tiny-{family}", *ROTATED_PLAN, *extra, "-o", str(rotated)]) == 0
     assert json.loads((rotated / "plan.json").read_text())["method"]["residual_rotation"]["seed"] == 0
     out = tmp_path / "out"
@@ -70,10 +91,10 @@ def test_a_rotated_plan_is_folded_into_the_unrotated_graph(family, online_mlp, t
     stage = json.loads((out / "report.json").read_text())["graph_stage"]
     layers = len(stage["layers"])
     assert stage["folded_rotation"]["seed"] == 0 and stage["folded_rotation"]["norms"] == 2 * layers + 1
-    assert stage["folded_rotation"]["online_rotations"] == (layers if online_mlp else 0)
+    assert stage["folded_rotation"]["online_rotations"] == layers * (online_mlp + online_o_proj)
     assert all(layer["cache"] == "latent" for layer in stage["layers"])
     reference = copy.deepcopy(load_model(f"tiny-{family}").model)
-    rotate_residual_stream(reference, seed=0, online_mlp=online_mlp)
+    rotate_residual_stream(reference, seed=0, online_mlp=online_mlp, online_o_proj=online_o_proj)
     reference = apply_plan(reference, load_plan(rotated))
     assert_decoder_parity(out, reference, np.random.default_rng(2).integers(0, 256, (1, 10)), next_token=4)
 

@@ -76,6 +76,7 @@ class CompressOptions:
     rotation: str = "orthogonal"  # H2 on the latent
     residual_rotation: bool = False  # H1: norms folded, residual stream rotated before calibration
     rotate_mlp: bool = False  # with residual_rotation: down_proj inputs rotated online (one MatMul per layer)
+    rotate_o_proj: bool = False  # with residual_rotation: o_proj inputs rotated online (across and within heads)
     min_rank: int = 8
     seed: int = 0
     device: str = "cpu"  # where the torch stage runs (calibration, gradients, SVDs): cpu, cuda, cuda:N

@@ -14,6 +14,12 @@ random orthogonal A [a, a] and a randomized Hadamard B [b, b] (n = a·b, b a pow
 as x.view(a, b) → Aᵀ·X·B: two small MatMuls (smollm2: 48×48 and 32×32 instead of one 1536×1536). The SiLU·up product has the largest activation outliers
 of the block; rotating it is what lets one static 8-bit range cover it (npu ``w8a8``).
 
+With ``online_o_proj`` the input of every o_proj (the attention output, heads × head_dim) is rotated
+online too, QuaRot's rotation before out_proj: Q_o = A_h ⊗ B_d with A_h [heads, heads] mixing the heads
+(a randomized Hadamard when the head count is a power of two, else random orthogonal: smollm2 has 9) and
+B_d a randomized Hadamard within each head, run like the MLP's; o_proj's weight absorbs Q_oᵀ. It spreads
+the heads' outliers over the whole attention output before an 8-bit (or lower) quantizer reads it.
+
 The outputs are unchanged in exact arithmetic (fp32: ~1e-5); the point is that rotated weights have no
 outlier input channels, so they quantize far better at 4 bits. Tied embeddings are untied (the lm_head
 absorbs the final norm gain, the embedding does not). Q is a seeded Haar-random orthogonal matrix
@@ -75,8 +81,17 @@ class OnlineRotation(torch.nn.Module):
         return (self.a_t @ (grid @ self.b)).flatten(-2)
 
 
+def head_factors(heads: int, head_dim: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(A [heads, heads], B [head_dim, head_dim]) float64, orthogonal: the online o_proj rotation A ⊗ B."""
+    return residual_rotation_matrix(heads, seed), residual_rotation_matrix(head_dim, seed + 1)
+
+
+O_PROJ_SEED_OFFSET = 3  # seed + 1, + 2: the down_proj factors; + 3, + 4: the o_proj factors
+
+
 @torch.no_grad()
-def rotate_residual_stream(model: torch.nn.Module, seed: int = 0, online_mlp: bool = False) -> dict[str, object]:
+def rotate_residual_stream(model: torch.nn.Module, seed: int = 0, online_mlp: bool = False,
+                           online_o_proj: bool = False) -> dict[str, object]:
     """Fold norms and rotate ``model`` (a ``*ForCausalLM``) in place; returns a summary for reports."""
     config = model.config
     if config.model_type not in SUPPORTED:
@@ -88,6 +103,8 @@ def rotate_residual_stream(model: torch.nn.Module, seed: int = 0, online_mlp: bo
         config.tie_word_embeddings = False
     width = config.hidden_size
     q = residual_rotation_matrix(width, seed)
+    heads = int(config.num_attention_heads)
+    head_dim = int(getattr(config, "head_dim", None) or width // heads)
     for layer in base.layers:
         attn, mlp = layer.self_attn, layer.mlp
         _fold_gain(layer.input_layernorm, [attn.q_proj, attn.k_proj, attn.v_proj])
@@ -101,8 +118,14 @@ def rotate_residual_stream(model: torch.nn.Module, seed: int = 0, online_mlp: bo
             _read_side(mlp.down_proj, torch.kron(a, b))
             dtype = mlp.down_proj.weight.dtype
             mlp.down_proj = torch.nn.Sequential(OnlineRotation(a.to(dtype), b.to(dtype)), mlp.down_proj)
+        if online_o_proj:
+            a, b = head_factors(heads, head_dim, seed + O_PROJ_SEED_OFFSET)
+            _read_side(attn.o_proj, torch.kron(a, b))
+            dtype = attn.o_proj.weight.dtype
+            attn.o_proj = torch.nn.Sequential(OnlineRotation(a.to(dtype), b.to(dtype)), attn.o_proj)
     _fold_gain(base.norm, [model.lm_head])
     _read_side(model.lm_head, q)
     base.embed_tokens.weight.data = (base.embed_tokens.weight.data.double() @ q).to(base.embed_tokens.weight.dtype)
     return {"residual_rotation": "randomized Hadamard" if width & (width - 1) == 0 else "random orthogonal",
-            "width": width, "seed": seed, "norm_gains_folded": True, "online_mlp_rotation": online_mlp}
+            "width": width, "seed": seed, "norm_gains_folded": True, "online_mlp_rotation": online_mlp,
+            "online_o_proj_rotation": online_o_proj, "heads": heads, "head_dim": head_dim}
