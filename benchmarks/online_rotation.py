@@ -2,11 +2,12 @@
 
     python -m benchmarks.online_rotation [--model smollm2-135m] [--windows 16] [--length 256] [--json OUT]
 
-For each rotation setting (none; H1; H1 + online o_proj; H1 + online o_proj + down_proj) the torch model's
-o_proj and down_proj inputs — the activations the online rotations exist for — are fake-quantized
-(asymmetric round-to-nearest, :func:`qsvd_export.quantize.fake_quant_activation`) at 8 and 4 bits, per
-token (dynamic, QuaRot's setting) and per tensor (one static range per layer, calibrated on wiki_calib:
-the NPU setting); weights stay fp32, so the rows isolate the activation error. Perplexity on ``--windows``
+Each row quantizes one kind of input — every o_proj's or every down_proj's, the activations the online
+rotations exist for — under one rotation setting: none, H1 alone, H1 + that projection's online rotation.
+Fake quantization is asymmetric round-to-nearest (:func:`qsvd_export.quantize.fake_quant_activation`) at 8
+and 4 bits, per token (dynamic, QuaRot's setting) and per tensor (one static range per layer, calibrated
+on wiki_calib: the NPU setting); weights and every other activation stay fp32, so a row isolates that
+input's quantization error. Perplexity on ``--windows``
 × ``--length`` tokens of wiki_eval. Prints one JSON object.
 """
 
@@ -29,7 +30,10 @@ from qsvd_export.quantize import fake_quant_activation
 from qsvd_export.runtimes.metrics import perplexity
 from qsvd_export.zoo import load_model
 
-SETTINGS = {"none": None, "H1": (False, False), "H1 + o_proj": (False, True), "H1 + o_proj + down_proj": (True, True)}
+# (quantized input, rotation setting name, (online_mlp, online_o_proj) or None for no rotation)
+ROWS = [("o_proj", "none", None), ("o_proj", "H1", (False, False)), ("o_proj", "H1 + online o_proj", (False, True)),
+        ("down_proj", "none", None), ("down_proj", "H1", (False, False)),
+        ("down_proj", "H1 + online down_proj", (True, False))]
 
 
 def _linear(module: torch.nn.Module) -> torch.nn.Linear:
@@ -37,15 +41,15 @@ def _linear(module: torch.nn.Module) -> torch.nn.Linear:
     return module[-1] if isinstance(module, torch.nn.Sequential) else module  # type: ignore[return-value]
 
 
-def _targets(model: Any) -> list[torch.nn.Linear]:
-    return [_linear(m) for layer in model.model.layers for m in (layer.self_attn.o_proj, layer.mlp.down_proj)]
+def _targets(model: Any, kind: str) -> list[torch.nn.Linear]:
+    return [_linear(layer.self_attn.o_proj if kind == "o_proj" else layer.mlp.down_proj) for layer in model.model.layers]
 
 
-def _static_ranges(model: Any, windows: np.ndarray) -> dict[int, tuple[float, float]]:
+def _static_ranges(model: Any, windows: np.ndarray, kind: str) -> dict[int, tuple[float, float]]:
     """Per target Linear: (min, max) of its input over ``windows``."""
     ranges: dict[int, tuple[float, float]] = {}
     hooks = []
-    for linear in _targets(model):
+    for linear in _targets(model, kind):
         def record(module: torch.nn.Module, args: tuple, key: int = id(linear)) -> None:
             lo, hi = ranges.get(key, (np.inf, -np.inf))
             ranges[key] = (min(lo, float(args[0].min())), max(hi, float(args[0].max())))
@@ -58,10 +62,10 @@ def _static_ranges(model: Any, windows: np.ndarray) -> dict[int, tuple[float, fl
     return ranges
 
 
-def _quantized_ppl(model: Any, windows: np.ndarray, bits: int, mode: str,
+def _quantized_ppl(model: Any, windows: np.ndarray, kind: str, bits: int, mode: str,
                    ranges: dict[int, tuple[float, float]]) -> float:
     hooks = []
-    for linear in _targets(model):
+    for linear in _targets(model, kind):
         def quantize(module: torch.nn.Module, args: tuple, key: int = id(linear)) -> tuple:
             x = args[0]
             if mode == "per-token":
@@ -95,18 +99,19 @@ def main() -> None:
                                 source="wiki_calib")
     start = time.perf_counter()
     result: dict[str, Any] = {"model": args.model, "windows": args.windows, "length": args.length,
-                              "quantized": "o_proj and down_proj inputs; weights fp32", "rows": {}}
-    for name, setting in SETTINGS.items():
+                              "rows": []}
+    result["fp32"] = round(perplexity(torch_window_nlls(loaded.model, rows)), 3)
+    for kind, name, setting in ROWS:
         model = copy.deepcopy(loaded.model).eval()
         if setting is not None:
             rotate_residual_stream(model, args.seed, online_mlp=setting[0], online_o_proj=setting[1])
-        ranges = _static_ranges(model, calibration)
-        row = {"fp32": round(perplexity(torch_window_nlls(model, rows)), 3)}
+        ranges = _static_ranges(model, calibration, kind)
+        row: dict[str, Any] = {"quantized": f"{kind} inputs", "rotation": name}
         for bits in (8, 4):
             for mode in ("per-tensor", "per-token"):
-                row[f"a{bits} {mode}"] = round(_quantized_ppl(model, rows, bits, mode, ranges), 3)
-        result["rows"][name] = row
-        print(json.dumps({name: row}), flush=True)
+                row[f"a{bits} {mode}"] = round(_quantized_ppl(model, rows, kind, bits, mode, ranges), 3)
+        result["rows"].append(row)
+        print(json.dumps(row), flush=True)
         del model
     result["wall_s"] = round(time.perf_counter() - start, 1)
     line = json.dumps(result)

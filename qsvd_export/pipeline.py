@@ -188,7 +188,7 @@ def build_dense_bundle(spec: str, out: Path, overwrite: bool = False, seed: int 
     timings["export_s"] = time.perf_counter() - start
     parameters = int(sum(p.numel() for p in loaded.model.parameters()))
     release_torch_weights(loaded)
-    target_report = apply_target(exported.model, target, bits)
+    target_report = apply_target(exported.model, target, bits, _plain_causal(loaded))
     with atomic_output_dir(out, overwrite) as tmp:
         config = write_bundle(loaded, exported.model, exported.cache, tmp,
                               {"stage": "dense", "parameters": parameters, **extra})
@@ -290,7 +290,7 @@ def build_compressed_bundle(spec: str, options: Any, out: Path, overwrite: bool 
     cache = cache_layout_from_graph(graph) if loaded.kind == "decoder" else []
     report: dict[str, Any] = {"stage": "compressed", **plan_report(plan), "options": options_summary(options),
                               "graph_stage": context.report(), **rotation_report}
-    target_report = apply_target(graph, target, target_bits)
+    target_report = apply_target(graph, target, target_bits, _plain_causal(loaded))
     report["kv_bytes_per_token_fp16_graph"] = sum(layer.bytes_per_token() // 2 for layer in cache)
     with atomic_output_dir(out, overwrite) as tmp:
         save_plan(plan, tmp)
@@ -413,8 +413,17 @@ def _check_target_options(target: str | None, bits: str | None, smooth: bool | N
         raise UsageError("--smooth needs an integer weight preset (--bits w4a8, w8a8, ...)")
 
 
-def apply_target(model: ir.Model, target: str | None, bits: str | None) -> dict[str, Any] | None:
-    """The target stage after the graph stage: quantize for ``target``'s policy (None: leave fp32)."""
+def _plain_causal(loaded: LoadedModel) -> bool:
+    from qsvd_export.targets import plain_causal
+
+    config = loaded.model.config
+    return loaded.kind == "decoder" and plain_causal(str(getattr(config, "model_type", "")), config)
+
+
+def apply_target(model: ir.Model, target: str | None, bits: str | None,
+                 plain_causal: bool = False) -> dict[str, Any] | None:
+    """The target stage after the graph stage: quantize for ``target``'s policy (None: leave fp32).
+    ``plain_causal``: :func:`qsvd_export.targets.plain_causal` of the source model."""
     if target is None:
         return None
     from onnx_ir.passes import common
@@ -426,7 +435,7 @@ def apply_target(model: ir.Model, target: str | None, bits: str | None) -> dict[
     chosen = policy.bits(bits)
     if target == "npu":
         return {"target": target, "bits": chosen.name}  # static graphs + QDQ are built on files: finish_target
-    report = {"target": target, "bits": chosen.name, **policy.quantize(model, chosen)}
+    report = {"target": target, "bits": chosen.name, **policy.quantize(model, chosen, plain_causal)}
     common.RemoveUnusedNodesPass()(model)
     check_model(model)
     return report
@@ -639,7 +648,11 @@ def compile_onnx(graph_path: Path, plan_path: Path | None, out: Path, overwrite:
     context = run_graph_stage(model, plan, dump_dir)
     timings["graph_stage_s"] = time.perf_counter() - start
     start = time.perf_counter()
-    target_report = apply_target(model, target, bits)
+    from qsvd_export.targets import plain_causal
+
+    model_type = source.model_type if source is not None else str(
+        _hf_text_config(Path(tokenizer_dir)).get("model_type", "") if tokenizer_dir is not None else "")
+    target_report = apply_target(model, target, bits, plain_causal(model_type))
     timings["target_stage_s"] = time.perf_counter() - start
     cache = cache_layout_from_graph(model)
     inputs, outputs = graph_io(model)

@@ -7,6 +7,8 @@
   defaults to ``w4a8`` with activation-aware smoothing when it has a llama-family torch model
   (smollm2: 1.14× perplexity instead of 1.24× for plain w4a8). Checked on the graph ONNX Runtime actually
   runs: the session's optimized graph must hold no float MatMul with a constant weight.
+  Attention of plain causal models (llama, qwen2/qwen3 without a sliding window) with a dense cache runs
+  as ``com.microsoft.GroupQueryAttention`` (:mod:`qsvd_export.passes.group_query_attention`).
 - ``gpu``: CUDA EP: the same weight-only MatMulNBits graph, then fp16 activations, weights and cache
   (:mod:`qsvd_export.passes.float16`; logits stay fp32). Default ``w4a16``; ``fp`` = fp16 without integer
   weights.
@@ -38,6 +40,7 @@ class TargetPolicy:
     smoothed_default: str | None = None  # export's default when activation-aware smoothing is possible
     float16: bool = False  # convert activations, float weights and the cache to fp16 after quantizing
     quantize_embedding: bool = False  # an fp32 table read only by Gather → 8-bit GatherBlockQuantized
+    fuse_attention: bool = False  # dense-cache attention → com.microsoft.GroupQueryAttention (plain causal models)
 
     def bits(self, requested: str | None) -> Bits:
         name = requested or self.default_bits
@@ -51,10 +54,20 @@ class TargetPolicy:
                              f"(choose from {', '.join(self.allowed_bits)})")
         return bits
 
-    def quantize(self, model: ir.Model, bits: Bits) -> dict[str, Any]:
+    def quantize(self, model: ir.Model, bits: Bits, plain_causal: bool = False) -> dict[str, Any]:
         """Rewrite ``model`` in place for ``bits`` (then fp16 where the policy says); returns what was done
-        (for report.json)."""
+        (for report.json). ``plain_causal``: the model's attention mask is causal + padding only (no sliding
+        window), so the policy may fuse attention into GroupQueryAttention."""
+        fusion = None
+        if self.fuse_attention and plain_causal:  # first: attention is found through its float projections
+            from qsvd_export.passes.group_query_attention import fuse_group_query_attention
+
+            fusion = fuse_group_query_attention(model).as_dict()
+            if fusion["group_query_attention"]:
+                fusion["attention_mask"] = "right padding only (GroupQueryAttention reads each row's length)"
         report = self._quantize_weights(model, bits)
+        if fusion is not None:
+            report["attention"] = fusion
         if self.float16:
             from qsvd_export.passes.float16 import to_float16
 
@@ -90,7 +103,7 @@ class TargetPolicy:
 
 POLICIES = {
     "cpu": TargetPolicy("cpu", default_bits="w8a8", allowed_bits=("fp", "w8a16", "w8a8", "w4a16", "w4a8"),
-                        smoothed_default="w4a8", quantize_embedding=True),
+                        smoothed_default="w4a8", quantize_embedding=True, fuse_attention=True),
     "gpu": TargetPolicy("gpu", default_bits="w4a16", allowed_bits=("fp", "w8a16", "w4a16"), float16=True),
     "npu": TargetPolicy("npu", default_bits="w8a16", allowed_bits=("w8a16", "w8a8", "w4a16", "w4a8")),
 }
@@ -122,3 +135,11 @@ def optimized_op_counts(graph_path: Path) -> dict[str, Any]:
                             and len(n.input) > 1 and n.input[1] in constants]
     return {"MatMulNBits": counts.get("MatMulNBits", 0), "float_matmuls_with_constant_weight": len(float_weight_matmuls),
             "examples": float_weight_matmuls[:5]}
+
+
+PLAIN_CAUSAL_TYPES = ("llama", "qwen2", "qwen3")
+
+
+def plain_causal(model_type: str, config: Any = None) -> bool:
+    """Whether a model's attention mask is causal + padding only (GroupQueryAttention can take it over)."""
+    return model_type in PLAIN_CAUSAL_TYPES and not getattr(config, "use_sliding_window", False)
