@@ -78,7 +78,9 @@ def render_decoder_readme(config: BundleConfig, report: dict[str, Any]) -> str:
         "## Inputs and outputs (`model.onnx`, opset 21, dynamic batch and sequence)",
         "",
         "- `input_ids` int64 [B, n]: the new tokens",
-        "- `attention_mask` int64 [B, past + n]: 1 for every real token so far (past and new)",
+        "- `attention_mask` int64 [B, past + n]: 1 for every real token so far (past and new)"
+        + (", right padding only: attention runs as GroupQueryAttention, which takes each row's length from it"
+           if (report.get("target") or {}).get("attention", {}).get("group_query_attention") else ""),
         "- `position_ids` int64 [B, n]: past, past + 1, … (where the graph has this input)",
     ]
     for tensor in config.cache[0].tensors if config.cache else []:

@@ -62,6 +62,7 @@ def test_cpu_target_fuses_plain_causal_models_only(tmp_path, capsys):
     assert main(["export", "tiny-llama", "--target", "cpu", "-o", str(out), "-q"]) == 0, capsys.readouterr().err
     attention = json.loads((out / "report.json").read_text())["target"]["attention"]
     assert attention["group_query_attention"] == 2 and "right padding only" in attention["attention_mask"]
+    assert "right padding only" in (out / "README.md").read_text()  # the I/O contract users read
     gemma = tmp_path / "gemma"  # sliding-window layers: the mask is not GroupQueryAttention's
     assert main(["export", "tiny-gemma3", "--target", "cpu", "-o", str(gemma), "-q"]) == 0
     assert "attention" not in json.loads((gemma / "report.json").read_text())["target"]
