@@ -12,12 +12,12 @@ HTP check (CPU fallback disabled; argmax agreement with the CPU EP).
 from __future__ import annotations
 
 import argparse
-import json
 import resource
 import tempfile
 import time
 from pathlib import Path
 
+from benchmarks import emit_json_line
 from qsvd_export.bundle import bundle_tokenizer, load_bundle_config
 from qsvd_export.data import read_text, token_windows
 from qsvd_export.npu import NpuOptions, build_npu_graphs, verify_on_qnn
@@ -65,10 +65,7 @@ def main() -> None:
         if args.verify:
             result["qnn"] = verify_on_qnn(out, config.cache, tokenizer, options)
     result["peak_rss_gb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6, 2)
-    line = json.dumps(result)
-    print(line)
-    if args.json is not None:
-        args.json.write_text(line + "\n")
+    emit_json_line(result, args.json)
 
 
 if __name__ == "__main__":

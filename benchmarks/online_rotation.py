@@ -23,6 +23,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from benchmarks import emit_json_line
 from qsvd_export.compress.residual_rotation import rotate_residual_stream
 from qsvd_export.data import read_text, token_windows
 from qsvd_export.evaluate import torch_window_nlls
@@ -114,10 +115,7 @@ def main() -> None:
         print(json.dumps(row), flush=True)
         del model
     result["wall_s"] = round(time.perf_counter() - start, 1)
-    line = json.dumps(result)
-    print(line)
-    if args.json is not None:
-        args.json.write_text(line + "\n")
+    emit_json_line(result, args.json)
 
 
 if __name__ == "__main__":
