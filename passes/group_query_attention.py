@@ -112,9 +112,9 @@ class _Lengths:
         if self.values is None:
             g = self.graph
             axis = initializer(g, "qsvd/gqa/axis1", np.asarray([1], dtype=np.int64))
-            total = add_node(g, "ReduceSum", [self.mask, axis], "qsvd/gqa/valid", {"keepdims": 0}).outputs[0]
+            valid = add_node(g, "ReduceSum", [self.mask, axis], "qsvd/gqa/valid", {"keepdims": 0}).outputs[0]
             one = initializer(g, "qsvd/gqa/one", np.asarray(1, dtype=np.int64))
-            last = add_node(g, "Sub", [total, one], "qsvd/gqa/last").outputs[0]
+            last = add_node(g, "Sub", [valid, one], "qsvd/gqa/last").outputs[0]
             seqlens = add_node(g, "Cast", [last], "qsvd/gqa/seqlens_k", {"to": ir.DataType.INT32}).outputs[0]
             width = add_node(g, "Shape", [self.mask], "qsvd/gqa/width_1d", {"start": 1, "end": 2}).outputs[0]
             zero = initializer(g, "qsvd/gqa/axis0", np.asarray([0], dtype=np.int64))
