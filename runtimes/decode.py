@@ -8,7 +8,7 @@ and grows ``attention_mask`` by the new tokens.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Callable
+from typing import Callable
 
 import numpy as np
 
@@ -17,14 +17,7 @@ from qsvd_export.errors import UsageError
 from qsvd_export.runtimes.metrics import window_nll
 from qsvd_export.runtimes.sessions import SessionOptions, create_session
 
-Cache = dict[str, Any]  # cache input name → numpy array or onnxruntime.OrtValue (what step() returns)
-
-
-def _ort_values(feed: dict[str, Any]) -> dict[str, Any]:
-    import onnxruntime as ort
-
-    return {name: value if isinstance(value, ort.OrtValue) else ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(value))
-            for name, value in feed.items()}
+Cache = dict[str, np.ndarray]
 
 
 class DecoderRunner:
@@ -64,11 +57,9 @@ class DecoderRunner:
         if "position_ids" in self.graph_inputs:
             feed["position_ids"] = position_ids.astype(np.int64)
         feed.update(cache)
-        # OrtValues in and out: the present cache goes back as the next past without a numpy copy
-        # (a copy of the whole cache per token: 94 MB at 2048 context on smollm2)
-        values = dict(zip(self.output_names, self.session.run_with_ort_values(self.output_names, _ort_values(feed))))
+        values = dict(zip(self.output_names, self.session.run(self.output_names, feed)))
         present = {t.input: values[t.output] for layer in self.config.cache for t in layer.tensors}
-        return values["logits"].numpy(), present
+        return values["logits"], present
 
     def prefill(self, token_ids: np.ndarray) -> tuple[np.ndarray, Cache]:
         """Forward a [batch, seq] block of ids (or [batch, seq, hidden] embeddings) with an empty cache."""
