@@ -12,8 +12,10 @@
 - ``gpu``: CUDA EP: the same weight-only MatMulNBits graph, then fp16 activations, weights and cache
   (:mod:`qsvd_export.passes.float16`; logits stay fp32). Default ``w4a16``; ``fp`` = fp16 without integer
   weights.
-- ``npu``: QNN HTP: static prefill/decode graphs with QDQ (uint16/uint8 activations, int8 weights), built
-  on files after the bundle is written (:mod:`qsvd_export.npu`); default ``w8a16``.
+- ``npu``: QNN HTP: static prefill/decode graphs with QDQ (uint16/uint8 activations, int8 weights per
+  channel or int4 weights in LPBQ blocks, :mod:`qsvd_export.block_weights`), built on files after the
+  bundle is written (:mod:`qsvd_export.npu`); default ``w8a16``.
+- ``w4a4`` is refused everywhere: no target runs 4-bit activations.
 """
 
 from __future__ import annotations
