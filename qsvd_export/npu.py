@@ -155,7 +155,9 @@ def _tensor_overrides(float_path: Path, weight: Any, matmul_inputs: Any | None,
       outliers (smollm2 with H1: 1.64x with it at 8 bits, 1.026x without). Every other activation keeps
       16 bits: the residual stream (massive per-token outliers that no rotation removes), the attention
       core and the o_proj/down_proj outputs that write into the residual (smollm2: ppl > 1e6 with
-      everything at 8 bits, even with the residual or the attention core left in float)."""
+      everything at 8 bits, even with the residual or the attention core left in float).
+    - With int4 weights the MatMul that writes a graph output (an untied lm_head) keeps int8 weights, as
+      on the cpu target (smollm2 with H1, w4a16: 1.63x dense with an int4 head)."""
     import onnx
     from onnxruntime.quantization import QuantType
 
@@ -176,10 +178,12 @@ def _tensor_overrides(float_path: Path, weight: Any, matmul_inputs: Any | None,
     for name in shapes:
         if name.endswith(TABLE_SUFFIX):  # rotary cos/sin tables: 16-bit like the activations they replace
             overrides[name] = [{"quant_type": QuantType.QUInt16}]
+    graph_outputs = {o.name for o in proto.graph.output}
     for node in proto.graph.node:
         if node.op_type == "MatMul" and node.input[1] in matrices:
-            overrides[node.input[1]] = [{"quant_type": weight, "symmetric": True, "axis": 1}]
-            if clips is not None and node.input[1] in clips:
+            head = node.output[0] in graph_outputs and weight == QuantType.QInt4
+            overrides[node.input[1]] = [{"quant_type": QuantType.QInt8 if head else weight, "symmetric": True, "axis": 1}]
+            if clips is not None and node.input[1] in clips and not head:
                 overrides[node.input[1]] = _clipped_channels(overrides[node.input[1]][0], clips[node.input[1]])
             source = producers.get(node.input[0])
             reads_norm = source is not None and source.op_type == "SimplifiedLayerNormalization"

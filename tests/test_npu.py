@@ -295,3 +295,21 @@ def test_int4_block_must_fit_htp(tmp_path, bundles, capsys):
                  "--int4-block", "20", *SMALL, "-o", str(tmp_path / "x"), "-q"])
     assert code == 2 and "--int4-block must be 0 (per channel) or a positive multiple of 16" in capsys.readouterr().err
     assert not (tmp_path / "x").exists()
+
+
+def test_int4_presets_keep_an_untied_lm_head_at_8_bits(tmp_path, capsys):
+    out = tmp_path / "rotated-w4"  # --rotate unties the head: a plain 2-D weight writing the logits
+    code = main(["export", "tiny-llama", "--rotate", "--target", "npu", "--bits", "w4a16", "--int4-block", "32",
+                 *SMALL, "--no-verify", "-o", str(out), "-q"])
+    assert code == 0, capsys.readouterr().err
+    proto = onnx.load(out / "prefill.onnx", load_external_data=False)
+    inits = {i.name: i for i in proto.graph.initializer}
+    producers = {o: n for n in proto.graph.node for o in n.output}
+    weights = {}
+    for node in proto.graph.node:
+        if node.op_type == "MatMul" and node.input[1] in producers and producers[node.input[1]].op_type == "DequantizeLinear":
+            source = producers[node.input[1]].input[0]
+            if source in inits:
+                weights[node.name] = inits[source].data_type
+    assert list(weights.values()).count(onnx.TensorProto.INT8) == 1  # the head
+    assert list(weights.values()).count(onnx.TensorProto.INT4) == 2 * 7
