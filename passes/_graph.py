@@ -143,14 +143,15 @@ def clone_nodes(
     return mapping
 
 
-def initializer(graph: ir.Graph, name: str, array: np.ndarray) -> ir.Value:
-    """Register a new initializer (name made unique) and return its value."""
+def initializer(graph: ir.Graph, name: str, array: np.ndarray, dtype: ir.DataType | None = None) -> ir.Value:
+    """Register a new initializer (name made unique) and return its value. ``dtype``: the ONNX type when
+    numpy has none for it (INT4 values held in an int8 array)."""
     base, k = name, 1
     while name in graph.initializers:
         name = f"{base}_{k}"
         k += 1
-    value = ir.Value(name=name, shape=ir.Shape(array.shape), type=ir.TensorType(ir.DataType.from_numpy(array.dtype)),
-                     const_value=ir.tensor(array, name=name))
+    tensor = ir.tensor(array, name=name) if dtype is None else ir.Tensor(array, dtype=dtype, name=name)
+    value = ir.Value(name=name, shape=ir.Shape(array.shape), type=ir.TensorType(tensor.dtype), const_value=tensor)
     graph.register_initializer(value)
     return value
 

@@ -27,7 +27,7 @@ import numpy as np
 import onnx_ir as ir
 from onnx_ir.passes import common
 
-from qsvd_export.passes._graph import add_node, const_array, initializer
+from qsvd_export.passes._graph import add_node, backward_nodes, const_array, initializer
 from qsvd_export.passes.find_attention import AttentionBlock, find_attention
 
 _MOVES = {"Unsqueeze", "Expand", "Reshape", "Transpose"}
@@ -55,43 +55,31 @@ def _reaches_through_moves(value: ir.Value, source: ir.Value) -> bool:
 def _score_scale(block: AttentionBlock) -> float | None:
     """The constant factor between QKᵀ and Softmax when the path is scale ops and one mask Add, else None."""
     scores = block.scores.outputs[0]
-    value, scale, masks = block.softmax.inputs[0], 1.0, 0
+    value, scale, masked = block.softmax.inputs[0], 1.0, False
     while value is not scores:
         node = value.producer()
         if node is None or len(node.inputs) != 2:
             return None
         a, b = node.inputs
-        if node.op_type in ("Mul", "Div"):
-            constant = const_array(b)
-            if constant is None or constant.size != 1:
-                return None
+        constant = const_array(b)
+        if node.op_type in ("Mul", "Div") and constant is not None and constant.size == 1:
             factor = float(constant.reshape(()))
             scale *= factor if node.op_type == "Mul" else 1.0 / factor
             value = a  # type: ignore[assignment]
-        elif node.op_type == "Add" and masks == 0:
-            masks += 1
-            value = a if _depends_on(a, scores) else b  # type: ignore[assignment]
-            other = b if value is a else a
-            if other is None or _depends_on(other, scores):
+        elif node.op_type == "Add" and not masked and a is not None and b is not None:
+            masked = True
+            a_reads, b_reads = (x is scores or _reads(x, block.scores) for x in (a, b))
+            if a_reads == b_reads:  # the mask must not depend on the scores
                 return None
+            value = a if a_reads else b
         else:
             return None
     return scale
 
 
-def _depends_on(value: ir.Value | None, target: ir.Value, limit: int = 64) -> bool:
-    stack, seen = [value], set()
-    while stack and len(seen) < limit:
-        current = stack.pop()
-        if current is None or id(current) in seen:
-            continue
-        if current is target:
-            return True
-        seen.add(id(current))
-        node = current.producer()
-        if node is not None:
-            stack.extend(node.inputs)
-    return False
+def _reads(value: ir.Value, node: ir.Node) -> bool:
+    """Whether ``node`` is in the backward slice of ``value``."""
+    return any(n is node for n in backward_nodes(value, set()))
 
 
 def _dims(value: ir.Value) -> tuple[int, int] | None:
@@ -102,27 +90,19 @@ def _dims(value: ir.Value) -> tuple[int, int] | None:
     return int(shape[1]), int(shape[3])
 
 
-class _Lengths:
-    """``seqlens_k`` int32 [B] and ``total_sequence_length`` int32 scalar from ``attention_mask``, made once."""
-
-    def __init__(self, graph: ir.Graph, mask: ir.Value) -> None:
-        self.graph, self.mask, self.values = graph, mask, None
-
-    def get(self) -> tuple[ir.Value, ir.Value]:
-        if self.values is None:
-            g = self.graph
-            axis = initializer(g, "qsvd/gqa/axis1", np.asarray([1], dtype=np.int64))
-            valid = add_node(g, "ReduceSum", [self.mask, axis], "qsvd/gqa/valid", {"keepdims": 0}).outputs[0]
-            one = initializer(g, "qsvd/gqa/one", np.asarray(1, dtype=np.int64))
-            last = add_node(g, "Sub", [valid, one], "qsvd/gqa/last").outputs[0]
-            seqlens = add_node(g, "Cast", [last], "qsvd/gqa/seqlens_k", {"to": ir.DataType.INT32}).outputs[0]
-            width = add_node(g, "Shape", [self.mask], "qsvd/gqa/width_1d", {"start": 1, "end": 2}).outputs[0]
-            zero = initializer(g, "qsvd/gqa/axis0", np.asarray([0], dtype=np.int64))
-            scalar = add_node(g, "Squeeze", [width, zero], "qsvd/gqa/width").outputs[0]
-            total_len = add_node(g, "Cast", [scalar], "qsvd/gqa/total_sequence_length",
-                                 {"to": ir.DataType.INT32}).outputs[0]
-            self.values = (seqlens, total_len)
-        return self.values
+def _lengths(graph: ir.Graph, mask: ir.Value) -> tuple[ir.Value, ir.Value]:
+    """``seqlens_k`` int32 [B] (valid tokens − 1 per row) and ``total_sequence_length`` int32 scalar from
+    ``attention_mask``."""
+    axis = initializer(graph, "qsvd/gqa/axis1", np.asarray([1], dtype=np.int64))
+    valid = add_node(graph, "ReduceSum", [mask, axis], "qsvd/gqa/valid", {"keepdims": 0}).outputs[0]
+    one = initializer(graph, "qsvd/gqa/one", np.asarray(1, dtype=np.int64))
+    last = add_node(graph, "Sub", [valid, one], "qsvd/gqa/last").outputs[0]
+    seqlens = add_node(graph, "Cast", [last], "qsvd/gqa/seqlens_k", {"to": ir.DataType.INT32}).outputs[0]
+    width = add_node(graph, "Shape", [mask], "qsvd/gqa/width_1d", {"start": 1, "end": 2}).outputs[0]
+    zero = initializer(graph, "qsvd/gqa/axis0", np.asarray([0], dtype=np.int64))
+    scalar = add_node(graph, "Squeeze", [width, zero], "qsvd/gqa/width").outputs[0]
+    total = add_node(graph, "Cast", [scalar], "qsvd/gqa/total_sequence_length", {"to": ir.DataType.INT32}).outputs[0]
+    return seqlens, total
 
 
 def _flatten_heads(graph: ir.Graph, value: ir.Value, width: int, name: str) -> ir.Value:
@@ -143,14 +123,18 @@ def fuse_group_query_attention(model: ir.Model) -> FusionReport:
     if not masks:
         report.skipped.update({b.softmax.name: "no attention_mask graph input" for b in blocks})
         return report
-    lengths = _Lengths(graph, masks[0])
+    fusable = []
     for block in blocks:
-        reason = _unfusable(block)
+        reason, scale = _match(block)
         if reason:
             report.skipped[block.softmax.name] = reason
-            continue
-        _fuse(graph, block, lengths, report.fused)
-        report.fused += 1
+        else:
+            fusable.append((block, scale))
+    if fusable:
+        lengths = _lengths(graph, masks[0])
+        for index, (block, scale) in enumerate(fusable):
+            _fuse(graph, block, lengths, scale, index)
+    report.fused = len(fusable)
     if report.fused:
         common.RemoveUnusedNodesPass()(model)
         graph.sort()
@@ -158,25 +142,28 @@ def fuse_group_query_attention(model: ir.Model) -> FusionReport:
     return report
 
 
-def _unfusable(block: AttentionBlock) -> str | None:
+def _match(block: AttentionBlock) -> tuple[str | None, float]:
+    """(why ``block`` cannot be fused or None, the score scale when it can)."""
     k_cache, v_cache = block.k_cache, block.v_cache
     if k_cache is None or v_cache is None:
-        return "no K/V cache Concat (latent cache or no cache)"
+        return "no K/V cache Concat (latent cache or no cache)", 0.0
     q_dims, k_dims, v_dims = _dims(block.scores.inputs[0]), _dims(k_cache.new), _dims(v_cache.new)  # type: ignore[arg-type]
     if q_dims is None or k_dims is None or v_dims is None or k_cache.axis != 2 or v_cache.axis != 2:
-        return "Q/K/V are not [batch, heads, seq, head_dim] with static heads and head_dim"
+        return "Q/K/V are not [batch, heads, seq, head_dim] with static heads and head_dim", 0.0
     if not (q_dims[1] == k_dims[1] == v_dims[1]) or k_dims[0] != v_dims[0] or q_dims[0] % k_dims[0]:
-        return f"head geometry Q {q_dims}, K {k_dims}, V {v_dims} is not grouped-query attention"
+        return f"head geometry Q {q_dims}, K {k_dims}, V {v_dims} is not grouped-query attention", 0.0
     if not _reaches_through_moves(block.scores.inputs[1], k_cache.present):  # type: ignore[arg-type]
-        return "K reaches QKᵀ through more than data movement"
+        return "K reaches QKᵀ through more than data movement", 0.0
     if not _reaches_through_moves(block.pv.inputs[1], v_cache.present):  # type: ignore[arg-type]
-        return "V reaches P·V through more than data movement"
-    if _score_scale(block) is None:
-        return "between QKᵀ and Softmax there is more than a constant scale and one additive mask"
-    return None
+        return "V reaches P·V through more than data movement", 0.0
+    scale = _score_scale(block)
+    if scale is None:
+        return "between QKᵀ and Softmax there is more than a constant scale and one additive mask", 0.0
+    return None, scale
 
 
-def _fuse(graph: ir.Graph, block: AttentionBlock, lengths: _Lengths, index: int) -> None:
+def _fuse(graph: ir.Graph, block: AttentionBlock, lengths: tuple[ir.Value, ir.Value], scale: float,
+          index: int) -> None:
     k_cache, v_cache = block.k_cache, block.v_cache
     assert k_cache is not None and v_cache is not None
     q = block.scores.inputs[0]
@@ -187,9 +174,8 @@ def _fuse(graph: ir.Graph, block: AttentionBlock, lengths: _Lengths, index: int)
     query = _flatten_heads(graph, q, heads * dim, f"{name}/query")
     key = _flatten_heads(graph, k_cache.new, kv_heads * dim, f"{name}/key")
     value = _flatten_heads(graph, v_cache.new, kv_heads * dim, f"{name}/value")
-    seqlens, total = lengths.get()
-    node = add_node(graph, "GroupQueryAttention", [query, key, value, k_cache.past, v_cache.past, seqlens, total],
-                    name, {"num_heads": heads, "kv_num_heads": kv_heads, "scale": float(_score_scale(block))},
+    node = add_node(graph, "GroupQueryAttention", [query, key, value, k_cache.past, v_cache.past, *lengths],
+                    name, {"num_heads": heads, "kv_num_heads": kv_heads, "scale": scale},
                     num_outputs=3, domain="com.microsoft")
     output, present_key, present_value = node.outputs
     split = initializer(graph, f"{name}/heads", np.asarray([0, 0, heads, dim], dtype=np.int64))

@@ -96,9 +96,7 @@ def rewrite_as_lpbq(qdq_path: Path, out_path: Path, weights: dict[str, np.ndarra
         codes = initializer(graph, f"{prefix}/block_codes", lpbq.codes)
         channel = initializer(graph, f"{prefix}/channel_scale", lpbq.channel_scale)
         code_zero = initializer(graph, f"{prefix}/block_codes_zero", np.zeros(weight.shape[1], np.uint8))
-        zero = initializer(graph, f"{prefix}/block_zero", np.zeros(lpbq.codes.shape, np.int8))
-        zero.const_value = ir.Tensor(np.zeros(lpbq.codes.shape, np.int8), dtype=ir.DataType.INT4, name=zero.name)
-        zero.type = ir.TensorType(ir.DataType.INT4)
+        zero = initializer(graph, f"{prefix}/block_zero", np.zeros(lpbq.codes.shape, np.int8), ir.DataType.INT4)
         scale_node = ir.node("DequantizeLinear", [codes, channel, code_zero], attributes={"axis": 1},
                              name=f"{prefix}/block_scales")
         graph.insert_before(dq, scale_node)

@@ -310,8 +310,8 @@ def build_npu_graphs(dynamic_path: Path, folder: Path, cache: list[LayerCache], 
             from qsvd_export.weight_ranges import input_second_moments, matmul_weights
 
             info(f"npu: int4 weights in LPBQ blocks of {options.int4_block} (per-block scale search)")
-            row_weights = input_second_moments(float_paths["prefill"], feeds["prefill"],
-                                               matmul_weights(float_paths["prefill"]))
+            role_weights = {"prefill": matmul_weights(float_paths["prefill"])}
+            row_weights = input_second_moments(float_paths["prefill"], feeds["prefill"], role_weights["prefill"])
         elif options.weight_clip == "mse":
             from qsvd_export.weight_ranges import weight_clips
 
@@ -324,8 +324,9 @@ def build_npu_graphs(dynamic_path: Path, folder: Path, cache: list[LayerCache], 
             qdq_paths[role] = work / filename
             qdq = insert_qdq(float_paths[role], qdq_paths[role], bits, feeds[role], options.calibration_method, clips)
             if blocks:
-                qdq_paths[role] = _blockwise_int4(qdq_paths[role], float_paths[role], options.int4_block,
-                                                  row_weights, qdq)
+                weights = role_weights.pop(role, None) or matmul_weights(float_paths[role])
+                qdq_paths[role] = _blockwise_int4(qdq_paths[role], weights, options.int4_block, row_weights, qdq)
+                del weights
             model = ir.load(qdq_paths[role])
             specs.append(GraphSpec(role, filename, [v.name for v in model.graph.inputs],
                                    [v.name for v in model.graph.outputs]))
@@ -338,16 +339,15 @@ def build_npu_graphs(dynamic_path: Path, folder: Path, cache: list[LayerCache], 
     return specs, report
 
 
-def _blockwise_int4(qdq_path: Path, float_path: Path, block: int, row_weights: dict[str, np.ndarray],
+def _blockwise_int4(qdq_path: Path, weights: dict[str, Any], block: int, row_weights: dict[str, np.ndarray],
                     qdq_report: dict[str, Any]) -> Path:
-    """The QDQ graph with its int4 MatMul weights in LPBQ blocks (:mod:`qsvd_export.block_weights`);
-    updates ``qdq_report``'s weight description. Returns the new graph's path."""
+    """The QDQ graph with its int4 MatMul weights (``weights``: the float graph's
+    :class:`~qsvd_export.weight_ranges.MatMulWeight` per MatMul node) in LPBQ blocks
+    (:mod:`qsvd_export.block_weights`); updates ``qdq_report``'s weight description. Returns the new path."""
     from qsvd_export.block_weights import rewrite_as_lpbq
-    from qsvd_export.weight_ranges import matmul_weights
 
-    weights = {node: weight.array for node, (weight, _) in matmul_weights(float_path).items()}
     out_path = qdq_path.with_name(f"{qdq_path.stem}_lpbq.onnx")
-    counts = rewrite_as_lpbq(qdq_path, out_path, weights, block, row_weights)
+    counts = rewrite_as_lpbq(qdq_path, out_path, {node: w.array for node, w in weights.items()}, block, row_weights)
     qdq_report["weights"] = (f"int4 LPBQ: blocks of {block} input channels, 4-bit block scale codes x a float "
                              "scale per output channel, per-block code search weighted by E[x^2]")
     qdq_report["weight_blocks"] = counts

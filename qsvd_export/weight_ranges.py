@@ -49,38 +49,37 @@ def weight_clips(float_path: Path, feeds: list[dict[str, np.ndarray]], bits: int
     ``feeds``; at 8 bits rows weigh the same (see the module docstring)."""
     weights = matmul_weights(float_path)
     moments = input_second_moments(float_path, feeds, weights) if bits == 4 else {}
-    clips = {}
-    for node, (weight, _) in sorted(weights.items()):
-        clips[weight.name] = mse_channel_clips(weight.array, bits, moments.get(node))
-    return clips
+    return {weight.name: mse_channel_clips(weight.array, bits, moments.get(node))
+            for node, weight in sorted(weights.items())}
 
 
 @dataclass(frozen=True)
 class MatMulWeight:
     name: str
     array: np.ndarray  # [K, N] float32
+    source: str  # the MatMul's input tensor
 
 
-def matmul_weights(float_path: Path) -> dict[str, tuple[MatMulWeight, str]]:
-    """{MatMul node name: (its 2-D initializer weight, its input tensor name)} of the graph at ``float_path``."""
+def matmul_weights(float_path: Path) -> dict[str, MatMulWeight]:
+    """{MatMul node name: its 2-D initializer weight} of the graph at ``float_path``."""
     import onnx
     from onnx import numpy_helper
 
     proto = onnx.load(float_path, load_external_data=False)
     matrices = {i.name: i for i in proto.graph.initializer if len(i.dims) == 2}
-    return {node.name: (MatMulWeight(node.input[1], numpy_helper.to_array(matrices[node.input[1]],
-                                                                          base_dir=str(float_path.parent))),
-                        node.input[0])
+    return {node.name: MatMulWeight(node.input[1], numpy_helper.to_array(matrices[node.input[1]],
+                                                                         base_dir=str(float_path.parent)),
+                                    node.input[0])
             for node in proto.graph.node if node.op_type == "MatMul" and node.input[1] in matrices}
 
 
 def input_second_moments(float_path: Path, feeds: list[dict[str, np.ndarray]],
-                         weights: dict[str, tuple[MatMulWeight, str]]) -> dict[str, np.ndarray]:
+                         weights: dict[str, MatMulWeight]) -> dict[str, np.ndarray]:
     """{MatMul node name: E[x_k²] [K] of its input over ``feeds``}, floored at 1e-12 of the largest so no
     row weighs nothing."""
     from qsvd_export.activation_ranges import session_with_outputs
 
-    names = sorted({source for _, source in weights.values()})
+    names = sorted({weight.source for weight in weights.values()})
     session = session_with_outputs(float_path, names)
     sums: dict[str, np.ndarray | float] = {name: 0.0 for name in names}
     counts = {name: 0 for name in names}
@@ -90,4 +89,4 @@ def input_second_moments(float_path: Path, feeds: list[dict[str, np.ndarray]],
             sums[name] = sums[name] + (flat ** 2).sum(axis=0)
             counts[name] += flat.shape[0]
     moments = {name: np.asarray(sums[name]) / max(counts[name], 1) for name in names}
-    return {node: moments[source] + 1e-12 * moments[source].max() for node, (_, source) in weights.items()}
+    return {node: moments[w.source] + 1e-12 * moments[w.source].max() for node, w in weights.items()}
