@@ -43,6 +43,12 @@ def _add_target(parser: argparse.ArgumentParser, bits: bool = True) -> None:
     if bits:
         parser.add_argument("--bits", default=None, help="bit-width preset for --target (cpu default: w8a8)")
     parser.add_argument("--strict", action="store_true", help="fail if the target check finds violations")
+    parser.add_argument("--kv-bits", type=int, choices=[4, 8, 32], default=None,
+                        help="cpu target: KV cache element bits of fused attention: 8 = int8, 4 = int4 (packed), with static per-channel "
+                             "scales (default with a KV budget), 32 = float (default without)")
+    parser.add_argument("--latent-groups", type=int, default=None,
+                        help="cpu target with a KV budget: latent groups per layer (default: one per KV head, "
+                             "dense attention's multiply-adds per cached byte)")
     parser.add_argument("--mobile", action="store_true",
                         help="also write every graph in ORT format (.ort, weights embedded) and required_operators.config "
                              "for a reduced onnxruntime build, checked against the ONNX graphs on the CPU EP")
@@ -72,6 +78,21 @@ def _npu_options(args: argparse.Namespace) -> Any:
                          htp_arch=args.htp_arch, calibration_method=args.calibration_method,
                          int4_block=args.int4_block, precompile=args.precompile)
     options.check()
+    return options
+
+
+def kv_options(args: argparse.Namespace, budget: float | None = None) -> Any:
+    """KvCacheOptions from --kv-bits/--latent-groups (and the KV budget), or None when the cache stays as is."""
+    from qsvd_export.pipeline import KvCacheOptions
+
+    bits = {4: 4, 8: 8, 32: None, None: 8 if budget is not None else None}[args.kv_bits]
+    if args.latent_groups is not None and budget is None:
+        raise UsageError("--latent-groups needs a KV budget (compress --budget kv=R2 --target cpu)")
+    options = KvCacheOptions(budget=budget, bits=bits, groups=args.latent_groups,
+                             calib_windows=getattr(args, "calib_windows", None) or 32)
+    if not options.active:
+        return None
+    options.check(args.target)
     return options
 
 
@@ -140,6 +161,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-o", "--output", required=True, type=Path)
     p.add_argument("--allocation", choices=["qsvd", "uniform", "fisher"], default="qsvd")
     p.add_argument("--grouping", choices=["auto", "qkv", "kv", "separate"], default="auto")
+    p.add_argument("--kv-form", choices=["rebuild", "absorbed"], default="rebuild",
+                   help="how a latent cache is read: rebuild = QSVD's joint pre-RoPE latent, keys rebuilt from it "
+                        "every step (default: best quality, measured on the dev split); absorbed = post-RoPE key "
+                        "and value latents read directly by GroupQueryAttention (--target cpu, plain causal "
+                        "models, KV-only budgets; docs/decisions.md)")
     p.add_argument("--whitening", choices=["fisher", "absmean", "cholesky", "none"], default="fisher",
                    help="fisher: input absmean (decoders) or Cholesky (encoders) + output-gradient Fisher "
                         "(default); absmean: ASVD; cholesky: SVD-LLM")
@@ -233,7 +259,7 @@ def cmd_export(args: argparse.Namespace) -> int:
                                 rotate=args.rotate, rotate_mlp=args.rotate_mlp, rotate_o_proj=args.rotate_o_proj,
                                 target=args.target, bits=args.bits,
                                 strict=args.strict, smooth=args.smooth, npu_options=_npu_options(args),
-                                verify=args.verify, mobile=args.mobile)
+                                verify=args.verify, mobile=args.mobile, kv=kv_options(args))
     report = result.report
     print(
         f"wrote {result.out}: {report['kind']} graph, {report['parameters']:,} parameters, "
@@ -393,14 +419,26 @@ def cmd_compress(args: argparse.Namespace) -> int:
         rotate_mlp=args.rotate_mlp, rotate_o_proj=args.rotate_o_proj,
         min_rank=args.min_rank, seed=args.seed, device=args.device, device_map=args.device_map,
     )
+    if args.kv_form == "absorbed" and (args.target != "cpu" or options.budget.params is not None):
+        raise UsageError("--kv-form absorbed needs --target cpu and a KV-only budget (--budget kv=R2)")
+    if args.kv_form != "absorbed" and (args.kv_bits is not None or args.latent_groups is not None):
+        raise UsageError("--kv-bits and --latent-groups set the cache of fused attention: use them with "
+                         "--kv-form absorbed (or on export --target cpu)")
     check_placement(args.device, args.device_map)  # before the model loads
     result = build_compressed_bundle(
         args.model, options, args.output, overwrite=args.overwrite,
         eval_text=args.eval_text if args.eval else None, eval_windows=args.eval_windows,
         dump_dir=args.dump_passes, target=args.target, target_bits=args.bits if args.target else None,
         target_strict=args.strict, npu_options=_npu_options(args), verify=args.verify, mobile=args.mobile,
+        kv=kv_options(args, options.budget.kv) if args.kv_form == "absorbed" else None,
     )
     report = result.report
+    if report["stage"] == "latent-attention":
+        _print_latent(report)
+        _print_target(report)
+        _print_mobile(report)
+        _print_summary(result)
+        return 0
     latent = sum(1 for layer in report["graph_stage"]["layers"] if layer["cache"] == "latent")
     print(f"wrote {result.out}: R1 {report['r1']:.3f}, R2 {report['r2']:.3f}, "
           f"KV {report['kv_bytes_per_token_fp16_graph']} B/token at fp16 (dense {report['kv_bytes_per_token_dense_fp16']}), "
@@ -418,6 +456,9 @@ def cmd_compress(args: argparse.Namespace) -> int:
 
 def cmd_compile(args: argparse.Namespace) -> int:
     from qsvd_export.pipeline import compile_onnx
+
+    if args.kv_bits is not None or args.latent_groups is not None:
+        raise UsageError("--kv-bits and --latent-groups are not available on ONNX graphs yet (use export --target cpu)")
 
     graph_only = None
     if args.budget is not None and args.plan is not None:
@@ -460,6 +501,17 @@ def _print_summary(result: Any) -> None:
     timings = {k: round(v, 3) for k, v in result.timings.items()}
     print(summary_table(result.out, summary, timings))
     emit("summary", bundle=str(result.out), summary=summary, timings_s=timings)
+
+
+def _print_latent(report: dict[str, Any]) -> None:
+    latent = report["latent_attention"]
+    print(f"wrote absorbed latent attention: {latent['groups']} group(s) per layer, ranks {min(latent['ranks'])}.."
+          f"{max(latent['ranks'])}, {latent['cache_bits']}-bit cache, KV {report['kv_bytes_per_token']} B/token, "
+          f"attention multiply-adds per cached token {latent['attention_macs_per_cached_token_vs_dense']:.2f}x dense")
+    if "perplexity" in report:
+        ppl = report["perplexity"]
+        print(f"perplexity ({ppl['windows']} x {ppl['length']} of {ppl['text']}): dense {ppl['dense']:.3f} torch, "
+              f"compressed {ppl['compressed_onnx']:.3f} ONNX ({ppl['compressed_onnx'] / ppl['dense']:.3f} x dense)")
 
 
 def _print_mobile(report: dict[str, Any]) -> None:

@@ -144,7 +144,8 @@ def build_dense_bundle(spec: str, out: Path, overwrite: bool = False, seed: int 
                        rotate_mlp: bool = False, rotate_o_proj: bool = False,
                        target: str | None = None, bits: str | None = None, strict: bool = False,
                        smooth: bool | None = None, smooth_windows: int = 16, npu_options: Any = None,
-                       verify: bool = True, mobile: bool = False) -> BuildResult:
+                       verify: bool = True, mobile: bool = False, kv: "KvCacheOptions | None" = None,
+                       eval_text: str | None = None, eval_windows: int = 32) -> BuildResult:
     """``qsvd-export export``: the dense bundle of ``spec`` (fp32, or quantized for ``target``).
 
     ``rotate``: fold the norm gains and rotate the residual stream first (H1, QuaRot; outputs unchanged);
@@ -154,6 +155,8 @@ def build_dense_bundle(spec: str, out: Path, overwrite: bool = False, seed: int 
     ``smooth_windows`` × 512 tokens of wiki_calib (outputs unchanged in fp32). With ``target`` set and
     neither ``bits`` nor ``smooth`` given, the policy's export preset applies (cpu: smoothed w4a8 for
     the llama family with a tokenizer, else the plain default).
+    ``kv``: the KV cache of the fused attention (cpu target): an absorbed latent under a KV budget and/or
+    an int8 cache (:func:`latent_kv_layers`).
     """
     from qsvd_export.bundle import check_output_dir
 
@@ -187,20 +190,96 @@ def build_dense_bundle(spec: str, out: Path, overwrite: bool = False, seed: int 
     exported = export_graph(loaded, from_files=from_files)
     timings["export_s"] = time.perf_counter() - start
     parameters = int(sum(p.numel() for p in loaded.model.parameters()))
-    release_torch_weights(loaded)
-    target_report = apply_target(exported.model, target, bits, _plain_causal(loaded))
+    latent = None
+    if kv is not None and kv.active:
+        start = time.perf_counter()
+        latent, extra["latent_attention"] = latent_kv_layers(exported.model, loaded, target, kv)
+        timings["latent_attention_s"] = time.perf_counter() - start
+    if eval_text is None:
+        release_torch_weights(loaded)
+    target_report = apply_target(exported.model, target, bits, _plain_causal(loaded), latent)
+    stage, cache = ("dense", exported.cache) if latent is None else ("latent-attention", latent_cache_layout(exported.model, latent))
     with atomic_output_dir(out, overwrite) as tmp:
-        config = write_bundle(loaded, exported.model, exported.cache, tmp,
-                              {"stage": "dense", "parameters": parameters, **extra})
-        release_torch_model(loaded, exported.model)
+        config = write_bundle(loaded, exported.model, cache, tmp,
+                              {"stage": stage, "parameters": parameters, **extra})
+        if eval_text is None:
+            release_torch_model(loaded, exported.model)
         target_report = finish_target(tmp, config, target_report, strict, loaded.tokenizer, npu_options, verify,
                                       timings)
+        report = json.loads((tmp / "report.json").read_text())
         if target_report is not None:
-            write_json(tmp / "report.json", {**json.loads((tmp / "report.json").read_text()), "target": target_report,
-                                             "weight_bytes": graph_weight_bytes(tmp, config)})
+            report.update(target=target_report, weight_bytes=graph_weight_bytes(tmp, config))
+        if eval_text is not None:
+            start = time.perf_counter()
+            report["perplexity"] = _evaluate_onnx(loaded, tmp, eval_text, eval_windows)
+            timings["eval_s"] = time.perf_counter() - start
+        write_json(tmp / "report.json", report)
         _finish_bundle(tmp, config, mobile, timings)
     report = json.loads((Path(out) / "report.json").read_text())
     return BuildResult(Path(out), config, report, timings)
+
+
+@dataclass(frozen=True)
+class KvCacheOptions:
+    """The KV cache of fused attention: ``budget`` (cached values ÷ dense, None = keep every value),
+    ``bits`` (8 = int8, 4 = int4 codes packed in uint8, with static per-channel scales; None = float), ``groups`` (latent groups per
+    block, None = one per KV head), calibrated on ``calib_windows`` × 512 tokens of ``calib_text``."""
+
+    budget: float | None = None
+    bits: int | None = None
+    groups: int | None = None
+    calib_windows: int = 32
+    calib_text: str = "wiki_calib"
+
+    @property
+    def active(self) -> bool:
+        return self.budget is not None or self.bits is not None
+
+    def check(self, target: str | None) -> None:
+        if not self.active:
+            return
+        if target != "cpu":
+            raise UsageError(f"--kv-bits and a KV budget on fused attention need --target cpu (got {target or 'none'})")
+        if self.bits not in (None, 8, 4):
+            raise UsageError(f"--kv-bits {self.bits} is not available (cpu: 8 or 4, or 32 for a float cache)")
+        if self.budget is not None and not 0.0 < self.budget <= 1.0:
+            raise UsageError(f"KV budget must be in (0, 1], got {self.budget}")
+        if self.groups is not None and self.groups < 1:
+            raise UsageError(f"--latent-groups must be at least 1, got {self.groups}")
+        if self.calib_windows < 1:
+            raise UsageError(f"--calib-windows is too small ({self.calib_windows})")
+
+
+def latent_kv_layers(model: ir.Model, loaded: LoadedModel, target: str | None,
+                     kv: KvCacheOptions) -> tuple[dict[int, Any], dict[str, Any]]:
+    """Per fusable attention block the cache layout ``kv`` asks for, calibrated by running ``model`` in ONNX
+    Runtime on the model's tokenizer windows (:func:`qsvd_export.compress.latent_attention.plan_latent_attention`)."""
+    from qsvd_export.compress.latent_attention import plan_latent_attention
+    from qsvd_export.data import read_text, token_windows
+    from qsvd_export.progress import info
+
+    kv.check(target)
+    if not _plain_causal(loaded):
+        raise UsageError(f"{loaded.name}: a latent or int8 KV cache runs in fused GroupQueryAttention, which takes "
+                         "plain causal decoders only (llama, qwen2/qwen3 without sliding windows)")
+    if loaded.tokenizer is None:
+        raise UsageError(f"{loaded.name}: no tokenizer, so no calibration text for the KV cache")
+    windows = token_windows(loaded.tokenizer, read_text(kv.calib_text), 512, kv.calib_windows, source=kv.calib_text)
+    info(f"KV cache: {'budget ' + str(kv.budget) if kv.budget is not None else 'dense'}, "
+         f"{kv.bits or 32}-bit, calibrated on {kv.calib_windows} x 512 tokens")
+    return plan_latent_attention(model, windows, kv.budget, kv.groups, kv.bits)
+
+
+def latent_cache_layout(model: ir.Model, latent: dict[int, Any]) -> list[Any]:
+    """The cache entries of a graph whose fused attention reads ``latent`` layouts: read off its I/O, each
+    layer with a latent (factors, not the identity) marked ``latent`` with its rank."""
+    from qsvd_export.export import cache_layout_from_graph
+
+    layers = cache_layout_from_graph(model)
+    for layer, layout in zip(layers, (latent[i] for i in sorted(latent))):
+        if layout.key_down is not None:
+            layer.kind, layer.rank = "latent", layout.rank
+    return layers
 
 
 def plan_report(plan: Any) -> dict[str, Any]:
@@ -227,11 +306,13 @@ def build_compressed_bundle(spec: str, options: Any, out: Path, overwrite: bool 
                             dump_dir: Path | None = None, dense_graph: Path | None = None,
                             target: str | None = None, target_bits: str | None = None,
                             target_strict: bool = False, npu_options: Any = None, verify: bool = True,
-                            mobile: bool = False) -> BuildResult:
+                            mobile: bool = False, kv: KvCacheOptions | None = None) -> BuildResult:
     """``qsvd-export compress``: torch stage → dense export → graph stage → bundle (graph + plan + report).
 
     ``dense_graph``: an existing dense export of the same model (e.g. a dense bundle's model.onnx) to
-    start the graph stage from instead of exporting again.
+    start the graph stage from instead of exporting again. ``kv``: the KV budget as the cpu target meets it
+    for plain causal decoders with a KV-only budget: absorbed latent attention planned on the dense graph
+    (:func:`latent_kv_layers`), no torch stage.
     """
     import copy
 
@@ -255,6 +336,11 @@ def build_compressed_bundle(spec: str, options: Any, out: Path, overwrite: bool 
     if loaded.kind == "vlm":
         return _build_compressed_vlm_bundle(loaded, options, out, overwrite, timings, start, dense_graph, target,
                                             target_bits, target_strict, mobile, eval_text)
+    if kv is not None and _absorbed_kv(loaded, options, target, dense_graph):
+        del loaded
+        return build_dense_bundle(spec, out, overwrite, options.seed, target=target, bits=target_bits,
+                                  strict=target_strict, npu_options=npu_options, verify=verify, mobile=mobile,
+                                  kv=kv, eval_text=eval_text, eval_windows=eval_windows)
     rotation_report: dict[str, Any] = {}
     if options.residual_rotation:
         if dense_graph is not None:
@@ -333,6 +419,30 @@ def _build_compressed_vlm_bundle(loaded: LoadedModel, options: Any, out: Path, o
     timings["compress_s"] = time.perf_counter() - start
     report = {"stage": "compressed", **plan_report(plan), "options": options_summary(options)}
     return build_vlm_bundle(loaded, out, overwrite, timings, plan, report, target, bits, strict)
+
+
+def _absorbed_kv(loaded: LoadedModel, options: Any, target: str | None, dense_graph: Path | None) -> bool:
+    """Whether ``compress`` meets its budget with absorbed latent attention: the cpu target, a plain causal
+    decoder, a KV-only budget, no residual rotation and no given dense graph."""
+    return (target == "cpu" and _plain_causal(loaded) and options.budget.params is None
+            and options.budget.kv is not None and not options.residual_rotation and dense_graph is None)
+
+
+def _evaluate_onnx(loaded: LoadedModel, bundle: Path, text: str, windows: int) -> dict[str, Any]:
+    """Perplexity of the dense torch model and of the bundle (ONNX) on ``windows`` × 512 tokens of ``text``."""
+    from qsvd_export.data import read_text, token_windows
+    from qsvd_export.evaluate import torch_window_nlls
+    from qsvd_export.progress import bar
+    from qsvd_export.runtimes.decode import DecoderRunner
+    from qsvd_export.runtimes.metrics import perplexity
+
+    rows = token_windows(loaded.tokenizer, read_text(text), 512, windows, source=text)
+    progress = bar(2 * len(rows), "perplexity (dense in torch, bundle in ONNX)")
+    dense = perplexity(torch_window_nlls(loaded.model, rows, progress.update))
+    onnx = perplexity(DecoderRunner(bundle).window_nlls(rows, progress=progress.update))
+    progress.close()
+    return {"text": text, "windows": len(rows), "length": 512, "dense": round(dense, 4),
+            "compressed_onnx": round(onnx, 4)}
 
 
 def _evaluate_bundle(loaded: LoadedModel, plan: Any, bundle: Path, text: str, windows: int) -> dict[str, Any]:
@@ -426,9 +536,10 @@ def _plain_causal(loaded: LoadedModel) -> bool:
 
 
 def apply_target(model: ir.Model, target: str | None, bits: str | None,
-                 plain_causal: bool = False) -> dict[str, Any] | None:
+                 plain_causal: bool = False, latent: dict[int, Any] | None = None) -> dict[str, Any] | None:
     """The target stage after the graph stage: quantize for ``target``'s policy (None: leave fp32).
-    ``plain_causal``: :func:`qsvd_export.targets.plain_causal` of the source model."""
+    ``plain_causal``: :func:`qsvd_export.targets.plain_causal` of the source model; ``latent``: the KV cache
+    layouts of its fused attention (:func:`latent_kv_layers`)."""
     if target is None:
         return None
     from onnx_ir.passes import common
@@ -440,7 +551,7 @@ def apply_target(model: ir.Model, target: str | None, bits: str | None,
     chosen = policy.bits(bits)
     if target == "npu":
         return {"target": target, "bits": chosen.name}  # static graphs + QDQ are built on files: finish_target
-    report = {"target": target, "bits": chosen.name, **policy.quantize(model, chosen, plain_causal)}
+    report = {"target": target, "bits": chosen.name, **policy.quantize(model, chosen, plain_causal, latent)}
     common.RemoveUnusedNodesPass()(model)
     check_model(model)
     return report

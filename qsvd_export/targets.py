@@ -56,15 +56,20 @@ class TargetPolicy:
                              f"(choose from {', '.join(self.allowed_bits)})")
         return bits
 
-    def quantize(self, model: ir.Model, bits: Bits, plain_causal: bool = False) -> dict[str, Any]:
+    def quantize(self, model: ir.Model, bits: Bits, plain_causal: bool = False,
+                 latent: dict[int, Any] | None = None) -> dict[str, Any]:
         """Rewrite ``model`` in place for ``bits`` (then fp16 where the policy says); returns what was done
         (for report.json). ``plain_causal``: the model's attention mask is causal + padding only (no sliding
-        window), so the policy may fuse attention into GroupQueryAttention."""
+        window), so the policy may fuse attention into GroupQueryAttention; ``latent``: per fusable block,
+        the :class:`~qsvd_export.latent_layout.LatentLayer` its fused attention reads (latent or int8 cache)."""
         fusion = None
+        if latent and not (self.fuse_attention and plain_causal):
+            raise UsageError(f"a latent or quantized KV cache needs fused attention: target {self.name} "
+                             "fuses the attention of plain causal models (llama, qwen2/qwen3) only")
         if self.fuse_attention and plain_causal:  # first: attention is found through its float projections
             from qsvd_export.passes.group_query_attention import fuse_group_query_attention
 
-            fusion = fuse_group_query_attention(model).as_dict()
+            fusion = fuse_group_query_attention(model, latent).as_dict()
             if fusion["group_query_attention"]:
                 fusion["attention_mask"] = "right padding only (GroupQueryAttention reads each row's length)"
         report = self._quantize_weights(model, bits)
