@@ -264,7 +264,8 @@ def build_ours_target(source: Path, out: Path, target: str, prefill_length: int 
 def build_ort_qnn(dense: Path, out: Path, prefill_length: int = 128, context_length: int = 1024,
                   per_channel: bool = True) -> dict:
     """onnxruntime's QNN recipe at its best documented setting: ``get_qnn_qdq_config`` (uint16
-    activations, uint8 weights, **per-channel** weights, MinMax) + ``quantize`` on the static float
+    activations, uint8 weights, **per-channel** weights: ``per_channel=True`` plus per-channel
+    ``init_overrides`` for the MatMul weights, :func:`matmul_per_channel_overrides`; MinMax) + ``quantize`` on the static float
     prefill/decode graphs our npu target builds from the same dense graph, calibrated on the same feeds.
     The two graphs share one weights file as ours do (``save_sharing_weights``), so weight bytes compare
     the quantization, not the packaging. The recorded per-channel figure is counted in the built graphs
@@ -293,9 +294,10 @@ def build_ort_qnn(dense: Path, out: Path, prefill_length: int = 128, context_len
                                   options)
         qdq_paths = {}
         for role, filename in GRAPH_FILES.items():
+            overrides = matmul_per_channel_overrides(float_paths[role], QuantType.QUInt8) if per_channel else None
             recipe = get_qnn_qdq_config(str(float_paths[role]), FeedReader(feeds[role]),
                                         activation_type=QuantType.QUInt16, weight_type=QuantType.QUInt8,
-                                        per_channel=per_channel)
+                                        per_channel=per_channel, init_overrides=overrides)
             recipe.use_external_data_format = True
             qdq_paths[role] = work / filename
             quantize(str(float_paths[role]), str(qdq_paths[role]), recipe)
@@ -314,6 +316,18 @@ def build_ort_qnn(dense: Path, out: Path, prefill_length: int = 128, context_len
                         "weight_dequantize_nodes": weight_scales,
                         "calibration": f"MinMax, {options.calibration_windows} windows of wiki_calib (as ours)",
                         "prefill_length": options.prefill_length, "context_length": options.context_length}}
+
+
+def matmul_per_channel_overrides(graph_path: Path, weight_type: Any) -> dict[str, list[dict[str, Any]]]:
+    """``get_qnn_qdq_config`` tensor overrides giving every MatMul weight (a 2-D initializer) one scale per
+    output channel (axis 1). The recipe's global ``per_channel`` covers Conv/Gemm-like ops only and keeps
+    MatMul per-tensor; its documented way to choose per-channel axes for other ops is these overrides."""
+    import onnx
+
+    graph = onnx.load(str(graph_path), load_external_data=False).graph
+    weights = {t.name for t in graph.initializer if len(t.dims) == 2}
+    return {n.input[1]: [{"quant_type": weight_type, "axis": 1}] for n in graph.node
+            if n.op_type == "MatMul" and n.input[1] in weights}
 
 
 def weight_scale_kinds(graph: Any) -> dict[str, int]:
