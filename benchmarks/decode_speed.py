@@ -159,7 +159,8 @@ def main(argv: list[str] | None = None) -> None:
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=1) + "\n")
     print(f"bandwidth {bandwidth / 1e9:.1f} GB/s")
-    header = ["bundle", f"prefill{args.prefill_length} ms"] + [f"decode@{c} tok/s" for c in args.contexts] + ["RSS MB", "KV B/tok"]
+    header = ["bundle", f"prefill{args.prefill_length} ms", *(f"decode@{c} tok/s" for c in args.contexts),
+              "RSS MB", "KV B/tok"]
     print(" | ".join(header))
     for row in rows:
         cells = [Path(row["bundle"]).name, f"{row[f'prefill_{args.prefill_length}_ms']:.0f}"]

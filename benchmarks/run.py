@@ -265,9 +265,9 @@ def build_ort_qnn(dense: Path, out: Path, prefill_length: int = 128, context_len
                   per_channel: bool = True) -> dict:
     """onnxruntime's QNN recipe at its best documented setting: ``get_qnn_qdq_config`` (uint16
     activations, uint8 weights, **per-channel** weights: ``per_channel=True`` plus per-channel
-    ``init_overrides`` for the MatMul weights, :func:`matmul_per_channel_overrides`; MinMax) + ``quantize`` on the static float
-    prefill/decode graphs our npu target builds from the same dense graph, calibrated on the same feeds.
-    The two graphs share one weights file as ours do (``save_sharing_weights``), so weight bytes compare
+    ``init_overrides`` for the MatMul weights, :func:`matmul_per_channel_overrides`; MinMax) + ``quantize``
+    on the static float prefill/decode graphs our npu target builds from the same dense graph, calibrated
+    on the same feeds. The two graphs share one weights file as ours do (``save_sharing_weights``), so weight bytes compare
     the quantization, not the packaging. The recorded per-channel figure is counted in the built graphs
     (weight DequantizeLinear nodes with one scale per output channel)."""
     import logging
