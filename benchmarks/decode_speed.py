@@ -66,22 +66,27 @@ def _prompt(runner, length: int) -> np.ndarray:  # type: ignore[no-untyped-def]
     return rng.integers(0, vocab, (1, length))
 
 
-def worker(bundle: Path, contexts: list[int], new_tokens: int, runs: int, threads: int) -> dict:
+def worker(bundle: Path, contexts: list[int], new_tokens: int, runs: int, threads: int,
+           prefill_length: int = 512) -> dict:
+    """One bundle's figures (run in its own process): prefill latency of a ``prefill_length`` prompt,
+    decode tokens/s after each context, peak RSS; ``started`` (wall clock) lets the caller check the order."""
     from qsvd_export.runtimes.decode import DecoderRunner
     from qsvd_export.runtimes.sessions import SessionOptions
 
+    started = time.time()
     runner = DecoderRunner(bundle, "cpu", SessionOptions(threads=threads))
-    result: dict = {"bundle": str(bundle), "weight_bytes": (bundle / "model.onnx.data").stat().st_size,
+    result: dict = {"bundle": str(bundle), "started": started,
+                    "weight_bytes": (bundle / "model.onnx.data").stat().st_size,
                     "weight_bytes_read_per_token": weight_bytes_read_per_token(bundle / "model.onnx"),
                     "kv_bytes_per_token": runner.config.kv_bytes_per_token()}
-    prompt = _prompt(runner, 512)
+    prompt = _prompt(runner, prefill_length)
     runner.prefill(prompt)
     times = []
     for _ in range(runs):
         start = time.perf_counter()
         runner.prefill(prompt)
         times.append(time.perf_counter() - start)
-    result["prefill_512_ms"] = 1000 * statistics.median(times)
+    result[f"prefill_{prefill_length}_ms"] = 1000 * statistics.median(times)
     for context in contexts:
         prompt = _prompt(runner, context)
         rates = []
@@ -100,7 +105,7 @@ def worker(bundle: Path, contexts: list[int], new_tokens: int, runs: int, thread
     return result
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("bundles", nargs="+", type=Path)
     parser.add_argument("--contexts", nargs="+", type=int, default=[512, 2048])
@@ -112,16 +117,20 @@ def main() -> None:
                              "machine speed drifts, interleaving spreads the drift over all bundles")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--out", type=Path, default=Path("results/decode_speed.json"))
-    args = parser.parse_args()
+    parser.add_argument("--prefill-length", type=int, default=512, help="prompt tokens of the prefill timing")
+    parser.add_argument("--bandwidth-gb", type=float, default=1.0,
+                        help="size of the array the bandwidth copy moves (tests use a small one)")
+    args = parser.parse_args(argv)
     if args.worker:
-        print(json.dumps(worker(args.bundles[0], args.contexts, args.new_tokens, args.runs, args.threads)))
+        print(json.dumps(worker(args.bundles[0], args.contexts, args.new_tokens, args.runs, args.threads,
+                                args.prefill_length)))
         return
     samples: list[list[dict]] = [[] for _ in args.bundles]
     for _ in range(args.rounds):
         for i, bundle in enumerate(args.bundles):
             cmd = [sys.executable, "-m", "benchmarks.decode_speed", str(bundle), "--worker", "--contexts",
                    *map(str, args.contexts), "--new-tokens", str(args.new_tokens), "--runs", str(args.runs),
-                   "--threads", str(args.threads)]
+                   "--threads", str(args.threads), "--prefill-length", str(args.prefill_length)]
             out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout.strip().splitlines()[-1]
             samples[i].append(json.loads(out))
     rows = []
@@ -131,9 +140,10 @@ def main() -> None:
             if key.startswith(("decode_", "prefill_", "peak_rss")):
                 row[key] = statistics.median(r[key] for r in runs)
         row["rounds"] = len(runs)
+        row["started"] = [r["started"] for r in runs]  # one wall-clock start per round: the interleaving
         rows.append(row)
     # Measured after the workers: ru_maxrss survives exec, so the big copy must not precede them.
-    bandwidth = measure_bandwidth()
+    bandwidth = measure_bandwidth(args.bandwidth_gb)
     for row in rows:
         for context in args.contexts:
             bytes_per_token = row["weight_bytes_read_per_token"] + context * row["kv_bytes_per_token"]
@@ -149,10 +159,11 @@ def main() -> None:
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=1) + "\n")
     print(f"bandwidth {bandwidth / 1e9:.1f} GB/s")
-    header = ["bundle", "prefill512 ms"] + [f"decode@{c} tok/s" for c in args.contexts] + ["RSS MB", "KV B/tok"]
+    header = ["bundle", f"prefill{args.prefill_length} ms", *(f"decode@{c} tok/s" for c in args.contexts),
+              "RSS MB", "KV B/tok"]
     print(" | ".join(header))
     for row in rows:
-        cells = [Path(row["bundle"]).name, f"{row['prefill_512_ms']:.0f}"]
+        cells = [Path(row["bundle"]).name, f"{row[f'prefill_{args.prefill_length}_ms']:.0f}"]
         cells += [f"{row[f'decode_{c}_tok_s']:.1f} ({row['ratios'][f'decode_{c}_tok_s']:.2f}x, "
                   f"{row[f'achieved_over_roofline_{c}']:.2f} of roofline)" for c in args.contexts]
         cells += [f"{row['peak_rss_mb']:.0f}", str(row["kv_bytes_per_token"])]

@@ -6,11 +6,16 @@ Rows (smollm2-135m):
 
 - ``dense``          dense fp32 ONNX: ``qsvd-export export smollm2-135m`` (``--dense DIR`` reuses one);
 - ``ort-int8``       onnxruntime ``quantize_dynamic`` int8 (per-channel weights) on the dense graph;
-- ``ort-int4-b32``   onnxruntime ``MatMulNBitsQuantizer`` int4 RTN (``DefaultWeightOnlyQuantConfig``), block 32;
+- ``ort-int4-b32``   onnxruntime ``MatMulNBitsQuantizer`` int4 RTN (``DefaultWeightOnlyQuantConfig``), block 32,
+                     ``accuracy_level=4`` (its best documented CPU setting);
 - ``ort-int4-b128``  the same, block 128;
 - ``ort-qnn-u16u8``  onnxruntime ``quantize_static`` with ``get_qnn_qdq_config`` (uint16 activations, uint8
-                     weights, its defaults otherwise) on the same static float prefill/decode graphs and the
-                     same calibration feeds as our npu target;
+                     per-channel weights, its defaults otherwise) on the same static float prefill/decode
+                     graphs and the same calibration feeds as our npu target;
+
+A peer's label is its tool plus the settings its build record holds (read back from the built graph where
+the graph carries them) and, for int8, the int8 dot-product flags of the CPU: nothing about a peer is typed
+by hand (:func:`row_label`).
 - ``ours-w8a8``      ``qsvd-export D/model.onnx --target cpu`` (graph stage, w8a8 default);
 - ``ours-w4a8``      ``qsvd-export export smollm2-135m --target cpu`` (smoothed w4a8; ≈ 8 min to build,
                      ``--ours-w4a8 DIR`` reuses one, ``--quick`` skips it without);
@@ -42,7 +47,9 @@ Fast ``--quick`` (< 10 min on the 2-core VM): give the slow torch-stage bundles,
 from __future__ import annotations
 
 import argparse
+import copy
 import json
+import math
 import os
 import platform
 import shutil
@@ -53,6 +60,10 @@ import traceback
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from benchmarks.labels import row_label
+from benchmarks.pareto import dominated_by
+from benchmarks.pareto import pareto_front as strict_front
 
 MODEL = "smollm2-135m"
 CORPORA = ("wiki_eval", "news_eval")
@@ -70,10 +81,11 @@ class Row:
 
 ROWS = [
     Row("dense", "dense fp32", "qsvd-export export", "dense"),
-    Row("ort-int8", "ORT quantize_dynamic int8 (per-channel; 7-bit weights without VNNI)", "onnxruntime.quantization.quantize_dynamic", "peer"),
-    Row("ort-int4-b32", "ORT MatMulNBits int4 RTN, block 32", "onnxruntime MatMulNBitsQuantizer (DEFAULT/RTN)", "peer"),
-    Row("ort-int4-b128", "ORT MatMulNBits int4 RTN, block 128", "onnxruntime MatMulNBitsQuantizer (DEFAULT/RTN)", "peer"),
-    Row("ort-qnn-u16u8", "ORT quantize_static, get_qnn_qdq_config u16 act / u8 weights (npu graphs)",
+    # peers: the base label only; their settings are appended from the build record (``row_label``)
+    Row("ort-int8", "ORT quantize_dynamic int8", "onnxruntime.quantization.quantize_dynamic", "peer"),
+    Row("ort-int4-b32", "ORT MatMulNBits int4 RTN", "onnxruntime MatMulNBitsQuantizer (DEFAULT/RTN)", "peer"),
+    Row("ort-int4-b128", "ORT MatMulNBits int4 RTN", "onnxruntime MatMulNBitsQuantizer (DEFAULT/RTN)", "peer"),
+    Row("ort-qnn-u16u8", "ORT quantize_static with get_qnn_qdq_config on the npu graphs",
         "onnxruntime get_qnn_qdq_config + quantize", "peer"),
     Row("ours-w8a8", "ours: --target cpu (w8a8) on the dense graph", "qsvd-export D/model.onnx --target cpu", "ours"),
     Row("ours-w4a8", "ours: export --target cpu (smoothed w4a8)", "qsvd-export export --target cpu", "ours"),
@@ -135,13 +147,30 @@ def _save_model(model: Any, out: Path) -> None:
                     location="model.onnx.data", size_threshold=1024)
 
 
+INT8_DOT_FLAGS = ("avx512_vnni", "avx_vnni", "amx_int8")
+
+
+def cpu_int8_dot_flags(cpuinfo: str | None = None) -> list[str] | None:
+    """The x86 int8 dot-product flags (AVX512-VNNI / AVX-VNNI / AMX) this CPU reports in /proc/cpuinfo,
+    read at run time; None where there is no flags line to read (not Linux x86)."""
+    if cpuinfo is None:
+        try:
+            cpuinfo = Path("/proc/cpuinfo").read_text()
+        except OSError:
+            return None
+    line = next((line for line in cpuinfo.splitlines() if line.startswith("flags")), None)
+    if line is None:
+        return None
+    flags = set(line.split(":", 1)[-1].split())
+    return [flag for flag in INT8_DOT_FLAGS if flag in flags]
+
+
 def cpu_has_vnni() -> bool:
     """x86 VNNI (AVX512-VNNI / AVX-VNNI / AMX): ORT's u8s8 integer GEMM does not saturate there."""
-    try:
-        flags = next(line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags"))
-    except (OSError, StopIteration):
+    flags = cpu_int8_dot_flags()
+    if flags is None:
         return platform.machine().lower() not in ("x86_64", "amd64")  # ARM: no u8s8 saturation issue
-    return any(flag in flags.split() for flag in ("avx512_vnni", "avx_vnni", "amx_int8"))
+    return bool(flags)
 
 
 def build_ort_int8(dense: Path, out: Path, reduce_range: bool | None = None) -> dict:
@@ -168,25 +197,41 @@ def build_ort_int8(dense: Path, out: Path, reduce_range: bool | None = None) -> 
     for node in model.graph.node:
         ops[node.op_type] = ops.get(node.op_type, 0) + 1
     return {"options": {"per_channel": True, "weight_type": "QInt8", "reduce_range": reduce_range,
-                        "cpu_vnni": cpu_has_vnni(), "op_types": "default (IntegerOpsRegistry)"},
+                        "cpu_vnni": cpu_has_vnni(), "cpu_int8_dot_flags": cpu_int8_dot_flags(),
+                        "op_types": "default (IntegerOpsRegistry)"},
             "quantized_nodes": {k: v for k, v in ops.items() if "Integer" in k or "Quant" in k}}
 
 
-def build_ort_int4(dense: Path, out: Path, block_size: int) -> dict:
-    """onnxruntime MatMulNBits int4 round-to-nearest (ORT's DEFAULT weight-only quantizer), ORT defaults else."""
+INT4_ACCURACY_LEVEL = 4  # int8 compute of the activations: ORT's documented fastest CPU setting for MatMulNBits
+
+
+def build_ort_int4(dense: Path, out: Path, block_size: int, accuracy_level: int | None = INT4_ACCURACY_LEVEL) -> dict:
+    """onnxruntime MatMulNBits int4 round-to-nearest (ORT's DEFAULT weight-only quantizer) at its best
+    documented CPU setting, ``accuracy_level`` 4; ORT defaults otherwise. The recorded options are read
+    back from the quantized graph's MatMulNBits attributes, not from the arguments."""
     import onnx
     from onnxruntime.quantization.matmul_nbits_quantizer import DefaultWeightOnlyQuantConfig, MatMulNBitsQuantizer
 
     copy_bundle_files(dense, out)
-    config = DefaultWeightOnlyQuantConfig(block_size=block_size)  # asymmetric, accuracy_level None (ORT default)
+    config = DefaultWeightOnlyQuantConfig(block_size=block_size, accuracy_level=accuracy_level)  # asymmetric
     quantizer = MatMulNBitsQuantizer(onnx.load(str(dense / "model.onnx")), algo_config=config)
     quantizer.process()
     model = quantizer.model.model
     _save_model(model, out)
-    count = sum(1 for n in model.graph.node if n.op_type == "MatMulNBits")
-    return {"options": {"bits": 4, "block_size": block_size, "is_symmetric": config.is_symmetric,
-                        "accuracy_level": config.accuracy_level, "algorithm": config.algorithm},
-            "quantized_nodes": {"MatMulNBits": count}}
+    nodes = [n for n in model.graph.node if n.op_type == "MatMulNBits"]
+    attributes = [{a.name: onnx.helper.get_attribute_value(a) for a in n.attribute} for n in nodes]
+    return {"options": {"bits": _one_value(a.get("bits") for a in attributes),
+                        "block_size": _one_value(a.get("block_size") for a in attributes),
+                        "is_symmetric": config.is_symmetric,
+                        "accuracy_level": _one_value(a.get("accuracy_level") for a in attributes),
+                        "algorithm": config.algorithm},
+            "quantized_nodes": {"MatMulNBits": len(nodes)}}
+
+
+def _one_value(values: Any) -> Any:
+    """The value every node carries (None when absent on all), or the sorted distinct values."""
+    distinct = sorted({v for v in values if v is not None})
+    return None if not distinct else distinct[0] if len(distinct) == 1 else distinct
 
 
 def _run_cli(cmd: list[str], log: Path) -> None:
@@ -216,11 +261,15 @@ def build_ours_target(source: Path, out: Path, target: str, prefill_length: int 
     return {"options": {"target": target, "bits": f"{report['target']['bits']} (default)"}}
 
 
-def build_ort_qnn(dense: Path, out: Path, prefill_length: int = 128, context_length: int = 1024) -> dict:
-    """onnxruntime's QNN recipe as shipped: ``get_qnn_qdq_config`` (uint16 activations, uint8 weights,
-    per-tensor, MinMax) + ``quantize`` on the static float prefill/decode graphs our npu target builds
-    from the same dense graph, calibrated on the same feeds. The two graphs share one weights file as
-    ours do (``save_sharing_weights``), so weight bytes compare the quantization, not the packaging."""
+def build_ort_qnn(dense: Path, out: Path, prefill_length: int = 128, context_length: int = 1024,
+                  per_channel: bool = True) -> dict:
+    """onnxruntime's QNN recipe at its best documented setting: ``get_qnn_qdq_config`` (uint16
+    activations, uint8 weights, **per-channel** weights: ``per_channel=True`` plus per-channel
+    ``init_overrides`` for the MatMul weights, :func:`matmul_per_channel_overrides`; MinMax) + ``quantize``
+    on the static float prefill/decode graphs our npu target builds from the same dense graph, calibrated
+    on the same feeds. The two graphs share one weights file as ours do (``save_sharing_weights``), so weight bytes compare
+    the quantization, not the packaging. The recorded per-channel figure is counted in the built graphs
+    (weight DequantizeLinear nodes with one scale per output channel)."""
     import logging
     import tempfile
 
@@ -245,23 +294,53 @@ def build_ort_qnn(dense: Path, out: Path, prefill_length: int = 128, context_len
                                   options)
         qdq_paths = {}
         for role, filename in GRAPH_FILES.items():
+            overrides = matmul_per_channel_overrides(float_paths[role], QuantType.QUInt8) if per_channel else None
             recipe = get_qnn_qdq_config(str(float_paths[role]), FeedReader(feeds[role]),
-                                        activation_type=QuantType.QUInt16, weight_type=QuantType.QUInt8)
+                                        activation_type=QuantType.QUInt16, weight_type=QuantType.QUInt8,
+                                        per_channel=per_channel, init_overrides=overrides)
             recipe.use_external_data_format = True
             qdq_paths[role] = work / filename
             quantize(str(float_paths[role]), str(qdq_paths[role]), recipe)
         save_sharing_weights(qdq_paths, out)
-    specs = []
+    specs, weight_scales = [], {"per_channel": 0, "per_tensor": 0}
     for role, filename in GRAPH_FILES.items():
         graph = onnx.load(str(out / filename), load_external_data=False).graph
         specs.append(GraphSpec(role, filename, [v.name for v in graph.input], [v.name for v in graph.output]))
+        for kind, count in weight_scale_kinds(graph).items():
+            weight_scales[kind] += count
     config.graphs = specs
     config.static_shapes = {"context_length": options.context_length, "prefill_length": options.prefill_length,
                             "cache": "right-aligned"}
     (out / CONFIG_NAME).write_text(config.to_json())
-    return {"options": {"activation_type": "QUInt16", "weight_type": "QUInt8", "per_channel": False,
+    return {"options": {"activation_type": "QUInt16", "weight_type": "QUInt8", "per_channel": per_channel,
+                        "weight_dequantize_nodes": weight_scales,
                         "calibration": f"MinMax, {options.calibration_windows} windows of wiki_calib (as ours)",
                         "prefill_length": options.prefill_length, "context_length": options.context_length}}
+
+
+def matmul_per_channel_overrides(graph_path: Path, weight_type: Any) -> dict[str, list[dict[str, Any]]]:
+    """``get_qnn_qdq_config`` tensor overrides giving every MatMul weight (a 2-D initializer) one scale per
+    output channel (axis 1). The recipe's global ``per_channel`` covers Conv/Gemm-like ops only and keeps
+    MatMul per-tensor; its documented way to choose per-channel axes for other ops is these overrides."""
+    import onnx
+
+    graph = onnx.load(str(graph_path), load_external_data=False).graph
+    weights = {t.name for t in graph.initializer if len(t.dims) == 2}
+    return {n.input[1]: [{"quant_type": weight_type, "axis": 1}] for n in graph.node
+            if n.op_type == "MatMul" and n.input[1] in weights}
+
+
+def weight_scale_kinds(graph: Any) -> dict[str, int]:
+    """Weight DequantizeLinear nodes of a QDQ graph (input 0 an initializer of rank ≥ 2), counted by
+    whether their scale holds one value (per tensor) or several (per channel)."""
+    inits = {t.name: t for t in graph.initializer}
+    counts = {"per_channel": 0, "per_tensor": 0}
+    for node in graph.node:
+        weight = inits.get(node.input[0]) if node.op_type == "DequantizeLinear" else None
+        if weight is None or len(weight.dims) < 2 or node.input[1] not in inits:
+            continue
+        counts["per_channel" if math.prod(inits[node.input[1]].dims) > 1 else "per_tensor"] += 1
+    return counts
 
 
 def compression_ratios(bundle: Path, sources: list[Path | None]) -> tuple[float, float]:
@@ -285,6 +364,18 @@ def reused_build_seconds(bundle: Path) -> float | None:
     return round(sum(v for k, v in timings.items() if k not in ("eval_s", "mobile_s")), 1)
 
 
+# The peers' best documented settings (EVAL.md); a bundle an earlier run built otherwise is rebuilt.
+PEER_SETTINGS = {"ort-int4-b32": {"accuracy_level": INT4_ACCURACY_LEVEL},
+                 "ort-int4-b128": {"accuracy_level": INT4_ACCURACY_LEVEL},
+                 "ort-qnn-u16u8": {"per_channel": True}}
+
+
+def settings_match(name: str, info: dict) -> bool:
+    """Whether a reused build record holds the settings this run builds ``name`` with."""
+    options = info.get("options", {})
+    return all(options.get(key) == value for key, value in PEER_SETTINGS.get(name, {}).items())
+
+
 def build_row(name: str, args: argparse.Namespace, built: dict[str, Path]) -> tuple[Path | None, dict]:
     """Build (or reuse) one row's bundle. Returns (bundle or None if skipped, build info)."""
     work: Path = args.work
@@ -295,7 +386,8 @@ def build_row(name: str, args: argparse.Namespace, built: dict[str, Path]) -> tu
     record = out / BUILD_FILE
     if record.exists() and not args.rebuild:
         info = json.loads(record.read_text())
-        return out, {**info, "note": f"built by an earlier run ({info.get('date', '?')}), reused"}
+        if settings_match(name, info):
+            return out, {**info, "note": f"built by an earlier run ({info.get('date', '?')}), reused"}
     parents = PARENTS
     if name in parents and parents[name] not in built:
         return None, {"skipped": f"needs the {parents[name]} row"}
@@ -377,6 +469,7 @@ def machine() -> dict:
                 info["memory_gb"] = round(int(line.split()[1]) / 1e6, 1)
     except OSError:
         pass
+    info["cpu_int8_dot_flags"] = cpu_int8_dot_flags()  # read at run time: the int8 peer's label names them
     info["load_average"] = os.getloadavg()
     return info
 
@@ -408,31 +501,47 @@ def add_ratios(rows: list[dict]) -> None:
         row["ratios"] = {k: row[k] / base[k] for k in RATIO_KEYS if row.get(k) is not None and base.get(k)}
 
 
-def claims(rows: list[dict]) -> dict:
-    """The issue's two claims, computed from this run's rows.
+# Pareto checks: (claims key, x key, x name for the text, x unit format). wiki_eval perplexity is the y axis.
+PARETO_CHECKS = [("ppl_vs_kv", "kv_bytes_per_token", "KV bytes/token", "{:,.0f} B"),
+                 ("ppl_vs_weights", "weight_bytes", "weight bytes", "{:,.0f} B")]
 
-    ``dominated_on_ppl_vs_kv``: per row of ours, the peer rows with both lower wiki_eval perplexity and
-    fewer KV bytes/token (empty = on the Pareto front against the peers). ``roofline_vs_dense``: per
-    context, each of our rows' decode achieved ÷ roofline divided by the dense row's."""
-    scored = [r for r in rows if r.get("wiki_eval") is not None and r.get("kv_bytes_per_token") is not None]
-    peers = [r for r in scored if r["family"] == "peer"]
-    dominated = {r["name"]: [p["name"] for p in peers if p["wiki_eval"] < r["wiki_eval"]
-                             and p["kv_bytes_per_token"] < r["kv_bytes_per_token"]]
-                 for r in scored if r["family"] == "ours"}
+
+def claims(rows: list[dict]) -> dict:
+    """The checks the table's text states, computed from the rows with :mod:`benchmarks.pareto`'s one rule.
+
+    ``dominated``: per check (``PARETO_CHECKS``), per row of ours, the peer rows that dominate it on
+    (wiki_eval perplexity, x): ≤ on both and < on one (empty = on the front against the peers).
+    ``roofline_vs_dense``: per context, each of our rows' decode achieved ÷ roofline divided by the
+    dense row's."""
+    dominated: dict[str, dict[str, list[str]]] = {}
+    for check, x_key, _, _ in PARETO_CHECKS:
+        scored = [r for r in rows if r.get("wiki_eval") is not None and r.get(x_key) is not None]
+        peers = {r["name"]: (r["wiki_eval"], r[x_key]) for r in scored if r["family"] == "peer"}
+        dominated[check] = {r["name"]: dominated_by((r["wiki_eval"], r[x_key]), peers)
+                            for r in scored if r["family"] == "ours"}
     dense = next((r for r in rows if r["name"] == "dense"), {})
     roofline: dict[str, dict[str, float]] = {}
     for key in sorted(k for k in dense if k.startswith("achieved_over_roofline_")):
         roofline[key.rsplit("_", 1)[1]] = {r["name"]: r[key] / dense[key] for r in rows
                                            if r["family"] == "ours" and r.get(key) is not None}
-    return {"dominated_on_ppl_vs_kv": dominated, "roofline_vs_dense": roofline}
+    return {"dominated": dominated, "roofline_vs_dense": roofline}
 
 
-def render_claims(checks: dict) -> list[str]:
-    lines = ["Checks (computed from the rows above):"]
-    for name, peers in checks["dominated_on_ppl_vs_kv"].items():
-        lines.append(f"- {name}: " + ("on the perplexity-vs-KV-bytes Pareto front (no peer has both lower wiki_eval "
-                                      "perplexity and fewer KV bytes/token)" if not peers
-                                      else f"**dominated** by {', '.join(peers)}"))
+def render_claims(checks: dict, rows: list[dict]) -> list[str]:
+    """One line per (check, row of ours): on the front, or dominated by the named peers with their figures."""
+    by_name = {r["name"]: r for r in rows}
+    lines = ["Checks (computed from the rows above; a row is dominated when a peer row is ≤ on both axes and "
+             "< on at least one):"]
+    for check, x_key, x_name, x_format in PARETO_CHECKS:
+        for name, peers in checks["dominated"].get(check, {}).items():
+            mine = by_name[name]
+            if not peers:
+                lines.append(f"- {name}, wiki_eval perplexity vs {x_name}: on the front (no peer row dominates it)")
+                continue
+            figures = "; ".join(f"{p}: {by_name[p]['wiki_eval']:.3f} at {x_format.format(by_name[p][x_key])}"
+                                for p in peers)
+            lines.append(f"- {name}, wiki_eval perplexity vs {x_name}: **dominated** by {', '.join(peers)} "
+                         f"({name}: {mine['wiki_eval']:.3f} at {x_format.format(mine[x_key])}; {figures})")
     for context, ratios in checks["roofline_vs_dense"].items():
         for name, ratio in ratios.items():
             lines.append(f"- decode @{context} achieved ÷ roofline, {name} vs dense: {ratio:.2f}× "
@@ -440,21 +549,43 @@ def render_claims(checks: dict) -> list[str]:
     return lines + [""]
 
 
-def render_markdown(result: dict, image_dir: str = "", title: bool = True) -> str:
+BASE_LABELS = {r.name: r.label for r in ROWS}
+
+
+def label_of(row: dict) -> str:
+    """The row's label: the base label of its ROWS entry, and for a peer the settings of its build record."""
+    return row_label(row, BASE_LABELS.get(row["name"], row.get("label", row["name"])))
+
+
+def _int8_flags_text(machine_info: dict) -> str:
+    flags = machine_info.get("cpu_int8_dot_flags")
+    if flags is None:
+        return ""
+    return f"; int8 dot-product CPU flags at run time: {', '.join(flags) if flags else 'none (no VNNI/AMX)'}"
+
+
+def render_markdown(result: dict, image_dir: str = "", title: bool = True, source: str | None = None) -> str:
     """bench.md: title, machine and protocol, the table, the computed claims, the plots (``image_dir``
-    prefixes their paths), tool versions and build notes."""
-    rows = result["rows"]
+    prefixes their paths), tool versions and build notes; ``source`` names the committed raw JSON it was
+    rendered from. Labels and claims are computed here from the rows (``result`` is not changed)."""
+    rows = copy.deepcopy(result["rows"])
+    add_ratios(rows)
+    checks = claims(rows)
     columns = [c for c in COLUMNS if any(r.get(c[1]) is not None for r in rows)] or COLUMNS
     heading = f"{result['model']}: our bundles vs peer tools ({result['mode']} run, {result['date']})"
-    lines = [f"# {heading}" if title else f"**{heading}.**", "",
-             f"Machine: {result['machine'].get('cpu', result['machine']['machine'])}, {result['machine']['cpus']} "
-             f"CPUs, {result['threads']} threads; memory bandwidth {result.get('bandwidth_gb_s', float('nan')):.1f} "
-             f"GB/s (same run). Perplexity: {result['protocol']['perplexity']}. Speed: "
-             f"{result['protocol']['speed']}. (× dense) = ratio to the dense row of this run.", "",
-             "| row | tool | " + " | ".join(c[0] for c in columns) + " |",
-             "|---|---|" + "---|" * len(columns)]
+    lines = [f"# {heading}" if title else f"**{heading}.**", ""]
+    if source is not None:
+        lines += [f"Raw data: [`{source}`]({source}); this block is rendered from it by "
+                  f"`python -m benchmarks.run --from-json {source} --readme README.md`.", ""]
+    lines += [f"Machine: {result['machine'].get('cpu', result['machine']['machine'])}, {result['machine']['cpus']} "
+              f"CPUs, {result['threads']} threads{_int8_flags_text(result['machine'])}; memory bandwidth "
+              f"{result.get('bandwidth_gb_s', float('nan')):.1f} GB/s (same run). Perplexity: "
+              f"{result['protocol']['perplexity']}. Speed: {result['protocol']['speed']}. (× dense) = ratio to the "
+              "dense row of this run.", "",
+              "| row | tool | " + " | ".join(c[0] for c in columns) + " |",
+              "|---|---|" + "---|" * len(columns)]
     for row in rows:
-        cells = [row["label"], f"`{row['tool']}`"]
+        cells = [label_of(row), f"`{row['tool']}`"]
         for _, key, fmt in columns:
             value = row.get(key)
             if value is None:
@@ -470,7 +601,7 @@ def render_markdown(result: dict, image_dir: str = "", title: bool = True) -> st
         elif "skipped" in row:
             cells[0] += f" — skipped: {row['skipped']}"
         lines.append("| " + " | ".join(cells) + " |")
-    lines += ["", *render_claims(result["claims"])]
+    lines += ["", *render_claims(checks, rows)]
     lines += [f"![{name}]({image_dir}{name})" for name in result.get("plots", [])] + [""]
     lines += ["Tool versions: " + ", ".join(f"{k} {v}" for k, v in result["versions"].items()) + ".", ""]
     notes = [f"- {r['name']}: {r['build']['note']}" for r in rows if r.get("build", {}).get("note")]
@@ -480,14 +611,10 @@ def render_markdown(result: dict, image_dir: str = "", title: bool = True) -> st
 
 
 def pareto_front(points: list[tuple[float, float]], lower_x: bool) -> list[int]:
-    """Indices of points not dominated (lower y = perplexity better; x better when lower if ``lower_x``)."""
-    front = []
-    for i, (x, y) in enumerate(points):
-        better_x = (lambda a, b: a <= b) if lower_x else (lambda a, b: a >= b)
-        dominated = any(better_x(px, x) and py <= y and (px, py) != (x, y) for px, py in points)
-        if not dominated:
-            front.append(i)
-    return sorted(front, key=lambda i: points[i][0])
+    """Indices of the (x, perplexity) points on the front, sorted by x (x better when lower if ``lower_x``);
+    :func:`benchmarks.pareto.pareto_front`'s strict rule."""
+    costs = [(x if lower_x else -x, y) for x, y in points]
+    return sorted(strict_front(costs), key=lambda i: points[i][0])
 
 
 def plot(result: dict, out: Path) -> list[str]:
@@ -514,7 +641,7 @@ def plot(result: dict, out: Path) -> list[str]:
             index = next(i for i, r in enumerate(result["rows"]) if r["name"] == row["name"])
             ax.scatter(row[x_key], min(row["wiki_eval"], cap), marker=shapes[tools.index(row["tool"]) % len(shapes)],
                        color=f"C{index % 10}", s=70, zorder=3, edgecolors="k" if row["family"] == "ours" else "none",
-                       label=row["label"] + (f" (ppl {row['wiki_eval']:.3g}, off scale)" if off else ""))
+                       label=label_of(row) + (f" (ppl {row['wiki_eval']:.3g}, off scale)" if off else ""))
         points = [(r[x_key], r["wiki_eval"]) for r in rows]
         front = pareto_front(points, lower_x)
         ax.plot([points[i][0] for i in front], [min(points[i][1], cap) for i in front], "k--", lw=1, label="Pareto front",
@@ -565,6 +692,7 @@ def run(args: argparse.Namespace) -> dict:
             print(f"[{time.perf_counter() - start:6.0f} s] {row.name}: build", flush=True)
             bundle, info = build_row(row.name, args, built)
             entry["build"] = info
+            entry["label"] = label_of(entry)
             if bundle is None:
                 entry["skipped"] = info["skipped"]
                 continue
@@ -614,9 +742,10 @@ def run(args: argparse.Namespace) -> dict:
 README_START, README_END = "<!-- bench:start -->", "<!-- bench:end -->"
 
 
-def publish(result: dict, out: Path, readme: Path) -> None:
+def publish(result: dict, out: Path, readme: Path, source: str | None = None) -> None:
     """Put this run's table, claims and plots into ``readme`` between its bench markers; the plots are
-    copied to ``docs/bench/`` beside it."""
+    copied to ``docs/bench/`` beside it. ``source``: the committed raw JSON the block names (its path
+    relative to the README's folder)."""
     text = readme.read_text()
     if README_START not in text or README_END not in text:
         raise SystemExit(f"{readme}: no {README_START} … {README_END} block to fill")
@@ -624,9 +753,19 @@ def publish(result: dict, out: Path, readme: Path) -> None:
     images.mkdir(parents=True, exist_ok=True)
     for name in result["plots"]:
         shutil.copy2(out / name, images / name)
-    block = render_markdown(result, image_dir="docs/bench/", title=False)
+    block = render_markdown(result, image_dir="docs/bench/", title=False, source=source)
     head, rest = text.split(README_START, 1)
     readme.write_text(f"{head}{README_START}\n{block}\n{README_END}{rest.split(README_END, 1)[1]}")
+
+
+def readme_blocks(text: str) -> list[tuple[str | None, str]]:
+    """Each bench block of a README: (the raw JSON it names, or None; the block's text between the markers)."""
+    blocks = []
+    for part in text.split(README_START)[1:]:
+        block = part.split(README_END, 1)[0].removeprefix("\n").removesuffix("\n")
+        named = [line.split("`", 2)[1] for line in block.splitlines() if line.startswith("Raw data: [`")]
+        blocks.append((named[0] if named else None, block))
+    return blocks
 
 
 def render(result: dict, out: Path) -> None:
@@ -659,6 +798,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                              "(plots copied to docs/bench/ beside it)")
     parser.add_argument("--render-only", action="store_true",
                         help="measure nothing: redraw OUT/bench.md and the plots from OUT/bench.json")
+    parser.add_argument("--from-json", type=Path, default=None,
+                        help="measure nothing: render the table, checks and plots from this committed raw JSON "
+                             "(with --readme: the README block names it, and a test compares the two)")
     return parser.parse_args(argv)
 
 
@@ -669,13 +811,24 @@ def main(argv: list[str] | None = None) -> None:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     args = parse_args(argv)
-    result = json.loads((args.out / "bench.json").read_text()) if args.render_only else None
-    if result is not None:
+    source = args.from_json or (args.out / "bench.json" if args.render_only else None)
+    if source is not None:
+        if not source.is_file():
+            raise SystemExit(f"benchmarks.run: error: {source} is not a file")
+        result = json.loads(source.read_text())
+        args.out.mkdir(parents=True, exist_ok=True)
         render(result, args.out)
     else:
         result = run(args)
     if args.readme is not None:
-        publish(result, args.out, args.readme)
+        named = None
+        if args.from_json is not None:
+            try:
+                named = args.from_json.resolve().relative_to(args.readme.resolve().parent).as_posix()
+            except ValueError:
+                raise SystemExit(f"benchmarks.run: error: {args.from_json} is not inside {args.readme.parent}: "
+                                 "the README can only cite a committed file of its repository") from None
+        publish(result, args.out, args.readme, source=named)
 
 
 if __name__ == "__main__":

@@ -182,6 +182,8 @@ def _cache_lines(config: BundleConfig, context: int, prefill: int) -> list[str]:
 def render_npu_readme(config: BundleConfig, target: dict[str, Any]) -> str:
     static = config.static_shapes
     context, prefill = int(static["context_length"]), int(static["prefill_length"])
+    from qsvd_export.npu import decisive_text
+
     check = target.get("verification", {})
     lines = [
         f"# {config.model_name} for Qualcomm QNN HTP ({target['bits']})",
@@ -232,8 +234,7 @@ def render_npu_readme(config: BundleConfig, target: dict[str, Any]) -> str:
     else:
         lines.append(f"- QNN HTP (htp_arch {check['htp_arch']}, CPU fallback disabled): {check['qnn']}; argmax "
                      f"agreement with the CPU EP {check['argmax_agreement']:.1%} over {check['window']} "
-                     f"({check['decisive_argmax_agreement']:.1%} at the {check['decisive_positions']} positions the "
-                     f"CPU EP decides by >= 1 logit), "
+                     f"({decisive_text(check)}), "
                      f"max |Δlogit| {check['max_abs_logit_diff']}, greedy tokens "
                      f"{'identical' if check['tokens_match'] else 'different'}.")
     return "\n".join(lines) + "\n"

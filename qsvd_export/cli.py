@@ -540,12 +540,12 @@ def _print_target(report: dict[str, Any]) -> None:
     check = target.get("verification")
     if check is None:
         return
+    from qsvd_export.npu import decisive_text
     if check["qnn"].startswith("skipped"):
         print(f"QNN HTP check {check['qnn']}")
         return
     print(f"QNN HTP v{check['htp_arch']}: both graphs {check['qnn']} with CPU fallback disabled; vs the CPU EP: argmax "
-          f"agreement {check['argmax_agreement']:.1%} over a prefill window, {check['decisive_argmax_agreement']:.1%} "
-          f"where the CPU EP leads by >= 1 logit ({check['decisive_positions']} positions; max |Δlogit| "
+          f"agreement {check['argmax_agreement']:.1%} over a prefill window, {decisive_text(check)} (max |Δlogit| "
           f"{check['max_abs_logit_diff']}), "
           f"greedy tokens {'match' if check['tokens_match'] else 'DIFFER'}")
 

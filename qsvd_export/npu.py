@@ -406,8 +406,53 @@ def decisive_agreement(logits: np.ndarray, reference: np.ndarray, margin: float 
     top2 = np.sort(reference, axis=-1)[:, -2:]
     decisive = top2[:, 1] - top2[:, 0] >= margin
     same = logits.argmax(-1) == reference.argmax(-1)
-    rate = float(np.mean(same[decisive])) if decisive.any() else 1.0
-    return {"decisive_positions": int(decisive.sum()), "decisive_argmax_agreement": round(rate, 4)}
+    if not decisive.any():  # no evidence either way: undefined, not 100%
+        return {"decisive_positions": 0, "decisive_argmax_agreement": None,
+                "decisive_note": f"undefined: no position where the reference's top-1 leads by >= {margin} logit"}
+    return {"decisive_positions": int(decisive.sum()),
+            "decisive_argmax_agreement": round(float(np.mean(same[decisive])), 4)}
+
+
+def decisive_text(check: dict[str, Any]) -> str:
+    """The decisive agreement in words, e.g. "97.5% at the 80 positions the CPU EP decides by >= 1 logit";
+    "undefined" when there were none (never read as 100%)."""
+    if check.get("decisive_argmax_agreement") is None:
+        return f"undefined at decisive positions (none: the CPU EP led by >= {DECISIVE_MARGIN:g} logit nowhere)"
+    return (f"{check['decisive_argmax_agreement']:.1%} at the {check['decisive_positions']} positions the CPU EP "
+            f"decides by >= {DECISIVE_MARGIN:g} logit")
+
+
+EP_ASSIGNMENT_CONFIG = "session.record_ep_graph_assignment_info"
+
+
+def ep_placement(session: Any) -> dict[str, int] | None:
+    """Nodes per execution provider as onnxruntime assigned them in ``session`` (created with
+    :data:`EP_ASSIGNMENT_CONFIG` = "1"); None when this onnxruntime does not expose the assignment."""
+    getter = getattr(session, "get_provider_graph_assignment_info", None)
+    if getter is None:
+        return None
+    try:
+        subgraphs = getter()
+    except Exception:  # noqa: BLE001 - an onnxruntime without the recording raises a plain error
+        return None
+    counts: dict[str, int] = {}
+    for subgraph in subgraphs:
+        counts[subgraph.ep_name] = counts.get(subgraph.ep_name, 0) + len(subgraph.get_nodes())
+    return dict(sorted(counts.items())) or None
+
+
+def qnn_placement(sessions: dict[str, Any], graph_nodes: dict[str, int]) -> dict[str, Any]:
+    """Where the nodes of each graph run: from onnxruntime's own EP assignment when it exposes it (per
+    graph, nodes per provider, ``nodes_on_cpu`` counted from it); otherwise inferred, saying so: the
+    sessions were created with CPU fallback disabled, so all ``graph_nodes`` must be on QNN HTP."""
+    placed = {role: ep_placement(session) for role, session in sessions.items()}
+    if all(counts is not None for counts in placed.values()):
+        return {"placement": placed, "placement_source": "onnxruntime get_provider_graph_assignment_info",
+                "nodes_on_cpu": sum(c.get("CPUExecutionProvider", 0) for c in placed.values())}
+    return {"placement": {role: {"QNNExecutionProvider": count} for role, count in graph_nodes.items()},
+            "placement_source": "inferred, not read from the EP: onnxruntime exposes no assignment here; the "
+                                "sessions were created with CPU fallback disabled, so all nodes are on QNN HTP",
+            "nodes_on_cpu": None}
 
 
 def verify_on_qnn(folder: Path, cache: list[LayerCache], tokenizer: Any, options: NpuOptions,
@@ -429,7 +474,8 @@ def verify_on_qnn(folder: Path, cache: list[LayerCache], tokenizer: Any, options
     start = time.perf_counter()
     try:
         npu = StaticDecoder.from_files(*npu_paths, cache, options.context_length, options.prefill_length, "npu",
-                                       SessionOptions(strict=True, htp_arch=options.htp_arch))
+                                       SessionOptions(strict=True, htp_arch=options.htp_arch,
+                                                      extra_config={EP_ASSIGNMENT_CONFIG: "1"}))
     except RuntimeFailure as exc:
         raise RuntimeFailure(f"QNN HTP (htp_arch {options.htp_arch}, CPU fallback disabled) refused the graphs: {exc}") from None
     compile_s = time.perf_counter() - start
@@ -440,9 +486,15 @@ def verify_on_qnn(folder: Path, cache: list[LayerCache], tokenizer: Any, options
     npu_logits, npu_tokens = _greedy_after_window(npu, window, options.verify_tokens)
     run_s = time.perf_counter() - start
     cpu_logits, cpu_tokens = _greedy_after_window(cpu, window, options.verify_tokens)
+    import onnx
+
+    roles = {options.prefill_length: "prefill", 1: "decode"}
+    graph_nodes = {role: len(onnx.load(str(path), load_external_data=False).graph.node)
+                   for role, path in zip(GRAPH_FILES, npu_paths)}
     return {
         "qnn": "loaded from context binaries" if contexts else "compiled", "htp_arch": options.htp_arch,
-        "cpu_fallback": "disabled", "nodes_on_cpu": 0,
+        "cpu_fallback": "disabled",
+        **qnn_placement({roles[length]: session for length, session in npu.sessions.items()}, graph_nodes),
         "timings": {"qnn_session_s": round(compile_s, 1), "qnn_run_s": round(run_s, 1)},
         "window": f"first {options.prefill_length} tokens of wiki_eval",
         "argmax_agreement": round(float(np.mean(npu_logits.argmax(-1) == cpu_logits.argmax(-1))), 4),

@@ -63,8 +63,10 @@ def dense_kv_bytes(config: BundleConfig, report: dict[str, Any]) -> int | None:
 def ep_node_assignment(folder: Path, config: BundleConfig, report: dict[str, Any]) -> dict[str, Any]:
     """Nodes per execution provider, as onnxruntime placed them on this machine.
 
-    npu bundles verified on QNN HTP with CPU fallback disabled: every node is on QNN (the session would
-    not have been created otherwise). Dynamic graphs: onnxruntime's own placement log when it creates a
+    npu bundles verified on QNN HTP: the placement the verification recorded, which comes from
+    onnxruntime's own EP assignment where it exposes one; otherwise (and for bundles verified before it was
+    recorded) all nodes on QNN, inferred only because the sessions were created with CPU fallback disabled,
+    and ``source`` says which. Dynamic graphs: onnxruntime's own placement log when it creates a
     session on the target's provider (a profiled first step if the log says nothing); CPU here for a gpu
     bundle when no CUDA provider is installed, said in ``checked_on``."""
     target = report.get("target") or {}
@@ -72,13 +74,18 @@ def ep_node_assignment(folder: Path, config: BundleConfig, report: dict[str, Any
         verification = target.get("verification") or {}
         if verification.get("cpu_fallback") != "disabled":
             return {"checked_on": None, "note": "not checked: the QNN HTP verification was skipped", "graphs": {}}
+        checked_on = f"QNNExecutionProvider (HTP v{verification['htp_arch']}, CPU fallback disabled)"
+        if "placement" in verification:
+            return {"checked_on": checked_on, "source": verification["placement_source"],
+                    "graphs": verification["placement"]}
         import onnx
 
         graphs = {spec.role: {"QNNExecutionProvider": len(onnx.load(folder / spec.filename,
                                                                     load_external_data=False).graph.node)}
                   for spec in config.graphs}
-        return {"checked_on": f"QNNExecutionProvider (HTP v{verification['htp_arch']}, CPU fallback disabled)",
-                "graphs": graphs}
+        return {"checked_on": checked_on, "graphs": graphs,
+                "source": "inferred, not read from the EP: the sessions were created with CPU fallback disabled, "
+                          "so all nodes are on QNN HTP"}
     import onnxruntime as ort
 
     wanted = {"gpu": "CUDAExecutionProvider"}.get(target.get("target", ""), "CPUExecutionProvider")
@@ -279,7 +286,8 @@ def summary_rows(summary: dict[str, Any]) -> list[tuple[str, str]]:
     if placement.get("checked_on"):
         text = "; ".join(f"{role}: " + ", ".join(f"{n} on {p}" for p, n in counts.items())
                          for role, counts in placement["graphs"].items())
-        rows.append(("node placement", f"{text} (checked on {placement['checked_on']})"))
+        source = f"; {placement['source']}" if placement.get("source") else ""
+        rows.append(("node placement", f"{text} (checked on {placement['checked_on']}{source})"))
     else:
         rows.append(("node placement", placement.get("note", "not checked")))
     ranks = summary["rank_per_layer"]

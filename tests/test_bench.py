@@ -42,6 +42,8 @@ def _greedy_logits(bundle):  # type: ignore[no-untyped-def]
 
 
 def test_peer_graphs_run_with_the_decode_loop(peers) -> None:  # type: ignore[no-untyped-def]
+    import onnx
+
     built, info = peers
     ref_prefill, ref_step = _greedy_logits(built["dense"])
     for name in ("ort-int8", "ort-int4-b32", "ort-int4-b128", "ours-w8a8"):
@@ -53,8 +55,15 @@ def test_peer_graphs_run_with_the_decode_loop(peers) -> None:  # type: ignore[no
         # quantized, not broken: logits stay close to the dense graph's on a random tiny model
         assert np.corrcoef(prefill.ravel(), ref_prefill.ravel())[0, 1] > 0.9, name
     assert info["ort-int8"]["quantized_nodes"]
+    assert info["ort-int8"]["options"]["cpu_int8_dot_flags"] == bench.cpu_int8_dot_flags()
     assert info["ort-int4-b32"]["quantized_nodes"]["MatMulNBits"] > 0
-    assert info["ort-int4-b128"]["options"]["block_size"] == 128
+    # the peers' best documented settings, read back from the built graphs
+    for block in (32, 128):
+        options = info[f"ort-int4-b{block}"]["options"]
+        assert options["block_size"] == block and options["accuracy_level"] == 4 and options["bits"] == 4
+        graph = onnx.load(str(built[f"ort-int4-b{block}"] / "model.onnx"), load_external_data=False).graph
+        levels = {a.i for n in graph.node if n.op_type == "MatMulNBits" for a in n.attribute if a.name == "accuracy_level"}
+        assert levels == {4}
     assert info["ours-w8a8"]["options"]["bits"].startswith("w8a8")
 
 
@@ -73,22 +82,50 @@ def test_static_npu_rows_score_windows_through_the_cache(peers) -> None:  # type
             assert abs(np.log(quality[corpus] / dense[corpus])) < 0.1, (name, corpus, quality, dense)
     ops = {n.op_type for n in onnx.load(str(built["ort-qnn-u16u8"] / "prefill.onnx"), load_external_data=False).graph.node}
     assert {"QuantizeLinear", "DequantizeLinear"} <= ops
-    assert info["ort-qnn-u16u8"]["options"]["activation_type"] == "QUInt16"
+    options = info["ort-qnn-u16u8"]["options"]
+    assert options["activation_type"] == "QUInt16" and options["per_channel"] is True
+    # counted in the built graphs: every projection weight has one scale per output channel
+    assert options["weight_dequantize_nodes"]["per_channel"] >= 2 * 2 * 7, options  # 2 graphs x 2 layers x 7
+    label = bench.label_of({"name": "ort-qnn-u16u8", "family": "peer", "build": info["ort-qnn-u16u8"]})
+    assert "per-channel weights" in label and "QUInt16 activations" in label
 
 
 def test_claims_name_the_dominating_peer_and_the_roofline_ratio() -> None:
-    rows = [{"name": "dense", "family": "dense", "wiki_eval": 10.0, "kv_bytes_per_token": 100,
+    rows = [{"name": "dense", "family": "dense", "wiki_eval": 10.0, "kv_bytes_per_token": 100, "weight_bytes": 400,
              "achieved_over_roofline_512": 0.5},
-            {"name": "peer", "family": "peer", "wiki_eval": 11.0, "kv_bytes_per_token": 50},
-            {"name": "ours-a", "family": "ours", "wiki_eval": 10.5, "kv_bytes_per_token": 50,
+            {"name": "peer", "family": "peer", "wiki_eval": 11.0, "kv_bytes_per_token": 50, "weight_bytes": 100},
+            {"name": "peer-same-bytes", "family": "peer", "wiki_eval": 11.5, "kv_bytes_per_token": 100,
+             "weight_bytes": 100},
+            {"name": "ours-a", "family": "ours", "wiki_eval": 10.5, "kv_bytes_per_token": 50, "weight_bytes": 200,
              "achieved_over_roofline_512": 0.6},
-            {"name": "ours-b", "family": "ours", "wiki_eval": 12.0, "kv_bytes_per_token": 100,
-             "achieved_over_roofline_512": 0.25}]
+            {"name": "ours-b", "family": "ours", "wiki_eval": 12.0, "kv_bytes_per_token": 100, "weight_bytes": 100,
+             "achieved_over_roofline_512": 0.25},
+            {"name": "ours-tie", "family": "ours", "wiki_eval": 11.0, "kv_bytes_per_token": 50, "weight_bytes": 50}]
     checks = bench.claims(rows)
-    assert checks["dominated_on_ppl_vs_kv"] == {"ours-a": [], "ours-b": ["peer"]}
+    # equal KV bytes, lower perplexity: dominated (the old "strictly fewer bytes" rule missed peer-same-bytes);
+    # equal on both axes (ours-tie vs peer): not dominated; dense is no peer
+    assert checks["dominated"]["ppl_vs_kv"] == {"ours-a": [], "ours-b": ["peer", "peer-same-bytes"], "ours-tie": []}
+    assert checks["dominated"]["ppl_vs_weights"] == {"ours-a": [], "ours-b": ["peer", "peer-same-bytes"],
+                                                     "ours-tie": []}
     assert checks["roofline_vs_dense"] == {"512": {"ours-a": pytest.approx(1.2), "ours-b": pytest.approx(0.5)}}
-    text = "\n".join(bench.render_claims(checks))
-    assert "ours-b: **dominated** by peer" in text and "below dense" in text
+    text = "\n".join(bench.render_claims(checks, rows))
+    assert "ours-b, wiki_eval perplexity vs KV bytes/token: **dominated** by peer, peer-same-bytes" in text
+    assert "ours-tie, wiki_eval perplexity vs KV bytes/token: on the front" in text and "below dense" in text
+
+
+def test_strict_dominance_on_hand_made_points() -> None:
+    from benchmarks.pareto import dominated_by, dominates, pareto_front
+
+    assert dominates((1.0, 5.0), (1.0, 6.0))  # equal bytes, lower perplexity
+    assert dominates((1.0, 5.0), (2.0, 5.0))  # equal perplexity, fewer bytes
+    assert dominates((1.0, 5.0), (2.0, 6.0))
+    assert not dominates((1.0, 5.0), (1.0, 5.0))  # equal on both: neither dominates
+    assert not dominates((1.0, 7.0), (2.0, 6.0)) and not dominates((2.0, 6.0), (1.0, 7.0))  # a trade-off
+    assert dominated_by((46080, 19.197), {"qnn": (46080, 17.875), "int4": (46080, 20.885),
+                                          "twin": (46080, 19.197)}) == ["qnn"]
+    assert pareto_front([(1.0, 5.0), (1.0, 5.0), (1.0, 6.0), (0.5, 9.0)]) == [0, 1, 3]
+    with pytest.raises(ValueError):
+        dominates((1.0,), (1.0, 2.0))
 
 
 def test_measure_quality_and_report(peers, tmp_path) -> None:  # type: ignore[no-untyped-def]
@@ -136,6 +173,47 @@ def test_pareto_front() -> None:
     points = [(1.0, 10.0), (2.0, 9.0), (3.0, 9.5), (0.5, 20.0)]
     assert bench.pareto_front(points, lower_x=True) == [3, 0, 1]
     assert bench.pareto_front(points, lower_x=False) == [1, 2]
+    # the plots' front uses the same strict rule: a point at the same x with higher perplexity is off it
+    assert bench.pareto_front([(1.0, 10.0), (1.0, 11.0), (1.0, 10.0)], lower_x=True) == [0, 2]
+
+
+def test_peer_labels_come_from_the_build_record() -> None:
+    int8 = {"name": "ort-int8", "family": "peer",
+            "build": {"options": {"per_channel": True, "weight_type": "QInt8", "reduce_range": False,
+                                  "cpu_int8_dot_flags": ["avx512_vnni"]}}}
+    assert bench.label_of(int8) == ("ORT quantize_dynamic int8 (per-channel QInt8 weights; reduce_range off; built on "
+                                    "a CPU with avx512_vnni)")
+    int8["build"]["options"].update(reduce_range=True, cpu_int8_dot_flags=[])
+    assert "reduce_range on; built on a CPU with no VNNI/AMX int8 flags" in bench.label_of(int8)
+    old = {"name": "ort-int8", "family": "peer", "build": {"options": {"per_channel": True, "weight_type": "QInt8",
+                                                                       "reduce_range": False, "cpu_vnni": True}}}
+    assert "reduce_range off; built on a CPU with VNNI" in bench.label_of(old)
+    int4 = {"name": "ort-int4-b32", "family": "peer",
+            "build": {"options": {"block_size": 32, "is_symmetric": False, "accuracy_level": None}}}
+    assert bench.label_of(int4).endswith("(block 32, asymmetric, accuracy_level unset)")
+    int4["build"]["options"]["accuracy_level"] = 4
+    assert bench.label_of(int4).endswith("accuracy_level 4)")
+    assert bench.label_of({"name": "ort-int4-b128", "family": "peer", "skipped": "x"}).endswith("(no build record)")
+    assert bench.label_of({"name": "ours-w8a8", "family": "ours", "build": {"options": {}}}) == bench.BASE_LABELS[
+        "ours-w8a8"]
+    # nothing typed by hand about a peer's settings: the base labels name the tool only
+    for row in bench.ROWS:
+        if row.family == "peer":
+            words = ("vnni", "7-bit", "reduce", "channel", "block", "accuracy", "u16", "u8")
+            assert not any(word in row.label.lower() for word in words), row.label
+
+
+def test_cpu_int8_dot_flags_are_read_from_cpuinfo() -> None:
+    assert bench.cpu_int8_dot_flags("processor: 0\nflags\t\t: fpu sse avx2 avx512_vnni\n") == ["avx512_vnni"]
+    assert bench.cpu_int8_dot_flags("flags : fpu avx2\n") == []
+    assert bench.cpu_int8_dot_flags("Features: neon\n") is None
+
+
+def test_a_peer_built_at_other_settings_is_rebuilt_not_reused() -> None:
+    assert not bench.settings_match("ort-int4-b32", {"options": {"accuracy_level": None, "block_size": 32}})
+    assert bench.settings_match("ort-int4-b32", {"options": {"accuracy_level": 4, "block_size": 32}})
+    assert not bench.settings_match("ort-qnn-u16u8", {"options": {"per_channel": False}})
+    assert bench.settings_match("ort-int8", {"options": {}})
 
 
 def test_quick_skips_torch_stage_rows_without_bundles(tmp_path) -> None:
@@ -168,7 +246,6 @@ def test_publish_fills_the_readme_block_and_copies_the_plots(tmp_path) -> None:
     result = {"model": "m", "mode": "full", "date": "d", "threads": 2, "bandwidth_gb_s": 1.0,
               "machine": {"machine": "x86_64", "cpus": 2}, "versions": {"onnxruntime": "1"},
               "protocol": {"windows": 1, "perplexity": "p", "speed": "s"}, "plots": ["ppl_vs_kv.png"],
-              "claims": {"dominated_on_ppl_vs_kv": {}, "roofline_vs_dense": {}},
               "rows": [{"name": "dense", "label": "dense fp32", "tool": "t", "family": "dense", "wiki_eval": 10.0}]}
     bench.publish(result, out, readme)
     text = readme.read_text()

@@ -79,19 +79,51 @@ def test_non_empty_output_without_overwrite(tmp_path):
     assert sorted(p.name for p in out.iterdir()) == ["keep.txt"]
 
 
-def test_unwritable_output(tmp_path):
+def _read_only_folder(tmp_path: Path) -> Path | None:
+    """A folder this process cannot create entries in, root included: a chmod 0500 folder for a regular user;
+    as root (which ignores modes) /proc/sys or an existing read-only mount. None if there is none."""
+    import os
+
     locked = tmp_path / "locked"
     locked.mkdir()
     locked.chmod(0o500)
+    if not os.access(locked, os.W_OK):
+        return locked
+    locked.chmod(0o700)
+    mounts = []
     try:
-        import os
+        for line in Path("/proc/mounts").read_text().splitlines():
+            fields = line.split()
+            if len(fields) > 3 and "ro" in fields[3].split(","):
+                mounts.append(Path(fields[1]))
+    except OSError:
+        pass
+    for folder in [Path("/proc/sys"), *mounts]:
+        if folder.is_dir() and not os.access(folder, os.W_OK):
+            return folder
+    return None
 
-        if os.access(locked, os.W_OK):
-            pytest.skip("running as a user that ignores permissions")
-        proc = run_cli("export", "tiny-llama", "-o", str(locked / "out"))
+
+def test_unwritable_output_under_a_file(tmp_path):
+    """An output whose parent is a regular file cannot be created by anyone, root included (CI runs as root)."""
+    blocker = tmp_path / "file.txt"
+    blocker.write_text("x")
+    proc = run_cli("export", "tiny-llama", "-o", str(blocker / "out"))
+    assert_one_line_error(proc, 2, f"cannot write output {blocker / 'out'}: {blocker} is not a folder")
+    assert blocker.read_text() == "x" and sorted(p.name for p in tmp_path.iterdir()) == ["file.txt"]
+
+
+def test_unwritable_output(tmp_path):
+    folder = _read_only_folder(tmp_path)
+    if folder is None:  # root with no read-only folder at all; the case above still runs
+        pytest.skip("no folder this user cannot write")
+    try:
+        before = sorted(p.name for p in folder.iterdir())
+        proc = run_cli("export", "tiny-llama", "-o", str(folder / "qsvd-out"))
         assert_one_line_error(proc, 2, "not writable")
+        assert sorted(p.name for p in folder.iterdir()) == before
     finally:
-        locked.chmod(0o700)
+        (tmp_path / "locked").chmod(0o700)
 
 
 def test_output_is_a_file(tmp_path):

@@ -56,11 +56,8 @@ def _random_model(g: dict, folder) -> torch.nn.Module:  # type: ignore[no-untype
     return model
 
 
-@settings(max_examples=6, deadline=None, derandomize=True,
-          suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
-@given(g=geometries)
-def test_random_decoder_geometries_compress_with_parity_or_decline_cleanly(g, tmp_path_factory):
-    work = tmp_path_factory.mktemp("geometry")
+def _geometry_outcome(g: dict, work) -> str:  # type: ignore[no-untyped-def]
+    """Export and compress one geometry: "rewritten" (with parity checked here) or "declined" (cleanly)."""
     model = _random_model(g, work / "hf")
     dense, out = work / "dense", work / "latent"
     code = main(["export", str(work / "hf"), "-o", str(dense), "-q"])
@@ -68,7 +65,7 @@ def test_random_decoder_geometries_compress_with_parity_or_decline_cleanly(g, tm
     if code:
         assert not dense.exists()
         event(f"export declined ({code})")
-        return
+        return "declined"
     windows = np.random.default_rng(1).integers(0, VOCAB, (4, 48))
     np.savez(work / "calib.npz", input_ids=windows)
     code = main([str(dense / "model.onnx"), "--budget", g["budget"], "--calib-npz", str(work / "calib.npz"),
@@ -77,7 +74,7 @@ def test_random_decoder_geometries_compress_with_parity_or_decline_cleanly(g, tm
     if code:
         assert not out.exists()
         event(f"graph stage declined ({code})")
-        return
+        return "declined"
     event("rewritten with parity")
     plan = load_plan(out)
     reference_model = apply_plan(copy.deepcopy(model), plan)
@@ -93,3 +90,25 @@ def test_random_decoder_geometries_compress_with_parity_or_decline_cleanly(g, tm
                                     use_cache=True)
     assert np.abs(reference.logits.numpy() - logits).max() <= 1e-4, g
     assert runner.config.kv_bytes_per_token() <= 4 * sum(2 * la.dims["k"] for la in plan.layers)
+    return "rewritten"
+
+
+# Every geometry the strategy draws is one the pass chain supports (plain llama/qwen2 attention, GQA or
+# MHA): a decline is a clean refusal, but a run where most decline proves nothing about the rewrite.
+MIN_REWRITTEN_SHARE = 0.5
+
+
+def test_random_decoder_geometries_compress_with_parity_or_decline_cleanly(tmp_path_factory):
+    outcomes: list[str] = []
+
+    @settings(max_examples=6, deadline=None, derandomize=True, database=None,
+              suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+    @given(g=geometries)
+    def check(g: dict) -> None:
+        outcomes.append(_geometry_outcome(g, tmp_path_factory.mktemp("geometry")))
+
+    check()
+    rewritten = outcomes.count("rewritten")
+    assert rewritten >= max(1, MIN_REWRITTEN_SHARE * len(outcomes)), (
+        f"only {rewritten} of {len(outcomes)} geometries were rewritten (the others declined): "
+        "the parity property was barely tested")

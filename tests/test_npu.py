@@ -144,11 +144,14 @@ def test_export_target_npu_writes_qdq_prefill_and_decode(tmp_path, capsys):
     else:
         assert check["qnn"].startswith("skipped: onnxruntime-qnn is not installed")
     placement = json.loads((out / "report.json").read_text())["summary"]["ep_nodes"]
-    if HAS_QNN:  # the session exists only with every node on QNN: all of them are placed there
+    if HAS_QNN:  # placement as onnxruntime assigned it (not the graph's node count), and the report shows it
         assert placement["checked_on"].startswith("QNNExecutionProvider (HTP v73")
+        assert placement["source"] == check["placement_source"] == "onnxruntime get_provider_graph_assignment_info"
+        assert placement["graphs"] == check["placement"] and check["nodes_on_cpu"] == 0
         for role in ("prefill", "decode"):
-            nodes = len(onnx.load(out / f"{role}.onnx", load_external_data=False).graph.node)
-            assert placement["graphs"][role] == {"QNNExecutionProvider": nodes}
+            assert set(placement["graphs"][role]) == {"QNNExecutionProvider"}, placement
+            assert placement["graphs"][role]["QNNExecutionProvider"] > 0
+        assert "get_provider_graph_assignment_info" in (out / "report.md").read_text()
     else:
         assert placement["checked_on"] is None and "skipped" in placement["note"]
     readme = (out / "README.md").read_text()
@@ -265,6 +268,49 @@ def test_decisive_agreement_ignores_near_ties_and_counts_decisive_flips():
     assert decisive_agreement(tie_flip, reference) == {"decisive_positions": 2, "decisive_argmax_agreement": 1.0}
     real_flip = np.asarray([[0.0, 6.0, 0.0], [2.0, 1.8, 0.0], [0.0, 3.0, 1.0]])
     assert decisive_agreement(real_flip, reference)["decisive_argmax_agreement"] == 0.5
+
+
+def test_decisive_agreement_is_undefined_without_decisive_positions():
+    """All near-ties: no evidence, so no rate (not 100%), and every printed form says undefined."""
+    from qsvd_export.npu import decisive_agreement, decisive_text
+
+    reference = np.asarray([[2.0, 1.8, 0.0], [0.0, 3.0, 2.5]])
+    flipped = np.asarray([[1.8, 2.0, 0.0], [0.0, 2.5, 3.0]])  # every argmax differs
+    result = decisive_agreement(flipped, reference)
+    assert result["decisive_positions"] == 0 and result["decisive_argmax_agreement"] is None
+    assert result["decisive_note"].startswith("undefined")
+    assert decisive_text(result).startswith("undefined") and "100" not in decisive_text(result)
+    decisive = np.asarray([[5.0, 1.0, 0.0]])
+    assert decisive_text(decisive_agreement(decisive, decisive)).startswith("100.0% at the 1 positions")
+
+
+class _Subgraph:
+    def __init__(self, ep: str, nodes: int) -> None:
+        self.ep_name, self._nodes = ep, nodes
+
+    def get_nodes(self) -> list[int]:
+        return list(range(self._nodes))
+
+
+class _Session:
+    def __init__(self, subgraphs: list[_Subgraph] | None) -> None:
+        if subgraphs is not None:
+            self.get_provider_graph_assignment_info = lambda: subgraphs
+
+
+def test_qnn_placement_is_read_from_the_ep_or_says_it_is_inferred():
+    from qsvd_export.npu import qnn_placement
+
+    sessions = {"prefill": _Session([_Subgraph("QNNExecutionProvider", 5), _Subgraph("CPUExecutionProvider", 2)]),
+                "decode": _Session([_Subgraph("QNNExecutionProvider", 4)])}
+    read = qnn_placement(sessions, {"prefill": 99, "decode": 99})
+    assert read["placement"] == {"prefill": {"CPUExecutionProvider": 2, "QNNExecutionProvider": 5},
+                                 "decode": {"QNNExecutionProvider": 4}}
+    assert read["nodes_on_cpu"] == 2 and read["placement_source"].startswith("onnxruntime")
+    inferred = qnn_placement({"prefill": _Session(None), "decode": _Session(None)}, {"prefill": 7, "decode": 3})
+    assert inferred["placement"] == {"prefill": {"QNNExecutionProvider": 7}, "decode": {"QNNExecutionProvider": 3}}
+    assert inferred["nodes_on_cpu"] is None and "inferred" in inferred["placement_source"]
+    assert "CPU fallback disabled" in inferred["placement_source"]
 
 
 @pytest.mark.parametrize("bits", ["w4a16", "w4a8"])

@@ -99,6 +99,21 @@ def test_a_rotated_plan_is_folded_into_the_unrotated_graph(family, online_mlp, o
     assert_decoder_parity(out, reference, np.random.default_rng(2).integers(0, 256, (1, 10)), next_token=4)
 
 
+def _gate_up_quant_error(model: torch.nn.Module) -> float:
+    """Σ‖x·Q(W)ᵀ − x·Wᵀ‖² over layer 0's gate and up projections (4-bit blocks of 32) on held-out tokens."""
+    from qsvd_export.compress.smooth import fake_quant_rows
+
+    seen: list[torch.Tensor] = []
+    mlp = model.model.layers[0].mlp
+    handle = mlp.gate_proj.register_forward_pre_hook(lambda _, args: seen.append(args[0].reshape(-1, args[0].shape[-1])))
+    with torch.no_grad():
+        model(input_ids=torch.from_numpy(np.random.default_rng(99).integers(0, 256, (2, 40))))
+    handle.remove()
+    x = torch.cat(seen)
+    return sum(float(((x @ fake_quant_rows(lin.weight.data, 4, 32).T - x @ lin.weight.data.T) ** 2).sum())
+               for lin in (mlp.gate_proj, mlp.up_proj))
+
+
 def test_smoothing_keeps_fp_outputs_and_lowers_the_quantized_error():
     from qsvd_export.compress.smooth import fake_quant_rows, smooth_for_weight_bits
 
@@ -109,8 +124,12 @@ def test_smoothing_keeps_fp_outputs_and_lowers_the_quantized_error():
     reference = copy.deepcopy(model)
     batches = [torch.from_numpy(np.random.default_rng(i).integers(0, 256, (1, 48))) for i in range(4)]
     summary = smooth_for_weight_bits(model, batches, bits=4, block=32)
-    assert summary["calibration_error_after"] <= summary["calibration_error_before"]
-    assert any(alpha > 0 for alpha in summary["alphas"].values())
+    # the summary's before/after come from the same grid search that holds α = 0, so after ≤ before holds by
+    # construction; measure instead, on held-out tokens, the 4-bit output error of the group reading the
+    # boosted channels (gate/up of layer 0) in the model as changed: it must drop clearly
+    assert summary["alphas"]["layer0.gate_up"] > 0
+    before, after = _gate_up_quant_error(reference), _gate_up_quant_error(model)
+    assert after < 0.5 * before, (before, after)
     with torch.no_grad():
         a, b = reference(input_ids=IDS).logits, model(input_ids=IDS).logits
     assert (a - b).abs().max() <= 1e-4 * max(1.0, a.abs().max().item())
