@@ -25,6 +25,11 @@ class LatentLayer:
     value_scale: np.ndarray | None = None
     cache_bits: int | None = None  # 8 (int8 cache) or 4 (two int4 codes per uint8) with scales; None = float
 
+    def __post_init__(self) -> None:
+        scaled = self.key_scale is not None and self.value_scale is not None
+        if (self.cache_bits is not None) != scaled or self.cache_bits not in (None, 4, 8):
+            raise ValueError(f"cache_bits {self.cache_bits} needs both scales (and bits 4 or 8); a float cache neither")
+
     @property
     def cache_width(self) -> int:
         """Cached values per token, keys and values."""

@@ -76,7 +76,7 @@ def test_int8_latent_cache_in_the_graph_io(bundles, tmp_path):
     ranks = allocate_ranks(stats, groups=1, budget=0.5, step=4, minimum=4)
     assert sum(2 * r for r in ranks) <= 0.5 * sum(2 * s.kv_heads * s.head_dim for s in stats)
     quantized = {i: fit_latent(s, 1, r) for i, (s, r) in enumerate(zip(stats, ranks))}
-    floating = {i: replace(layer, key_scale=None, value_scale=None) for i, layer in quantized.items()}
+    floating = {i: replace(layer, key_scale=None, value_scale=None, cache_bits=None) for i, layer in quantized.items()}
     _latent_copy(dense, tmp_path / "int8", quantized)
     _latent_copy(dense, tmp_path / "float", floating)
     runner = DecoderRunner(tmp_path / "int8")

@@ -129,14 +129,15 @@ def fit_latent(stats: AttentionStats, groups: int, rank: int, bits: int | None =
         _, e = _top(v_moment, rank)
         vd.append(e.T @ v_root)
         vu.append(v_inverse @ e)
-    layer = LatentLayer(groups, rank, *(np.asarray(x, dtype=np.float32) for x in (kd, ku, vd, vu)), None, None,
-                        bits)
+    kd, ku, vd, vu = (np.asarray(x, dtype=np.float32) for x in (kd, ku, vd, vu))
+    key_scale = value_scale = None
     if bits is not None:
         keys, values = np.concatenate(stats.key_rows), np.concatenate(stats.value_rows)
-        layer.key_scale = np.stack([channel_scales(keys[:, _group_slice(stats, groups, g)] @ layer.key_down[g].T, bits,
-                                                   scale_method) for g in range(groups)])
-        layer.value_scale = np.stack([channel_scales(values[:, _group_slice(stats, groups, g)] @ layer.value_down[g].T,
-                                                     bits, scale_method) for g in range(groups)])
+        key_scale = np.stack([channel_scales(keys[:, _group_slice(stats, groups, g)] @ kd[g].T, bits, scale_method)
+                              for g in range(groups)])
+        value_scale = np.stack([channel_scales(values[:, _group_slice(stats, groups, g)] @ vd[g].T, bits, scale_method)
+                                for g in range(groups)])
+    layer = LatentLayer(groups, rank, kd, ku, vd, vu, key_scale, value_scale, bits)
     return layer
 
 
