@@ -1,13 +1,16 @@
-"""Typed Python API: ``export``, ``compress``, ``compile_graph`` and ``load_bundle``.
+"""Typed Python API: ``export_model``, ``compress_model``, ``compile_graph`` and ``load_bundle``.
+
+(Not ``export`` / ``compress``: those names are the subpackages ``qsvd_export.export`` and
+``qsvd_export.compress``, which would replace the functions on the package once imported.)
 
 Options are frozen dataclasses whose fields are the CLI's flags (``--calib-windows`` is ``calib_windows``).
 They validate themselves on construction through the CLI's own parser and checks (``cli.build_parser``,
 ``cli.export_request`` / ``compress_request`` / ``compile_request``), so a bad option raises the same
 :class:`~qsvd_export.errors.UsageError` message, with the same exit class, as the command line would print.
 
-    from qsvd_export import ExportOptions, export, load_bundle
+    from qsvd_export import ExportOptions, export_model, load_bundle
 
-    result = export("smollm2-135m", "out/w4a8", ExportOptions(target="cpu", bits="w4a8"))
+    result = export_model("smollm2-135m", "out/w4a8", ExportOptions(target="cpu", bits="w4a8"))
     bundle = load_bundle(result.out)
     for piece in bundle.stream("What is the capital of France?", max_new_tokens=32):
         print(piece, end="", flush=True)
@@ -156,7 +159,7 @@ class CompileOptions(_TargetFlags):
         compile_request(self.namespace("compile", "GRAPH.onnx", "-o", "OUT"))
 
 
-def export(model: str, output: str | Path, options: ExportOptions | None = None) -> Any:
+def export_model(model: str, output: str | Path, options: ExportOptions | None = None) -> Any:
     """Export ``model`` (zoo name, ``tiny-<family>`` or HF folder) to a bundle in ``output``; returns the
     :class:`~qsvd_export.pipeline.BuildResult` (``out``, ``config``, ``report``, ``timings``)."""
     from qsvd_export.cli import export_request
@@ -166,7 +169,7 @@ def export(model: str, output: str | Path, options: ExportOptions | None = None)
     return build_dense_bundle(**export_request(options.namespace("export", model, "-o", output)))
 
 
-def compress(model: str, output: str | Path, options: CompressionOptions) -> Any:
+def compress_model(model: str, output: str | Path, options: CompressionOptions) -> Any:
     """QSVD-compress ``model`` into a latent-cache bundle in ``output``; returns the BuildResult."""
     from qsvd_export.cli import compress_request
     from qsvd_export.compress.placement import check_placement
