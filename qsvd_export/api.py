@@ -223,7 +223,8 @@ class Bundle:
             text = self.tokenizer.decode(ids, skip_special_tokens=True)
             if text.endswith("\ufffd"):  # an incomplete multi-byte character: wait for the next token
                 continue
-            yield text[len(shown):]
+            if len(text) > len(shown):  # an EOS (skipped special token) adds no text
+                yield text[len(shown):]
             shown = text
         text = self.tokenizer.decode(ids, skip_special_tokens=True)
         if len(text) > len(shown):

@@ -2,9 +2,10 @@
 
 - ``genai_config.json`` (:mod:`qsvd_export.genai_config`) where genai can bind the cache, else the reason;
 - ``config.json`` + ``generation_config.json`` of a decoder (optimum's ``ORTModelForCausalLM`` reads them);
-- ``tokenizer_config.json`` readable by transformers 4.x as well as 5.x: transformers 5 names the class
-  ``TokenizersBackend``, which 4.x does not know; ``PreTrainedTokenizerFast`` loads the same
-  ``tokenizer.json`` in both.
+- ``tokenizer_config.json`` readable by transformers 4.x as well as 5.x and by genai's tokenizer: transformers 5
+  names the class ``TokenizersBackend``, which 4.x does not know (``PreTrainedTokenizerFast`` loads the same
+  ``tokenizer.json`` in both), and writes the chat template to ``chat_template.jinja`` only (genai reads
+  ``chat_template`` from tokenizer_config.json).
 
 The outcome goes to report.json (``runtimes``) and a short README section, so a receiver sees why a bundle
 does not run in genai instead of meeting an error there.
@@ -58,6 +59,10 @@ def portable_tokenizer_config(folder: Path) -> bool:
     changed = False
     if data.get("tokenizer_class") == "TokenizersBackend":
         data["tokenizer_class"] = _PORTABLE_TOKENIZER_CLASS
+        changed = True
+    template = Path(folder) / "chat_template.jinja"
+    if "chat_template" not in data and template.is_file():  # 5.x writes it beside; genai and 4.x read it inside
+        data["chat_template"] = template.read_text()
         changed = True
     extra = data.get("extra_special_tokens")
     if isinstance(extra, list):  # 5.x writes a list; 4.x expects a name → token mapping
