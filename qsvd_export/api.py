@@ -19,7 +19,7 @@ They validate themselves on construction through the CLI's own parser and checks
 from __future__ import annotations
 
 import argparse
-from dataclasses import dataclass, fields
+from dataclasses import MISSING, dataclass, fields
 from pathlib import Path
 from typing import Any, Iterator, Literal
 
@@ -37,10 +37,12 @@ class _Flags:
     """Fields map one to one onto CLI flags; construction parses them with the CLI's parser and checks."""
 
     def argv(self) -> list[str]:
-        """The CLI flags these options stand for."""
+        """The CLI flags these options stand for (fields left at their default give none)."""
         out: list[str] = []
         for f in fields(self):
             value, flag = getattr(self, f.name), "--" + f.name.replace("_", "-")
+            if f.default is not MISSING and value == f.default:
+                continue
             if f.name in _NEGATED:
                 out += [] if value else [_NEGATED[f.name]]
             elif value is None or value is False:
