@@ -183,3 +183,24 @@ def test_hf_config_files_load_in_transformers(bundles):
     assert config.num_hidden_layers == len(load_bundle_config(bundle).cache)
     assert GenerationConfig.from_pretrained(bundle).do_sample is False
     assert "quantization_config" not in json.loads((bundle / "config.json").read_text())
+
+
+def test_genai_chat_sample_on_a_tiny_bundle(bundles, tmp_path):
+    import subprocess
+    import sys
+
+    sample = Path(__file__).resolve().parents[1] / "samples" / "genai_chat.py"
+    bundle = bundles.dense("llama")
+    run = subprocess.run([sys.executable, str(sample), str(bundle), "--ids", ",".join(map(str, PROMPT)),
+                          "--max-new-tokens", "10"], capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr
+    assert json.loads(run.stdout)["new_ids"] == runner_tokens(bundle, PROMPT, 10)
+
+    refused = tmp_path / "npu-like"
+    refused.mkdir()
+    (refused / "report.json").write_text(json.dumps({"runtimes": {"onnxruntime_genai": {"runs": False,
+                                                                                        "reason": "static graphs"}}}))
+    run = subprocess.run([sys.executable, str(sample), str(refused), "--ids", "1"], capture_output=True, text=True,
+                         timeout=300)
+    assert run.returncode == 2 and run.stderr.strip() == (f"genai_chat: error: {refused} has no genai_config.json: "
+                                                          "static graphs")
