@@ -81,10 +81,20 @@ def write_runtime_files(folder: Path, config: BundleConfig, target: str | None) 
 
     folder = Path(folder)
     portable_tokenizer_config(folder)
-    return {
-        "onnxruntime_genai": write_genai_config(folder, config, target),
-        "optimum": {"files": [name for name in (HF_CONFIG, GENERATION_CONFIG) if (folder / name).is_file()]},
-    }
+    return {"onnxruntime_genai": write_genai_config(folder, config, target), "optimum": _optimum(folder, config)}
+
+
+def _optimum(folder: Path, config: BundleConfig) -> dict[str, Any]:
+    """Whether optimum's ORTModelForCausalLM can open the bundle: it sizes the cache from config.json's head
+    counts and names it past_key_values.{i}.key|value, so only dense dynamic decoder bundles qualify."""
+    files = [name for name in (HF_CONFIG, GENERATION_CONFIG) if (folder / name).is_file()]
+    if not files:
+        return {"runs": False, "reason": "no config.json (not a decoder bundle built from a transformers model)"}
+    if config.static_shapes:
+        return {"runs": False, "reason": "static-shape npu graphs; optimum feeds dynamic shapes"}
+    if any(layer.kind != "dense" for layer in config.cache):
+        return {"runs": False, "reason": "latent caches: optimum builds key/value caches from config.json's heads"}
+    return {"runs": True, "files": files, "tested": "dense fp32 smollm2, optimum-onnx 0.1.0, transformers 4.57.6"}
 
 
 def readme_section(runtimes: dict[str, Any]) -> str:
@@ -96,7 +106,10 @@ def readme_section(runtimes: dict[str, Any]) -> str:
                      "`og.Model(bundle)`, see samples/genai_chat.py")
     else:
         lines.append(f"- onnxruntime-genai: not runnable: {genai['reason']}")
-    if runtimes["optimum"]["files"]:
+    optimum = runtimes["optimum"]
+    if optimum["runs"]:
         lines.append("- optimum: `ORTModelForCausalLM.from_pretrained(bundle)` reads "
-                     + ", ".join(f"`{f}`" for f in runtimes["optimum"]["files"]))
+                     + ", ".join(f"`{f}`" for f in optimum["files"]) + f" (tested: {optimum['tested']})")
+    else:
+        lines.append(f"- optimum: not runnable: {optimum['reason']}")
     return "\n".join(lines) + "\n"

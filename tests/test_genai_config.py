@@ -204,3 +204,17 @@ def test_genai_chat_sample_on_a_tiny_bundle(bundles, tmp_path):
                          timeout=300)
     assert run.returncode == 2 and run.stderr.strip() == (f"genai_chat: error: {refused} has no genai_config.json: "
                                                           "static graphs")
+
+
+def test_todays_latent_bundle_is_refused_with_the_reason(tmp_path):
+    """A kv=0.5 bundle caches one past_key_values.{i}.latent per layer: refused in report.json and README."""
+    from qsvd_export import CompressionOptions, compress_model
+
+    result = compress_model("tiny-llama", tmp_path / "kv50", CompressionOptions(
+        budget="kv=0.5", calib_windows=4, calib_length=32, grad_windows=1))
+    assert any(layer.kind == "latent" for layer in result.config.cache)
+    entry = result.report["runtimes"]["onnxruntime_genai"]
+    assert entry["runs"] is False and "single .latent tensor" in entry["reason"]
+    assert not (result.out / GENAI_CONFIG).exists()
+    assert entry["reason"] in (result.out / "README.md").read_text()
+    assert result.report["runtimes"]["optimum"]["runs"] is False

@@ -102,6 +102,7 @@ print(json.dumps({"transformers": transformers.__version__, "prompt_ids": ids, "
 def test_optimum_with_transformers_4_generates_the_runners_tokens(smollm2_bundles, tmp_path):
     python = fresh_venv(tmp_path / "venv", OPTIMUM_PINS)
     bundle = smollm2_bundles["dense fp32"]
+    assert json.loads((bundle / "report.json").read_text())["runtimes"]["optimum"]["runs"] is True
     ids, new, _ = reference(bundle)
     run = subprocess.run([python, "-c", OPTIMUM_SCRIPT, str(bundle), PROMPT, str(NEW_TOKENS)],
                          capture_output=True, text=True, timeout=900, cwd=tmp_path)
