@@ -218,3 +218,28 @@ def test_todays_latent_bundle_is_refused_with_the_reason(tmp_path):
     assert not (result.out / GENAI_CONFIG).exists()
     assert entry["reason"] in (result.out / "README.md").read_text()
     assert result.report["runtimes"]["optimum"]["runs"] is False
+
+
+def test_tokenizer_config_is_portable_and_still_loads(tmp_path):
+    """transformers 5's TokenizersBackend class and side-file chat template become a config 4.x and genai read."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import AutoTokenizer
+
+    from qsvd_export.runtime_files import portable_tokenizer_config
+
+    vocab = {"<unk>": 0, "<eos>": 1, "hello": 2, "world": 3}
+    tokenizer = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
+    tokenizer.save(str(tmp_path / "tokenizer.json"))
+    (tmp_path / "chat_template.jinja").write_text("{% for m in messages %}{{ m['content'] }}{% endfor %}")
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({
+        "tokenizer_class": "TokenizersBackend", "eos_token": "<eos>", "unk_token": "<unk>",
+        "extra_special_tokens": ["<eos>"]}))
+    assert portable_tokenizer_config(tmp_path) is True
+    data = json.loads((tmp_path / "tokenizer_config.json").read_text())
+    assert data["tokenizer_class"] == "PreTrainedTokenizerFast" and "extra_special_tokens" not in data
+    assert data["chat_template"].startswith("{% for m in messages %}")
+    assert portable_tokenizer_config(tmp_path) is False  # idempotent
+    loaded = AutoTokenizer.from_pretrained(tmp_path)
+    assert loaded("hello world", add_special_tokens=False)["input_ids"] == [2, 3]
+    assert loaded.apply_chat_template([{"role": "user", "content": "hello"}], tokenize=False) == "hello"
