@@ -159,7 +159,7 @@ def initializer(graph: ir.Graph, name: str, array: np.ndarray, dtype: ir.DataTyp
 def add_node(graph: ir.Graph, op: str, inputs: list[ir.Value | None], name: str,
              attributes: dict | None = None, num_outputs: int = 1, domain: str = "") -> ir.Node:
     """Append a node with deterministic value names ``{name}`` / ``{name}:k``."""
-    from onnx_ir._convenience import convert_attributes
+    from onnx_ir.convenience import convert_attributes
 
     node = ir.Node(domain, op, inputs, attributes=convert_attributes(attributes or {}), num_outputs=num_outputs, name=name)
     for k, out in enumerate(node.outputs):

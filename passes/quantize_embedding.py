@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import onnx_ir as ir
-from onnx_ir._convenience import convert_attributes
+from onnx_ir.convenience import convert_attributes
 from onnx_ir.passes import common
 
 from qsvd_export.blockquant import quantize_blockwise

@@ -17,7 +17,7 @@ import numpy as np
 import onnx_ir as ir
 
 from qsvd_export.blockquant import pack_matmulnbits, quantize_blockwise
-from onnx_ir._convenience import convert_attributes
+from onnx_ir.convenience import convert_attributes
 
 from qsvd_export.passes._graph import initializer
 

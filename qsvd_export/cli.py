@@ -251,15 +251,24 @@ def encode_prompt(tokenizer: Any, prompt: str, chat: bool) -> list[int]:
     return [int(i) for i in tokenizer(prompt, add_special_tokens=False)["input_ids"]]
 
 
+def export_request(args: argparse.Namespace) -> dict[str, Any]:
+    """``build_dense_bundle``'s keyword arguments from ``export``'s args, validated (shared with ``qsvd_export.api``)."""
+    from qsvd_export.pipeline import _check_rotation_options, _check_target_options
+
+    _check_target_options(args.target, args.bits, args.smooth)
+    _check_rotation_options(args.rotate, args.rotate_mlp or args.rotate_o_proj, args.target, args.bits)
+    return dict(spec=args.model, out=args.output, overwrite=args.overwrite, seed=args.seed,
+                rotate=args.rotate, rotate_mlp=args.rotate_mlp, rotate_o_proj=args.rotate_o_proj,
+                target=args.target, bits=args.bits, strict=args.strict, smooth=args.smooth,
+                npu_options=_npu_options(args), verify=args.verify, mobile=args.mobile, kv=kv_options(args))
+
+
 def cmd_export(args: argparse.Namespace) -> int:
     from qsvd_export.pipeline import build_dense_bundle
 
+    request = export_request(args)
     info(f"exporting {args.model} → {args.output}")
-    result = build_dense_bundle(args.model, args.output, overwrite=args.overwrite, seed=args.seed,
-                                rotate=args.rotate, rotate_mlp=args.rotate_mlp, rotate_o_proj=args.rotate_o_proj,
-                                target=args.target, bits=args.bits,
-                                strict=args.strict, smooth=args.smooth, npu_options=_npu_options(args),
-                                verify=args.verify, mobile=args.mobile, kv=kv_options(args))
+    result = build_dense_bundle(**request)
     report = result.report
     print(
         f"wrote {result.out}: {report['kind']} graph, {report['parameters']:,} parameters, "
@@ -396,11 +405,12 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_compress(args: argparse.Namespace) -> int:
+def compress_request(args: argparse.Namespace) -> dict[str, Any]:
+    """``build_compressed_bundle``'s keyword arguments from ``compress``'s args, validated (shared with
+    ``qsvd_export.api``)."""
     from qsvd_export.compress.budget import parse_budget
     from qsvd_export.compress.compressor import CompressOptions
-    from qsvd_export.compress.placement import check_placement
-    from qsvd_export.pipeline import build_compressed_bundle
+    from qsvd_export.pipeline import _check_rotation_options, _check_target_options
     from qsvd_export.quantize import parse_bits
 
     for flag in ("calib_windows", "calib_length", "grad_windows", "eval_windows", "min_rank"):
@@ -424,14 +434,23 @@ def cmd_compress(args: argparse.Namespace) -> int:
     if args.kv_form != "absorbed" and (args.kv_bits is not None or args.latent_groups is not None):
         raise UsageError("--kv-bits and --latent-groups set the cache of fused attention: use them with "
                          "--kv-form absorbed (or on export --target cpu)")
+    target_bits = args.bits if args.target else None
+    _check_target_options(args.target, target_bits)
+    _check_rotation_options(args.rotate, args.rotate_mlp or args.rotate_o_proj, args.target, target_bits)
+    return dict(spec=args.model, options=options, out=args.output, overwrite=args.overwrite,
+                eval_text=args.eval_text if args.eval else None, eval_windows=args.eval_windows,
+                dump_dir=args.dump_passes, target=args.target, target_bits=target_bits,
+                target_strict=args.strict, npu_options=_npu_options(args), verify=args.verify, mobile=args.mobile,
+                kv=kv_options(args, options.budget.kv) if args.kv_form == "absorbed" else None)
+
+
+def cmd_compress(args: argparse.Namespace) -> int:
+    from qsvd_export.compress.placement import check_placement
+    from qsvd_export.pipeline import build_compressed_bundle
+
+    request = compress_request(args)
     check_placement(args.device, args.device_map)  # before the model loads
-    result = build_compressed_bundle(
-        args.model, options, args.output, overwrite=args.overwrite,
-        eval_text=args.eval_text if args.eval else None, eval_windows=args.eval_windows,
-        dump_dir=args.dump_passes, target=args.target, target_bits=args.bits if args.target else None,
-        target_strict=args.strict, npu_options=_npu_options(args), verify=args.verify, mobile=args.mobile,
-        kv=kv_options(args, options.budget.kv) if args.kv_form == "absorbed" else None,
-    )
+    result = build_compressed_bundle(**request)
     report = result.report
     if report["stage"] == "latent-attention":
         _print_latent(report)
@@ -454,8 +473,9 @@ def cmd_compress(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_compile(args: argparse.Namespace) -> int:
-    from qsvd_export.pipeline import compile_onnx
+def compile_request(args: argparse.Namespace) -> dict[str, Any]:
+    """``compile_onnx``'s keyword arguments from ``compile``'s args, validated (shared with ``qsvd_export.api``)."""
+    from qsvd_export.pipeline import _check_target_options
 
     if args.kv_bits is not None or args.latent_groups is not None:
         raise UsageError("--kv-bits and --latent-groups are not available on ONNX graphs yet (use export --target cpu)")
@@ -479,10 +499,17 @@ def cmd_compile(args: argparse.Namespace) -> int:
         graph_only = CompressOptions(parse_budget(args.budget), allocation=args.allocation, calib_text=args.calib,
                                      calib_windows=args.calib_windows, calib_length=args.calib_length,
                                      grad_windows=args.grad_windows, seed=args.seed)
-    result = compile_onnx(args.graph, args.plan, args.output, overwrite=args.overwrite, dump_dir=args.dump_passes,
-                          target=args.target, bits=args.bits, strict=args.strict, npu_options=_npu_options(args),
-                          verify=args.verify, mobile=args.mobile, graph_only=graph_only, calib_npz=args.calib_npz,
-                          tokenizer_dir=args.tokenizer, calib_images=args.calib_images)
+    _check_target_options(args.target, args.bits)
+    return dict(graph_path=args.graph, plan_path=args.plan, out=args.output, overwrite=args.overwrite,
+                dump_dir=args.dump_passes, target=args.target, bits=args.bits, strict=args.strict,
+                npu_options=_npu_options(args), verify=args.verify, mobile=args.mobile, graph_only=graph_only,
+                calib_npz=args.calib_npz, tokenizer_dir=args.tokenizer, calib_images=args.calib_images)
+
+
+def cmd_compile(args: argparse.Namespace) -> int:
+    from qsvd_export.pipeline import compile_onnx
+
+    result = compile_onnx(**compile_request(args))
     stage = result.report["graph_stage"]
     latent = sum(1 for layer in stage["layers"] if layer["cache"] == "latent")
     print(f"wrote {result.out}: {stage['attention_blocks']} attention blocks, {latent} with a latent cache"

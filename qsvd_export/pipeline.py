@@ -86,6 +86,9 @@ def write_bundle(loaded: LoadedModel, model: ir.Model, cache: list[Any], folder:
     sync_cache_dtypes(cache, model)
     save_graph(model, folder)
     tokenizer_files = save_tokenizer(loaded.tokenizer, folder)
+    from qsvd_export.runtime_files import write_hf_config
+
+    write_hf_config(folder, loaded.model.config, loaded.kind)  # config.json + generation_config.json (optimum)
     inputs, outputs = graph_io(model)
     config = BundleConfig(
         model_name=loaded.name,
@@ -590,10 +593,17 @@ def _finish_bundle(folder: Path, config: BundleConfig, mobile: bool, timings: di
 
         info("mobile: ORT-format graphs, required_operators.config and a parity check on the CPU EP")
         mobile_report = package_mobile(folder, config, timings)
+    from qsvd_export.runtime_files import readme_section, write_runtime_files
+
+    report = json.loads((folder / "report.json").read_text())
+    report["runtimes"] = write_runtime_files(folder, config, (report.get("target") or {}).get("target"))
+    write_json(folder / "report.json", report)
     start = time.perf_counter()
     write_report(folder, config)
     timings["report_s"] = time.perf_counter() - start
     write_readme(folder)
+    with (folder / "README.md").open("a") as readme:  # genai / optimum: how to open the bundle, or why not
+        readme.write(readme_section(report["runtimes"]))
     write_json(folder / "timings.json", {k: round(v, 3) for k, v in timings.items()})
     return mobile_report
 
@@ -790,8 +800,9 @@ def compile_onnx(graph_path: Path, plan_path: Path | None, out: Path, overwrite:
         report.update(plan_report(plan))
     with atomic_output_dir(out, overwrite) as tmp:
         save_graph(model, tmp)
-        for name in config.tokenizer_files:
-            shutil.copy2(source_dir / name, tmp / name)
+        for name in [*config.tokenizer_files, "config.json", "generation_config.json"]:
+            if name in config.tokenizer_files or (source_dir / name).is_file():
+                shutil.copy2(source_dir / name, tmp / name)
         if source is None and tokenizer_dir is not None:  # a bare graph's bundle gets the model folder's tokenizer
             config.tokenizer_files = _save_folder_tokenizer(Path(tokenizer_dir), tmp)
         if plan is not None:

@@ -8,7 +8,7 @@ and grows ``attention_mask`` by the new tokens.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 import numpy as np
 
@@ -75,21 +75,26 @@ class DecoderRunner:
 
         A VLM decoder takes embeddings: ``prompt`` [1, seq, hidden] is the prefill input in place of the ids
         (image features merged in), and ``embed`` maps each new token [[id]] to its embedding [1, 1, hidden]."""
+        return list(self.stream(prompt_ids, max_new_tokens, eos_ids, prompt, embed))
+
+    def stream(self, prompt_ids: list[int], max_new_tokens: int, eos_ids: list[int] | None = None,
+               prompt: np.ndarray | None = None,
+               embed: Callable[[np.ndarray], np.ndarray] | None = None) -> Iterator[int]:
+        """:meth:`generate` as an iterator: yields each new token id as soon as it is chosen (greedy; the EOS id
+        is yielded, then the iterator ends). Stopping early skips the remaining decode steps."""
         eos = set(eos_ids or [])
         logits, cache = self.prefill(np.asarray([prompt_ids], dtype=np.int64) if prompt is None else prompt)
         length = len(prompt_ids)
-        new: list[int] = []
-        for _ in range(max_new_tokens):
+        for step in range(max_new_tokens):
             token = int(np.argmax(logits[0, -1]))
-            new.append(token)
-            if token in eos:
+            yield token
+            if token in eos or step == max_new_tokens - 1:
                 break
             mask = np.ones((1, length + 1), dtype=np.int64)
             step_input = np.asarray([[token]], dtype=np.int64)
             logits, cache = self.step(step_input if embed is None else embed(step_input), mask,
                                       np.asarray([[length]]), cache)
             length += 1
-        return new
 
     def window_nlls(self, windows: np.ndarray, progress=None) -> list[float]:  # type: ignore[no-untyped-def]
         """Mean NLL per [window_len] row of ``windows`` (each a fresh prefill)."""

@@ -1,0 +1,245 @@
+"""genai_config.json: written from the bundle's cache description, run by onnxruntime-genai, or refused with a reason."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from qsvd_export.bundle import CONFIG_NAME, BundleConfig, CacheTensor, GraphSpec, LayerCache, load_bundle_config
+from qsvd_export.genai_config import GENAI_CONFIG, decide, write_genai_config
+from qsvd_export.runtimes.decode import DecoderRunner
+
+og = pytest.importorskip("onnxruntime_genai")  # in the test extra (constraints.txt pins it)
+
+PROMPT = [5, 17, 42, 9, 100, 3]
+
+
+def genai_tokens(bundle: Path, prompt: list[int], new: int) -> list[int]:
+    model = og.Model(str(bundle))
+    params = og.GeneratorParams(model)
+    params.set_search_options(max_length=len(prompt) + new, do_sample=False)
+    generator = og.Generator(model, params)
+    generator.append_tokens(prompt)
+    out = []
+    while not generator.is_done():
+        generator.generate_next_token()
+        out.append(int(generator.get_next_tokens()[0]))
+    return out
+
+
+def runner_tokens(bundle: Path, prompt: list[int], new: int) -> list[int]:
+    return DecoderRunner(bundle).generate(prompt, new, load_bundle_config(bundle).generation.get("eos_token_ids"))
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2"])
+def test_dense_bundle_runs_in_genai_with_the_runners_tokens(bundles, family):
+    bundle = bundles.dense(family)
+    report = json.loads((bundle / "report.json").read_text())
+    assert report["runtimes"]["onnxruntime_genai"]["runs"] is True
+    assert (bundle / GENAI_CONFIG).is_file() and "onnxruntime-genai" in (bundle / "README.md").read_text()
+    ours = runner_tokens(bundle, PROMPT, 12)
+    assert len(ours) > 1
+    assert genai_tokens(bundle, PROMPT, 12) == ours
+
+
+def test_cpu_w4a8_bundle_with_group_query_attention_runs_in_genai(tmp_path):
+    from qsvd_export import ExportOptions, export_model
+
+    result = export_model("tiny-llama", tmp_path / "w4a8", ExportOptions(target="cpu", bits="w4a8"))
+    assert result.report["target"]["attention"]["group_query_attention"] > 0  # the fused form genai must run
+    assert genai_tokens(result.out, PROMPT, 12) == runner_tokens(result.out, PROMPT, 12)
+
+
+def _config(cache: list[LayerCache], **extra) -> BundleConfig:
+    names = [t.input for layer in cache for t in layer.tensors]
+    return BundleConfig("m", "llama", "decoder", [GraphSpec("model", "model.onnx", ["input_ids", *names], ["logits"])],
+                        cache, {"hidden_size": 8, "num_attention_heads": 2, "vocab_size": 32}, **extra)
+
+
+def _kv(layer: int, heads: int, size: int, dtype: str = "float32") -> LayerCache:
+    return LayerCache(layer, "dense", [
+        CacheTensor(f"past_key_values.{layer}.{part}", f"present.{layer}.{part}",
+                    ["batch_size", heads, "past_sequence_length", size], dtype, 2) for part in ("key", "value")])
+
+
+def _latent(layer: int, rank: int) -> LayerCache:
+    return LayerCache(layer, "latent", [CacheTensor(f"past_key_values.{layer}.latent", f"present.{layer}.latent",
+                                                    ["batch_size", "past_sequence_length", rank], "float32", 1)], rank)
+
+
+@pytest.mark.parametrize("cache, extra, fragment", [
+    ([_latent(0, 24), _latent(1, 16)], {}, "a single .latent tensor has no genai form"),
+    ([_kv(0, 2, 8), _kv(1, 2, 8, "float16")], {}, "mix dtypes"),
+    ([_kv(0, 2, 8, "uint16"), _kv(1, 2, 8, "uint16")], {}, "is not one genai allocates"),
+    ([_kv(0, 2, 8)], {"static_shapes": {"context_length": 64, "prefill_length": 16}}, "windowed_kv_cache.cpp"),
+    ([_kv(1, 2, 8)], {}, "are not 0..0"),
+])
+def test_layouts_genai_cannot_bind_are_refused_with_the_reason(tmp_path, cache, extra, fragment):
+    config = _config(cache, **extra)
+    entry = write_genai_config(tmp_path, config)
+    assert entry["runs"] is False and fragment in entry["reason"]
+    assert not (tmp_path / GENAI_CONFIG).exists()
+
+
+def test_encoder_and_vlm_bundles_are_refused(tmp_path):
+    for kind in ("encoder", "vlm"):
+        config = BundleConfig("m", "idefics3", kind, [GraphSpec("model", "model.onnx", [], [])])
+        assert decide(config).config is None and decide(config).reason
+
+
+def test_key_value_caches_take_their_shape_from_the_cache_not_the_model():
+    """A latent presented as key/value caches (G groups as heads, rank as head size, int8) gets G and r."""
+    config = _config([_kv(i, 3, 40, "int8") for i in range(2)])
+    written = decide(config, "gpu").config
+    assert written is not None
+    decoder = written["model"]["decoder"]
+    assert (decoder["num_key_value_heads"], decoder["head_size"], decoder["num_hidden_layers"]) == (3, 40, 2)
+    assert decoder["session_options"]["provider_options"] == [{"cuda": {}}]
+
+
+def _per_layer_graph(folder: Path, shapes: list[tuple[int, int]], vocab: int = 32) -> None:
+    """A decoder graph whose layers cache [batch, h_i, len, d_i] (differing per layer). Its next token is
+    (last id + cached length of every layer summed) mod vocab, so a cache genai failed to grow or feed back
+    changes the tokens."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    nodes, inputs, outputs = [], [], []
+    inputs.append(helper.make_tensor_value_info("input_ids", TensorProto.INT64, ["batch_size", "sequence_length"]))
+    inputs.append(helper.make_tensor_value_info("attention_mask", TensorProto.INT64, ["batch_size", "total_length"]))
+    nodes.append(helper.make_node("Constant", [], ["two"], value=helper.make_tensor("two", TensorProto.INT64, [1], [2])))
+    nodes.append(helper.make_node("Shape", ["input_ids"], ["ids_shape"]))
+    lengths = []
+    for i, (heads, size) in enumerate(shapes):
+        for part in ("key", "value"):
+            past = f"past_key_values.{i}.{part}"
+            inputs.append(helper.make_tensor_value_info(past, TensorProto.FLOAT, ["batch_size", heads, "past", size]))
+            outputs.append(helper.make_tensor_value_info(f"present.{i}.{part}", TensorProto.FLOAT,
+                                                         ["batch_size", heads, "total", size]))
+            nodes.append(helper.make_node("Constant", [], [f"new_shape_{i}_{part}"], value=helper.make_tensor(
+                "s", TensorProto.INT64, [4], [1, heads, 1, size])))
+            nodes.append(helper.make_node("Slice", ["ids_shape", "one_index", "two_index"], [f"seq_{i}_{part}"]))
+            nodes.append(helper.make_node("ScatterElements", [f"new_shape_{i}_{part}", "two", f"seq_{i}_{part}"],
+                                          [f"shape_{i}_{part}"], axis=0))
+            nodes.append(helper.make_node("ConstantOfShape", [f"shape_{i}_{part}"], [f"new_{i}_{part}"],
+                                          value=helper.make_tensor("v", TensorProto.FLOAT, [1], [1.0])))
+            nodes.append(helper.make_node("Concat", [past, f"new_{i}_{part}"], [f"present.{i}.{part}"], axis=2))
+        nodes.append(helper.make_node("Shape", [f"past_key_values.{i}.value"], [f"past_len_{i}"], start=2, end=3))
+        lengths.append(f"past_len_{i}")
+    nodes = [helper.make_node("Constant", [], ["one_index"], value=helper.make_tensor("o", TensorProto.INT64, [1], [1])),
+             helper.make_node("Constant", [], ["two_index"], value=helper.make_tensor("t", TensorProto.INT64, [1], [2])),
+             *nodes]
+    total = lengths[0]
+    for i, name in enumerate(lengths[1:]):  # Sum has no int64 kernel
+        nodes.append(helper.make_node("Add", [total, name], [f"cached_{i}"]))
+        total = f"cached_{i}"
+    nodes.append(helper.make_node("Identity", [total], ["cached"]))
+    nodes.append(helper.make_node("Add", ["input_ids", "cached"], ["shifted"]))
+    nodes.append(helper.make_node("Constant", [], ["vocab"], value=helper.make_tensor("v", TensorProto.INT64, [], [vocab])))
+    nodes.append(helper.make_node("Mod", ["shifted", "vocab"], ["next"]))
+    nodes.append(helper.make_node("Constant", [], ["depth"], value=helper.make_tensor("d", TensorProto.INT64, [], [vocab])))
+    nodes.append(helper.make_node("Constant", [], ["off_on"], value=helper.make_tensor("oo", TensorProto.FLOAT, [2], [0, 1])))
+    nodes.append(helper.make_node("OneHot", ["next", "depth", "off_on"], ["logits"], axis=-1))
+    outputs.insert(0, helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch_size", "sequence_length", vocab]))
+    graph = helper.make_graph(nodes, "per_layer", inputs, outputs)
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)], ir_version=10),
+              str(folder / "model.onnx"))
+
+
+def test_per_layer_head_sizes_run_in_genai(tmp_path):
+    """genai 0.18 binds caches whose heads and head size differ by layer (QSVD ranks vary by layer)."""
+    import onnx_ir as ir
+
+    from qsvd_export.export import cache_layout_from_graph
+
+    shapes = [(3, 24), (1, 40), (2, 8)]
+    _per_layer_graph(tmp_path, shapes)
+    model = ir.load(tmp_path / "model.onnx")
+    config = BundleConfig("synthetic", "llama", "decoder",
+                          [GraphSpec("model", "model.onnx", [v.name for v in model.graph.inputs],
+                                     [v.name for v in model.graph.outputs])],
+                          cache_layout_from_graph(model), {"hidden_size": 8, "num_attention_heads": 2, "vocab_size": 32,
+                                                           "context_length": 64}, {"eos_token_ids": [31]})
+    (tmp_path / CONFIG_NAME).write_text(config.to_json())
+    assert write_genai_config(tmp_path, config)["runs"] is True
+    prompt = [1, 2, 3]
+    ours = DecoderRunner(tmp_path).generate(prompt, 6)
+    # prefill: 3 + 0 = 3; then each step adds the cached length of 3 layers: 3 + 3*3, 12 + 3*4, ...
+    expected, token, length = [], 3, 3
+    for _ in range(6):
+        expected.append(token)
+        token, length = (token + len(shapes) * length) % 32, length + 1
+    assert ours == expected
+    assert genai_tokens(tmp_path, prompt, 6) == ours
+
+
+def test_hf_config_files_load_in_transformers(bundles):
+    from transformers import AutoConfig, GenerationConfig
+
+    bundle = bundles.dense("llama")
+    config = AutoConfig.from_pretrained(bundle)
+    assert config.num_hidden_layers == len(load_bundle_config(bundle).cache)
+    assert GenerationConfig.from_pretrained(bundle).do_sample is False
+    assert "quantization_config" not in json.loads((bundle / "config.json").read_text())
+
+
+def test_genai_chat_sample_on_a_tiny_bundle(bundles, tmp_path):
+    import subprocess
+    import sys
+
+    sample = Path(__file__).resolve().parents[1] / "samples" / "genai_chat.py"
+    bundle = bundles.dense("llama")
+    run = subprocess.run([sys.executable, str(sample), str(bundle), "--ids", ",".join(map(str, PROMPT)),
+                          "--max-new-tokens", "10"], capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr
+    assert json.loads(run.stdout)["new_ids"] == runner_tokens(bundle, PROMPT, 10)
+
+    refused = tmp_path / "npu-like"
+    refused.mkdir()
+    (refused / "report.json").write_text(json.dumps({"runtimes": {"onnxruntime_genai": {"runs": False,
+                                                                                        "reason": "static graphs"}}}))
+    run = subprocess.run([sys.executable, str(sample), str(refused), "--ids", "1"], capture_output=True, text=True,
+                         timeout=300)
+    assert run.returncode == 2 and run.stderr.strip() == (f"genai_chat: error: {refused} has no genai_config.json: "
+                                                          "static graphs")
+
+
+def test_todays_latent_bundle_is_refused_with_the_reason(tmp_path):
+    """A kv=0.5 bundle caches one past_key_values.{i}.latent per layer: refused in report.json and README."""
+    from qsvd_export import CompressionOptions, compress_model
+
+    result = compress_model("tiny-llama", tmp_path / "kv50", CompressionOptions(
+        budget="kv=0.5", calib_windows=4, calib_length=32, grad_windows=1))
+    assert any(layer.kind == "latent" for layer in result.config.cache)
+    entry = result.report["runtimes"]["onnxruntime_genai"]
+    assert entry["runs"] is False and "single .latent tensor" in entry["reason"]
+    assert not (result.out / GENAI_CONFIG).exists()
+    assert entry["reason"] in (result.out / "README.md").read_text()
+    assert result.report["runtimes"]["optimum"]["runs"] is False
+
+
+def test_tokenizer_config_is_portable_and_still_loads(tmp_path):
+    """transformers 5's TokenizersBackend class and side-file chat template become a config 4.x and genai read."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import AutoTokenizer
+
+    from qsvd_export.runtime_files import portable_tokenizer_config
+
+    vocab = {"<unk>": 0, "<eos>": 1, "hello": 2, "world": 3}
+    tokenizer = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
+    tokenizer.save(str(tmp_path / "tokenizer.json"))
+    (tmp_path / "chat_template.jinja").write_text("{% for m in messages %}{{ m['content'] }}{% endfor %}")
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({
+        "tokenizer_class": "TokenizersBackend", "eos_token": "<eos>", "unk_token": "<unk>",
+        "extra_special_tokens": ["<eos>"]}))
+    assert portable_tokenizer_config(tmp_path) is True
+    data = json.loads((tmp_path / "tokenizer_config.json").read_text())
+    assert data["tokenizer_class"] == "PreTrainedTokenizerFast" and "extra_special_tokens" not in data
+    assert data["chat_template"].startswith("{% for m in messages %}")
+    assert portable_tokenizer_config(tmp_path) is False  # idempotent
+    loaded = AutoTokenizer.from_pretrained(tmp_path)
+    assert loaded("hello world", add_special_tokens=False)["input_ids"] == [2, 3]
+    assert loaded.apply_chat_template([{"role": "user", "content": "hello"}], tokenize=False) == "hello"
