@@ -290,14 +290,25 @@ def _leads_to_matmul(value: ir.Value) -> bool:
     return False
 
 
+def _is_nan_guard(node: ir.Node, value: ir.Value) -> bool:
+    """``Where(IsNaN(value), c, value)`` with a constant ``c``: the NaN guard the TorchScript and dynamo
+    exporters put after an sdpa Softmax (fully masked rows give NaN; the guard makes them 0)."""
+    if node.op_type != "Where" or len(node.inputs) != 3 or node.inputs[2] is not value:
+        return False
+    condition = node.inputs[0].producer() if node.inputs[0] is not None else None
+    return (condition is not None and condition.op_type == "IsNaN" and condition.inputs[0] is value
+            and const_array(node.inputs[1]) is not None)
+
+
 def _pv_matmul(softmax: ir.Node) -> ir.Node:
+    """The P·V MatMul after ``softmax``, through Cast / Identity / Dropout and the sdpa NaN guard."""
     value = softmax.outputs[0]
-    for _ in range(4):
+    for _ in range(6):
         consumers = value.consumers()
         matmuls = [c for c in consumers if c.op_type == "MatMul" and c.inputs[0] is value]
         if matmuls:
             return matmuls[0]
-        passthrough = [c for c in consumers if c.op_type in ("Cast", "Identity", "Dropout")]
+        passthrough = [c for c in consumers if c.op_type in ("Cast", "Identity", "Dropout") or _is_nan_guard(c, value)]
         if not passthrough:
             break
         value = passthrough[0].outputs[0]
