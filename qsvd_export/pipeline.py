@@ -682,8 +682,9 @@ def compile_onnx(graph_path: Path, plan_path: Path | None, out: Path, overwrite:
         bundle_text = source is not None and (source.tokenizer_files or source.model_name.startswith("tiny-"))
         if not bundle_text and not (folder is not None and folder.tokenizer):
             where = f"in {folder.path}" if folder is not None else f"beside {graph_path.name}"
-            raise UsageError(f"target npu calibrates activation ranges on text: no tokenizer files {where} "
-                             "(tokenizer.json, tokenizer_config.json): give --tokenizer DIR")
+            raise UsageError(f"target npu calibrates activation ranges on text: it needs the graph's bundle or the "
+                             f"model's tokenizer files {where} (tokenizer.json, tokenizer_config.json): give "
+                             "--tokenizer DIR")
     model_config = _foreign_config(graph_path, model, source, folder, needs_heads=graph_only is not None)
     plan = load_plan(plan_path) if plan_path is not None else None
     if graph_only is not None:
