@@ -153,7 +153,7 @@ def attention_geometry(blocks: list[Any]) -> list[Geometry | None]:
     return [block_geometry(block) for block in blocks]
 
 
-def config_geometry(config: dict[str, Any], width_q: int) -> Geometry | None:
+def config_geometry(config: dict[str, Any], width_q: int, origin: str = "the model config") -> Geometry | None:
     """The head counts ``config`` claims (None if it has none). Sizes that do not divide are a UsageError."""
     heads = config.get("num_attention_heads")
     if heads is None:
@@ -163,10 +163,10 @@ def config_geometry(config: dict[str, Any], width_q: int) -> Geometry | None:
         kv_heads = int(config.get("num_key_value_heads") or heads)
         head_dim = int(config.get("head_dim") or 0) or (width_q // heads if heads else 0)
     except (TypeError, ValueError):
-        raise UsageError(f"head counts in the model config are not integers: {heads!r}") from None
+        raise UsageError(f"{origin}: head counts are not integers ({heads!r})") from None
     if heads <= 0 or kv_heads <= 0 or heads % kv_heads:
-        raise UsageError(f"the model config's {heads} attention heads are not a positive multiple of its "
-                         f"{kv_heads} key/value heads")
+        raise UsageError(f"{origin} contradicts the graph: its {heads} heads / {kv_heads} kv heads are not a positive "
+                         f"multiple (the graph's Q projection is {width_q} wide)")
     return Geometry(heads, kv_heads, head_dim)
 
 
@@ -178,7 +178,7 @@ def resolve_geometry(config: dict[str, Any], blocks: list[Any], origin: str) -> 
     result = []
     for block, graph in zip(blocks, found):
         dims = block.dims
-        claimed = config_geometry(config, dims["q"])
+        claimed = config_geometry(config, dims["q"], origin)
         if claimed is not None:
             if claimed.heads * claimed.head_dim != dims["q"] or claimed.kv_heads * claimed.head_dim != dims["k"]:
                 seen = f"; its reshapes split Q into {graph.heads} heads and K into {graph.kv_heads} of {graph.head_dim}" \
