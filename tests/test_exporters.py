@@ -18,6 +18,7 @@ from qsvd_export.tiny import build_tiny
 from parity import assert_decoder_parity
 
 VISION = ("vit", "dinov2")
+DECODERS = ("llama", "qwen2")
 
 
 class _Outputs(torch.nn.Module):
@@ -48,14 +49,15 @@ def _export(family: str, exporter: str, path) -> None:
     else:
         example, names = (torch.randint(0, 256, (1, 8)), torch.ones(1, 8, dtype=torch.long)), ["input_ids", "attention_mask"]
     path.parent.mkdir(parents=True, exist_ok=True)
+    output = ["logits" if family in DECODERS else "out"]  # a decoder graph is known by its logits output
     if exporter == "legacy":
         axes = {n: ({0: "b"} if vision else {0: "b", 1: "s"}) for n in names}
         torch.onnx.export(wrapper, example, str(path), dynamo=False, opset_version=17, input_names=names,
-                          output_names=["out"], dynamic_axes=axes)
+                          output_names=output, dynamic_axes=axes)
     else:
         batch, seq = torch.export.Dim("b"), torch.export.Dim("s", min=2)
         shapes = (({0: batch},) if vision else ({0: batch, 1: seq}, {0: batch, 1: seq}),)
-        torch.onnx.export(wrapper, example, str(path), dynamo=True, input_names=names, output_names=["out"],
+        torch.onnx.export(wrapper, example, str(path), dynamo=True, input_names=names, output_names=output,
                           dynamic_shapes=shapes, external_data=False)
 
 
@@ -88,6 +90,15 @@ def test_sdpa_export_in_a_bare_folder_gets_a_graph_only_plan_equal_to_torch(fami
     assert report["graph_stage"]["attention_blocks"] == 2 and not report["graph_stage"]["unmatched"]
     plan = load_plan(out)
     assert plan.r1 <= 0.8 and plan.method["importance"] == "gradient"
+    assert plan.calibration["gradients"] == "torch autograd of the graph"  # IsNaN, GatherND differentiable
+    if family not in VISION:  # the graph's gradients choose the torch stage's ranks on the same windows
+        from qsvd_export.compress.budget import parse_budget
+        from qsvd_export.compress.compressor import CompressOptions, compress_model
+
+        options = CompressOptions(parse_budget("params=0.8"), calib_windows=4, calib_length=16, grad_windows=2)
+        torch_plan = compress_model(build_tiny(family), options, np.load(tmp_path / "calib.npz")["input_ids"])
+        assert [[(g.members, g.rank) for g in la.groups] for la in plan.layers] == \
+            [[(g.members, g.rank) for g in la.groups] for la in torch_plan.layers]
     reference = _Outputs(apply_plan(build_tiny(family).model, plan), family in VISION)
     rng = np.random.default_rng(3)
     if family in VISION:
