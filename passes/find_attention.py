@@ -28,7 +28,7 @@ FUSED_ATTENTION = frozenset({"Attention", "GroupQueryAttention", "MultiHeadAtten
 _DATA_INPUTS = {
     "Reshape": (0,), "Expand": (0,), "Slice": (0,), "Unsqueeze": (0,), "Squeeze": (0,), "Transpose": (0,),
     "Cast": (0,), "Split": (0,), "Identity": (0,), "Tile": (0,), "ReduceMean": (0,), "Gather": (0,),
-    "Flatten": (0,), "CastLike": (0,),
+    "Flatten": (0,), "CastLike": (0,), "RotaryEmbedding": (0,),  # opset 23: cos/sin inputs are tables
 }
 _ELEMENTWISE = {"Add", "Sub", "Mul", "Div", "Neg", "Pow", "Sqrt", "Reciprocal", "Concat", "Where", "Tanh",
                 "Sigmoid", "Erf", "Max", "Min", "Abs", "Exp", "Cos", "Sin"}

@@ -489,12 +489,14 @@ def _finish_bundle(folder: Path, config: BundleConfig, mobile: bool, timings: di
 
 def _graph_only_plan(graph_path: Path, source: BundleConfig | None, options: Any, calib_npz: Path | None,
                      tokenizer_dir: Path | None = None, calib_images: Path | None = None,
-                     folder: Any = None, model_config: dict[str, Any] | None = None) -> Any:
+                     folder: Any = None, model_config: dict[str, Any] | None = None,
+                     analysis_path: Path | None = None) -> Any:
     """A plan from the graph: a vision graph calibrated on the images of ``calib_images``; a language
     graph on ``calib_npz``'s token windows, else on text tokenized by the tokenizer of ``folder`` (the
     ``--tokenizer`` folder or the exporter folder beside the graph, :mod:`qsvd_export.foreign`) or of the
     bundle beside the graph. Head counts: ``model_config`` (bundle, else the folder's config), checked
-    against the graph's head-split Reshapes, or the graph's own when no config gives them."""
+    against the graph's head-split Reshapes, or the graph's own when no config gives them. ``analysis_path``:
+    the graph file the plan is computed on when it differs from ``graph_path`` (an unfused copy)."""
     from qsvd_export.compress.compressor import calibration_windows, with_calibration_defaults
     from qsvd_export.compress.graph_only import graph_only_plan, npz_windows, text_source
     from qsvd_export.data import resolve_text
@@ -538,8 +540,8 @@ def _graph_only_plan(graph_path: Path, source: BundleConfig | None, options: Any
         calib_source = text_source(resolve_text(options.calib_text))
     origin = "the bundle's qsvd_config.json" if source else (folder.describe() if folder and folder.config_file
                                                              else "the model config")
-    return graph_only_plan(graph_path, model_config, name, model_type, kind, windows, options, calib_source,
-                           config_origin=origin)
+    return graph_only_plan(analysis_path or graph_path, model_config, name, model_type, kind, windows, options,
+                           calib_source, config_origin=origin)
 
 
 def _hf_text_config(folder: Path) -> dict[str, Any]:
@@ -675,6 +677,9 @@ def compile_onnx(graph_path: Path, plan_path: Path | None, out: Path, overwrite:
     timings: dict[str, float] = {}
     start = time.perf_counter()
     model = load_onnx(graph_path)
+    from qsvd_export.passes.unfuse_attention import unfuse_attention
+
+    unfused, fused_left = unfuse_attention(model)  # ONNX Attention (opset 23) → MatMul, Softmax, MatMul
     kind = source.kind if source else _graph_kind(graph_path)
     if target == "npu":
         if kind != "decoder":
@@ -688,8 +693,15 @@ def compile_onnx(graph_path: Path, plan_path: Path | None, out: Path, overwrite:
     model_config = _foreign_config(graph_path, model, source, folder, needs_heads=graph_only is not None)
     plan = load_plan(plan_path) if plan_path is not None else None
     if graph_only is not None:
-        plan = _graph_only_plan(graph_path, source, graph_only, calib_npz, tokenizer_dir, calib_images,
-                                folder=folder, model_config=model_config)
+        import tempfile
+
+        with tempfile.TemporaryDirectory() as work:  # the plan reads the unfused graph from a file
+            analysis = graph_path
+            if unfused:
+                analysis = Path(work) / graph_path.name
+                save_graph(model, Path(work), graph_path.name)
+            plan = _graph_only_plan(graph_path, source, graph_only, calib_npz, tokenizer_dir, calib_images,
+                                    folder=folder, model_config=model_config, analysis_path=analysis)
         timings["graph_only_plan_s"] = time.perf_counter() - start
         start = time.perf_counter()
     context = run_graph_stage(model, plan, dump_dir)
@@ -716,6 +728,8 @@ def compile_onnx(graph_path: Path, plan_path: Path | None, out: Path, overwrite:
     if source is None and folder is not None:
         config.source["model_folder"] = "--tokenizer" if tokenizer_dir is not None else "beside the graph"
     report: dict[str, Any] = {"stage": "graph", "graph_stage": context.report()}
+    if unfused or fused_left:
+        report["unfused_attention"] = {"rewritten": unfused, "left": fused_left}
     if plan is not None:
         report.update(plan_report(plan))
     with atomic_output_dir(out, overwrite) as tmp:

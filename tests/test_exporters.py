@@ -41,7 +41,8 @@ def _sdpa(family: str) -> torch.nn.Module:
 
 
 def _export(family: str, exporter: str, path) -> None:
-    """``family``'s tiny model with sdpa attention written by ``exporter`` (legacy | dynamo) to ``path``."""
+    """``family``'s tiny model with sdpa attention written by ``exporter`` to ``path``: legacy (TorchScript,
+    opset 17), dynamo (its default opset), dynamo23 (opset 23: ONNX Attention and RotaryEmbedding ops)."""
     vision = family in VISION
     wrapper = _Outputs(_sdpa(family), vision)
     if vision:
@@ -57,8 +58,9 @@ def _export(family: str, exporter: str, path) -> None:
     else:
         batch, seq = torch.export.Dim("b"), torch.export.Dim("s", min=2)
         shapes = (({0: batch},) if vision else ({0: batch, 1: seq}, {0: batch, 1: seq}),)
+        opset = {"opset_version": 23} if exporter == "dynamo23" else {}
         torch.onnx.export(wrapper, example, str(path), dynamo=True, input_names=names, output_names=output,
-                          dynamic_shapes=shapes, external_data=False)
+                          dynamic_shapes=shapes, external_data=False, **opset)
 
 
 def _images(folder) -> None:
@@ -128,6 +130,40 @@ def test_the_nan_guard_is_what_used_to_hide_the_blocks(tmp_path):
     finally:
         module._is_nan_guard = original
     assert [f.reason for f in failures] == ["Softmax output does not feed a P·V MatMul"] * 2
+
+
+@pytest.mark.parametrize("family", ["bert", "llama"])
+def test_opset23_attention_op_is_unfused_and_gets_a_plan_equal_to_torch(family, tmp_path, monkeypatch, capsys):
+    """The dynamo exporter at opset 23 writes sdpa as one ONNX ``Attention`` op (and llama's RoPE as
+    ``RotaryEmbedding``): the op is rewritten into MatMul/Softmax/MatMul first. Without that rewrite the
+    graph has nothing to compress (checked by turning it off)."""
+    import onnx
+
+    graph = tmp_path / "bare" / "model.onnx"
+    _export(family, "dynamo23", graph)
+    assert [n.op_type for n in onnx.load(graph).graph.node].count("Attention") == 2
+    np.savez(tmp_path / "calib.npz", input_ids=np.random.default_rng(1).integers(0, 256, (4, 16)))
+    args = [str(graph), "--budget", "params=0.8", "--grad-windows", "2", "--calib-npz", str(tmp_path / "calib.npz"), "-q"]
+    out = tmp_path / "out"
+    assert main([*args, "-o", str(out)]) == 0
+    report = json.loads((out / "report.json").read_text())
+    assert report["unfused_attention"] == {"rewritten": 2, "left": []}
+    assert report["graph_stage"]["attention_blocks"] == 2
+    plan = load_plan(out)
+    reference = _Outputs(apply_plan(build_tiny(family).model, plan), False)
+    ids = np.random.default_rng(3).integers(0, 256, (1, 11))  # batch 1: onnxruntime's RotaryEmbedding rejects 2
+    feed = {"input_ids": ids, "attention_mask": np.ones_like(ids)}
+    got = ort.InferenceSession(str(out / "model.onnx"), providers=["CPUExecutionProvider"]).run(None, feed)[0]
+    with torch.no_grad():
+        expected = reference(*[torch.from_numpy(v) for v in feed.values()]).numpy()
+    assert np.abs(got - expected).max() <= 1e-4
+    if family == "bert":
+        import qsvd_export.passes.unfuse_attention as unfuse
+
+        capsys.readouterr()
+        monkeypatch.setattr(unfuse, "unfuse_attention", lambda model: (0, []))
+        assert main([*args, "-o", str(tmp_path / "off")]) == 2
+        assert "fused ai.onnx::Attention op" in capsys.readouterr().err
 
 
 class _WithCache(torch.nn.Module):
