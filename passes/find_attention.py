@@ -32,6 +32,9 @@ _DATA_INPUTS = {
 }
 _ELEMENTWISE = {"Add", "Sub", "Mul", "Div", "Neg", "Pow", "Sqrt", "Reciprocal", "Concat", "Where", "Tanh",
                 "Sigmoid", "Erf", "Max", "Min", "Abs", "Exp", "Cos", "Sin"}
+# Projections whose weights are already quantized: refused by name (their float weights are not in the graph).
+_QUANTIZED_PROJECTIONS = frozenset({"MatMulNBits", "MatMulInteger", "QLinearMatMul", "MatMulIntegerToFloat",
+                                    "DynamicQuantizeMatMul", "QAttention", "DequantizeLinear", "GatherBlockQuantized"})
 _SCORE_PATH = {"Add", "Mul", "Div", "Cast", "Where", "Tanh", "Sub", "Identity"}
 
 
@@ -141,6 +144,10 @@ def _data_walk(start: ir.Value, limit: int = 400) -> tuple[list[ir.Node], list[i
         if _projection_weight(node) is not None:
             found[id(node)] = node
             continue
+        if node.op_type in _QUANTIZED_PROJECTIONS:
+            raise _NoMatch(f"the Q/K/V projections are already quantized ({node.domain or 'ai.onnx'}::{node.op_type}); "
+                           "the graph stage factors float weights: give the fp32 export (e.g. onnxruntime-genai's "
+                           "builder with -p fp32)")
         if node.op_type in _DATA_INPUTS:
             indices = _DATA_INPUTS[node.op_type]
         elif node.op_type in _ELEMENTWISE or node.op_type == "MatMul":

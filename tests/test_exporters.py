@@ -275,3 +275,22 @@ def test_a_bare_vision_graph_asks_for_images_never_a_tokenizer(tmp_path, capsys)
     assert main([str(graph), "--target", "npu", "-o", str(tmp_path / "out"), "-q"]) == 2
     err = capsys.readouterr().err.strip()
     assert "vision graph: target npu builds static decoder graphs" in err and "tokenizer" not in err
+
+
+def test_a_graph_with_matmulnbits_weights_is_refused_by_name(tmp_path, capsys):
+    """Weights already quantized by onnxruntime's MatMulNBits quantizer (what int4 genai-builder graphs
+    hold): there are no float Q/K/V weights to factor, and the refusal says so."""
+    import onnx
+    from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
+
+    graph = tmp_path / "model.onnx"
+    _export("llama", "legacy", graph)
+    quantizer = MatMulNBitsQuantizer(onnx.load(graph), block_size=32, is_symmetric=True)
+    quantizer.process()
+    quantizer.model.save_model_to_file(str(tmp_path / "int4.onnx"), use_external_data_format=False)
+    np.savez(tmp_path / "calib.npz", input_ids=np.zeros((2, 8), np.int64))
+    out = tmp_path / "out"
+    assert main([str(tmp_path / "int4.onnx"), "--budget", "kv=0.5", "--calib-npz", str(tmp_path / "calib.npz"),
+                 "-o", str(out), "-q"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "already quantized (com.microsoft::MatMulNBits)" in err and not out.exists()
