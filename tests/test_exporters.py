@@ -112,6 +112,8 @@ def test_sdpa_export_in_a_bare_folder_gets_a_graph_only_plan_equal_to_torch(fami
     with torch.no_grad():
         expected = reference(*[torch.from_numpy(v) for v in feed.values()]).numpy()
     assert np.abs(got - expected).max() <= 1e-4
+    assert main([str(graph), "--target", "cpu", "-o", str(tmp_path / "cpu"), "-q"]) == 0  # the dense graph quantizes
+    assert json.loads((tmp_path / "cpu" / "report.json").read_text())["target"]["quantized_matmuls"] > 0
 
 
 def test_the_nan_guard_is_what_used_to_hide_the_blocks(tmp_path):
