@@ -296,3 +296,25 @@ def test_a_graph_with_matmulnbits_weights_is_refused_by_name(tmp_path, capsys):
                  "-o", str(out), "-q"]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "already quantized (com.microsoft::MatMulNBits)" in err and not out.exists()
+
+
+def test_a_genai_config_beside_the_graph_is_read_and_checked(optimum_folder, tmp_path, capsys):
+    """onnxruntime-genai's builder writes genai_config.json (model.decoder: head counts, head_size): it serves
+    as the folder's config, and a contradiction names that file."""
+    folder = tmp_path / "genai"
+    folder.mkdir()
+    for item in optimum_folder.iterdir():
+        if item.name != "config.json":
+            (folder / item.name).write_bytes(item.read_bytes())
+    decoder = {"num_attention_heads": 4, "num_key_value_heads": 2, "head_size": 16, "hidden_size": 64,
+               "num_hidden_layers": 2}
+    genai = {"model": {"type": "llama", "vocab_size": 256, "context_length": 4096, "decoder": decoder}}
+    (folder / "genai_config.json").write_text(json.dumps(genai))
+    assert main([str(folder / "model.onnx"), "-o", str(tmp_path / "ok"), "-q"]) == 0
+    bundle = json.loads((tmp_path / "ok" / "qsvd_config.json").read_text())
+    assert bundle["model_type"] == "llama" and bundle["model_config"]["num_key_value_heads"] == 2
+    decoder["num_key_value_heads"] = 4
+    (folder / "genai_config.json").write_text(json.dumps(genai))
+    assert main([str(folder / "model.onnx"), "-o", str(tmp_path / "bad"), "-q"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "genai_config.json contradicts the graph" in err and len(err.splitlines()) == 1
