@@ -680,6 +680,9 @@ def compile_onnx(graph_path: Path, plan_path: Path | None, out: Path, overwrite:
     from qsvd_export.passes.unfuse_attention import unfuse_attention
 
     unfused, fused_left = unfuse_attention(model)  # ONNX Attention (opset 23) → MatMul, Softmax, MatMul
+    from qsvd_export.passes.canonical_attention import canonicalize_attention
+
+    canonical = canonicalize_attention(model)  # sdpa's computed repeat_kv shapes, K-side scale → latent-pass forms
     kind = source.kind if source else _graph_kind(graph_path)
     if target == "npu":
         if kind != "decoder":
@@ -730,6 +733,8 @@ def compile_onnx(graph_path: Path, plan_path: Path | None, out: Path, overwrite:
     report: dict[str, Any] = {"stage": "graph", "graph_stage": context.report()}
     if unfused or fused_left:
         report["unfused_attention"] = {"rewritten": unfused, "left": fused_left}
+    if canonical:
+        report["canonical_attention_rewrites"] = canonical
     if plan is not None:
         report.update(plan_report(plan))
     with atomic_output_dir(out, overwrite) as tmp:

@@ -221,6 +221,9 @@ def test_optimum_style_folder_compresses_from_its_own_files_with_parity(optimum_
     bundle = json.loads((out / "qsvd_config.json").read_text())
     assert "tokenizer.json" in bundle["tokenizer_files"] and bundle["source"]["model_folder"] == "beside the graph"
     assert all(layer["kind"] == "latent" for layer in bundle["cache"])
+    # the sdpa repeat_kv (computed Expand/Reshape shapes) is made constant, so V folds: no per-step rebuild
+    layers = json.loads((out / "report.json").read_text())["graph_stage"]["layers"]
+    assert all("V up-projection applied after attention weights" in layer["notes"] for layer in layers), layers
     assert_decoder_parity(out, apply_plan(build_tiny("llama").model, plan),
                           np.random.default_rng(4).integers(0, 256, (1, 9)), next_token=7)
 
