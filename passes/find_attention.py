@@ -28,10 +28,13 @@ FUSED_ATTENTION = frozenset({"Attention", "GroupQueryAttention", "MultiHeadAtten
 _DATA_INPUTS = {
     "Reshape": (0,), "Expand": (0,), "Slice": (0,), "Unsqueeze": (0,), "Squeeze": (0,), "Transpose": (0,),
     "Cast": (0,), "Split": (0,), "Identity": (0,), "Tile": (0,), "ReduceMean": (0,), "Gather": (0,),
-    "Flatten": (0,), "CastLike": (0,),
+    "Flatten": (0,), "CastLike": (0,), "RotaryEmbedding": (0,),  # opset 23: cos/sin inputs are tables
 }
 _ELEMENTWISE = {"Add", "Sub", "Mul", "Div", "Neg", "Pow", "Sqrt", "Reciprocal", "Concat", "Where", "Tanh",
                 "Sigmoid", "Erf", "Max", "Min", "Abs", "Exp", "Cos", "Sin"}
+# Projections whose weights are already quantized: refused by name (their float weights are not in the graph).
+_QUANTIZED_PROJECTIONS = frozenset({"MatMulNBits", "MatMulInteger", "QLinearMatMul", "MatMulIntegerToFloat",
+                                    "DynamicQuantizeMatMul", "QAttention", "DequantizeLinear", "GatherBlockQuantized"})
 _SCORE_PATH = {"Add", "Mul", "Div", "Cast", "Where", "Tanh", "Sub", "Identity"}
 
 
@@ -141,6 +144,10 @@ def _data_walk(start: ir.Value, limit: int = 400) -> tuple[list[ir.Node], list[i
         if _projection_weight(node) is not None:
             found[id(node)] = node
             continue
+        if node.op_type in _QUANTIZED_PROJECTIONS:
+            raise _NoMatch(f"the Q/K/V projections are already quantized ({node.domain or 'ai.onnx'}::{node.op_type}); "
+                           "the graph stage factors float weights: give the fp32 export (e.g. onnxruntime-genai's "
+                           "builder with -p fp32)")
         if node.op_type in _DATA_INPUTS:
             indices = _DATA_INPUTS[node.op_type]
         elif node.op_type in _ELEMENTWISE or node.op_type == "MatMul":
@@ -290,14 +297,25 @@ def _leads_to_matmul(value: ir.Value) -> bool:
     return False
 
 
+def _is_nan_guard(node: ir.Node, value: ir.Value) -> bool:
+    """``Where(IsNaN(value), c, value)`` with a constant ``c``: the NaN guard the TorchScript and dynamo
+    exporters put after an sdpa Softmax (fully masked rows give NaN; the guard makes them 0)."""
+    if node.op_type != "Where" or len(node.inputs) != 3 or node.inputs[2] is not value:
+        return False
+    condition = node.inputs[0].producer() if node.inputs[0] is not None else None
+    return (condition is not None and condition.op_type == "IsNaN" and condition.inputs[0] is value
+            and const_array(node.inputs[1]) is not None)
+
+
 def _pv_matmul(softmax: ir.Node) -> ir.Node:
+    """The P·V MatMul after ``softmax``, through Cast / Identity / Dropout and the sdpa NaN guard."""
     value = softmax.outputs[0]
-    for _ in range(4):
+    for _ in range(6):
         consumers = value.consumers()
         matmuls = [c for c in consumers if c.op_type == "MatMul" and c.inputs[0] is value]
         if matmuls:
             return matmuls[0]
-        passthrough = [c for c in consumers if c.op_type in ("Cast", "Identity", "Dropout")]
+        passthrough = [c for c in consumers if c.op_type in ("Cast", "Identity", "Dropout") or _is_nan_guard(c, value)]
         if not passthrough:
             break
         value = passthrough[0].outputs[0]

@@ -70,8 +70,12 @@ def _subgraph_session(model: ir.Model, source: ir.Value, outputs: list[ir.Value]
     cone = [n for n in model.graph if id(n) in wanted]  # graph order is topological
     nodes = [ir.serde.serialize_node(n) for n in cone]
     used = {v.name for n in cone for v in n.inputs if v is not None}
-    initializers = [ir.serde.serialize_tensor(v.const_value) for name, v in model.graph.initializers.items()
-                    if name in used and v.const_value is not None]
+    initializers = []
+    for name, v in model.graph.initializers.items():
+        if name in used and v.const_value is not None:
+            tensor = ir.serde.serialize_tensor(v.const_value)
+            tensor.name = name  # a folded Constant's tensor carries no name (the TorchScript exporter's do not)
+            initializers.append(tensor)
     element = onnx.TensorProto.INT32 if source.dtype == ir.DataType.INT32 else onnx.TensorProto.INT64
     graph = onnx.helper.make_graph(
         nodes, "rotary_cone", [onnx.helper.make_tensor_value_info(source.name, element, None)],

@@ -217,8 +217,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="with --budget on a vision graph: calibrate on the images in this folder (png, jpg, ...; "
                         "normalised by preprocessor_config.json beside the graph or in --tokenizer, else ImageNet's)")
     p.add_argument("--tokenizer", type=Path, default=None,
-                   help="with --budget on a graph without its bundle: the model's folder (tokenizer files and "
-                        "config.json with the head counts)")
+                   help="for a graph without its bundle: the model's folder (tokenizer files, config.json); by "
+                        "default the folder an exporter wrote beside the graph (optimum, onnxruntime-genai) is read. "
+                        "Head counts it does not give come from the graph's reshapes")
     p.add_argument("--grad-windows", type=int, default=None,
                    help="with --budget: windows for the graph's gradient passes; default 32 (decoders), 128 "
                         "(encoders); 0: gradient-free (input whitening, spectrum-energy ranks)")
@@ -485,9 +486,8 @@ def compile_request(args: argparse.Namespace) -> dict[str, Any]:
         raise UsageError("--budget builds a plan from the graph; it cannot be combined with --plan")
     if args.calib_npz is not None and args.budget is None:
         raise UsageError("--calib-npz calibrates a graph-only plan: give --budget too")
-    for flag in ("tokenizer", "calib_images"):
-        if getattr(args, flag) is not None and args.budget is None:
-            raise UsageError(f"--{flag.replace('_', '-')} is for graph-only plans: give --budget too")
+    if args.calib_images is not None and args.budget is None:
+        raise UsageError("--calib-images is for graph-only plans: give --budget too")
     if args.budget is not None:
         from qsvd_export.compress.budget import parse_budget
         from qsvd_export.compress.compressor import CompressOptions

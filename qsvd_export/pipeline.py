@@ -609,23 +609,24 @@ def _finish_bundle(folder: Path, config: BundleConfig, mobile: bool, timings: di
 
 
 def _graph_only_plan(graph_path: Path, source: BundleConfig | None, options: Any, calib_npz: Path | None,
-                     tokenizer_dir: Path | None = None, calib_images: Path | None = None) -> Any:
+                     tokenizer_dir: Path | None = None, calib_images: Path | None = None,
+                     folder: Any = None, model_config: dict[str, Any] | None = None,
+                     analysis_path: Path | None = None) -> Any:
     """A plan from the graph: a vision graph calibrated on the images of ``calib_images``; a language
-    graph on ``calib_npz``'s token windows, else on text tokenized by the tokenizer of ``tokenizer_dir``
-    (an HF model folder) or of the bundle beside the graph. Head counts come from the bundle's config, else
-    from ``tokenizer_dir/config.json``."""
-    from qsvd_export.bundle import bundle_tokenizer
+    graph on ``calib_npz``'s token windows, else on text tokenized by the tokenizer of ``folder`` (the
+    ``--tokenizer`` folder or the exporter folder beside the graph, :mod:`qsvd_export.foreign`) or of the
+    bundle beside the graph. Head counts: ``model_config`` (bundle, else the folder's config), checked
+    against the graph's head-split Reshapes, or the graph's own when no config gives them. ``analysis_path``:
+    the graph file the plan is computed on when it differs from ``graph_path`` (an unfused copy)."""
     from qsvd_export.compress.compressor import calibration_windows, with_calibration_defaults
     from qsvd_export.compress.graph_only import graph_only_plan, npz_windows, text_source
     from qsvd_export.data import resolve_text
+    from qsvd_export.foreign import load_tokenizer, model_folder, vocab_ok
 
-    if source is None and tokenizer_dir is None:
-        raise UsageError(f"--budget on a graph needs its bundle beside {graph_path.name} (qsvd_config.json with "
-                         "the head counts, and tokenizer files or --calib-npz for calibration), or --tokenizer DIR "
-                         "(the model's folder: tokenizer files and config.json)")
-    model_config = source.model_config if source else {}
-    if tokenizer_dir is not None and not model_config:
-        model_config = _hf_text_config(Path(tokenizer_dir))
+    if folder is None and tokenizer_dir is not None:
+        folder = model_folder(Path(tokenizer_dir))
+    if model_config is None:
+        model_config = source.model_config if source else (folder.config if folder else {})
     kind = source.kind if source else _graph_kind(graph_path)
     name = source.model_name if source else graph_path.stem
     model_type = source.model_type if source else str(model_config.get("model_type", "unknown"))
@@ -646,41 +647,40 @@ def _graph_only_plan(graph_path: Path, source: BundleConfig | None, options: Any
         image = (3, *_image_size(graph_path, model_config)) if kind == "vision" else None
         windows, calib_source = npz_windows(Path(calib_npz), model_config.get("vocab_size"), image)
     else:
-        if tokenizer_dir is not None:
-            from transformers import AutoTokenizer
-
-            try:
-                tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir, trust_remote_code=False)
-            except (OSError, ValueError) as exc:
-                raise UsageError(f"--tokenizer {tokenizer_dir}: no tokenizer there ({str(exc).splitlines()[0]})") from None
-        else:
+        if folder is not None and folder.tokenizer:
+            tokenizer = load_tokenizer(folder)
+        elif source is not None and (source.tokenizer_files or source.model_name.startswith("tiny-")):
             tokenizer = bundle_tokenizer(graph_path.parent)
+        else:
+            where = f"in {folder.path}" if folder is not None else f"beside {graph_path.name}"
+            raise UsageError(f"{graph_path.name} is a {kind} graph: --budget calibrates it on text, and there are no "
+                             f"tokenizer files {where}: give --tokenizer DIR (the model's tokenizer) or --calib-npz "
+                             "FILE (token windows)")
         windows = calibration_windows(tokenizer, kind, options)
+        vocab_ok(windows, model_config.get("vocab_size"))
         calib_source = text_source(resolve_text(options.calib_text))
-    return graph_only_plan(graph_path, model_config, name, model_type, kind, windows, options, calib_source)
+    origin = "the bundle's qsvd_config.json" if source else (folder.describe() if folder and folder.config_file
+                                                             else "the model config")
+    return graph_only_plan(analysis_path or graph_path, model_config, name, model_type, kind, windows, options,
+                           calib_source, config_origin=origin)
 
 
 def _hf_text_config(folder: Path) -> dict[str, Any]:
-    """The language model's settings from an HF ``config.json`` (a VLM's ``text_config``)."""
-    path = folder / "config.json"
-    try:
-        config = json.loads(path.read_text())
-    except (OSError, ValueError) as exc:
-        raise UsageError(f"--tokenizer {folder}: no readable config.json with the head counts ({exc.__class__.__name__})") from None
-    if "num_attention_heads" not in config and isinstance(config.get("text_config"), dict):
-        config = {**config["text_config"], "model_type": config["text_config"].get("model_type", config.get("model_type"))}
-    return config
+    """The language model's settings from an HF ``config.json`` (a VLM's ``text_config``), or from
+    onnxruntime-genai's ``genai_config.json``; ``{}`` when the folder has neither."""
+    from qsvd_export.foreign import model_folder
+
+    return model_folder(Path(folder)).config
 
 
 def _save_folder_tokenizer(folder: Path, out: Path) -> list[str]:
     """The tokenizer of an HF model folder saved into ``out``: the files written (none if it has none)."""
-    from transformers import AutoTokenizer
+    from qsvd_export.foreign import load_tokenizer, model_folder
 
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=False)
-    except (OSError, ValueError):
+    found = model_folder(Path(folder))
+    if not found.tokenizer:
         return []
-    return save_tokenizer(tokenizer, out)
+    return save_tokenizer(load_tokenizer(found), out)
 
 
 def _graph_kind(graph_path: Path) -> str:
@@ -737,6 +737,30 @@ def check_target(graph_path: Path, report: dict[str, Any], strict: bool) -> None
                              f"weights stay float for target {report['target']}, e.g. {', '.join(counts['examples'])}")
 
 
+def _foreign_config(graph_path: Path, model: ir.Model, source: BundleConfig | None, folder: Any,
+                    needs_heads: bool) -> dict[str, Any]:
+    """The ``model_config`` of a graph without its bundle: the folder's settings, checked against the
+    graph's head-split Reshapes (a contradiction is a UsageError naming the file), completed with what the
+    graph shows (heads, hidden size, layers, vocabulary). A bundle's own config is returned as it is."""
+    from qsvd_export.foreign import geometry_config, resolve_geometry
+    from qsvd_export.passes.find_attention import find_attention
+
+    if source is not None:
+        return source.model_config
+    config = dict(folder.config) if folder is not None else {}
+    blocks = find_attention(model).blocks
+    if not blocks:
+        return config
+    origin = folder.describe() if folder is not None and folder.config_file else "the model config"
+    try:
+        geometry = resolve_geometry(config, blocks, origin)
+    except UsageError:
+        if needs_heads or config.get("num_attention_heads") is not None:
+            raise  # a contradiction always; an unknown head count only where the plan needs it
+        return config
+    return {**geometry_config(blocks, geometry, model), **config}
+
+
 def compile_onnx(graph_path: Path, plan_path: Path | None, out: Path, overwrite: bool = False,
                  dump_dir: Path | None = None, target: str | None = None, bits: str | None = None,
                  strict: bool = False, npu_options: Any = None, verify: bool = True,
@@ -744,31 +768,64 @@ def compile_onnx(graph_path: Path, plan_path: Path | None, out: Path, overwrite:
                  tokenizer_dir: Path | None = None, calib_images: Path | None = None) -> BuildResult:
     """``qsvd-export model.onnx [--plan PLAN | --budget B] [--target T --bits B]``: graph stage (+ target stage).
 
+    The graph's settings and tokenizer come from its bundle (qsvd_config.json beside it), else from
+    ``tokenizer_dir`` (an HF model folder), else from the folder an exporter wrote (optimum: config.json and
+    tokenizer files; onnxruntime-genai: genai_config.json), checked against the graph (``foreign.py``);
+    head counts the config does not give come from the graph's reshapes.
     ``graph_only`` (CompressOptions): build the plan from the graph itself (``compress.graph_only``),
-    calibrated in ONNX Runtime on text tokenized by the bundle's tokenizer beside the graph (or the one in
-    ``tokenizer_dir``, an HF model folder whose config.json gives a bare graph's head counts), or on the
-    token windows of ``calib_npz``."""
+    calibrated in ONNX Runtime on text tokenized by that tokenizer, on the token windows of ``calib_npz``,
+    or (vision graphs) on ``calib_images``."""
     import shutil
 
     from qsvd_export.bundle import check_output_dir, load_bundle_config
     from qsvd_export.export import cache_layout_from_graph
+    from qsvd_export.foreign import exporter_folder, model_folder
     from qsvd_export.onnx_io import load_onnx
     from qsvd_export.passes.chain import run_graph_stage
     from qsvd_export.plan import load_plan, save_plan
 
     check_output_dir(out, overwrite)
     _check_target_options(target, bits)
-    source_dir = Path(graph_path).resolve().parent
+    graph_path = Path(graph_path)
+    source_dir = graph_path.resolve().parent
     source = load_bundle_config(source_dir) if (source_dir / CONFIG_NAME).is_file() else None
-    if target == "npu" and not (source and (source.tokenizer_files or source.model_name.startswith("tiny-"))):
-        raise UsageError("target npu calibrates activation ranges on text: it needs the graph's bundle "
-                         f"(qsvd_config.json and tokenizer files) beside {Path(graph_path).name}")
+    if tokenizer_dir is not None:
+        folder = model_folder(Path(tokenizer_dir))
+        if not folder.config_file and not folder.tokenizer:
+            raise UsageError(f"--tokenizer {tokenizer_dir}: no tokenizer files and no config.json there")
+    else:
+        folder = exporter_folder(graph_path) if source is None else None
     timings: dict[str, float] = {}
     start = time.perf_counter()
     model = load_onnx(graph_path)
+    from qsvd_export.passes.unfuse_attention import unfuse_attention
+
+    unfused, fused_left = unfuse_attention(model)  # ONNX Attention (opset 23) → MatMul, Softmax, MatMul
+    from qsvd_export.passes.canonical_attention import canonicalize_attention
+
+    canonical = canonicalize_attention(model)  # sdpa's computed repeat_kv shapes, K-side scale → latent-pass forms
+    kind = source.kind if source else _graph_kind(graph_path)
+    if target == "npu":
+        if kind != "decoder":
+            raise UsageError(f"{graph_path.name} is a {kind} graph: target npu builds static decoder graphs")
+        bundle_text = source is not None and (source.tokenizer_files or source.model_name.startswith("tiny-"))
+        if not bundle_text and not (folder is not None and folder.tokenizer):
+            where = f"in {folder.path}" if folder is not None else f"beside {graph_path.name}"
+            raise UsageError(f"target npu calibrates activation ranges on text: it needs the graph's bundle or the "
+                             f"model's tokenizer files {where} (tokenizer.json, tokenizer_config.json): give "
+                             "--tokenizer DIR")
+    model_config = _foreign_config(graph_path, model, source, folder, needs_heads=graph_only is not None)
     plan = load_plan(plan_path) if plan_path is not None else None
     if graph_only is not None:
-        plan = _graph_only_plan(Path(graph_path), source, graph_only, calib_npz, tokenizer_dir, calib_images)
+        import tempfile
+
+        with tempfile.TemporaryDirectory() as work:  # the plan reads the unfused graph from a file
+            analysis = graph_path
+            if unfused:
+                analysis = Path(work) / graph_path.name
+                save_graph(model, Path(work), graph_path.name)
+            plan = _graph_only_plan(graph_path, source, graph_only, calib_npz, tokenizer_dir, calib_images,
+                                    folder=folder, model_config=model_config, analysis_path=analysis)
         timings["graph_only_plan_s"] = time.perf_counter() - start
         start = time.perf_counter()
     context = run_graph_stage(model, plan, dump_dir)
@@ -776,26 +833,29 @@ def compile_onnx(graph_path: Path, plan_path: Path | None, out: Path, overwrite:
     start = time.perf_counter()
     from qsvd_export.targets import plain_causal
 
-    model_type = source.model_type if source is not None else str(
-        _hf_text_config(Path(tokenizer_dir)).get("model_type", "") if tokenizer_dir is not None else "")
+    model_type = source.model_type if source is not None else str(model_config.get("model_type") or "")
     target_report = apply_target(model, target, bits, plain_causal(model_type))
     timings["target_stage_s"] = time.perf_counter() - start
     cache = cache_layout_from_graph(model)
     inputs, outputs = graph_io(model)
-    bare_config = _hf_text_config(Path(tokenizer_dir)) if source is None and tokenizer_dir is not None \
-        and (Path(tokenizer_dir) / "config.json").is_file() else {}
     config = BundleConfig(
-        model_name=source.model_name if source else Path(graph_path).stem,
-        model_type=source.model_type if source else str(bare_config.get("model_type", "unknown")),
-        kind=source.kind if source else _graph_kind(Path(graph_path)),
+        model_name=source.model_name if source else graph_path.stem,
+        model_type=source.model_type if source else (model_type or "unknown"),
+        kind=kind,
         graphs=[GraphSpec("model", GRAPH_FILE, inputs, outputs)],
         cache=cache,
-        model_config=source.model_config if source else bare_config,
+        model_config=model_config,
         generation=source.generation if source else {},
         tokenizer_files=source.tokenizer_files if source else [],
-        source={"graph": str(Path(graph_path).name), **(source.source if source else {})},
+        source={"graph": str(graph_path.name), **(source.source if source else {})},
     )
+    if source is None and folder is not None:
+        config.source["model_folder"] = "--tokenizer" if tokenizer_dir is not None else "beside the graph"
     report: dict[str, Any] = {"stage": "graph", "graph_stage": context.report()}
+    if unfused or fused_left:
+        report["unfused_attention"] = {"rewritten": unfused, "left": fused_left}
+    if canonical:
+        report["canonical_attention_rewrites"] = canonical
     if plan is not None:
         report.update(plan_report(plan))
     with atomic_output_dir(out, overwrite) as tmp:
@@ -803,8 +863,14 @@ def compile_onnx(graph_path: Path, plan_path: Path | None, out: Path, overwrite:
         for name in [*config.tokenizer_files, "config.json", "generation_config.json"]:
             if name in config.tokenizer_files or (source_dir / name).is_file():
                 shutil.copy2(source_dir / name, tmp / name)
-        if source is None and tokenizer_dir is not None:  # a bare graph's bundle gets the model folder's tokenizer
-            config.tokenizer_files = _save_folder_tokenizer(Path(tokenizer_dir), tmp)
+        if source is None and folder is not None and folder.tokenizer:  # the model folder's tokenizer travels
+            config.tokenizer_files = _save_folder_tokenizer(folder.path, tmp)
+            if kind == "decoder" and config.tokenizer_files:
+                from types import SimpleNamespace
+
+                tokenizer = bundle_tokenizer_from(tmp)
+                config.generation = generation_summary(SimpleNamespace(**model_config), tokenizer,
+                                                       bool(getattr(tokenizer, "chat_template", None)))
         if plan is not None:
             save_plan(plan, tmp)
         (tmp / CONFIG_NAME).write_text(config.to_json())
@@ -818,3 +884,10 @@ def compile_onnx(graph_path: Path, plan_path: Path | None, out: Path, overwrite:
         _finish_bundle(tmp, config, mobile, timings)
     report = json.loads((Path(out) / "report.json").read_text())
     return BuildResult(Path(out), config, report, timings)
+
+
+def bundle_tokenizer_from(folder: Path) -> Any:
+    """The tokenizer saved in ``folder`` (before its qsvd_config.json exists)."""
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(folder, trust_remote_code=False)

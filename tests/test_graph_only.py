@@ -47,7 +47,7 @@ def test_budget_needs_the_bundle_and_excludes_a_plan(bundles, tmp_path, capsys):
     for name in ("model.onnx", "model.onnx.data"):
         shutil.copy(dense / name, lone / name)
     assert main([str(lone / "model.onnx"), "--budget", "kv=0.5", "-o", str(tmp_path / "a"), *SMALL]) == 2
-    assert "needs its bundle beside model.onnx" in capsys.readouterr().err
+    assert "no tokenizer files beside model.onnx: give --tokenizer DIR" in capsys.readouterr().err
     assert main([str(dense / "model.onnx"), "--budget", "kv=0.5", "--plan", str(dense), "-o", str(tmp_path / "b"),
                  *SMALL]) == 2
     assert "cannot be combined with --plan" in capsys.readouterr().err

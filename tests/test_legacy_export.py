@@ -100,16 +100,27 @@ def test_bare_legacy_graph_gets_the_torch_stage_plan_from_its_own_gradients(tmp_
         [[(g.members, g.rank) for g in la.groups] for la in reference.layers]
 
 
-def test_bare_graph_budget_without_head_counts_is_a_usage_error(tmp_path, capsys):
+def test_bare_graph_without_a_config_takes_its_head_counts_from_its_reshapes(tmp_path, capsys):
+    """No config.json anywhere: the heads come from the graph's head-split Reshapes (4 of 16); a tokenizer
+    folder without config.json is enough for --tokenizer."""
+    from qsvd_export.bundle import load_bundle_config
+
     graph, model_dir = _legacy_graph("bert", tmp_path)
     (model_dir / "config.json").unlink()
     np.savez(tmp_path / "calib.npz", input_ids=np.zeros((2, 8), np.int64))
-    for extra in ([], ["--tokenizer", str(model_dir)]):
+    for i, extra in enumerate(([], ["--tokenizer", str(model_dir)])):
+        if extra:  # a folder with only tokenizer files is accepted
+            from transformers import AutoTokenizer
+
+            from qsvd_export.zoo import load_model
+
+            AutoTokenizer.from_pretrained(load_model("minilm-l6").weights_dir).save_pretrained(model_dir)
+            assert not (model_dir / "config.json").exists()
+        out = tmp_path / f"out{i}"
         assert main([str(graph), "--budget", "params=0.8", "--calib-npz", str(tmp_path / "calib.npz"), *extra,
-                     "-o", str(tmp_path / "out"), "-q"]) == 2
-        err = capsys.readouterr().err.strip()
-        assert len(err.splitlines()) == 1 and ("--tokenizer DIR" in err or "no readable config.json" in err)
-    assert not (tmp_path / "out").exists()
+                     "--grad-windows", "0", "-o", str(out), "-q"]) == 0
+        config = load_bundle_config(out).model_config
+        assert (config["num_attention_heads"], config["num_key_value_heads"], config["head_dim"]) == (4, 4, 16)
 
 
 class _WithCache(torch.nn.Module):

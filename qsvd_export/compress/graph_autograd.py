@@ -212,6 +212,16 @@ def _gather_elements(node: ir.Node, x: list[Any]) -> list[torch.Tensor]:
     return [torch.gather(x[0], axis, torch.where(indices < 0, indices + x[0].shape[axis], indices))]
 
 
+def _gather_nd(node: ir.Node, x: list[Any]) -> list[torch.Tensor]:
+    """GatherND with batch_dims 0 (the dynamo exporter's mask indexing): out[i] = data[indices[i, :]]."""
+    if _attr(node, "batch_dims", 0):
+        raise UnsupportedGraph(f"node {node.name}: GatherND with batch_dims")
+    data, indices = x[0], x[1].long()
+    axes = indices.unbind(-1)
+    axes = tuple(torch.where(a < 0, a + data.shape[i], a) for i, a in enumerate(axes))
+    return [data[axes]]
+
+
 def _clip(node: ir.Node, x: list[Any]) -> list[torch.Tensor]:
     low = x[1] if len(x) > 1 and x[1] is not None else None
     high = x[2] if len(x) > 2 and x[2] is not None else None
@@ -319,6 +329,7 @@ OPS: dict[str, Callable[[ir.Node, list[Any]], list[torch.Tensor]]] = {
     "Expand": _expand, "Concat": lambda node, x: [torch.cat([t for t in x if t is not None], dim=_attr(node, "axis"))],
     "Slice": _slice, "Split": _split, "Gather": _gather, "Shape": _shape, "Range": _range, "Trilu": _trilu,
     "Softmax": _softmax, "LayerNormalization": _layer_norm, "GatherElements": _gather_elements, "Clip": _clip,
+    "IsNaN": _unary(torch.isnan), "GatherND": _gather_nd,
     "CumSum": _cumsum, "Conv": _conv, "Resize": _resize, "Tile": lambda node, x: [x[0].repeat(*(_ints(x[1]) or []))],
     "Mod": lambda node, x: [torch.fmod(x[0], x[1]) if _attr(node, "fmod", 0) else torch.remainder(x[0], x[1])],
     "ReduceMean": _reduce(torch.mean), "ReduceSum": _reduce(torch.sum), "ReduceMax": _reduce(torch.amax),

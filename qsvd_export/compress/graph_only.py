@@ -8,8 +8,9 @@ of its own output (next-token cross-entropy of the logits; an encoder's hidden-s
 output-gradient Fisher whitening and the first-order importance of the torch stage. With
 ``grad_windows=0``, or a graph holding ops outside the differentiable set (a warning names them), the
 plan is gradient-free: input-side whitening and whitened spectrum energy. Everything after (allocation,
-β, H2) is the torch stage's code. Head geometry (heads, kv heads, head dim) comes from the bundle config
-beside the graph.
+β, H2) is the torch stage's code. Head geometry (heads, kv heads, head dim) comes from the model config
+(bundle, exporter folder or ``--tokenizer``) checked against the graph's head-split Reshapes, else from
+those Reshapes alone.
 """
 
 from __future__ import annotations
@@ -153,25 +154,19 @@ def _gradient_free(reason: Exception) -> str:
     return f"none: {reason}"
 
 
-def _geometry(model_config: dict[str, Any], blocks: list[AttentionBlock]) -> list[dict[str, int]]:
-    try:
-        heads, kv_heads = int(model_config["num_attention_heads"]), int(model_config.get("num_key_value_heads")
-                                                                          or model_config["num_attention_heads"])
-    except (KeyError, TypeError):
-        raise UsageError("graph-only compression needs the head counts: run it on a bundle's model.onnx "
-                         "(qsvd_config.json → model_config) or pass --plan") from None
-    meta = []
-    for block in blocks:
-        head_dim = int(model_config.get("head_dim") or block.dims["q"] // heads)
-        if block.dims["q"] != heads * head_dim or block.dims["k"] != kv_heads * head_dim:
-            raise UsageError(f"attention block {block.index}: projection widths {block.dims} do not match "
-                             f"{heads} heads / {kv_heads} kv heads of {head_dim}")
-        meta.append({"num_heads": heads, "num_kv_heads": kv_heads, "head_dim": head_dim})
-    return meta
+def _geometry(model_config: dict[str, Any], blocks: list[AttentionBlock],
+              origin: str = "the model config") -> list[dict[str, int]]:
+    """Per block: heads, kv heads, head dim: ``model_config``'s (named ``origin`` in errors) checked against
+    the graph's head-split Reshapes, else the graph's own (:func:`qsvd_export.foreign.resolve_geometry`)."""
+    from qsvd_export.foreign import resolve_geometry
+
+    return [{"num_heads": g.heads, "num_kv_heads": g.kv_heads, "head_dim": g.head_dim}
+            for g in resolve_geometry(model_config, blocks, origin)]
 
 
 def graph_only_plan(graph_path: Path, model_config: dict[str, Any], model_name: str, model_type: str, kind: str,
-                    windows: np.ndarray, options: CompressOptions, calib_source: dict[str, Any]) -> CompressionPlan:
+                    windows: np.ndarray, options: CompressOptions, calib_source: dict[str, Any],
+                    config_origin: str = "the model config") -> CompressionPlan:
     """Plan for the graph at ``graph_path`` under ``options.budget`` from activation statistics over
     ``windows`` (token windows [n, L], or images [n, C, H, W]) and, unless ``options.grad_windows`` is 0 or the graph cannot be differentiated,
     the graph's own gradients on the first ``grad_windows`` of them (else gradient-free: energy
@@ -182,7 +177,7 @@ def graph_only_plan(graph_path: Path, model_config: dict[str, Any], model_name: 
         raise UsageError(f"{graph_path.name}: no attention block found, nothing to compress"
                          + (f" ({matches.failures[0].reason})" if matches.failures else ""))
     blocks = matches.blocks
-    meta = _geometry(model_config, blocks)
+    meta = _geometry(model_config, blocks, config_origin)
     dims = [LayerDims(**b.dims) for b in blocks]
     weights = [tuple(torch.from_numpy(np.ascontiguousarray(p.weight.T, dtype=np.float32)) for p in (b.q, b.k, b.v))
                for b in blocks]
