@@ -140,8 +140,7 @@ class TorchScorer:
                 new.append(int(out.logits[0, -1].argmax()))
                 if new[-1] in eos or len(new) == max_new_tokens:
                     break
-                out = self.model(input_ids=torch.tensor([[new[-1]]]), past_key_values=out.past_key_values,
-                                 use_cache=True)
+                out = self.model(input_ids=torch.tensor([[new[-1]]]), cache=out.cache, use_cache=True)
         return new
 
 
@@ -167,15 +166,17 @@ def answer_correct(text: str, answers: list[str]) -> bool:
 
 
 def chat_quality(dense: Scorer, bundles: dict[str, Scorer], tokenizer: Any, eos: list[int],
-                 chat_set: ChatSet | None = None, reply_tokens: int = REPLY_TOKENS,
-                 answer_tokens: int = ANSWER_TOKENS, raw: bool = False,
+                 chat_set: ChatSet | None = None, reply_tokens: int | None = None,
+                 answer_tokens: int | None = None, raw: bool = False,
                  progress: Callable[[], None] | None = None) -> dict[str, Any]:
     """Both measures for each of ``bundles`` against ``dense`` (see the module docstring).
 
     Returns JSON-ready {"settings", "dense": {qa_correct, qa_total}, "bundles": {name: {kl_mean, kl_p95,
     top1_agreement, positions, qa_correct, qa_kept, qa_dense_correct, qa_kept_share}}, "prompts": [...],
-    "qa": [...]} with every reply and answer text. ``progress`` ticks once per prompt and question."""
+    "qa": [...]} with every reply and answer text. ``progress`` ticks once per prompt and question.
+    ``reply_tokens``/``answer_tokens`` default to :data:`REPLY_TOKENS`/:data:`ANSWER_TOKENS`."""
     chat_set = chat_set or load_chat_set()
+    reply_tokens, answer_tokens = reply_tokens or REPLY_TOKENS, answer_tokens or ANSWER_TOKENS
     kls: dict[str, list[np.ndarray]] = {name: [] for name in bundles}
     agree: dict[str, list[np.ndarray]] = {name: [] for name in bundles}
     prompt_rows = []
@@ -246,4 +247,13 @@ def bundle_chat_quality(dense: str | Path | Scorer, bundles: dict[str, str | Pat
         first, dense = dense, BundleScorer(dense, target, options)
     tokenizer = tokenizer if tokenizer is not None else bundle_tokenizer(Path(first))
     eos = next(iter(scorers.values())).eos
-    return chat_quality(dense, scorers, tokenizer, eos, **kwargs)
+    if "progress" in kwargs:
+        return chat_quality(dense, scorers, tokenizer, eos, **kwargs)
+    from qsvd_export.progress import bar
+
+    chat_set = kwargs.pop("chat_set", None) or load_chat_set()
+    progress = bar(len(chat_set.prompts) + len(chat_set.qa), "chat quality (prompts, then QA)")
+    try:
+        return chat_quality(dense, scorers, tokenizer, eos, chat_set, progress=progress.update, **kwargs)
+    finally:
+        progress.close()

@@ -128,3 +128,47 @@ def test_benchmark_writes_json_and_refuses_bad_input(bundles, tmp_path, capsys):
     assert main([str(dense), str(dense), "--raw", "--prompts", "0"]) == 2
     err = capsys.readouterr().err
     assert "bundle folder not found" in err and "chat template" in err and "Traceback" not in err
+
+
+class _ChatBytes(ByteTokenizer):
+    """Byte tokenizer with a toy chat template (tiny models have none)."""
+
+    chat_template = "toy"
+
+    def apply_chat_template(self, messages, add_generation_prompt=True, tokenize=True):
+        return list(f"<u>{messages[-1]['content']}<a>".encode())
+
+
+def test_chat_ids_use_the_template():
+    assert _ChatBytes().decode(chat_ids(_ChatBytes(), "hi")) == "<u>hi<a>"
+
+
+def test_compress_eval_adds_chat_quality_for_instruct_models(bundles, monkeypatch):
+    from dataclasses import replace
+
+    from qsvd_export.chat_quality import summary_line
+    from qsvd_export.pipeline import _evaluate_bundle
+    from qsvd_export.tiny import build_tiny
+
+    monkeypatch.setattr("qsvd_export.plan.apply_plan", lambda model, plan: model)  # the dense bundle has no plan
+    small = ChatSet(["Hello there", "Name a colour"], [("Capital of France?", ["Paris"])])
+    monkeypatch.setattr("qsvd_export.chat_quality.load_chat_set", lambda: small)  # seconds, not minutes
+    monkeypatch.setattr("qsvd_export.chat_quality.REPLY_TOKENS", 4)
+    monkeypatch.setattr("qsvd_export.chat_quality.ANSWER_TOKENS", 3)
+    loaded = replace(build_tiny("llama"), tokenizer=_ChatBytes())  # the weights of bundles.dense("llama")
+    result = _evaluate_bundle(loaded, None, bundles.dense("llama"), "wiki_eval", 1)
+    chat = result["chat"]
+    assert chat["settings"]["prompts"] == 2 and chat["settings"]["reply_tokens"] == 4 and chat["settings"]["chat_template"]
+    s = chat["bundles"]["bundle"]  # dense ONNX against dense torch: the same model
+    assert s["kl_mean"] < 1e-4 and s["top1_agreement"] > 0.99 and s["qa_kept"] == s["qa_dense_correct"]
+    assert "top-1 agreement" in summary_line(chat, "bundle")
+
+
+def test_torch_scorer_generates_like_the_dense_bundle(bundles):
+    from qsvd_export.chat_quality import TorchScorer
+    from qsvd_export.tiny import build_tiny
+
+    ids = list(b"Hello there")
+    torch_scorer, onnx_scorer = TorchScorer(build_tiny("llama").model), BundleScorer(bundles.dense("llama"))
+    assert torch_scorer.generate(ids, 8, []) == onnx_scorer.generate(ids, 8, [])
+    assert np.abs(torch_scorer.logits(ids) - onnx_scorer.logits(ids)).max() < 1e-3
