@@ -388,6 +388,12 @@ def cmd_demo(args: argparse.Namespace) -> int:
     info(f"[4/4] perplexity on {args.windows} x 512 tokens of wiki_eval")
     ppl = {name: bundle_perplexity(folder, "wiki_eval", args.windows, 512, args.target, session)
            for name, folder in (("dense", dense_dir), ("qsvd", latent_dir))}
+    chat = None
+    if dense.config.generation.get("chat_template"):  # instruct models: chat quality of qsvd against dense
+        from qsvd_export.chat_quality import bundle_chat_quality, summary_line
+
+        info("chat quality against dense (the project's chat prompts and QA set)")
+        chat = bundle_chat_quality(dense_dir, {"qsvd": latent_dir}, args.target, session)
     d, q = dense.report, latent.report
     rows = [
         ("model", f"{args.model} ({d['parameters']:,} parameters, fp32)"),
@@ -400,6 +406,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
         ("prompt", args.prompt),
         ("dense answer", answers["dense"].strip().replace("\n", " ")),
         ("qsvd answer", answers["qsvd"].strip().replace("\n", " ")),
+        *([("chat vs dense", summary_line(chat, "qsvd"))] if chat else []),
     ]
     width = max(len(k) for k, _ in rows)
     print("\n".join(f"{k:<{width}}  {v}" for k, v in rows))

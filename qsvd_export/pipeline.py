@@ -449,7 +449,8 @@ def _evaluate_onnx(loaded: LoadedModel, bundle: Path, text: str, windows: int) -
 
 
 def _evaluate_bundle(loaded: LoadedModel, plan: Any, bundle: Path, text: str, windows: int) -> dict[str, Any]:
-    """Perplexity of the dense model and the plan-applied model (torch) and of the compiled bundle (ONNX)."""
+    """Perplexity of the dense model and the plan-applied model (torch) and of the compiled bundle (ONNX); for a
+    model with a chat template also ``chat``: the bundle's chat quality against dense torch (chat_quality.py)."""
     import copy
 
     from qsvd_export.data import read_text, token_windows
@@ -465,8 +466,13 @@ def _evaluate_bundle(loaded: LoadedModel, plan: Any, bundle: Path, text: str, wi
     compressed = perplexity(torch_window_nlls(apply_plan(copy.deepcopy(loaded.model), plan), rows, progress.update))
     onnx = perplexity(DecoderRunner(bundle).window_nlls(rows, progress=progress.update))
     progress.close()
-    return {"text": text, "windows": len(rows), "length": 512, "dense": round(dense, 4),
-            "compressed_torch": round(compressed, 4), "compressed_onnx": round(onnx, 4)}
+    result = {"text": text, "windows": len(rows), "length": 512, "dense": round(dense, 4),
+              "compressed_torch": round(compressed, 4), "compressed_onnx": round(onnx, 4)}
+    if getattr(loaded.tokenizer, "chat_template", None):  # instruct models: chat quality of the bundle vs dense torch
+        from qsvd_export.chat_quality import TorchScorer, bundle_chat_quality
+
+        result["chat"] = bundle_chat_quality(TorchScorer(loaded.model), {"bundle": bundle}, tokenizer=loaded.tokenizer)
+    return result
 
 
 def _export_preset(loaded: LoadedModel, target: str) -> tuple[str | None, bool]:
