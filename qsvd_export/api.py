@@ -74,6 +74,8 @@ class _TargetFlags(_Flags):
     int4_block: int = 32
     precompile: bool = False
     verify: bool = True
+    kv_bits: Literal[4, 8, 32] | None = None
+    latent_groups: int | None = None
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -116,6 +118,7 @@ class CompressionOptions(_TargetFlags):
     importance: Literal["gradient", "kfac"] = "gradient"
     beta: float | None = None
     rotation: Literal["orthogonal", "hadamard", "none"] = "orthogonal"
+    kv_form: Literal["rebuild", "absorbed"] = "rebuild"
     rotate: bool = False
     rotate_mlp: bool = False
     rotate_o_proj: bool = False
