@@ -12,7 +12,7 @@ import onnx_ir as ir
 
 from qsvd_export.bundle import CONFIG_NAME, BundleConfig, GraphSpec, atomic_output_dir, bundle_tokenizer, write_json
 from qsvd_export.errors import UsageError
-from qsvd_export.export import ExportedGraph, export_graph
+from qsvd_export.export import export_graph
 from qsvd_export.models import adapter_for_config
 from qsvd_export.zoo import LoadedModel, load_model
 
@@ -317,13 +317,11 @@ def build_compressed_bundle(spec: str, options: Any, out: Path, overwrite: bool 
     for plain causal decoders with a KV-only budget: absorbed latent attention planned on the dense graph
     (:func:`latent_kv_layers`), no torch stage.
     """
-    import copy
-
     from qsvd_export.bundle import check_output_dir
     from qsvd_export.compress.compressor import compress_model, options_summary
     from qsvd_export.export import cache_layout_from_graph
     from qsvd_export.passes.chain import run_graph_stage
-    from qsvd_export.plan import apply_plan, save_plan
+    from qsvd_export.plan import save_plan
     from qsvd_export.progress import info
 
     check_output_dir(out, overwrite)

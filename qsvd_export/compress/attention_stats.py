@@ -16,19 +16,15 @@ scores are qᵀk per head, so the key latent is fitted in the query-weighted met
 
 from __future__ import annotations
 
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import onnx_ir as ir
 
-from qsvd_export.errors import UsageError
-from qsvd_export.onnx_io import load_onnx
+from qsvd_export.compress.graph_probe import probe_values
 from qsvd_export.passes._graph import const_array
 from qsvd_export.passes.find_attention import AttentionBlock
-from qsvd_export.progress import bar
-from qsvd_export.runtimes.feeds import sample_feed
 
 
 @dataclass
@@ -97,16 +93,7 @@ def attention_statistics(graph_path: Path, blocks: list[AttentionBlock], windows
                          sample_rows: int = 4096, seed: int = 0) -> list[AttentionStats]:
     """Moments of ``blocks`` (each with K/V cache Concats, found on the graph at ``graph_path``) over token
     ``windows`` [n, L], one window per run with an empty past (CPU EP)."""
-    import onnxruntime as ort
-
-    model = load_onnx(graph_path)
-    values = {v.name: v for node in model.graph for v in node.outputs}
-    names: list[str] = []
-    for block in blocks:
-        for value in _operands(block):
-            names.append(value.name)  # type: ignore[arg-type]
-            if value.name not in {o.name for o in model.graph.outputs}:
-                model.graph.outputs.append(values[value.name])  # type: ignore[index]
+    names = [value.name for block in blocks for value in _operands(block)]
     stats: list[AttentionStats] = []
     for block in blocks:
         q, k, _ = (v.shape for v in _operands(block))
@@ -117,34 +104,19 @@ def attention_statistics(graph_path: Path, blocks: list[AttentionBlock], windows
                                     value_metric=_value_metric(block, heads, kv_heads, dim)))
     rng = np.random.default_rng(seed)
     per_window = max(1, sample_rows // max(len(windows), 1))
-    with tempfile.TemporaryDirectory() as tmp:
-        ir.save(model, Path(tmp) / "probe.onnx", external_data="probe.onnx.data")
-        del model
-        so = ort.SessionOptions()
-        so.log_severity_level = 3
-        session = ort.InferenceSession(str(Path(tmp) / "probe.onnx"), sess_options=so, providers=["CPUExecutionProvider"])
-        caches = {c.past.name for block in blocks for c in (block.k_cache, block.v_cache) if c is not None}
-        progress = bar(len(windows), "attention statistics")
-        for row in windows:
-            try:
-                feed = sample_feed(session.get_inputs(), row, caches)
-            except ValueError as exc:
-                raise UsageError(f"attention calibration: {exc}") from None
-            outputs = session.run(names, feed)
-            take = None
-            for index, stat in enumerate(stats):
-                q, k, v = (np.asarray(x) for x in outputs[3 * index: 3 * index + 3])
-                keys, vals = _rows(k), _rows(v)
-                stat.key += keys.T @ keys
-                stat.value += vals.T @ vals
-                for head in range(stat.heads):
-                    qh = q[0, head].astype(np.float64)
-                    stat.query[head // stat.group_size] += qh.T @ qh
-                stat.tokens += keys.shape[0]
-                if take is None:
-                    take = np.sort(rng.choice(keys.shape[0], size=min(per_window, keys.shape[0]), replace=False))
-                stat.key_rows.append(keys[take].astype(np.float32))
-                stat.value_rows.append(vals[take].astype(np.float32))
-            progress.update()
-        progress.close()
+    for outputs in probe_values(graph_path, names, blocks, windows, "attention statistics"):  # type: ignore[arg-type]
+        take = None
+        for index, stat in enumerate(stats):
+            q, k, v = (np.asarray(x) for x in outputs[3 * index: 3 * index + 3])
+            keys, vals = _rows(k), _rows(v)
+            stat.key += keys.T @ keys
+            stat.value += vals.T @ vals
+            for head in range(stat.heads):
+                qh = q[0, head].astype(np.float64)
+                stat.query[head // stat.group_size] += qh.T @ qh
+            stat.tokens += keys.shape[0]
+            if take is None:
+                take = np.sort(rng.choice(keys.shape[0], size=min(per_window, keys.shape[0]), replace=False))
+            stat.key_rows.append(keys[take].astype(np.float32))
+            stat.value_rows.append(vals[take].astype(np.float32))
     return stats

@@ -16,12 +16,10 @@ those Reshapes alone.
 from __future__ import annotations
 
 import hashlib
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-import onnx_ir as ir
 import torch
 
 from qsvd_export.compress.budget import LayerDims
@@ -30,6 +28,7 @@ from qsvd_export.compress.compressor import (
     CompressOptions, GradientRunner, OutputFisherSum, analyze_statistics, build_plan, with_calibration_defaults,
 )
 from qsvd_export.compress.graph_autograd import TorchGraph, UnsupportedGraph
+from qsvd_export.compress.graph_probe import probe_values
 from qsvd_export.errors import UsageError
 from qsvd_export.onnx_io import load_onnx
 from qsvd_export.passes.find_attention import AttentionBlock, find_attention
@@ -42,42 +41,19 @@ def graph_input_stats(graph_path: Path, blocks: list[AttentionBlock], windows: n
                       seed: int = 0) -> list[InputStats]:
     """Σxᵀx, Σ|x| and sampled rows of every block's projection input over ``windows`` (CPU EP): token
     windows [n, L] int, or images [n, C, H, W] float for a vision graph."""
-    import onnxruntime as ort
-
     names = [block.x.name for block in blocks]
-    model = load_onnx(graph_path)
-    values = {v.name: v for node in model.graph for v in node.outputs}
-    values.update({v.name: v for v in model.graph.inputs})
-    for name in names:
-        if name not in {o.name for o in model.graph.outputs}:
-            model.graph.outputs.append(values[name])
     dim = int(blocks[0].dims["e"])
     stats = [InputStats(torch.zeros(dim, dim, dtype=torch.float64), torch.zeros(dim, dtype=torch.float64)) for _ in blocks]
     rng = np.random.default_rng(seed)
     per_window = max(1, sample_rows // max(len(windows), 1))
-    with tempfile.TemporaryDirectory() as tmp:
-        ir.save(model, Path(tmp) / "probe.onnx", external_data="probe.onnx.data")
-        del model
-        so = ort.SessionOptions()
-        so.log_severity_level = 3
-        session = ort.InferenceSession(str(Path(tmp) / "probe.onnx"), sess_options=so, providers=["CPUExecutionProvider"])
-        caches = {c.past.name for block in blocks for c in (block.k_cache, block.v_cache) if c is not None}
-        progress = bar(len(windows), "graph calibration statistics")
-        for row in windows:
-            try:
-                feed = sample_feed(session.get_inputs(), row, caches)
-            except ValueError as exc:
-                raise UsageError(f"graph-only calibration: {exc}") from None
-            outputs = session.run(names, feed)
-            for stat, x in zip(stats, outputs):
-                x64 = torch.from_numpy(np.asarray(x, dtype=np.float64).reshape(-1, dim))
-                stat.xtx += x64.T @ x64
-                stat.abs_sum += x64.abs().sum(0)
-                stat.count += x64.shape[0]
-                take = np.sort(rng.choice(x64.shape[0], size=min(per_window, x64.shape[0]), replace=False))
-                stat.sample.append(x64[torch.from_numpy(take)].float())
-            progress.update()
-        progress.close()
+    for outputs in probe_values(graph_path, names, blocks, windows, "graph-only calibration"):  # type: ignore[arg-type]
+        for stat, x in zip(stats, outputs):
+            x64 = torch.from_numpy(np.asarray(x, dtype=np.float64).reshape(-1, dim))
+            stat.xtx += x64.T @ x64
+            stat.abs_sum += x64.abs().sum(0)
+            stat.count += x64.shape[0]
+            take = np.sort(rng.choice(x64.shape[0], size=min(per_window, x64.shape[0]), replace=False))
+            stat.sample.append(x64[torch.from_numpy(take)].float())
     return stats
 
 
