@@ -16,6 +16,7 @@ from qsvd_export.cli import main
 from qsvd_export.plan import apply_plan, load_plan
 from qsvd_export.tiny import build_tiny
 from parity import assert_decoder_parity
+from tests.test_legacy_export import _WithCache
 
 VISION = ("vit", "dinov2")
 DECODERS = ("llama", "qwen2")
@@ -166,24 +167,6 @@ def test_opset23_attention_op_is_unfused_and_gets_a_plan_equal_to_torch(family, 
         monkeypatch.setattr(unfuse, "unfuse_attention", lambda model: (0, []))
         assert main([*args, "-o", str(tmp_path / "off")]) == 2
         assert "fused ai.onnx::Attention op" in capsys.readouterr().err
-
-
-class _WithCache(torch.nn.Module):
-    """optimum's text-generation-with-past I/O, the cache as flat tensors."""
-
-    def __init__(self, model: torch.nn.Module) -> None:
-        super().__init__()
-        self.model = model
-
-    def forward(self, input_ids, attention_mask, position_ids, *past):  # type: ignore[no-untyped-def]
-        from transformers import DynamicCache
-
-        cache = DynamicCache(config=self.model.config)
-        for i in range(len(past) // 2):
-            cache.update(past[2 * i], past[2 * i + 1], i)
-        out = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                         past_key_values=cache, use_cache=True)
-        return (out.logits, *[t for layer in out.past_key_values.layers for t in (layer.keys, layer.values)])
 
 
 @pytest.fixture(scope="module")
