@@ -77,7 +77,7 @@ def node_macs(node: Any, seen: dict[str, np.ndarray]) -> int:
     return int(np.prod(batch, dtype=np.int64)) * a2[-2] * a2[-1] * b2[-1]
 
 
-def _cache_feed(config: Any, context: int, static: bool) -> dict[str, np.ndarray]:
+def _cache_feed(config: Any, context: int) -> dict[str, np.ndarray]:
     feed = {}
     for layer in config.cache:
         for tensor in layer.tensors:
@@ -114,7 +114,7 @@ def decode_macs(bundle: Path, context: int = 2048) -> dict[str, Any]:
                             if isinstance(t.shape[t.sequence_axis], int)), context)
         else:
             names = {i.name for i in session.get_inputs()}
-            feed = _cache_feed(config, context, static)
+            feed = _cache_feed(config, context)
             feed["input_ids"] = np.zeros((1, 1), dtype=np.int64)
             feed["attention_mask"] = np.ones((1, context + 1), dtype=np.int64)
             if "position_ids" in names:

@@ -97,7 +97,7 @@ def _score(dense: Path, layers: dict[int, Any] | None, rows: np.ndarray, tmp: Pa
 def main(argv: list[str] | None = None) -> int:
     from qsvd_export.bundle import bundle_tokenizer
     from qsvd_export.compress.attention_stats import attention_statistics
-    from qsvd_export.data import read_text, token_windows
+    from qsvd_export.data import dev_windows, read_text, token_windows
     from qsvd_export.onnx_io import load_onnx
     from qsvd_export.passes.find_attention import find_attention
     from qsvd_export.passes.group_query_attention import match_fusable
@@ -112,12 +112,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     tokenizer = bundle_tokenizer(args.dense)
     calib = token_windows(tokenizer, read_text("wiki_calib"), 512, args.calib_windows, source="wiki_calib")
-    if args.text == "dev":
-        ids = np.asarray(tokenizer(read_text("wiki_calib"), add_special_tokens=False)["input_ids"])
-        all_windows = ids[: len(ids) // 512 * 512].reshape(-1, 512)
-        rows = all_windows[-32:][: args.windows]
-        if len(all_windows) - 32 < args.calib_windows:
-            raise SystemExit("calibration windows would reach the dev split")
+    if args.text == "dev":  # token_windows above refuses calibration windows that reach it
+        rows = dev_windows(tokenizer, args.windows)
     else:
         rows = token_windows(tokenizer, read_text(args.text), 512, args.windows, source=args.text)
     model = load_onnx(args.dense / "model.onnx")
