@@ -19,7 +19,6 @@ import resource
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from qsvd_export.compress.budget import parse_budget

@@ -679,7 +679,7 @@ def run(args: argparse.Namespace) -> dict:
         "rows": [],
     }
     from qsvd_export.bundle import load_bundle_config
-    from qsvd_export.pipeline import graph_weight_bytes
+    from qsvd_export.build.files import graph_weight_bytes
 
     built: dict[str, Path] = {}
     windows = None

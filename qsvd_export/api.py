@@ -166,9 +166,9 @@ class CompileOptions(_TargetFlags):
 
 def export_model(model: str, output: str | Path, options: ExportOptions | None = None) -> Any:
     """Export ``model`` (zoo name, ``tiny-<family>`` or HF folder) to a bundle in ``output``; returns the
-    :class:`~qsvd_export.pipeline.BuildResult` (``out``, ``config``, ``report``, ``timings``)."""
+    :class:`~qsvd_export.build.files.BuildResult` (``out``, ``config``, ``report``, ``timings``)."""
     from qsvd_export.cli import export_request
-    from qsvd_export.pipeline import build_dense_bundle
+    from qsvd_export.build.dense import build_dense_bundle
 
     options = options or ExportOptions()
     return build_dense_bundle(**export_request(options.namespace("export", model, "-o", output)))
@@ -178,7 +178,7 @@ def compress_model(model: str, output: str | Path, options: CompressionOptions) 
     """QSVD-compress ``model`` into a latent-cache bundle in ``output``; returns the BuildResult."""
     from qsvd_export.cli import compress_request
     from qsvd_export.compress.placement import check_placement
-    from qsvd_export.pipeline import build_compressed_bundle
+    from qsvd_export.build.compressed import build_compressed_bundle
 
     request = compress_request(options.namespace("compress", model, "-o", output))
     check_placement(options.device, options.device_map)
@@ -188,7 +188,7 @@ def compress_model(model: str, output: str | Path, options: CompressionOptions) 
 def compile_graph(graph: str | Path, output: str | Path, options: CompileOptions | None = None) -> Any:
     """The graph stage (and target stage) on an ONNX file; returns the BuildResult."""
     from qsvd_export.cli import compile_request
-    from qsvd_export.pipeline import compile_onnx
+    from qsvd_export.build.from_graph import compile_onnx
 
     options = options or CompileOptions()
     return compile_onnx(**compile_request(options.namespace("compile", graph, "-o", output)))

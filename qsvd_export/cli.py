@@ -83,7 +83,7 @@ def _npu_options(args: argparse.Namespace) -> Any:
 
 def kv_options(args: argparse.Namespace, budget: float | None = None) -> Any:
     """KvCacheOptions from --kv-bits/--latent-groups (and the KV budget), or None when the cache stays as is."""
-    from qsvd_export.pipeline import KvCacheOptions
+    from qsvd_export.build.kv_cache import KvCacheOptions
 
     bits = {4: 4, 8: 8, 32: None, None: 8 if budget is not None else None}[args.kv_bits]
     if args.latent_groups is not None and budget is None:
@@ -254,10 +254,10 @@ def encode_prompt(tokenizer: Any, prompt: str, chat: bool) -> list[int]:
 
 def export_request(args: argparse.Namespace) -> dict[str, Any]:
     """``build_dense_bundle``'s keyword arguments from ``export``'s args, validated (shared with ``qsvd_export.api``)."""
-    from qsvd_export.pipeline import _check_rotation_options, _check_target_options
+    from qsvd_export.build.stages import check_rotation_options, check_target_options
 
-    _check_target_options(args.target, args.bits, args.smooth)
-    _check_rotation_options(args.rotate, args.rotate_mlp or args.rotate_o_proj, args.target, args.bits)
+    check_target_options(args.target, args.bits, args.smooth)
+    check_rotation_options(args.rotate, args.rotate_mlp or args.rotate_o_proj, args.target, args.bits)
     return dict(spec=args.model, out=args.output, overwrite=args.overwrite, seed=args.seed,
                 rotate=args.rotate, rotate_mlp=args.rotate_mlp, rotate_o_proj=args.rotate_o_proj,
                 target=args.target, bits=args.bits, strict=args.strict, smooth=args.smooth,
@@ -265,7 +265,7 @@ def export_request(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from qsvd_export.pipeline import build_dense_bundle
+    from qsvd_export.build.dense import build_dense_bundle
 
     request = export_request(args)
     info(f"exporting {args.model} → {args.output}")
@@ -365,7 +365,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from qsvd_export.bundle import CONFIG_NAME
     from qsvd_export.compress.budget import parse_budget
     from qsvd_export.compress.compressor import CompressOptions
-    from qsvd_export.pipeline import build_compressed_bundle, build_dense_bundle
+    from qsvd_export.build.compressed import build_compressed_bundle
+    from qsvd_export.build.dense import build_dense_bundle
 
     out: Path = args.output
     dense_dir, latent_dir = out / "dense", out / f"qsvd-{args.budget.replace('=', '').replace(',', '-')}"
@@ -418,7 +419,7 @@ def compress_request(args: argparse.Namespace) -> dict[str, Any]:
     ``qsvd_export.api``)."""
     from qsvd_export.compress.budget import parse_budget
     from qsvd_export.compress.compressor import CompressOptions
-    from qsvd_export.pipeline import _check_rotation_options, _check_target_options
+    from qsvd_export.build.stages import check_rotation_options, check_target_options
     from qsvd_export.quantize import parse_bits
 
     for flag in ("calib_windows", "calib_length", "grad_windows", "eval_windows", "min_rank"):
@@ -443,8 +444,8 @@ def compress_request(args: argparse.Namespace) -> dict[str, Any]:
         raise UsageError("--kv-bits and --latent-groups set the cache of fused attention: use them with "
                          "--kv-form absorbed (or on export --target cpu)")
     target_bits = args.bits if args.target else None
-    _check_target_options(args.target, target_bits)
-    _check_rotation_options(args.rotate, args.rotate_mlp or args.rotate_o_proj, args.target, target_bits)
+    check_target_options(args.target, target_bits)
+    check_rotation_options(args.rotate, args.rotate_mlp or args.rotate_o_proj, args.target, target_bits)
     return dict(spec=args.model, options=options, out=args.output, overwrite=args.overwrite,
                 eval_text=args.eval_text if args.eval else None, eval_windows=args.eval_windows,
                 dump_dir=args.dump_passes, target=args.target, target_bits=target_bits,
@@ -454,7 +455,7 @@ def compress_request(args: argparse.Namespace) -> dict[str, Any]:
 
 def cmd_compress(args: argparse.Namespace) -> int:
     from qsvd_export.compress.placement import check_placement
-    from qsvd_export.pipeline import build_compressed_bundle
+    from qsvd_export.build.compressed import build_compressed_bundle
 
     request = compress_request(args)
     check_placement(args.device, args.device_map)  # before the model loads
@@ -483,7 +484,7 @@ def cmd_compress(args: argparse.Namespace) -> int:
 
 def compile_request(args: argparse.Namespace) -> dict[str, Any]:
     """``compile_onnx``'s keyword arguments from ``compile``'s args, validated (shared with ``qsvd_export.api``)."""
-    from qsvd_export.pipeline import _check_target_options
+    from qsvd_export.build.stages import check_target_options
 
     if args.kv_bits is not None or args.latent_groups is not None:
         raise UsageError("--kv-bits and --latent-groups are not available on ONNX graphs yet (use export --target cpu)")
@@ -506,7 +507,7 @@ def compile_request(args: argparse.Namespace) -> dict[str, Any]:
         graph_only = CompressOptions(parse_budget(args.budget), allocation=args.allocation, calib_text=args.calib,
                                      calib_windows=args.calib_windows, calib_length=args.calib_length,
                                      grad_windows=args.grad_windows, seed=args.seed)
-    _check_target_options(args.target, args.bits)
+    check_target_options(args.target, args.bits)
     return dict(graph_path=args.graph, plan_path=args.plan, out=args.output, overwrite=args.overwrite,
                 dump_dir=args.dump_passes, target=args.target, bits=args.bits, strict=args.strict,
                 npu_options=_npu_options(args), verify=args.verify, mobile=args.mobile, graph_only=graph_only,
@@ -514,7 +515,7 @@ def compile_request(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def cmd_compile(args: argparse.Namespace) -> int:
-    from qsvd_export.pipeline import compile_onnx
+    from qsvd_export.build.from_graph import compile_onnx
 
     result = compile_onnx(**compile_request(args))
     stage = result.report["graph_stage"]

@@ -1,7 +1,7 @@
 """``--mobile``: every graph of a bundle also in ONNX Runtime's ORT format, plus the operator config
 for a reduced onnxruntime build, verified against the ONNX graphs.
 
-Runs inside the bundle's temporary folder after the target stage (``pipeline``), so a failure leaves
+Runs inside the bundle's temporary folder after the target stage (``build/finish.py``), so a failure leaves
 no output. Per graph in ``qsvd_config.json``: ``<name>.ort`` beside ``<name>.onnx`` (``GraphSpec.ort_filename``),
 written by onnxruntime itself (``session.save_model_format=ORT``, as ``onnxruntime.tools.convert_onnx_models_to_ort``
 does) on the CPU EP at the *basic* optimization level: constant folding and redundant-node removal only,

@@ -25,7 +25,7 @@ class BundleCache:
 
     def dense(self, family: str) -> Path:
         if family not in self._built:
-            from qsvd_export.pipeline import build_dense_bundle
+            from qsvd_export.build.dense import build_dense_bundle
 
             out = self.root / f"dense-{family}"
             build_dense_bundle(f"tiny-{family}", out)

@@ -15,7 +15,8 @@ import onnx_ir as ir
 import onnxruntime as ort
 from qsvd_export.export import defer_weight_transposes, export_graph
 from qsvd_export.onnx_io import load_onnx
-from qsvd_export.pipeline import release_torch_model, save_graph
+from qsvd_export.build.files import save_graph
+from qsvd_export.build.stages import release_torch_model
 from qsvd_export.zoo import load_model
 
 

@@ -147,7 +147,7 @@ def test_compress_eval_adds_chat_quality_for_instruct_models(bundles, monkeypatc
     from dataclasses import replace
 
     from qsvd_export.chat_quality import summary_line
-    from qsvd_export.pipeline import _evaluate_bundle
+    from qsvd_export.build.evaluate import evaluate_bundle
     from qsvd_export.tiny import build_tiny
 
     monkeypatch.setattr("qsvd_export.plan.apply_plan", lambda model, plan: model)  # the dense bundle has no plan
@@ -156,7 +156,7 @@ def test_compress_eval_adds_chat_quality_for_instruct_models(bundles, monkeypatc
     monkeypatch.setattr("qsvd_export.chat_quality.REPLY_TOKENS", 4)
     monkeypatch.setattr("qsvd_export.chat_quality.ANSWER_TOKENS", 3)
     loaded = replace(build_tiny("llama"), tokenizer=_ChatBytes())  # the weights of bundles.dense("llama")
-    result = _evaluate_bundle(loaded, None, bundles.dense("llama"), "wiki_eval", 1)
+    result = evaluate_bundle(loaded, None, bundles.dense("llama"), "wiki_eval", 1)
     chat = result["chat"]
     assert chat["settings"]["prompts"] == 2 and chat["settings"]["reply_tokens"] == 4 and chat["settings"]["chat_template"]
     s = chat["bundles"]["bundle"]  # dense ONNX against dense torch: the same model

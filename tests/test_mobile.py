@@ -114,11 +114,11 @@ def test_parity_failure_is_a_runtime_failure_and_leaves_no_output(bundles, tmp_p
 
 
 @pytest.mark.parametrize("command,builder", [
-    (["export", "tiny-llama"], "build_dense_bundle"),
-    (["compress", "tiny-llama", "--budget", "kv=0.5"], "build_compressed_bundle"),
+    (["export", "tiny-llama"], ("dense", "build_dense_bundle")),
+    (["compress", "tiny-llama", "--budget", "kv=0.5"], ("compressed", "build_compressed_bundle")),
 ])
 def test_export_and_compress_pass_mobile_through(command, builder, tmp_path, monkeypatch):
-    import qsvd_export.pipeline as pipeline
+    import importlib
 
     seen = {}
 
@@ -126,6 +126,6 @@ def test_export_and_compress_pass_mobile_through(command, builder, tmp_path, mon
         seen.update(kwargs)
         raise KeyboardInterrupt  # stop before any work
 
-    monkeypatch.setattr(pipeline, builder, capture)
+    monkeypatch.setattr(importlib.import_module(f"qsvd_export.build.{builder[0]}"), builder[1], capture)
     assert main([*command, "-o", str(tmp_path / "out"), "--mobile", "-q"]) == 130
     assert seen["mobile"] is True

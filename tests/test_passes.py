@@ -10,7 +10,6 @@ import pytest
 import torch
 
 from conftest import DECODER_FAMILIES
-from qsvd_export.bundle import load_bundle_config
 from qsvd_export.compress.budget import parse_budget
 from qsvd_export.compress.compressor import CompressOptions, compress_model
 from qsvd_export.errors import BadInputError
@@ -42,7 +41,7 @@ def _dense_graph(bundles, family: str) -> ir.Model:
 
 def _save(model: ir.Model, folder, cache) -> None:
     from qsvd_export.bundle import BundleConfig, GraphSpec
-    from qsvd_export.pipeline import graph_io, save_graph
+    from qsvd_export.build.files import graph_io, save_graph
 
     folder.mkdir(parents=True, exist_ok=True)
     save_graph(model, folder)

@@ -11,7 +11,7 @@ import torch
 
 from qsvd_export.data import read_text, token_windows
 from qsvd_export.evaluate import torch_window_nlls
-from qsvd_export.pipeline import build_dense_bundle
+from qsvd_export.build.dense import build_dense_bundle
 from qsvd_export.runtimes.decode import DecoderRunner
 from qsvd_export.runtimes.metrics import perplexity
 from qsvd_export.zoo import load_model
@@ -90,7 +90,7 @@ def test_minilm_encoder_matches_transformers(tmp_path):
 def smollm2_latent(tmp_path_factory):
     from qsvd_export.compress.budget import parse_budget
     from qsvd_export.compress.compressor import CompressOptions
-    from qsvd_export.pipeline import build_compressed_bundle
+    from qsvd_export.build.compressed import build_compressed_bundle
     from qsvd_export.plan import load_plan
 
     out = tmp_path_factory.mktemp("smollm2-latent") / "bundle"

@@ -67,15 +67,15 @@ def test_sigterm_that_a_library_wraps_into_its_own_error_still_exits_130(monkeyp
 
 
 def test_interrupt_while_writing_the_bundle_leaves_no_output(tmp_path, monkeypatch, capsys):
-    import qsvd_export.pipeline as pipeline
+    import qsvd_export.build.compressed as compressed
 
-    real = pipeline.write_bundle
+    real = compressed.write_bundle
 
     def write_then_interrupt(*args, **kwargs):  # type: ignore[no-untyped-def]
         real(*args, **kwargs)  # graph, weights and config are on disk in the temporary folder
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(pipeline, "write_bundle", write_then_interrupt)
+    monkeypatch.setattr(compressed, "write_bundle", write_then_interrupt)
     out = tmp_path / "out"
     assert main(["compress", "tiny-llama", "--budget", "kv=0.5", "-o", str(out), *SMALL]) == 130
     assert "interrupted" in capsys.readouterr().err

@@ -184,7 +184,7 @@ def test_sample_runs_in_a_fresh_virtualenv_on_smollm2(tmp_path):
     on a real dense bundle and gets DecoderRunner's greedy tokens for a raw prompt."""
     from qsvd_export.bundle import bundle_tokenizer, load_bundle_config
     from qsvd_export.cli import encode_prompt
-    from qsvd_export.pipeline import build_dense_bundle
+    from qsvd_export.build.dense import build_dense_bundle
 
     venv = tmp_path / "venv"
     subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, timeout=300)

@@ -175,12 +175,12 @@ def test_torch_mirror_of_the_weight_quantizer_matches_the_graph_quantizer():
 def test_export_default_for_cpu_is_smoothed_w4a8_only_where_smoothing_works():
     import dataclasses
 
-    from qsvd_export.pipeline import _export_preset
+    from qsvd_export.build.stages import export_preset
     from qsvd_export.zoo import load_model
 
     llama = load_model("tiny-llama")
-    assert _export_preset(dataclasses.replace(llama, tokenizer=None), "cpu") == (None, False)  # no calibration text
-    assert _export_preset(dataclasses.replace(llama, tokenizer=object()), "cpu") == ("w4a8", True)
+    assert export_preset(dataclasses.replace(llama, tokenizer=None), "cpu") == (None, False)  # no calibration text
+    assert export_preset(dataclasses.replace(llama, tokenizer=object()), "cpu") == ("w4a8", True)
     gpt2 = load_model("tiny-gpt2")
-    assert _export_preset(dataclasses.replace(gpt2, tokenizer=object()), "cpu") == (None, False)
-    assert _export_preset(dataclasses.replace(llama, tokenizer=object()), "gpu") == (None, False)
+    assert export_preset(dataclasses.replace(gpt2, tokenizer=object()), "cpu") == (None, False)
+    assert export_preset(dataclasses.replace(llama, tokenizer=object()), "gpu") == (None, False)

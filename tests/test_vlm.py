@@ -15,7 +15,7 @@ import torch
 
 from qsvd_export.compress.budget import parse_budget
 from qsvd_export.compress.compressor import CompressOptions
-from qsvd_export.pipeline import build_compressed_bundle
+from qsvd_export.build.compressed import build_compressed_bundle
 from qsvd_export.plan import apply_plan, load_plan
 from qsvd_export.runtimes.vlm import VisionLanguageRunner, processor_inputs
 from qsvd_export.zoo import load_model
@@ -157,7 +157,7 @@ def test_cli_run_with_an_image(compressed_vlm: Path, tmp_path: Path, tiny_vlm) -
 
 def test_cpu_target_quantizes_all_three_graphs_and_stays_close(dense_vlm: Path, tiny_vlm, family: str,  # type: ignore[no-untyped-def]
                                                                  tmp_path: Path) -> None:
-    from qsvd_export.pipeline import build_dense_bundle
+    from qsvd_export.build.dense import build_dense_bundle
 
     out = tmp_path / "cpu"
     report = build_dense_bundle(f"tiny-{family}", out, target="cpu").report
@@ -176,7 +176,7 @@ def test_cpu_target_quantizes_all_three_graphs_and_stays_close(dense_vlm: Path, 
 
 def test_gpu_target_writes_float16_graphs_the_runner_drives(dense_vlm: Path, tiny_vlm, family: str,  # type: ignore[no-untyped-def]
                                                               tmp_path: Path) -> None:
-    from qsvd_export.pipeline import build_dense_bundle
+    from qsvd_export.build.dense import build_dense_bundle
 
     out = tmp_path / "gpu"
     report = build_dense_bundle(f"tiny-{family}", out, target="gpu", bits="fp").report
@@ -214,7 +214,7 @@ def test_cli_refuses_with_one_line(compressed_vlm: Path, tmp_path: Path, args: l
 
 
 def test_same_inputs_give_the_same_bytes(dense_vlm: Path, family: str, tmp_path: Path) -> None:
-    from qsvd_export.pipeline import build_dense_bundle
+    from qsvd_export.build.dense import build_dense_bundle
 
     again = tmp_path / "again"
     build_dense_bundle(f"tiny-{family}", again)

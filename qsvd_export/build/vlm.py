@@ -13,6 +13,9 @@ import time
 from pathlib import Path
 from typing import Any
 
+from qsvd_export.build.files import (BuildResult, generation_summary, graph_io, model_config_summary, save_graph,
+                                     save_tokenizer)
+from qsvd_export.build.finish import apply_target, check_target, finish_bundle
 from qsvd_export.bundle import CONFIG_NAME, BundleConfig, GraphSpec, atomic_output_dir, write_json
 from qsvd_export.errors import UsageError
 from qsvd_export.zoo import LoadedModel
@@ -35,8 +38,6 @@ def check_vlm_options(target: str | None, mobile: bool, rotate: bool = False, sm
 
 def _apply_targets(graphs: dict[str, Any], target: str | None, bits: str | None) -> dict[str, Any] | None:
     """The target stage on every graph (cpu: MatMulNBits weights, the embedding table at 8 bits)."""
-    from qsvd_export.pipeline import apply_target
-
     if target is None:
         return None
     per_graph = {role: apply_target(graphs[role].model, target, bits) for role in ROLES}
@@ -49,7 +50,6 @@ def _apply_targets(graphs: dict[str, Any], target: str | None, bits: str | None)
 def vlm_model_config(loaded: LoadedModel) -> dict[str, Any]:
     """The bundle's ``model_config``: the language model's geometry plus ``vlm`` (how the graphs chain)."""
     from qsvd_export.models.vlm import vlm_parts
-    from qsvd_export.pipeline import model_config_summary
 
     parts = vlm_parts(loaded.model)
     vision = parts.vision_config
@@ -68,14 +68,12 @@ def vlm_model_config(loaded: LoadedModel) -> dict[str, Any]:
 
 def build_vlm_bundle(loaded: LoadedModel, out: Path, overwrite: bool, timings: dict[str, float],
                      plan: Any = None, report: dict[str, Any] | None = None, target: str | None = None,
-                     bits: str | None = None, strict: bool = False) -> Any:
+                     bits: str | None = None, strict: bool = False) -> BuildResult:
     """Export the three graphs of ``loaded`` (from its files when unchanged), apply ``plan``'s layers to the
     vision and decoder graphs, quantize every graph for ``target``, and write the bundle atomically.
     Returns a ``BuildResult``."""
     from qsvd_export.export import cache_layout_from_graph, export_vlm, sync_cache_dtypes
     from qsvd_export.passes.chain import run_graph_stage
-    from qsvd_export.pipeline import (BuildResult, _finish_bundle, check_target, generation_summary, graph_io,
-                                      save_graph, save_tokenizer)
     from qsvd_export.plan import plan_for_graph, save_plan
     from qsvd_export.progress import info
 
@@ -129,5 +127,5 @@ def build_vlm_bundle(loaded: LoadedModel, out: Path, overwrite: bool, timings: d
             **report,
             **({"target": target_report} if target_report is not None else {}),
         })
-        _finish_bundle(tmp, config, False, timings)
+        finish_bundle(tmp, config, False, timings)
     return BuildResult(Path(out), config, json.loads((Path(out) / "report.json").read_text()), timings)
