@@ -18,7 +18,7 @@ from pathlib import Path
 
 from qsvd_export.bundle import bundle_tokenizer, load_bundle_config
 from qsvd_export.data import read_text, token_windows
-from qsvd_export.npu import CONTEXT_FILES, GRAPH_FILES
+from qsvd_export.targets.npu.options import CONTEXT_FILES, GRAPH_FILES
 from qsvd_export.runtimes.decode import DecoderRunner
 from qsvd_export.runtimes.metrics import perplexity
 from qsvd_export.runtimes.sessions import SessionOptions

@@ -20,8 +20,10 @@ from pathlib import Path
 from benchmarks import emit_json_line
 from qsvd_export.bundle import bundle_tokenizer, load_bundle_config
 from qsvd_export.data import read_text, token_windows
-from qsvd_export.npu import NpuOptions, build_npu_graphs, verify_on_qnn
-from qsvd_export.quantize import parse_bits
+from qsvd_export.targets.npu.bundle import build_npu_graphs
+from qsvd_export.targets.npu.options import NpuOptions
+from qsvd_export.targets.npu.verify import verify_on_qnn
+from qsvd_export.quant.presets import parse_bits
 from qsvd_export.runtimes.decode import DecoderRunner
 from qsvd_export.runtimes.metrics import perplexity
 from qsvd_export.runtimes.static_decode import StaticDecoder

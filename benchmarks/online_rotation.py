@@ -4,7 +4,7 @@
 
 Each row quantizes one kind of input — every o_proj's or every down_proj's, the activations the online
 rotations exist for — under one rotation setting: none, H1 alone, H1 + that projection's online rotation.
-Fake quantization is asymmetric round-to-nearest (:func:`qsvd_export.quantize.fake_quant_activation`) at 8
+Fake quantization is asymmetric round-to-nearest (:func:`qsvd_export.quant.presets.fake_quant_activation`) at 8
 and 4 bits, per token (dynamic, QuaRot's setting) and per tensor (one static range per layer, calibrated
 on wiki_calib: the NPU setting); weights and every other activation stay fp32, so a row isolates that
 input's quantization error. Perplexity on ``--windows``
@@ -27,7 +27,7 @@ from benchmarks import emit_json_line
 from qsvd_export.compress.residual_rotation import rotate_residual_stream
 from qsvd_export.data import read_text, token_windows
 from qsvd_export.evaluate import torch_window_nlls
-from qsvd_export.quantize import fake_quant_activation
+from qsvd_export.quant.fake import fake_quant_activation
 from qsvd_export.runtimes.metrics import perplexity
 from qsvd_export.zoo import load_model
 

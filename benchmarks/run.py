@@ -279,8 +279,9 @@ def build_ort_qnn(dense: Path, out: Path, prefill_length: int = 128, context_len
     from onnxruntime.quantization.execution_providers.qnn import get_qnn_qdq_config
 
     from qsvd_export.bundle import CONFIG_NAME, GraphSpec, bundle_tokenizer, load_bundle_config
-    from qsvd_export.npu import (GRAPH_FILES, FeedReader, NpuOptions, calibration_feeds, calibration_windows,
-                                 save_sharing_weights, static_float_graphs)
+    from qsvd_export.targets.npu.options import GRAPH_FILES, NpuOptions
+    from qsvd_export.targets.npu.static_graphs import FeedReader, calibration_feeds, calibration_windows, static_float_graphs
+    from qsvd_export.targets.npu.weights import save_sharing_weights
 
     copy_bundle_files(dense, out)
     config = load_bundle_config(out)

@@ -49,7 +49,7 @@ def compare(folder: Path, device: str, device_map: str | None = None) -> dict[st
         start = time.perf_counter()
         plans[name] = compress_model(loaded, options)
         seconds[name] = round(time.perf_counter() - start, 1)
-    cpu, other = plans["cpu"], plans[device]
+    cpu = plans["cpu"]
     ranks = {name: [[g.rank for g in layer.groups] for layer in plan.layers] for name, plan in plans.items()}
     worst = 0.0
     if ranks["cpu"] == ranks[device]:

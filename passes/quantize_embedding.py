@@ -3,7 +3,7 @@
 After :mod:`quantize_weights` gives the tied lm_head its own packed copy, the fp32 embedding table is
 read only by the token ``Gather``: one row per token, but all of it on disk and in memory (smollm2:
 113 MB of a 212 MB w4a8 bundle). This pass stores it as uint8 blocks along the hidden axis (8 bits,
-symmetric: zero point 128, signed block scale as in :func:`qsvd_export.blockquant.quantize_blockwise`)
+symmetric: zero point 128, signed block scale as in :func:`qsvd_export.quant.matmul_nbits.quantize_blockwise`)
 and gathers + dequantizes the requested rows on the fly. Contract of the op (ONNX Runtime contrib,
 CPU EP): ``data`` uint8 [V, E], ``indices`` int64, ``scales`` float32 [V, ceil(E / block)],
 ``zero_points`` uint8 like scales; ``gather_axis`` 0, ``quantize_axis`` 1, ``bits`` 8.
@@ -18,7 +18,7 @@ import onnx_ir as ir
 from onnx_ir.convenience import convert_attributes
 from onnx_ir.passes import common
 
-from qsvd_export.blockquant import quantize_blockwise
+from qsvd_export.quant.matmul_nbits import quantize_blockwise
 from qsvd_export.passes._graph import initializer
 
 MS_DOMAIN = "com.microsoft"

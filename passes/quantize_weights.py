@@ -1,7 +1,7 @@
 """``quantize_weights``: MatMuls with a constant weight → ONNX Runtime ``com.microsoft.MatMulNBits``.
 
 Weight-only integer quantization for the ``cpu`` and ``gpu`` targets (blockwise with an MSE range search,
-see :mod:`qsvd_export.blockquant`). Symmetric weights omit the zero points: ONNX Runtime's CPU kernels
+see :mod:`qsvd_export.quant.matmul_nbits`). Symmetric weights omit the zero points: ONNX Runtime's CPU kernels
 run that case markedly faster (measured on smollm2 int4: 42 vs 30 tok/s). A weight is a 2-D float initializer [K, N], or
 ``Transpose(initializer [N, K])`` — the tied lm_head of a dynamo export. ``accuracy_level`` 4 lets the
 CPU kernel quantize activations to int8 per block on the fly (integer dot products); 1 keeps fp32
@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import onnx_ir as ir
 
-from qsvd_export.blockquant import pack_matmulnbits, quantize_blockwise
+from qsvd_export.quant.matmul_nbits import pack_matmulnbits, quantize_blockwise
 from onnx_ir.convenience import convert_attributes
 
 from qsvd_export.passes._graph import initializer

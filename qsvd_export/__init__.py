@@ -4,9 +4,7 @@ The typed Python API (``qsvd_export.api``): :func:`export_model`, :func:`compres
 :func:`load_bundle` and their option classes.
 """
 
-__version__ = "0.1.0"
-
-from qsvd_export.api import (  # noqa: E402  (after __version__: the CLI imports it)
+from qsvd_export.api import (
     Bundle,
     CompileOptions,
     CompressionOptions,
@@ -16,6 +14,7 @@ from qsvd_export.api import (  # noqa: E402  (after __version__: the CLI imports
     export_model,
     load_bundle,
 )
+from qsvd_export.version import __version__
 
 __all__ = ["Bundle", "CompileOptions", "CompressionOptions", "ExportOptions", "__version__", "compile_graph",
            "compress_model", "export_model", "load_bundle"]

@@ -4,8 +4,8 @@
 ``qsvd_export.compress``, which would replace the functions on the package once imported.)
 
 Options are frozen dataclasses whose fields are the CLI's flags (``--calib-windows`` is ``calib_windows``).
-They validate themselves on construction through the CLI's own parser and checks (``cli.build_parser``,
-``cli.export_request`` / ``compress_request`` / ``compile_request``), so a bad option raises the same
+They validate themselves on construction through the CLI's own parser and checks (``cli.parser.build_parser``,
+``cli.requests.export_request`` / ``compress_request`` / ``compile_request``), so a bad option raises the same
 :class:`~qsvd_export.errors.UsageError` message, with the same exit class, as the command line would print.
 
     from qsvd_export import ExportOptions, export_model, load_bundle
@@ -95,7 +95,7 @@ class ExportOptions(_TargetFlags):
         return out + ([] if self.smooth is None else ["--smooth" if self.smooth else "--no-smooth"])
 
     def __post_init__(self) -> None:
-        from qsvd_export.cli import export_request
+        from qsvd_export.cli.requests import export_request
 
         export_request(self.namespace("export", "MODEL", "-o", "OUT"))
 
@@ -133,7 +133,7 @@ class CompressionOptions(_TargetFlags):
     overwrite: bool = False
 
     def __post_init__(self) -> None:
-        from qsvd_export.cli import compress_request
+        from qsvd_export.cli.requests import compress_request
 
         compress_request(self.namespace("compress", "MODEL", "-o", "OUT"))
 
@@ -159,7 +159,7 @@ class CompileOptions(_TargetFlags):
     overwrite: bool = False
 
     def __post_init__(self) -> None:
-        from qsvd_export.cli import compile_request
+        from qsvd_export.cli.requests import compile_request
 
         compile_request(self.namespace("compile", "GRAPH.onnx", "-o", "OUT"))
 
@@ -167,7 +167,7 @@ class CompileOptions(_TargetFlags):
 def export_model(model: str, output: str | Path, options: ExportOptions | None = None) -> Any:
     """Export ``model`` (zoo name, ``tiny-<family>`` or HF folder) to a bundle in ``output``; returns the
     :class:`~qsvd_export.build.files.BuildResult` (``out``, ``config``, ``report``, ``timings``)."""
-    from qsvd_export.cli import export_request
+    from qsvd_export.cli.requests import export_request
     from qsvd_export.build.dense import build_dense_bundle
 
     options = options or ExportOptions()
@@ -176,7 +176,7 @@ def export_model(model: str, output: str | Path, options: ExportOptions | None =
 
 def compress_model(model: str, output: str | Path, options: CompressionOptions) -> Any:
     """QSVD-compress ``model`` into a latent-cache bundle in ``output``; returns the BuildResult."""
-    from qsvd_export.cli import compress_request
+    from qsvd_export.cli.requests import compress_request
     from qsvd_export.compress.placement import check_placement
     from qsvd_export.build.compressed import build_compressed_bundle
 
@@ -187,7 +187,7 @@ def compress_model(model: str, output: str | Path, options: CompressionOptions) 
 
 def compile_graph(graph: str | Path, output: str | Path, options: CompileOptions | None = None) -> Any:
     """The graph stage (and target stage) on an ONNX file; returns the BuildResult."""
-    from qsvd_export.cli import compile_request
+    from qsvd_export.cli.requests import compile_request
     from qsvd_export.build.from_graph import compile_onnx
 
     options = options or CompileOptions()
@@ -205,7 +205,7 @@ class Bundle:
 
     def encode(self, prompt: str, chat: bool = True) -> list[int]:
         """Token ids of ``prompt``, through the chat template when the model has one and ``chat``."""
-        from qsvd_export.cli import encode_prompt
+        from qsvd_export.cli.commands import encode_prompt
 
         return encode_prompt(self.tokenizer, prompt, chat=bool(self.config.generation.get("chat_template")) and chat)
 

@@ -21,6 +21,7 @@ from typing import Any, Iterator
 from qsvd_export.errors import BadInputError, UsageError, raise_if_terminated
 
 CONFIG_NAME = "qsvd_config.json"
+GRAPH_FILE = "model.onnx"  # the graph of a one-graph bundle (npu: replaced by GRAPH_FILES)
 FORMAT = "qsvd-export-bundle"
 FORMAT_VERSION = 1
 DTYPE_BYTES = {"float32": 4, "float16": 2, "uint16": 2, "int16": 2, "uint8": 1, "int8": 1}
@@ -60,7 +61,7 @@ class GraphSpec:
     filename: str
     inputs: list[str]
     outputs: list[str]
-    ort_filename: str | None = None  # --mobile: the same graph in ORT format (qsvd_export/mobile.py)
+    ort_filename: str | None = None  # --mobile: the same graph in ORT format (qsvd_export/targets/mobile.py)
 
 
 @dataclass

@@ -182,7 +182,7 @@ def _cache_lines(config: BundleConfig, context: int, prefill: int) -> list[str]:
 def render_npu_readme(config: BundleConfig, target: dict[str, Any]) -> str:
     static = config.static_shapes
     context, prefill = int(static["context_length"]), int(static["prefill_length"])
-    from qsvd_export.npu import decisive_text
+    from qsvd_export.targets.npu.verify import decisive_text
 
     check = target.get("verification", {})
     lines = [

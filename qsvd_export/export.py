@@ -31,7 +31,7 @@ from qsvd_export.bundle import CacheTensor, LayerCache
 from qsvd_export.errors import UnsupportedModelError
 from qsvd_export.models import adapter_for_config
 from qsvd_export.progress import bar
-from qsvd_export.zoo import LoadedModel
+from qsvd_export.loaded import LoadedModel
 
 OPSET = 21
 

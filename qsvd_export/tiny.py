@@ -174,7 +174,7 @@ def build_tiny(family: str, seed: int = 0):
     import torch
 
     from qsvd_export.models import adapter_for_config
-    from qsvd_export.zoo import LoadedModel
+    from qsvd_export.loaded import LoadedModel
 
     if family not in TINY_CONFIGS:
         raise UsageError(f"unknown tiny family '{family}' (known: {', '.join(sorted(TINY_CONFIGS))})")

@@ -17,28 +17,15 @@ import json
 import os
 import shutil
 import tempfile
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
 from qsvd_export.errors import BadInputError, RuntimeFailure, UnsupportedModelError, UsageError
+from qsvd_export.loaded import LoadedModel
 from qsvd_export.models import adapter_for_config
 
 DEFAULT_MODEL = "smollm2-135m"
-
-
-@dataclass
-class LoadedModel:
-    """A model ready for export: ``model`` is an eval-mode fp32 ``PreTrainedModel``."""
-
-    name: str
-    model: Any
-    tokenizer: Any | None
-    kind: str  # "decoder" | "encoder" | "vision" | "vlm"
-    source: dict[str, Any] = field(default_factory=dict)
-    chat: bool = False  # an instruct model whose prompts go through the chat template
-    weights_dir: Path | None = None  # the safetensors folder ``model`` was loaded from (None: built in memory)
-    processor: Any | None = None  # VLMs: the transformers processor (image processor + ``tokenizer``)
 
 
 @dataclass(frozen=True)

@@ -27,7 +27,7 @@ from qsvd_export.latent_layout import dense_quantized
 from qsvd_export.onnx_io import load_onnx
 from qsvd_export.passes.find_attention import find_attention
 from qsvd_export.passes.group_query_attention import match_fusable
-from qsvd_export.quantize import parse_bits
+from qsvd_export.quant.presets import parse_bits
 from qsvd_export.targets import policy_for
 
 

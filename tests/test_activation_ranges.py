@@ -6,7 +6,7 @@ import numpy as np
 import onnx
 import pytest
 
-from qsvd_export.activation_ranges import BINS, _expected_error, pick_range
+from qsvd_export.quant.activation_ranges import BINS, _expected_error, pick_range
 from qsvd_export.cli import main
 
 from test_npu import SMALL

@@ -7,8 +7,8 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from qsvd_export.block_weights import CODE_LEVELS, lpbq_quantize, rewrite_as_lpbq
-from qsvd_export.weight_ranges import mse_channel_clips
+from qsvd_export.quant.lpbq import CODE_LEVELS, lpbq_quantize, rewrite_as_lpbq
+from qsvd_export.quant.weight_ranges import mse_channel_clips
 
 
 def _weight(rng: np.random.Generator, k: int = 128, n: int = 6) -> np.ndarray:

@@ -101,7 +101,8 @@ def test_bundles_score_against_a_dense_bundle(bundles):
 
 def test_static_graph_logits_match_the_dynamic_graph(bundles, tmp_path):
     from qsvd_export.bundle import load_bundle_config
-    from qsvd_export.npu import NpuOptions, static_float_graphs
+    from qsvd_export.targets.npu.options import NpuOptions
+    from qsvd_export.targets.npu.static_graphs import static_float_graphs
     from qsvd_export.runtimes.static_decode import StaticDecoder
 
     bundle = bundles.dense("llama")

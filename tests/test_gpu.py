@@ -90,7 +90,7 @@ def test_gpu_w4a16_is_the_cpu_w4a16_graph_in_fp16(bundles, tmp_path, monkeypatch
 
     gpu, cpu, dense = tmp_path / "gpu", tmp_path / "cpu", bundles.dense("qwen2") / "model.onnx"
     assert main([str(dense), "--target", "gpu", "-o", str(gpu), "-q"]) == 0
-    monkeypatch.setitem(targets.POLICIES, "cpu", dataclasses.replace(targets.POLICIES["cpu"], quantize_embedding=False))
+    monkeypatch.setitem(targets.TARGETS, "cpu", dataclasses.replace(targets.TARGETS["cpu"], quantize_embedding=False))
     assert main([str(dense), "--target", "cpu", "--bits", "w4a16", "-o", str(cpu), "-q"]) == 0
     report = json.loads((gpu / "report.json").read_text())["target"]
     assert report["bits"] == "w4a16" and report["quantized_matmuls"] > 0

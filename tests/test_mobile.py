@@ -13,7 +13,7 @@ import pytest
 
 from qsvd_export.bundle import load_bundle_config
 from qsvd_export.cli import main
-from qsvd_export.mobile import OPERATORS_CONFIG, canonical_ort_bytes, convert_to_ort, ort_nodes
+from qsvd_export.targets.mobile import OPERATORS_CONFIG, canonical_ort_bytes, convert_to_ort, ort_nodes
 
 NPU_SMALL = ["--target", "npu", "--context-length", "48", "--prefill-length", "8", "--no-verify"]
 
@@ -81,7 +81,7 @@ def test_npu_static_qdq_graphs_convert_unoptimized(bundles, tmp_path, capsys):
 def test_ort_bytes_are_identical_across_processes(bundles, tmp_path):
     """onnxruntime orders a table of the file by a per-process hash seed; canonical_ort_bytes sorts it."""
     graph = bundles.dense("llama") / "model.onnx"
-    script = "import sys; from pathlib import Path; from qsvd_export.mobile import convert_to_ort; " \
+    script = "import sys; from pathlib import Path; from qsvd_export.targets.mobile import convert_to_ort; " \
              "convert_to_ort(Path(sys.argv[1]), Path(sys.argv[2]))"
     here, there = tmp_path / "here.ort", tmp_path / "there.ort"
     convert_to_ort(graph, here)
@@ -92,7 +92,7 @@ def test_ort_bytes_are_identical_across_processes(bundles, tmp_path):
 
 
 def test_graph_too_big_for_the_ort_format_is_a_usage_error(bundles, tmp_path, capsys, monkeypatch):
-    import qsvd_export.mobile as mobile
+    import qsvd_export.targets.mobile as mobile
 
     monkeypatch.setattr(mobile, "MAX_ORT_BYTES", 100_000)
     out = tmp_path / "out"
@@ -103,7 +103,7 @@ def test_graph_too_big_for_the_ort_format_is_a_usage_error(bundles, tmp_path, ca
 
 
 def test_parity_failure_is_a_runtime_failure_and_leaves_no_output(bundles, tmp_path, capsys, monkeypatch):
-    import qsvd_export.mobile as mobile
+    import qsvd_export.targets.mobile as mobile
 
     monkeypatch.setattr(mobile, "TOLERANCE", -1.0)
     out = tmp_path / "out"

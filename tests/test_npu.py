@@ -12,7 +12,8 @@ import onnx_ir as ir
 import pytest
 
 from qsvd_export.cli import main
-from qsvd_export.npu import NpuOptions, static_float_graphs
+from qsvd_export.targets.npu.options import NpuOptions
+from qsvd_export.targets.npu.static_graphs import static_float_graphs
 from qsvd_export.passes.npu_legalize import npu_violations
 from qsvd_export.runtimes.decode import DecoderRunner
 from qsvd_export.errors import UsageError
@@ -261,7 +262,7 @@ def test_w8a8_puts_8_bits_on_the_projections_that_read_the_norm_except_up_proj(t
 
 
 def test_decisive_agreement_ignores_near_ties_and_counts_decisive_flips():
-    from qsvd_export.npu import decisive_agreement
+    from qsvd_export.targets.npu.verify import decisive_agreement
 
     reference = np.asarray([[5.0, 1.0, 0.0], [2.0, 1.8, 0.0], [0.0, 3.0, 1.0]])
     tie_flip = np.asarray([[5.0, 1.0, 0.0], [1.8, 2.0, 0.0], [0.0, 3.0, 1.0]])  # row 1 leads by 0.2 only
@@ -272,7 +273,7 @@ def test_decisive_agreement_ignores_near_ties_and_counts_decisive_flips():
 
 def test_decisive_agreement_is_undefined_without_decisive_positions():
     """All near-ties: no evidence, so no rate (not 100%), and every printed form says undefined."""
-    from qsvd_export.npu import decisive_agreement, decisive_text
+    from qsvd_export.targets.npu.verify import decisive_agreement, decisive_text
 
     reference = np.asarray([[2.0, 1.8, 0.0], [0.0, 3.0, 2.5]])
     flipped = np.asarray([[1.8, 2.0, 0.0], [0.0, 2.5, 3.0]])  # every argmax differs
@@ -299,7 +300,7 @@ class _Session:
 
 
 def test_qnn_placement_is_read_from_the_ep_or_says_it_is_inferred():
-    from qsvd_export.npu import qnn_placement
+    from qsvd_export.targets.npu.verify import qnn_placement
 
     sessions = {"prefill": _Session([_Subgraph("QNNExecutionProvider", 5), _Subgraph("CPUExecutionProvider", 2)]),
                 "decode": _Session([_Subgraph("QNNExecutionProvider", 4)])}

@@ -183,7 +183,7 @@ def test_sample_runs_in_a_fresh_virtualenv_on_smollm2(tmp_path):
     """A clean venv with only onnxruntime, tokenizers and numpy (the .venv's versions) runs the sample
     on a real dense bundle and gets DecoderRunner's greedy tokens for a raw prompt."""
     from qsvd_export.bundle import bundle_tokenizer, load_bundle_config
-    from qsvd_export.cli import encode_prompt
+    from qsvd_export.cli.commands import encode_prompt
     from qsvd_export.build.dense import build_dense_bundle
 
     venv = tmp_path / "venv"

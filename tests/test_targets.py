@@ -9,7 +9,7 @@ import onnx_ir as ir
 import onnxruntime as ort
 import pytest
 
-from qsvd_export.blockquant import RANGE_GRID, quantize_blockwise
+from qsvd_export.quant.matmul_nbits import RANGE_GRID, quantize_blockwise
 from qsvd_export.cli import main
 from qsvd_export.passes.quantize_weights import QuantizeWeightsPass
 from qsvd_export.runtimes.decode import DecoderRunner

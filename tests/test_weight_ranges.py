@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from qsvd_export.weight_ranges import FRACTIONS, mse_channel_clips
+from qsvd_export.quant.weight_ranges import FRACTIONS, mse_channel_clips
 
 
 def _error(column: np.ndarray, clip: float, bits: int, rows: np.ndarray | None = None) -> float:

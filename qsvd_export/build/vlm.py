@@ -13,12 +13,19 @@ import time
 from pathlib import Path
 from typing import Any
 
-from qsvd_export.build.files import (BuildResult, generation_summary, graph_io, model_config_summary, save_graph,
-                                     save_tokenizer)
-from qsvd_export.build.finish import apply_target, check_target, finish_bundle
+from qsvd_export.build.files import (
+    BuildResult,
+    generation_summary,
+    graph_io,
+    model_config_summary,
+    save_graph,
+    save_tokenizer,
+)
+from qsvd_export.build.finish import apply_target, finish_bundle
+from qsvd_export.targets.policy import check_optimized_graph
 from qsvd_export.bundle import CONFIG_NAME, BundleConfig, GraphSpec, atomic_output_dir, write_json
 from qsvd_export.errors import UsageError
-from qsvd_export.zoo import LoadedModel
+from qsvd_export.loaded import LoadedModel
 
 ROLES = {"vision": "vision.onnx", "embed": "embed.onnx", "model": "model.onnx"}
 
@@ -100,7 +107,7 @@ def build_vlm_bundle(loaded: LoadedModel, out: Path, overwrite: bool, timings: d
             save_graph(graphs[role].model, tmp, filename)
             specs.append(GraphSpec(role, filename, *graph_io(graphs[role].model)))
             if target_report is not None:
-                check_target(tmp / filename, target_report["graphs"][role], strict)
+                check_optimized_graph(tmp / filename, target_report["graphs"][role], strict)
         if plan is not None:
             save_plan(plan, tmp)
         tokenizer_files = save_tokenizer(loaded.processor, tmp)

@@ -10,7 +10,8 @@ from __future__ import annotations
 import torch
 
 from qsvd_export.compress.svd import WhitenedSVD
-from qsvd_export.quantize import Bits, fake_quant_activation, fake_quant_weight
+from qsvd_export.quant.fake import fake_quant_activation, fake_quant_weight
+from qsvd_export.quant.presets import Bits
 
 BETA_GRID = (0.0, 0.2, 0.4, 0.5, 0.6, 0.8, 1.0)
 

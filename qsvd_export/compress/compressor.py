@@ -32,8 +32,8 @@ from qsvd_export.errors import UnsupportedModelError, UsageError
 from qsvd_export.models.projections import attention_projections
 from qsvd_export.plan import CompressionPlan, PlanGroup, PlanLayer, weight_probes
 from qsvd_export.progress import bar, info
-from qsvd_export.quantize import Bits, parse_bits
-from qsvd_export.zoo import LoadedModel
+from qsvd_export.quant.presets import Bits, parse_bits
+from qsvd_export.loaded import LoadedModel
 
 ALLOCATIONS = ("qsvd", "uniform", "fisher")
 # Input side of the fisher whitening, chosen by measurement (docs/decisions.md): absmean on smollm2,

@@ -5,7 +5,7 @@ s (W' = W·diag(s)) and the activations by 1/s leaves y unchanged in exact arith
 weight quantizer spend its resolution on the channels that carry the signal. Per group of linears that
 read the same input, s = mean|x|^α with α chosen on calibration rows to minimise the output error of
 the *target's* weight quantizer (mirrored here: blockwise symmetric, signed block scale, see
-:mod:`qsvd_export.blockquant`). 1/s is folded into the op that produces the input:
+:mod:`qsvd_export.quant.matmul_nbits`). 1/s is folded into the op that produces the input:
 
 - q/k/v ← input_layernorm gain; gate/up ← post_attention_layernorm gain; down ← up_proj rows.
 

@@ -12,7 +12,7 @@ codes above 16 give garbage without an error; int8 weights in this form are refu
 
 The codes are chosen per block by a search over all 16 values minimizing the row-weighted squared error
 Σ_k r_k·(Q(W[k, n]) − W[k, n])² (r_k = E[x_k²] of the MatMul's input, as for the per-channel int4 clips in
-:mod:`qsvd_export.weight_ranges`); small codes clip the block, so the search is also the clip search.
+:mod:`qsvd_export.quant.weight_ranges`); small codes clip the block, so the search is also the clip search.
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ INT4_MIN, INT4_MAX = -8, 7
 
 
 @dataclass(frozen=True)
-class BlockQuantized:
+class LpbqBlocks:
     """One weight [K, N] in LPBQ form: ``values`` int8 in [-8, 7] (int4 on disk), ``codes`` uint8
     [K/B, N] in 1..16, ``channel_scale`` float32 [N]; dequantized W ≈ values · codes[k // B] · channel_scale."""
 
@@ -41,7 +41,7 @@ class BlockQuantized:
         return self.values.astype(np.float32) * scales
 
 
-def lpbq_quantize(weight: np.ndarray, block: int, row_weights: np.ndarray | None = None) -> BlockQuantized:
+def lpbq_quantize(weight: np.ndarray, block: int, row_weights: np.ndarray | None = None) -> LpbqBlocks:
     """LPBQ of ``weight`` [K, N] (K divisible by ``block``) with the per-block code search (module doc)."""
     w = np.asarray(weight, dtype=np.float32)
     k, n = w.shape
@@ -61,7 +61,7 @@ def lpbq_quantize(weight: np.ndarray, block: int, row_weights: np.ndarray | None
         codes[better] = code
     scales = np.repeat(codes.astype(np.float32), block, axis=0) * channel_scale
     values = np.clip(np.rint(w / scales), INT4_MIN, INT4_MAX).astype(np.int8)
-    return BlockQuantized(values, codes, channel_scale, block)
+    return LpbqBlocks(values, codes, channel_scale, block)
 
 
 def rewrite_as_lpbq(qdq_path: Path, out_path: Path, weights: dict[str, np.ndarray], block: int,

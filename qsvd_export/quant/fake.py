@@ -1,34 +1,9 @@
-"""Bit-width presets and fake quantization (round-to-nearest) shared by the torch stage and checks."""
+"""Fake quantization in torch (the torch stage's β search and quality checks): round-to-nearest weights with
+a clip search, per-tensor or per-token activations."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
-
-from qsvd_export.errors import UsageError
-
-
-@dataclass(frozen=True)
-class Bits:
-    weights: int | None  # None = floating point
-    activations: int | None
-
-    @property
-    def name(self) -> str:
-        if self.weights is None:
-            return "fp"
-        return f"w{self.weights}a{self.activations}"
-
-
-PRESETS = {"fp": Bits(None, None), "w8a16": Bits(8, 16), "w8a8": Bits(8, 8), "w4a16": Bits(4, 16),
-           "w4a8": Bits(4, 8), "w4a4": Bits(4, 4)}
-
-
-def parse_bits(text: str) -> Bits:
-    if text not in PRESETS:
-        raise UsageError(f"invalid bit widths '{text}' (choose from {', '.join(PRESETS)})")
-    return PRESETS[text]
 
 
 def fake_quant_weight(w: torch.Tensor, bits: int, clip_grid: tuple[float, ...] = (1.0, 0.95, 0.9, 0.85, 0.8)) -> torch.Tensor:

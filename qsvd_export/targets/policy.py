@@ -1,21 +1,15 @@
-"""Target policies: what the graph becomes for each execution provider, and the checks before writing.
+"""The Target interface: what a bundle's graph becomes for one execution provider, as data plus three hooks.
 
-- ``cpu``: weight-only integer MatMuls (``com.microsoft.MatMulNBits``, MLAS kernels) and an 8-bit
-  embedding table (``com.microsoft.GatherBlockQuantized``, :mod:`qsvd_export.passes.quantize_embedding`). ``a8`` presets use
-  accuracy level 4 (activations quantized to int8 per block inside the kernel, integer dot products);
-  ``a16`` presets keep float activations (accuracy level 1). Default ``w8a8`` (near-lossless); ``export``
-  defaults to ``w4a8`` with activation-aware smoothing when it has a llama-family torch model
-  (smollm2: 1.14× perplexity instead of 1.24× for plain w4a8). Checked on the graph ONNX Runtime actually
-  runs: the session's optimized graph must hold no float MatMul with a constant weight.
-  Attention of plain causal models (llama, qwen2/qwen3 without a sliding window) with a dense cache runs
-  as ``com.microsoft.GroupQueryAttention`` (:mod:`qsvd_export.passes.group_query_attention`).
-- ``gpu``: CUDA EP: the same weight-only MatMulNBits graph, then fp16 activations, weights and cache
-  (:mod:`qsvd_export.passes.float16`; logits stay fp32). Default ``w4a16``; ``fp`` = fp16 without integer
-  weights.
-- ``npu``: QNN HTP: static prefill/decode graphs with QDQ (uint16/uint8 activations, int8 weights per
-  channel or int4 weights in LPBQ blocks, :mod:`qsvd_export.block_weights`), built on files after the
-  bundle is written (:mod:`qsvd_export.npu`); default ``w8a16``.
-- ``w4a4`` is refused everywhere: no target runs 4-bit activations.
+A :class:`TargetPolicy` holds the presets (``default_bits``, ``allowed_bits``, the export's smoothed
+default) and the graph-stage switches (GQA fusion, 8-bit embedding, fp16). Its hooks:
+
+- :meth:`TargetPolicy.quantize` rewrites the in-memory graph after the graph stage (None for a target whose
+  graphs are rebuilt on files: ``static_graphs``);
+- :meth:`TargetPolicy.finish` runs once the bundle folder holds ``model.onnx``: the check of the graph
+  ONNX Runtime runs (cpu, gpu), or the static QDQ graphs and their verification (npu);
+- :meth:`TargetPolicy.rotation_note` says when a preset's measured best is the other rotation setting.
+
+The registry is :data:`qsvd_export.targets.TARGETS`; the CLI reads its choices from it.
 """
 
 from __future__ import annotations
@@ -24,13 +18,14 @@ import collections
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import onnx_ir as ir
+from qsvd_export.bundle import GRAPH_FILE, BundleConfig
+from qsvd_export.errors import RuntimeFailure, UsageError
+from qsvd_export.quant.presets import Bits, parse_bits
 
-from qsvd_export.errors import UsageError
-from qsvd_export.passes.quantize_weights import QuantizeWeightsPass, WeightQuantReport
-from qsvd_export.quantize import Bits, parse_bits
+if TYPE_CHECKING:  # the graph libraries load when a target runs, not when the CLI starts
+    import onnx_ir as ir
 
 
 @dataclass(frozen=True)
@@ -43,6 +38,8 @@ class TargetPolicy:
     float16: bool = False  # convert activations, float weights and the cache to fp16 after quantizing
     quantize_embedding: bool = False  # an fp32 table read only by Gather → 8-bit GatherBlockQuantized
     fuse_attention: bool = False  # dense-cache attention → com.microsoft.GroupQueryAttention (plain causal models)
+    static_graphs: bool = False  # graphs rebuilt on files by finish(): decoders only, calibrated on text
+    description: str = ""  # one line for --help
 
     def bits(self, requested: str | None) -> Bits:
         name = requested or self.default_bits
@@ -81,6 +78,17 @@ class TargetPolicy:
             report["float16"] = to_float16(model).as_dict()
         return report
 
+    def finish(self, folder: Path, config: BundleConfig, report: dict[str, Any], strict: bool, tokenizer: Any,
+               npu_options: Any, verify: bool, timings: dict[str, float]) -> dict[str, Any]:
+        """File-level steps once ``folder`` holds ``model.onnx``; returns the completed target report (wall times
+        go to ``timings``). Here: the check of the graph ONNX Runtime runs (:func:`check_optimized_graph`)."""
+        check_optimized_graph(folder / GRAPH_FILE, report, strict)
+        return report
+
+    def rotation_note(self, bits: str, rotate: bool) -> str | None:
+        """A note when ``bits`` measured better with the other ``--rotate`` setting (None: nothing to say)."""
+        return None
+
     def _quantize_weights(self, model: ir.Model, bits: Bits) -> dict[str, Any]:
         """Weight-only MatMulNBits. With 4-bit weights the MatMuls that produce graph outputs (the lm_head)
         stay at 8 bits: measured on smollm2 (8 windows), int4 everywhere costs 1.33× perplexity, int8
@@ -90,6 +98,8 @@ class TargetPolicy:
         accuracy_level = 4 if bits.activations == 8 else 1
         report: dict[str, Any] = {"block_size": self.block_size, "accuracy_level": accuracy_level,
                                   "weights": "symmetric round-to-nearest, signed block scale"}
+        from qsvd_export.passes.quantize_weights import QuantizeWeightsPass, WeightQuantReport
+
         done = WeightQuantReport()
         if bits.weights < 8:
             outputs = {v.name for v in model.graph.outputs}
@@ -106,20 +116,6 @@ class TargetPolicy:
             embedding(model)
             report.update(embedding.report.as_dict())
         return report
-
-
-POLICIES = {
-    "cpu": TargetPolicy("cpu", default_bits="w8a8", allowed_bits=("fp", "w8a16", "w8a8", "w4a16", "w4a8"),
-                        smoothed_default="w4a8", quantize_embedding=True, fuse_attention=True),
-    "gpu": TargetPolicy("gpu", default_bits="w4a16", allowed_bits=("fp", "w8a16", "w4a16"), float16=True),
-    "npu": TargetPolicy("npu", default_bits="w8a16", allowed_bits=("w8a16", "w8a8", "w4a16", "w4a8")),
-}
-
-
-def policy_for(target: str) -> TargetPolicy:
-    if target not in POLICIES:
-        raise UsageError(f"unknown target '{target}' (choose from cpu, gpu, npu)")
-    return POLICIES[target]
 
 
 def optimized_op_counts(graph_path: Path) -> dict[str, Any]:
@@ -150,3 +146,14 @@ PLAIN_CAUSAL_TYPES = ("llama", "qwen2", "qwen3")
 def plain_causal(model_type: str, config: Any = None) -> bool:
     """Whether a model's attention mask is causal + padding only (GroupQueryAttention can take it over)."""
     return model_type in PLAIN_CAUSAL_TYPES and not getattr(config, "use_sliding_window", False)
+
+
+def check_optimized_graph(graph_path: Path, report: dict[str, Any], strict: bool) -> None:
+    """Inspect the graph ONNX Runtime will run; with ``strict``, any float constant-weight MatMul is an error."""
+    if report["bits"] == "fp":
+        return
+    counts = optimized_op_counts(graph_path)
+    report["onnxruntime_optimized_graph"] = counts
+    if strict and counts["float_matmuls_with_constant_weight"]:
+        raise RuntimeFailure(f"--strict: {counts['float_matmuls_with_constant_weight']} MatMuls with constant "
+                             f"weights stay float for target {report['target']}, e.g. {', '.join(counts['examples'])}")

@@ -21,7 +21,7 @@ RANGE_GRID = tuple(1.0 - 0.025 * i for i in range(21))  # 1.0 … 0.5
 
 
 @dataclass
-class BlockQuantized:
+class NBitsBlocks:
     """Unpacked result: q, zeros uint8 [N, n_blocks, block] / [N, n_blocks]; scales float32 [N, n_blocks]."""
 
     q: np.ndarray
@@ -46,7 +46,7 @@ def _blocks(weight: np.ndarray, block: int) -> tuple[np.ndarray, int]:
 
 
 def quantize_blockwise(weight: np.ndarray, bits: int, block: int, grid: tuple[float, ...] = (1.0,),
-                       symmetric: bool = False) -> BlockQuantized:
+                       symmetric: bool = False) -> NBitsBlocks:
     """Blockwise quantization; per block the range shrink in ``grid`` with the least squared error.
 
     Asymmetric: the block's [min, max] (extended to include 0) maps to [0, 2^bits − 1] with an integer zero
@@ -75,10 +75,10 @@ def quantize_blockwise(weight: np.ndarray, bits: int, block: int, grid: tuple[fl
         best_scale = np.where(better, scale, best_scale)
         best_zero = np.where(better, zero, best_zero)
     q = np.clip(np.round(w / best_scale[..., None]) + best_zero[..., None], 0, levels)
-    return BlockQuantized(q.astype(np.uint8), best_scale.astype(np.float32), best_zero.astype(np.uint8), k, bits)
+    return NBitsBlocks(q.astype(np.uint8), best_scale.astype(np.float32), best_zero.astype(np.uint8), k, bits)
 
 
-def _quantize_symmetric(w: np.ndarray, k: int, bits: int, grid: tuple[float, ...]) -> BlockQuantized:
+def _quantize_symmetric(w: np.ndarray, k: int, bits: int, grid: tuple[float, ...]) -> NBitsBlocks:
     """Signed-scale symmetric quantization of blocks w [N, n_blocks, block] (see :func:`quantize_blockwise`)."""
     half = 2 ** (bits - 1)
     index = np.abs(w).argmax(axis=-1)[..., None]
@@ -95,7 +95,7 @@ def _quantize_symmetric(w: np.ndarray, k: int, bits: int, grid: tuple[float, ...
         best_scale = np.where(better, scale, best_scale)
     q = np.clip(np.round(w / best_scale[..., None]), -half, half - 1) + half
     zeros = np.full(best_scale.shape, half, dtype=np.uint8)
-    return BlockQuantized(q.astype(np.uint8), best_scale.astype(np.float32), zeros, k, bits)
+    return NBitsBlocks(q.astype(np.uint8), best_scale.astype(np.float32), zeros, k, bits)
 
 
 def _pack_nibbles(values: np.ndarray) -> np.ndarray:
@@ -105,7 +105,7 @@ def _pack_nibbles(values: np.ndarray) -> np.ndarray:
     return (values[..., 0::2] | (values[..., 1::2] << 4)).astype(np.uint8)
 
 
-def pack_matmulnbits(quant: BlockQuantized) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def pack_matmulnbits(quant: NBitsBlocks) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(B uint8 [N, n_blocks, blob], scales float32 [N, n_blocks], zero_points uint8 [N, ⌈n_blocks·bits/8⌉])."""
     if quant.bits == 8:
         return quant.q, quant.scales, quant.zeros

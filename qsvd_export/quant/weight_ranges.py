@@ -77,7 +77,7 @@ def input_second_moments(float_path: Path, feeds: list[dict[str, np.ndarray]],
                          weights: dict[str, MatMulWeight]) -> dict[str, np.ndarray]:
     """{MatMul node name: E[x_k²] [K] of its input over ``feeds``}, floored at 1e-12 of the largest so no
     row weighs nothing."""
-    from qsvd_export.activation_ranges import session_with_outputs
+    from qsvd_export.quant.activation_ranges import session_with_outputs
 
     names = sorted({weight.source for weight in weights.values()})
     session = session_with_outputs(float_path, names)
