@@ -7,38 +7,35 @@ import onnx_ir as ir
 
 from qsvd_export.passes._graph import add_node, const_array, initializer
 from qsvd_export.passes.context import GraphStageContext, LayerRewrite
-
-
-class Skip(Exception):
-    """The layer's structure is not the verified one; the reason goes to the report."""
+from qsvd_export.passes.contracts import Decline, GraphPass
 
 
 def head_chain(chain: list[ir.Node], name: str) -> tuple[int, int]:
     """(kv_heads, head_dim) if ``chain`` is exactly Reshape [.., Hkv, D] → Transpose (0, 2, 1, 3)."""
     if [n.op_type for n in chain] != ["Reshape", "Transpose"]:
-        raise Skip(f"{name} chain is {[n.op_type for n in chain]}, not Reshape → Transpose")
+        raise Decline(f"{name} chain is {[n.op_type for n in chain]}, not Reshape → Transpose")
     reshape, transpose = chain
     shape = reshape.outputs[0].shape
     if shape is None or shape.rank() != 4 or not all(isinstance(d, int) for d in list(shape)[2:]):
-        raise Skip(f"{name} head reshape without static [heads, head_dim]")
+        raise Decline(f"{name} head reshape without static [heads, head_dim]")
     if list(transpose.attributes["perm"].value) != [0, 2, 1, 3]:
-        raise Skip(f"{name} transpose is not (0, 2, 1, 3)")
+        raise Decline(f"{name} transpose is not (0, 2, 1, 3)")
     return int(shape[2]), int(shape[3])
 
 
 def repeat_heads(nodes: list[ir.Node], kv_heads: int) -> int:
     """Query heads after the HF repeat_kv pattern Unsqueeze(axis 2) → Expand → Reshape [B, H, T, D]."""
     if [n.op_type for n in nodes[:3]] != ["Unsqueeze", "Expand", "Reshape"]:
-        raise Skip(f"unrecognised layout between the cache and attention: {[n.op_type for n in nodes]}")
+        raise Decline(f"unrecognised layout between the cache and attention: {[n.op_type for n in nodes]}")
     axes = const_array(nodes[0].inputs[1]) if len(nodes[0].inputs) > 1 else None
     out_shape = nodes[2].outputs[0].shape
     if axes is None or [int(a) for a in np.atleast_1d(axes)] != [2]:
-        raise Skip("repeat_kv unsqueezes another axis")
+        raise Decline("repeat_kv unsqueezes another axis")
     if out_shape is None or out_shape.rank() != 4 or not isinstance(out_shape[1], int):
-        raise Skip("repeat_kv output heads unknown")
+        raise Decline("repeat_kv output heads unknown")
     heads = int(out_shape[1])
     if heads % kv_heads:
-        raise Skip("query heads are not a multiple of kv heads")
+        raise Decline("query heads are not a multiple of kv heads")
     return heads
 
 
@@ -64,8 +61,8 @@ def grouped_head_matmul(graph: ir.Graph, x: ir.Value, weight: ir.Value, heads: i
     return add_node(graph, "Reshape", [product, heads_shape], f"{prefix}/heads").outputs[0]
 
 
-class LatentLayerPass(ir.passes.InPlacePass):
-    """Runs ``apply(graph, index, rewrite)`` on every latent layer; a :class:`Skip` becomes a report note."""
+class LatentLayerPass(GraphPass):
+    """Runs ``apply(graph, index, rewrite)`` on every latent layer; a :class:`Decline` becomes a report note."""
 
     applied_note = ""
     skipped_note = ""
@@ -77,6 +74,19 @@ class LatentLayerPass(ir.passes.InPlacePass):
     def apply(self, graph: ir.Graph, index: int, rewrite: LayerRewrite) -> None:
         raise NotImplementedError
 
+    def requires(self, model: ir.Model) -> None:
+        """latent_kv ran: every latent layer has its whole-sequence latent."""
+        for index, rewrite in self.context.layers.items():
+            if rewrite.cache == "latent" and rewrite.latent_all is None:
+                raise self.precondition(f"layer {index} is latent but latent_kv left no latent of all tokens")
+
+    def ensures(self, model: ir.Model) -> None:
+        """Every latent layer was decided: rewritten, or left with the reason in its notes."""
+        for index, rewrite in self.context.layers.items():
+            if rewrite.cache == "latent" and not any(note.startswith((self.applied_note, self.skipped_note))
+                                                     for note in rewrite.notes):
+                raise self.postcondition(f"layer {index} was neither rewritten nor declined")
+
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         modified = False
         for index, rewrite in sorted(self.context.layers.items()):
@@ -84,7 +94,7 @@ class LatentLayerPass(ir.passes.InPlacePass):
                 continue
             try:
                 self.apply(model.graph, index, rewrite)
-            except Skip as reason:
+            except Decline as reason:
                 rewrite.notes.append(f"{self.skipped_note}: {reason}")
                 continue
             rewrite.notes.append(self.applied_note)

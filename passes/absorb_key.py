@@ -18,8 +18,9 @@ import numpy as np
 import onnx_ir as ir
 
 from qsvd_export.passes._graph import add_node, initializer, path_nodes, topo_order
+from qsvd_export.passes.contracts import Decline
 from qsvd_export.passes._latent_layer import (
-    LatentLayerPass, Skip, grouped_head_matmul, head_chain, per_kv_head, repeat_heads,
+    LatentLayerPass, grouped_head_matmul, head_chain, per_kv_head, repeat_heads,
 )
 from qsvd_export.passes.context import LayerRewrite
 
@@ -31,22 +32,22 @@ class AbsorbKeyPass(LatentLayerPass):
     def apply(self, graph: ir.Graph, index: int, rewrite: LayerRewrite) -> None:
         chain = rewrite.chains.get("k", [])
         if [n.op_type for n in chain] != ["Reshape", "Transpose"]:
-            raise Skip("keys are rotated or normalized per position (RoPE / k-norm): they must be rebuilt")
+            raise Decline("keys are rotated or normalized per position (RoPE / k-norm): they must be rebuilt")
         kv_heads, head_dim = head_chain(chain, "K")
         block = rewrite.block
         up, bias = rewrite.full_ups["k"]  # [r, Ek]
         score_path = path_nodes(block.scores.outputs[0], block.softmax.inputs[0]) or []
         if bias is not None and any(n.op_type == "Tanh" for n in score_path):
-            raise Skip("soft-capped scores with a key bias")
+            raise Decline("soft-capped scores with a key bias")
         nodes = topo_order(path_nodes(rewrite.rebuilt["k"], block.scores.inputs[1]) or [], graph)
         if [n.op_type for n in nodes] == ["Transpose"]:
             heads = kv_heads
         elif len(nodes) == 4 and nodes[-1].op_type == "Transpose":
             heads = repeat_heads(nodes[:3], kv_heads)
         else:
-            raise Skip(f"between the K cache and Q·Kᵀ: {[n.op_type for n in nodes]}")
+            raise Decline(f"between the K cache and Q·Kᵀ: {[n.op_type for n in nodes]}")
         if list(nodes[-1].attributes["perm"].value) != [0, 1, 3, 2]:
-            raise Skip("keys are not transposed (0, 1, 3, 2) for Q·Kᵀ")
+            raise Decline("keys are not transposed (0, 1, 3, 2) for Q·Kᵀ")
         prefix = f"qsvd/layer{index}/absorb_key"
         stacked = per_kv_head(up, kv_heads, head_dim).transpose(0, 2, 1)  # [Hkv, D, r]
         scores = block.scores

@@ -15,6 +15,7 @@ from onnx_ir.passes import common
 
 from qsvd_export.errors import BadInputError, QsvdError
 from qsvd_export.passes.context import GraphStageContext
+from qsvd_export.passes.contracts import GraphPass, PassContractError, dangling_input
 from qsvd_export.passes.absorb_key import AbsorbKeyPass
 from qsvd_export.passes.find_attention import find_attention
 from qsvd_export.passes.fold_rotations import FoldRotationsPass
@@ -24,12 +25,25 @@ from qsvd_export.passes.split_qkv import SplitQKVPass
 from qsvd_export.progress import bar
 
 
-class FindAttentionPass(ir.passes.InPlacePass):
-    """Analysis only: records the matched attention blocks and the reasons for non-matches."""
+class FindAttentionPass(GraphPass):
+    """Analysis only: records the matched attention blocks and the reasons for non-matches.
+
+    requires: a graph with nodes. ensures: every Softmax is either a matched block or a reported failure."""
 
     def __init__(self, context: GraphStageContext) -> None:
         super().__init__()
         self.context = context
+
+    def requires(self, model: ir.Model) -> None:
+        if len(model.graph) == 0:
+            raise self.precondition("the graph has no nodes")
+
+    def ensures(self, model: ir.Model) -> None:
+        softmaxes = sum(1 for n in model.graph if n.op_type == "Softmax")
+        fused = sum(1 for f in self.context.failures if "fused" in f.reason)
+        if len(self.context.blocks) + len(self.context.failures) - fused != softmaxes:
+            raise self.postcondition(f"{softmaxes} Softmax nodes, but {len(self.context.blocks)} blocks and "
+                                     f"{len(self.context.failures) - fused} reasons")
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         matches = find_attention(model)
@@ -38,8 +52,27 @@ class FindAttentionPass(ir.passes.InPlacePass):
         return ir.passes.PassResult(model, False)
 
 
-class CleanupPass(ir.passes.InPlacePass):
-    """Remove dead nodes and initializers, then sort topologically."""
+class CleanupPass(GraphPass):
+    """Remove dead nodes and initializers, then sort topologically.
+
+    requires: every node input is produced by a node, a graph input or an initializer.
+    ensures: nodes in topological order, and every node output read (or a graph output)."""
+
+    def requires(self, model: ir.Model) -> None:
+        dangling = dangling_input(model.graph)
+        if dangling is not None:
+            raise self.precondition(f"input {dangling[1].name!r} is produced by nothing in the graph", dangling[0])
+
+    def ensures(self, model: ir.Model) -> None:
+        seen = {id(v) for v in model.graph.inputs} | {id(v) for v in model.graph.initializers.values()}
+        outputs = {id(v) for v in model.graph.outputs}
+        for node in model.graph:
+            for value in node.inputs:
+                if value is not None and value.producer() is not None and id(value) not in seen:
+                    raise self.postcondition("nodes are not in topological order", node)
+            seen.update(id(v) for v in node.outputs)
+            if not any(v.consumers() or id(v) in outputs for v in node.outputs):
+                raise self.postcondition("a node's outputs are read by nothing", node)
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         common.TopologicalSortPass()(model)  # the removal sweeps in reverse order: sort first
@@ -110,6 +143,8 @@ def run_graph_stage(model: ir.Model, plan: Any | None, dump_dir: Path | None = N
         cause: BaseException | None = err
         while cause is not None and not isinstance(cause, (ir.passes.PreconditionError, QsvdError)):
             cause = cause.__cause__
+        if isinstance(cause, PassContractError):
+            raise cause from None
         if isinstance(cause, ir.passes.PreconditionError):
             raise BadInputError(f"plan does not match the graph: {cause}") from None
         if isinstance(cause, QsvdError):

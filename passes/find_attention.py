@@ -19,6 +19,7 @@ import numpy as np
 import onnx_ir as ir
 
 from qsvd_export.passes._graph import const_array, path_nodes, topo_order
+from qsvd_export.passes.contracts import Decline
 
 # Attention kernels of ONNX (opset 23) and onnxruntime's contrib domain: nothing inside them to match.
 FUSED_ATTENTION = frozenset({"Attention", "GroupQueryAttention", "MultiHeadAttention", "PackedAttention",
@@ -90,10 +91,6 @@ class AttentionMatches:
     failures: list[MatchFailure] = field(default_factory=list)
 
 
-class _NoMatch(Exception):
-    pass
-
-
 def _projection_weight(node: ir.Node) -> tuple[ir.Value, np.ndarray, np.ndarray | None] | None:
     """(input X, weight [E, out], bias or None) if ``node`` is a projection with constant weights."""
     if node.op_type == "MatMul" and len(node.inputs) == 2:
@@ -137,7 +134,7 @@ def _data_walk(start: ir.Value, limit: int = 400) -> tuple[list[ir.Node], list[i
             continue
         seen[id(value)] = value
         if len(seen) > limit:
-            raise _NoMatch("branch too long to follow")
+            raise Decline("branch too long to follow")
         node = value.producer()
         if node is None:
             continue
@@ -145,7 +142,7 @@ def _data_walk(start: ir.Value, limit: int = 400) -> tuple[list[ir.Node], list[i
             found[id(node)] = node
             continue
         if node.op_type in _QUANTIZED_PROJECTIONS:
-            raise _NoMatch(f"the Q/K/V projections are already quantized ({node.domain or 'ai.onnx'}::{node.op_type}); "
+            raise Decline(f"the Q/K/V projections are already quantized ({node.domain or 'ai.onnx'}::{node.op_type}); "
                            "the graph stage factors float weights: give the fp32 export (e.g. onnxruntime-genai's "
                            "builder with -p fp32)")
         if node.op_type in _DATA_INPUTS:
@@ -155,7 +152,7 @@ def _data_walk(start: ir.Value, limit: int = 400) -> tuple[list[ir.Node], list[i
         elif node.op_type in ("Shape", "Size", "Constant", "ConstantOfShape", "Range"):
             continue
         else:
-            raise _NoMatch(f"unsupported op {node.op_type} on a Q/K/V branch")
+            raise Decline(f"unsupported op {node.op_type} on a Q/K/V branch")
         stack.extend(node.inputs[i] for i in indices if i < len(node.inputs) and node.inputs[i] is not None)
     return list(found.values()), list(seen.values())
 
@@ -168,7 +165,7 @@ def _find_projections(start: ir.Value) -> list[ir.Node]:
 def _single_projection(start: ir.Value, branch: str) -> ir.Node:
     found = _find_projections(start)
     if len(found) != 1:
-        raise _NoMatch(f"{branch} branch reaches {len(found)} projections (expected 1)")
+        raise Decline(f"{branch} branch reaches {len(found)} projections (expected 1)")
     return found[0]
 
 
@@ -215,17 +212,17 @@ def _fused_projections(node: ir.Node, starts: dict[str, ir.Value]) -> dict[str, 
         splitters = list({id(v.producer()): v.producer() for v in branch
                           if v.producer() is not None and v.producer().op_type in ("Split", "Slice")}.values())
         if len(splitters) != 1:
-            raise _NoMatch(f"fused QKV: {member} branch passes {len(splitters)} Split/Slice nodes (expected 1)")
+            raise Decline(f"fused QKV: {member} branch passes {len(splitters)} Split/Slice nodes (expected 1)")
         splitter = splitters[0]
         on_branch = {id(v) for v in branch}
         source = splitter.inputs[0]
         if source is None or source.shape is None:
-            raise _NoMatch("fused QKV: unknown split input shape")
+            raise Decline("fused QKV: unknown split input shape")
         width = weight.shape[1]
         if splitter.op_type == "Split":
             axis = splitter.attributes.get("axis", ir.AttrInt64("axis", 0)).value
             if axis not in (-1, source.shape.rank() - 1):
-                raise _NoMatch("fused QKV split is not along the last axis")
+                raise Decline("fused QKV split is not along the last axis")
             sizes = const_array(splitter.inputs[1]) if len(splitter.inputs) > 1 else None
             parts = len(splitter.outputs)
             sizes = [width // parts] * parts if sizes is None else [int(s) for s in sizes]
@@ -237,11 +234,11 @@ def _fused_projections(node: ir.Node, starts: dict[str, ir.Value]) -> dict[str, 
             starts_, ends = const_array(splitter.inputs[1]), const_array(splitter.inputs[2])
             axes = const_array(splitter.inputs[3]) if len(splitter.inputs) > 3 else None
             if starts_ is None or ends is None or len(starts_) != 1 or (axes is not None and int(axes[0]) not in (-1, source.shape.rank() - 1)):
-                raise _NoMatch("fused QKV slice is not a constant last-axis slice")
+                raise Decline("fused QKV slice is not a constant last-axis slice")
             columns = (int(starts_[0]), min(int(ends[0]), width))
             member_value = splitter.outputs[0]
         if member_value.shape is None or member_value.shape.rank() != 3:
-            raise _NoMatch("fused QKV member is not [batch, seq, width]")
+            raise Decline("fused QKV member is not [batch, seq, width]")
         members[member] = Projection(
             node, weight[:, columns[0]:columns[1]], None if bias is None else bias[columns[0]:columns[1]],
             member_value, columns,
@@ -278,7 +275,7 @@ def _scores_matmul(softmax: ir.Node) -> ir.Node:
         candidates = [i for i in node.inputs if i is not None and const_array(i) is None and not i.is_graph_input()]
         # The scores come from a MatMul; the mask side does not (it is built from inputs / Where).
         value = next((i for i in candidates if _leads_to_matmul(i)), None)
-    raise _NoMatch("Softmax input does not come from a Q·Kᵀ MatMul")
+    raise Decline("Softmax input does not come from a Q·Kᵀ MatMul")
 
 
 def _leads_to_matmul(value: ir.Value) -> bool:
@@ -319,7 +316,7 @@ def _pv_matmul(softmax: ir.Node) -> ir.Node:
         if not passthrough:
             break
         value = passthrough[0].outputs[0]
-    raise _NoMatch("Softmax output does not feed a P·V MatMul")
+    raise Decline("Softmax output does not feed a P·V MatMul")
 
 
 def _match_block(softmax: ir.Node) -> AttentionBlock:
@@ -327,7 +324,7 @@ def _match_block(softmax: ir.Node) -> AttentionBlock:
     pv = _pv_matmul(softmax)
     starts = {"q": scores.inputs[0], "k": scores.inputs[1], "v": pv.inputs[1]}
     if any(v is None for v in starts.values()):
-        raise _NoMatch("attention MatMul with a missing input")
+        raise Decline("attention MatMul with a missing input")
     nodes = {m: _single_projection(v, m.upper()) for m, v in starts.items()}  # type: ignore[arg-type]
     distinct = {id(n) for n in nodes.values()}
     if len(distinct) == 1:
@@ -338,14 +335,14 @@ def _match_block(softmax: ir.Node) -> AttentionBlock:
         projections = {m: _separate_projection(n) for m, n in nodes.items()}
         inputs = {id(_projection_weight(n)[0]) for n in nodes.values()}  # type: ignore[index]
         if len(inputs) != 1:
-            raise _NoMatch("Q, K and V projections do not share one input")
+            raise Decline("Q, K and V projections do not share one input")
         x = _projection_weight(nodes["q"])[0]  # type: ignore[index]
         fused = False
     else:
-        raise _NoMatch("two of Q, K, V share a projection and the third does not")
+        raise Decline("two of Q, K, V share a projection and the third does not")
     widths = {p.weight.shape[0] for p in projections.values()}
     if len(widths) != 1:
-        raise _NoMatch("Q, K, V projections have different input widths")
+        raise Decline("Q, K, V projections have different input widths")
     block = AttentionBlock(
         index=-1, x=_shared_input(x), q=projections["q"], k=projections["k"], v=projections["v"],
         scores=scores, softmax=softmax, pv=pv, fused=fused,
@@ -362,7 +359,7 @@ def find_attention(model: ir.Model) -> AttentionMatches:
     for softmax in topo_order([n for n in graph if n.op_type == "Softmax"], graph):
         try:
             block = _match_block(softmax)
-        except _NoMatch as reason:
+        except Decline as reason:
             matches.failures.append(MatchFailure(softmax.name or "Softmax", str(reason)))
             continue
         block.index = len(matches.blocks)

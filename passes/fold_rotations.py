@@ -33,13 +33,16 @@ from dataclasses import dataclass, field
 import numpy as np
 import onnx_ir as ir
 
-from qsvd_export.errors import BadInputError
 from qsvd_export.passes.context import GraphStageContext
+from qsvd_export.passes.contracts import GraphPass, PassContractError
 from qsvd_export.passes.find_attention import find_attention
 from qsvd_export.plan import probes_mismatch, weight_probes
 
-class FoldError(BadInputError):
-    """The graph's residual stream cannot be rotated (the message names the node)."""
+class FoldError(PassContractError):
+    """The graph's residual stream cannot be rotated as the plan says (the message names the node)."""
+
+    def __init__(self, reason: str, node: ir.Node | None = None) -> None:
+        super().__init__("FoldRotationsPass", reason, node)
 
 
 @dataclass
@@ -247,12 +250,24 @@ def graph_matches_plan(model: ir.Model, plan) -> bool:  # type: ignore[no-untype
                for m, p in (("q", block.q), ("k", block.k), ("v", block.v)))
 
 
-class FoldRotationsPass(ir.passes.InPlacePass):
-    """Rotate the residual stream of an unrotated graph to the basis of a rotated plan (see module doc)."""
+class FoldRotationsPass(GraphPass):
+    """Rotate the residual stream of an unrotated graph to the basis of a rotated plan (see module doc).
+
+    requires: a plan that records a residual rotation. ensures: the first block's Q/K/V weights are the ones
+    the plan was computed from (its probes match)."""
 
     def __init__(self, context: GraphStageContext) -> None:
         super().__init__()
         self.context = context
+
+    def requires(self, model: ir.Model) -> None:
+        plan = self.context.plan
+        if plan is None or not plan.method.get("residual_rotation"):
+            raise self.precondition("the plan records no residual rotation (compress --rotate)")
+
+    def ensures(self, model: ir.Model) -> None:
+        if not graph_matches_plan(model, self.context.plan):
+            raise self.postcondition("after folding, the first block's weights still differ from the plan's")
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         from qsvd_export.compress.residual_rotation import (O_PROJ_SEED_OFFSET, head_factors, kronecker_factors,

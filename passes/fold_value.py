@@ -17,8 +17,9 @@ import numpy as np
 import onnx_ir as ir
 
 from qsvd_export.passes._graph import add_node, initializer, path_nodes, topo_order
+from qsvd_export.passes.contracts import Decline
 from qsvd_export.passes._latent_layer import (
-    LatentLayerPass, Skip, grouped_head_matmul, head_chain, per_kv_head, repeat_heads,
+    LatentLayerPass, grouped_head_matmul, head_chain, per_kv_head, repeat_heads,
 )
 from qsvd_export.passes.context import LayerRewrite
 
@@ -36,7 +37,7 @@ class FoldValuePass(LatentLayerPass):
         elif len(nodes) == 3:
             heads = repeat_heads(nodes, kv_heads)
         else:
-            raise Skip(f"between the V cache and P·V: {[n.op_type for n in nodes]}")
+            raise Decline(f"between the V cache and P·V: {[n.op_type for n in nodes]}")
         prefix = f"qsvd/layer{index}/fold_value"
         up, bias = rewrite.full_ups["v"]  # [r, Ev], [Ev] or None
         axes = initializer(graph, f"{prefix}/axes", np.asarray([1], dtype=np.int64))

@@ -21,20 +21,42 @@ import onnx_ir as ir
 
 from qsvd_export.passes._graph import add_node, clone_nodes, graph_inputs_reached, initializer, path_nodes, topo_order
 from qsvd_export.passes.context import GraphStageContext, LayerRewrite
+from qsvd_export.passes.contracts import Decline, GraphPass
 from qsvd_export.passes.find_attention import CacheConcat
 
 
-class _Decline(Exception):
-    pass
+class LatentKVPass(GraphPass):
+    """requires: split_qkv ran (every block has its rewrite). ensures: the latent cache I/O contract (:meth:`ensures`)."""
 
-
-class LatentKVPass(ir.passes.InPlacePass):
     def __init__(self, context: GraphStageContext, mask_input: str = "attention_mask",
                  position_input: str = "position_ids") -> None:
         super().__init__()
         self.context = context
         self.mask_input = mask_input
         self.position_input = position_input
+
+    def requires(self, model: ir.Model) -> None:
+        if self.context.plan is None:
+            raise self.precondition("needs a CompressionPlan")
+        missing = [b.index for b in self.context.blocks if b.index not in self.context.layers]
+        if missing:
+            raise self.precondition(f"split_qkv has not run on blocks {missing}")
+
+    def ensures(self, model: ir.Model) -> None:
+        """The cache I/O contract: a latent layer i reads ``past_key_values.i.latent`` and writes
+        ``present.i.latent``, and its key/value cache tensors are gone from the graph's I/O."""
+        inputs = {v.name for v in model.graph.inputs}
+        outputs = {v.name for v in model.graph.outputs}
+        for index, rewrite in self.context.layers.items():
+            if rewrite.cache != "latent":
+                continue
+            block = rewrite.block
+            if f"past_key_values.{index}.latent" not in inputs or f"present.{index}.latent" not in outputs:
+                raise self.postcondition(f"layer {index} is latent but its cache I/O is not")
+            assert block.k_cache is not None and block.v_cache is not None
+            left = {block.k_cache.past.name, block.v_cache.past.name} & inputs
+            if left:
+                raise self.postcondition(f"layer {index} still takes {sorted(left)}")
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         graph = model.graph
@@ -48,7 +70,7 @@ class LatentKVPass(ir.passes.InPlacePass):
                 continue
             try:
                 self._check(graph, rewrite)
-            except _Decline as reason:
+            except Decline as reason:
                 rewrite.notes.append(f"dense cache kept: {reason}")
                 continue
             self._rewrite(graph, index, rewrite, cached)
@@ -61,14 +83,14 @@ class LatentKVPass(ir.passes.InPlacePass):
         if cache.new is projection_output:
             return []
         if not nodes:
-            raise _Decline("no path from the projection to the cache Concat")
+            raise Decline("no path from the projection to the cache Concat")
         return topo_order(nodes, graph)
 
     def _check(self, graph: ir.Graph, rewrite: LayerRewrite) -> None:
         block = rewrite.block
         for member, cache in (("k", block.k_cache), ("v", block.v_cache)):
             if member not in rewrite.ups:
-                raise _Decline(f"{member.upper()} is not in a factor group")
+                raise Decline(f"{member.upper()} is not in a factor group")
             assert cache is not None
             nodes = self._chain(getattr(block, member).output, cache, graph)
             inside = {id(o) for n in nodes for o in n.outputs} | {id(getattr(block, member).output)}
@@ -79,12 +101,12 @@ class LatentKVPass(ir.passes.InPlacePass):
                     self._classify(node, i, value)
             for use in cache.past.consumers():
                 if use is not cache.node and use.op_type != "Shape":
-                    raise _Decline(f"cache input {cache.past.name} is read by {use.op_type}")
+                    raise Decline(f"cache input {cache.past.name} is read by {use.op_type}")
             if cache.present.consumers() and any(u.op_type == "Shape" for u in cache.present.consumers()):
                 pass
         names = {v.name for v in graph.inputs}
         if self.mask_input not in names:
-            raise _Decline(f"graph has no '{self.mask_input}' input to derive cached positions from")
+            raise Decline(f"graph has no '{self.mask_input}' input to derive cached positions from")
 
     def _classify(self, node: ir.Node, index: int, value: ir.Value) -> str:
         reached = graph_inputs_reached(value)
@@ -94,14 +116,14 @@ class LatentKVPass(ir.passes.InPlacePass):
             out = node.outputs[0].shape
             src = node.inputs[0].shape if node.inputs[0] is not None else None
             if out is None or src is None:
-                raise _Decline("head reshape with unknown shapes")
+                raise Decline("head reshape with unknown shapes")
             for axis, d_out in enumerate(out):
                 if not isinstance(d_out, int) and (axis >= src.rank() or src[axis] != d_out):
-                    raise _Decline("head reshape moves a dynamic dimension")
+                    raise Decline("head reshape moves a dynamic dimension")
             return "shape"
         if {v.name for v in reached} == {self.position_input}:
             return "position"
-        raise _Decline(f"K/V chain depends on graph input(s) {sorted(v.name for v in reached)}")
+        raise Decline(f"K/V chain depends on graph input(s) {sorted(v.name for v in reached)}")
 
     # --- rewrite ---------------------------------------------------------------------------------
     def _all_positions(self, graph: ir.Graph) -> ir.Value:

@@ -18,6 +18,7 @@ import onnx_ir as ir
 from onnx_ir.convenience import convert_attributes
 from onnx_ir.passes import common
 
+from qsvd_export.passes.contracts import GraphPass
 from qsvd_export.quant.matmul_nbits import quantize_blockwise
 from qsvd_export.passes._graph import initializer
 
@@ -49,13 +50,25 @@ def _gathered_table(node: ir.Node) -> ir.Value | None:
     return table
 
 
-class QuantizeEmbeddingPass(ir.passes.InPlacePass):
+class QuantizeEmbeddingPass(GraphPass):
     """Replace row gathers from float tables by 8-bit GatherBlockQuantized (``block`` values per scale)."""
 
     def __init__(self, block: int = 32, report: EmbeddingQuantReport | None = None) -> None:
         super().__init__()
         self.block = block
         self.report = report if report is not None else EmbeddingQuantReport()
+
+    def requires(self, model: ir.Model) -> None:
+        """GatherBlockQuantized takes blocks of a power of two ≥ 16."""
+        if self.block < 16 or self.block & (self.block - 1):
+            raise self.precondition(f"block size {self.block} (a power of two, at least 16)")
+
+    def ensures(self, model: ir.Model) -> None:
+        """No float table read only by row Gathers, at least ``block`` wide, is left."""
+        for node in model.graph:
+            table = _gathered_table(node)
+            if table is not None and (table.shape[1] or 0) >= self.block:
+                raise self.postcondition(f"float table {table.name!r} is still gathered", node)
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         common.RemoveUnusedNodesPass()(model)  # e.g. the Transpose a quantized tied lm_head left without readers

@@ -20,6 +20,7 @@ from qsvd_export.quant.matmul_nbits import pack_matmulnbits, quantize_blockwise
 from onnx_ir.convenience import convert_attributes
 
 from qsvd_export.passes._graph import initializer
+from qsvd_export.passes.contracts import GraphPass
 
 MS_DOMAIN = "com.microsoft"
 
@@ -53,7 +54,7 @@ def constant_weight(node: ir.Node) -> np.ndarray | None:
     return None
 
 
-class QuantizeWeightsPass(ir.passes.InPlacePass):
+class QuantizeWeightsPass(GraphPass):
     """Replace float MatMuls with constant weights by MatMulNBits (``bits`` 4 or 8, ``block`` rows per block)."""
 
     def __init__(self, bits: int, block: int = 32, accuracy_level: int = 4,
@@ -65,6 +66,21 @@ class QuantizeWeightsPass(ir.passes.InPlacePass):
         self.bits, self.block, self.accuracy_level = bits, block, accuracy_level
         self.exclude = exclude
         self.report = report if report is not None else WeightQuantReport()
+
+    def requires(self, model: ir.Model) -> None:
+        """MatMulNBits takes 4 or 8 bits here, in blocks of a power of two ≥ 16."""
+        if self.bits not in (4, 8):
+            raise self.precondition(f"{self.bits}-bit weights (4 or 8)")
+        if self.block < 16 or self.block & (self.block - 1):
+            raise self.precondition(f"block size {self.block} (a power of two, at least 16)")
+
+    def ensures(self, model: ir.Model) -> None:
+        """No float32 constant-weight MatMul is left outside ``exclude``."""
+        for node in model.graph:
+            if node.op_type == "MatMul" and node.domain in ("", "ai.onnx") and node.name not in self.exclude:
+                weight = constant_weight(node)
+                if weight is not None and weight.dtype == np.float32:
+                    raise self.postcondition("a float MatMul weight is left", node)
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         graph = model.graph

@@ -14,10 +14,14 @@ import onnx_ir as ir
 
 from qsvd_export.passes._graph import add_node, initializer
 from qsvd_export.passes.context import GraphStageContext, LayerRewrite
+from qsvd_export.passes.contracts import GraphPass
 from qsvd_export.plan import probes_mismatch, weight_probes
 
 
-class SplitQKVPass(ir.passes.InPlacePass):
+class SplitQKVPass(GraphPass):
+    """requires: a plan whose layers match the matched blocks (count, dims, weight probes).
+    ensures: every planned factor group has its latent (one down-projection MatMul) in the graph."""
+
     def __init__(self, context: GraphStageContext) -> None:
         super().__init__()
         self.context = context
@@ -25,15 +29,15 @@ class SplitQKVPass(ir.passes.InPlacePass):
     def requires(self, model: ir.Model) -> None:
         plan = self.context.plan
         if plan is None:
-            raise ir.passes.PreconditionError("split_qkv needs a CompressionPlan")
+            raise self.precondition("needs a CompressionPlan")
         if len(self.context.blocks) != len(plan.layers):
             why = f" ({self.context.failures[0].reason})" if self.context.failures else ""
-            raise ir.passes.PreconditionError(
+            raise self.precondition("plan does not match the graph: "
                 f"plan has {len(plan.layers)} layers but the graph has {len(self.context.blocks)} attention blocks{why}"
             )
         for block, layer in zip(self.context.blocks, plan.layers):
             if block.dims != layer.dims:
-                raise ir.passes.PreconditionError(
+                raise self.precondition("plan does not match the graph: "
                     f"plan layer {layer.layer} dims {layer.dims} do not match graph block {block.index} {block.dims}"
                 )
             if layer.probes is None:
@@ -41,9 +45,17 @@ class SplitQKVPass(ir.passes.InPlacePass):
             for member, projection in zip("qkv", (block.q, block.k, block.v)):
                 why = probes_mismatch(layer.probes[member], weight_probes(projection.weight.T))
                 if why is not None:
-                    raise ir.passes.PreconditionError(
+                    raise self.precondition("plan does not match the graph: "
                         f"plan layer {layer.layer} was computed from other {member} weights than graph block "
                         f"{block.index}: {why}{_rotation_hint(plan.method.get('residual_rotation'))}")
+
+    def ensures(self, model: ir.Model) -> None:
+        nodes = {id(n) for n in model.graph}
+        for block, layer in zip(self.context.blocks, self.context.plan.layers):
+            latents = self.context.layers[block.index].latents
+            if len(latents) != len(layer.groups) or any(id(v.producer()) not in nodes for _, v in latents):
+                raise self.postcondition(f"block {block.index}: {len(layer.groups)} groups planned, "
+                                         f"{len(latents)} latents in the graph")
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         graph = model.graph

@@ -17,6 +17,7 @@ from __future__ import annotations
 import numpy as np
 import onnx_ir as ir
 
+from qsvd_export.passes.contracts import GraphPass
 from qsvd_export.passes._graph import add_node, initializer
 
 
@@ -112,12 +113,25 @@ def unfuse_attention(model: ir.Model) -> tuple[int, list[str]]:
     return done, left
 
 
-class UnfuseAttentionPass(ir.passes.InPlacePass):
+class UnfuseAttentionPass(GraphPass):
     """:func:`unfuse_attention` as a pass (``self.left``: the reasons for nodes left fused)."""
 
     def __init__(self) -> None:
         super().__init__()
         self.left: list[str] = []
+
+    def requires(self, model: ir.Model) -> None:
+        """ONNX ``Attention`` exists from opset 23: a graph holding it must import that opset."""
+        found = next((n for n in model.graph if n.op_type == "Attention" and n.domain in ("", "ai.onnx")), None)
+        opset = model.opset_imports.get("", 0)
+        if found is not None and opset < 23:
+            raise self.precondition(f"an ONNX Attention node in an opset-{opset} graph (Attention needs 23)", found)
+
+    def ensures(self, model: ir.Model) -> None:
+        """The only Attention nodes left are the ones ``left`` gives a reason for."""
+        remaining = sum(1 for n in model.graph if n.op_type == "Attention" and n.domain in ("", "ai.onnx"))
+        if remaining != len(self.left):
+            raise self.postcondition(f"{remaining} Attention nodes left, {len(self.left)} reasons")
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         done, self.left = unfuse_attention(model)
