@@ -89,7 +89,7 @@ def minilm(args: argparse.Namespace) -> list[dict[str, Any]]:
 
     from qsvd_export.data import read_text
     from qsvd_export.evaluate import embedding_cosine, eval_sentences
-    from qsvd_export.plan import load_plan
+    from qsvd_export.plan.io import load_plan
     from qsvd_export.zoo import load_model
 
     work = args.work / "minilm"
@@ -141,7 +141,7 @@ def minilm(args: argparse.Namespace) -> list[dict[str, Any]]:
 def smollm2(args: argparse.Namespace) -> list[dict[str, Any]]:
     from qsvd_export.bundle import bundle_tokenizer
     from qsvd_export.data import read_text, token_windows
-    from qsvd_export.plan import load_plan
+    from qsvd_export.plan.io import load_plan
     from qsvd_export.runtimes.decode import DecoderRunner
 
     if args.dense is None:

@@ -26,7 +26,7 @@ from qsvd_export.compress.allocate import LayerScores
 from qsvd_export.compress.compressor import CompressOptions, analyze, build_plan, kfac_importance
 from qsvd_export.data import read_text, token_windows
 from qsvd_export.evaluate import torch_window_nlls
-from qsvd_export.plan import apply_plan
+from qsvd_export.compress.apply_plan import apply_plan
 from qsvd_export.runtimes.metrics import perplexity
 from qsvd_export.zoo import load_model
 

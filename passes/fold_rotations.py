@@ -36,7 +36,7 @@ import onnx_ir as ir
 from qsvd_export.passes.context import GraphStageContext
 from qsvd_export.passes.contracts import GraphPass, PassContractError
 from qsvd_export.passes.find_attention import find_attention
-from qsvd_export.plan import probes_mismatch, weight_probes
+from qsvd_export.plan.schema import probes_mismatch, weight_probes
 
 class FoldError(PassContractError):
     """The graph's residual stream cannot be rotated as the plan says (the message names the node)."""

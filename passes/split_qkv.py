@@ -15,7 +15,7 @@ import onnx_ir as ir
 from qsvd_export.passes._graph import add_node, initializer
 from qsvd_export.passes.context import GraphStageContext, LayerRewrite
 from qsvd_export.passes.contracts import GraphPass
-from qsvd_export.plan import probes_mismatch, weight_probes
+from qsvd_export.plan.schema import probes_mismatch, weight_probes
 
 
 class SplitQKVPass(GraphPass):

@@ -13,7 +13,8 @@ from qsvd_export.compress.budget import Budget, LayerDims, parse_budget, ratios
 from qsvd_export.compress.compressor import CompressOptions, compress_model
 from qsvd_export.compress.rotation import random_orthogonal, randomized_hadamard
 from qsvd_export.errors import BadInputError, UsageError
-from qsvd_export.plan import apply_plan, load_plan, save_plan
+from qsvd_export.compress.apply_plan import apply_plan
+from qsvd_export.plan.io import load_plan, save_plan
 from qsvd_export.zoo import load_model
 
 WINDOWS = np.random.default_rng(0).integers(0, 256, (8, 24))

@@ -13,7 +13,8 @@ from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
 from qsvd_export.cli import main
-from qsvd_export.plan import apply_plan, load_plan
+from qsvd_export.compress.apply_plan import apply_plan
+from qsvd_export.plan.io import load_plan
 from qsvd_export.runtimes.decode import DecoderRunner
 
 VOCAB = 64

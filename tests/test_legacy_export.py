@@ -10,7 +10,8 @@ import pytest
 import torch
 
 from qsvd_export.cli import main
-from qsvd_export.plan import apply_plan, load_plan
+from qsvd_export.compress.apply_plan import apply_plan
+from qsvd_export.plan.io import load_plan
 from qsvd_export.tiny import build_tiny
 from parity import assert_decoder_parity
 

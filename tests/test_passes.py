@@ -19,7 +19,7 @@ from qsvd_export.passes.context import GraphStageContext
 from qsvd_export.passes.find_attention import find_attention
 from qsvd_export.passes.latent_kv import LatentKVPass
 from qsvd_export.passes.split_qkv import SplitQKVPass
-from qsvd_export.plan import apply_plan
+from qsvd_export.compress.apply_plan import apply_plan
 from qsvd_export.runtimes.decode import DecoderRunner
 from qsvd_export.zoo import load_model
 

@@ -91,7 +91,7 @@ def smollm2_latent(tmp_path_factory):
     from qsvd_export.compress.budget import parse_budget
     from qsvd_export.compress.compressor import CompressOptions
     from qsvd_export.build.compressed import build_compressed_bundle
-    from qsvd_export.plan import load_plan
+    from qsvd_export.plan.io import load_plan
 
     out = tmp_path_factory.mktemp("smollm2-latent") / "bundle"
     # Small calibration: this checks graph/torch parity, not compression quality (see benchmarks.quality).
@@ -103,7 +103,7 @@ def smollm2_latent(tmp_path_factory):
 def test_smollm2_latent_bundle_matches_torch_with_plan(smollm2_latent):
     import copy
 
-    from qsvd_export.plan import apply_plan
+    from qsvd_export.compress.apply_plan import apply_plan
 
     loaded, plan, runner, report = smollm2_latent
     model = apply_plan(copy.deepcopy(loaded.model), plan)

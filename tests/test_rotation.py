@@ -80,7 +80,8 @@ def test_a_rotated_plan_is_folded_into_the_unrotated_graph(family, online_mlp, o
                                                            capsys):
     """fold_rotations: the plain dense graph takes a `compress --rotate [--rotate-mlp] [--rotate-o-proj]` plan;
     the bundle equals the rotated torch model with that plan (prefill and a cached step)."""
-    from qsvd_export.plan import apply_plan, load_plan
+    from qsvd_export.compress.apply_plan import apply_plan
+    from qsvd_export.plan.io import load_plan
 
     rotated = tmp_path / "rotated"
     extra = (["--rotate-mlp"] if online_mlp else []) + (["--rotate-o-proj"] if online_o_proj else [])

@@ -16,7 +16,8 @@ import torch
 from qsvd_export.compress.budget import parse_budget
 from qsvd_export.compress.compressor import CompressOptions
 from qsvd_export.build.compressed import build_compressed_bundle
-from qsvd_export.plan import apply_plan, load_plan
+from qsvd_export.compress.apply_plan import apply_plan
+from qsvd_export.plan.io import load_plan
 from qsvd_export.runtimes.vlm import VisionLanguageRunner, processor_inputs
 from qsvd_export.zoo import load_model
 

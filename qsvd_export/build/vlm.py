@@ -81,7 +81,8 @@ def build_vlm_bundle(loaded: LoadedModel, out: Path, overwrite: bool, timings: d
     Returns a ``BuildResult``."""
     from qsvd_export.export import cache_layout_from_graph, export_vlm, sync_cache_dtypes
     from qsvd_export.passes.chain import run_graph_stage
-    from qsvd_export.plan import plan_for_graph, save_plan
+    from qsvd_export.plan.io import save_plan
+    from qsvd_export.plan.schema import plan_for_graph
     from qsvd_export.progress import info
 
     start = time.perf_counter()

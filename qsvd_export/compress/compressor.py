@@ -30,7 +30,7 @@ from qsvd_export.compress.svd import WhitenedSVD, output_whitening, whitened_svd
 from qsvd_export.data import read_text, resolve_text, token_windows
 from qsvd_export.errors import UnsupportedModelError, UsageError
 from qsvd_export.models.projections import attention_projections
-from qsvd_export.plan import CompressionPlan, PlanGroup, PlanLayer, weight_probes
+from qsvd_export.plan.schema import CompressionPlan, PlanGroup, PlanLayer, weight_probes
 from qsvd_export.progress import bar, info
 from qsvd_export.quant.presets import Bits, parse_bits
 from qsvd_export.loaded import LoadedModel

@@ -32,7 +32,7 @@ from qsvd_export.compress.graph_probe import probe_values
 from qsvd_export.errors import UsageError
 from qsvd_export.onnx_io import load_onnx
 from qsvd_export.passes.find_attention import AttentionBlock, find_attention
-from qsvd_export.plan import CompressionPlan
+from qsvd_export.plan.schema import CompressionPlan
 from qsvd_export.progress import bar, warn
 from qsvd_export.runtimes.feeds import sample_feed
 

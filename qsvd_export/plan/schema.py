@@ -13,15 +13,15 @@ from __future__ import annotations
 
 import json
 from dataclasses import asdict, dataclass, field, replace
-from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import torch
-from torch import nn
 
 from qsvd_export.compress.budget import LayerDims, layer_cost
 from qsvd_export.errors import BadInputError
+
+if TYPE_CHECKING:  # factors are torch tensors from the torch stage and load_plan; the schema itself needs no torch
+    import torch
 
 PLAN_JSON = "plan.json"
 PLAN_TENSORS = "plan.safetensors"
@@ -121,7 +121,7 @@ class CompressionPlan:
     spectra: dict[str, Any] = field(default_factory=dict)
     format: str = PLAN_FORMAT
     version: int = PLAN_VERSION
-    tensors: dict[str, torch.Tensor] = field(default_factory=dict, repr=False, compare=False)
+    tensors: "dict[str, torch.Tensor]" = field(default_factory=dict, repr=False, compare=False)
 
     def to_json(self) -> str:
         data = asdict(self)
@@ -155,96 +155,3 @@ def plan_for_graph(plan: CompressionPlan, graph: str) -> CompressionPlan:
     if not layers:
         raise BadInputError(f"plan has no layer in graph '{graph}'")
     return replace(plan, layers=layers, tensors=tensors)
-
-
-def save_plan(plan: CompressionPlan, folder: Path) -> None:
-    from safetensors.torch import save_file
-
-    folder = Path(folder)
-    (folder / PLAN_JSON).write_text(plan.to_json())
-    tensors = {k: plan.tensors[k].to(torch.float32).contiguous() for k in sorted(plan.tensors)}
-    save_file(tensors, str(folder / PLAN_TENSORS), metadata={"format": "pt"})
-
-
-def load_plan(folder: Path) -> CompressionPlan:
-    """Read a plan folder (no pickle: JSON + safetensors). Raises :class:`BadInputError` if malformed."""
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
-    folder = Path(folder)
-    json_path, tensor_path = folder / PLAN_JSON, folder / PLAN_TENSORS
-    if not json_path.is_file() or not tensor_path.is_file():
-        raise BadInputError(f"{folder}: not a plan folder (needs {PLAN_JSON} and {PLAN_TENSORS})")
-    try:
-        data = json.loads(json_path.read_text())
-        if data.get("format") != PLAN_FORMAT or data.get("version") != PLAN_VERSION:
-            raise BadInputError(f"{json_path}: not a {PLAN_FORMAT} v{PLAN_VERSION} plan")
-        data["layers"] = [
-            PlanLayer(**{**layer, "groups": [PlanGroup(**g) for g in layer["groups"]]}) for layer in data["layers"]
-        ]
-        plan = CompressionPlan(**data)
-    except (json.JSONDecodeError, TypeError, KeyError) as exc:
-        raise BadInputError(f"{json_path}: malformed plan ({exc.__class__.__name__}: {exc})") from None
-    try:
-        plan.tensors = load_file(str(tensor_path))
-    except (SafetensorError, OSError) as exc:
-        raise BadInputError(f"{tensor_path}: unreadable factors ({exc})") from None
-    for layer in plan.layers:
-        for group in layer.groups:
-            down = plan.factor(layer.layer, group.members, "down")
-            if tuple(down.shape) != (group.rank, layer.dims["e"]):
-                raise BadInputError(f"plan tensor {CompressionPlan.tensor_name(layer.layer, group.members, 'down')} "
-                                    f"has shape {tuple(down.shape)}, expected {(group.rank, layer.dims['e'])}")
-            for m in group.members:
-                up = plan.factor(layer.layer, group.members, f"up_{m}")
-                if tuple(up.shape) != (layer.dims[m], group.rank):
-                    raise BadInputError(f"plan tensor up_{m} of layer {layer.layer} has shape {tuple(up.shape)}")
-    return plan
-
-
-class LowRankLinear(nn.Module):
-    """y = (x · downᵀ) · upᵀ + bias: one member of a factor group (the down-projection is shared in ONNX)."""
-
-    def __init__(self, down: torch.Tensor, up: torch.Tensor, bias: torch.Tensor | None) -> None:
-        super().__init__()
-        self.down = nn.Parameter(down.detach().clone().float(), requires_grad=False)
-        self.up = nn.Parameter(up.detach().clone().float(), requires_grad=False)
-        self.bias = None if bias is None else nn.Parameter(bias.detach().clone().float(), requires_grad=False)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = (x @ self.down.T) @ self.up.T
-        return y if self.bias is None else y + self.bias
-
-
-def _dense(weight: torch.Tensor, bias: torch.Tensor | None) -> nn.Linear:
-    layer = nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None)
-    with torch.no_grad():
-        layer.weight.copy_(weight)
-        if bias is not None:
-            layer.bias.copy_(bias)
-    return layer
-
-
-def apply_plan(model: nn.Module, plan: CompressionPlan) -> nn.Module:
-    """Replace the Q/K/V projections of ``model`` in place with the plan's factors; returns ``model``."""
-    from qsvd_export.models.projections import attention_projections
-
-    blocks = attention_projections(model)
-    if len(blocks) != len(plan.layers):
-        raise BadInputError(f"plan has {len(plan.layers)} layers, model has {len(blocks)} attention blocks")
-    for block, layer in zip(blocks, plan.layers):
-        if block.dims != layer.dims:
-            raise BadInputError(f"plan layer {layer.layer} dims {layer.dims} do not match the model's {block.dims}")
-        if not layer.groups:
-            continue
-        weights, biases = block.weights(), block.biases()
-        modules = []
-        for m, w, b in zip("qkv", weights, biases):
-            group = layer.group_of(m)
-            if group is None:
-                modules.append(_dense(w, b))
-            else:
-                down = plan.factor(layer.layer, group.members, "down")
-                modules.append(LowRankLinear(down, plan.factor(layer.layer, group.members, f"up_{m}"), b))
-        block.replace(*modules)
-    return model
