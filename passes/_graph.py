@@ -28,6 +28,26 @@ def const_array(value: ir.Value | None) -> np.ndarray | None:
     return None
 
 
+def matmul_weight(node: ir.Node, through_transpose: bool = True) -> np.ndarray | None:
+    """The constant [K, N] weight of ``MatMul(x, W)``: W an initializer or a Constant node's 2-D output, or (with
+    ``through_transpose``) ``Transpose(W)`` with perm (1, 0) of one; None for any other MatMul or node.
+
+    The one answer to "which MatMul has a constant weight" for find_attention, quantize_weights and the npu
+    weight ranges."""
+    if node.op_type != "MatMul" or node.domain not in ("", "ai.onnx") or len(node.inputs) != 2:
+        return None
+    b = node.inputs[1]
+    weight = const_array(b)
+    if weight is None and through_transpose and b is not None and b.producer() is not None:
+        producer = b.producer()
+        perm = producer.attributes.get("perm")  # type: ignore[union-attr]
+        if producer.op_type == "Transpose" and producer.domain in ("", "ai.onnx") \
+                and (perm is None or list(perm.value) == [1, 0]):  # type: ignore[union-attr]
+            inner = const_array(producer.inputs[0])  # type: ignore[union-attr]
+            weight = None if inner is None else inner.T
+    return weight if weight is not None and weight.ndim == 2 else None
+
+
 def graph_inputs_reached(value: ir.Value, limit: int = 10_000) -> set[ir.Value]:
     """Graph inputs in the backward slice of ``value`` (initializers are constants, not inputs)."""
     seen: set[int] = set()

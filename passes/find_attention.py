@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import onnx_ir as ir
 
-from qsvd_export.passes._graph import const_array, path_nodes, topo_order
+from qsvd_export.passes._graph import const_array, matmul_weight, path_nodes, topo_order
 from qsvd_export.passes.contracts import Decline
 
 # Attention kernels of ONNX (opset 23) and onnxruntime's contrib domain: nothing inside them to match.
@@ -93,16 +93,9 @@ class AttentionMatches:
 
 def _projection_weight(node: ir.Node) -> tuple[ir.Value, np.ndarray, np.ndarray | None] | None:
     """(input X, weight [E, out], bias or None) if ``node`` is a projection with constant weights."""
-    if node.op_type == "MatMul" and len(node.inputs) == 2:
-        x, w = node.inputs
-        weight = const_array(w)
-        if weight is None and w is not None and w.producer() is not None:
-            t = w.producer()
-            if t.op_type == "Transpose" and list(t.attributes.get("perm", ir.AttrInt64s("perm", [1, 0])).value) == [1, 0]:
-                inner = const_array(t.inputs[0])
-                weight = None if inner is None else inner.T
-        if weight is not None and weight.ndim == 2 and x is not None:
-            return x, np.asarray(weight, dtype=np.float32), None
+    weight = matmul_weight(node)
+    if weight is not None and node.inputs[0] is not None:
+        return node.inputs[0], np.asarray(weight, dtype=np.float32), None
     if node.op_type == "Gemm":
         a, b = node.inputs[0], node.inputs[1]
         weight = const_array(b)

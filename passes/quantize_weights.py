@@ -19,7 +19,7 @@ import onnx_ir as ir
 from qsvd_export.quant.matmul_nbits import pack_matmulnbits, quantize_blockwise
 from onnx_ir.convenience import convert_attributes
 
-from qsvd_export.passes._graph import initializer
+from qsvd_export.passes._graph import initializer, matmul_weight
 from qsvd_export.passes.contracts import GraphPass
 
 MS_DOMAIN = "com.microsoft"
@@ -35,23 +35,6 @@ class WeightQuantReport:
     def as_dict(self) -> dict:
         return {"quantized_matmuls": len(self.quantized), "skipped": self.skipped,
                 "float_weight_bytes": self.float_bytes, "packed_weight_bytes": self.packed_bytes}
-
-
-def constant_weight(node: ir.Node) -> np.ndarray | None:
-    """The [K, N] weight of ``MatMul(x, W)`` if W is an initializer or a transposed one, else None."""
-    b = node.inputs[1]
-    if b is None:
-        return None
-    if b.const_value is not None and len(b.shape or ()) == 2:
-        return b.const_value.numpy()
-    producer = b.producer()
-    if producer is not None and producer.op_type == "Transpose" and producer.domain in ("", "ai.onnx"):
-        source = producer.inputs[0]
-        perm = producer.attributes.get("perm")
-        if source is not None and source.const_value is not None and len(source.shape or ()) == 2 and \
-                (perm is None or list(perm.value) == [1, 0]):
-            return source.const_value.numpy().T
-    return None
 
 
 class QuantizeWeightsPass(GraphPass):
@@ -78,7 +61,7 @@ class QuantizeWeightsPass(GraphPass):
         """No float32 constant-weight MatMul is left outside ``exclude``."""
         for node in model.graph:
             if node.op_type == "MatMul" and node.domain in ("", "ai.onnx") and node.name not in self.exclude:
-                weight = constant_weight(node)
+                weight = matmul_weight(node)
                 if weight is not None and weight.dtype == np.float32:
                     raise self.postcondition("a float MatMul weight is left", node)
 
@@ -88,7 +71,7 @@ class QuantizeWeightsPass(GraphPass):
         for node in list(graph):
             if node.op_type != "MatMul" or node.domain not in ("", "ai.onnx") or node.name in self.exclude:
                 continue
-            weight = constant_weight(node)
+            weight = matmul_weight(node)
             if weight is None:
                 continue
             if weight.dtype != np.float32:

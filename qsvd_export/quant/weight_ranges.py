@@ -61,16 +61,18 @@ class MatMulWeight:
 
 
 def matmul_weights(float_path: Path) -> dict[str, MatMulWeight]:
-    """{MatMul node name: its 2-D initializer weight} of the graph at ``float_path``."""
-    import onnx
-    from onnx import numpy_helper
+    """{MatMul node name: its 2-D initializer weight} of the graph at ``float_path``
+    (:func:`qsvd_export.passes._graph.matmul_weight`, initializers only: the QDQ rules address them by name)."""
+    import onnx_ir as ir
 
-    proto = onnx.load(float_path, load_external_data=False)
-    matrices = {i.name: i for i in proto.graph.initializer if len(i.dims) == 2}
-    return {node.name: MatMulWeight(node.input[1], numpy_helper.to_array(matrices[node.input[1]],
-                                                                         base_dir=str(float_path.parent)),
-                                    node.input[0])
-            for node in proto.graph.node if node.op_type == "MatMul" and node.input[1] in matrices}
+    from qsvd_export.passes._graph import matmul_weight
+
+    found = {}
+    for node in ir.load(float_path).graph:
+        weight = matmul_weight(node, through_transpose=False)
+        if weight is not None and node.inputs[1].is_initializer():  # type: ignore[union-attr]
+            found[node.name] = MatMulWeight(node.inputs[1].name, weight, node.inputs[0].name)  # type: ignore[union-attr,arg-type]
+    return found
 
 
 def input_second_moments(float_path: Path, feeds: list[dict[str, np.ndarray]],
