@@ -23,7 +23,8 @@ import torch
 
 from qsvd_export.compress.budget import parse_budget
 from qsvd_export.compress.allocate import LayerScores
-from qsvd_export.compress.compressor import CompressOptions, analyze, build_plan, kfac_importance
+from qsvd_export.compress.compressor import analyze, build_plan, kfac_importance
+from qsvd_export.compress.options import CompressOptions
 from qsvd_export.data import read_text, token_windows
 from qsvd_export.evaluate import torch_window_nlls
 from qsvd_export.compress.apply_plan import apply_plan

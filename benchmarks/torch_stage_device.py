@@ -34,7 +34,8 @@ def compare(folder: Path, device: str, device_map: str | None = None) -> dict[st
     import torch
 
     from qsvd_export.compress.budget import parse_budget
-    from qsvd_export.compress.compressor import CompressOptions, compress_model
+    from qsvd_export.compress.compressor import compress_model
+    from qsvd_export.compress.options import CompressOptions
     from qsvd_export.zoo import load_model
 
     loaded = load_model(str(folder))

@@ -10,7 +10,8 @@ import torch
 
 from qsvd_export.compress.allocate import LayerScores, allocate_qsvd, allocate_uniform
 from qsvd_export.compress.budget import Budget, LayerDims, parse_budget, ratios
-from qsvd_export.compress.compressor import CompressOptions, compress_model
+from qsvd_export.compress.compressor import compress_model
+from qsvd_export.compress.options import CompressOptions
 from qsvd_export.compress.rotation import random_orthogonal, randomized_hadamard
 from qsvd_export.errors import BadInputError, UsageError
 from qsvd_export.compress.apply_plan import apply_plan

@@ -97,7 +97,8 @@ def test_sdpa_export_in_a_bare_folder_gets_a_graph_only_plan_equal_to_torch(fami
     assert plan.calibration["gradients"] == "torch autograd of the graph"  # IsNaN, GatherND differentiable
     if family not in VISION:  # the graph's gradients choose the torch stage's ranks on the same windows
         from qsvd_export.compress.budget import parse_budget
-        from qsvd_export.compress.compressor import CompressOptions, compress_model
+        from qsvd_export.compress.compressor import compress_model
+        from qsvd_export.compress.options import CompressOptions
 
         options = CompressOptions(parse_budget("params=0.8"), calib_windows=4, calib_length=16, grad_windows=2)
         torch_plan = compress_model(build_tiny(family), options, np.load(tmp_path / "calib.npz")["input_ids"])

@@ -15,7 +15,8 @@ from onnx.reference import ReferenceEvaluator
 
 from qsvd_export.compress import graph_autograd
 from qsvd_export.compress.budget import parse_budget
-from qsvd_export.compress.compressor import CompressOptions, compress_model
+from qsvd_export.compress.compressor import compress_model
+from qsvd_export.compress.options import CompressOptions
 from qsvd_export.compress.graph_autograd import TorchGraph, UnsupportedGraph
 from qsvd_export.compress.graph_only import graph_only_plan
 from qsvd_export.runtimes.feeds import first_step_feed

@@ -75,7 +75,8 @@ def test_bare_legacy_graph_gets_the_torch_stage_plan_from_its_own_gradients(tmp_
     """No bundle: --tokenizer gives the head counts (config.json), --calib-npz the windows; the graph's own
     gradients (it is upgraded from opset 17 first) choose the torch stage's ranks on those windows."""
     from qsvd_export.compress.budget import parse_budget
-    from qsvd_export.compress.compressor import CompressOptions, compress_model
+    from qsvd_export.compress.compressor import compress_model
+    from qsvd_export.compress.options import CompressOptions
 
     from transformers import AutoTokenizer
 

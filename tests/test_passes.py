@@ -11,7 +11,8 @@ import torch
 
 from conftest import DECODER_FAMILIES
 from qsvd_export.compress.budget import parse_budget
-from qsvd_export.compress.compressor import CompressOptions, compress_model
+from qsvd_export.compress.compressor import compress_model
+from qsvd_export.compress.options import CompressOptions
 from qsvd_export.errors import BadInputError
 from qsvd_export.export import cache_layout_from_graph
 from qsvd_export.passes.chain import run_graph_stage

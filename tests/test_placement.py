@@ -12,7 +12,8 @@ import json
 import pytest
 import torch
 from qsvd_export.compress.budget import parse_budget
-from qsvd_export.compress.compressor import CompressOptions, compress_model
+from qsvd_export.compress.compressor import compress_model
+from qsvd_export.compress.options import CompressOptions
 from qsvd_export.compress.placement import read_device_map, resolve_device_map
 from qsvd_export.errors import UsageError
 from qsvd_export.zoo import load_model

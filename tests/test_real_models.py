@@ -89,7 +89,7 @@ def test_minilm_encoder_matches_transformers(tmp_path):
 @pytest.fixture(scope="module")
 def smollm2_latent(tmp_path_factory):
     from qsvd_export.compress.budget import parse_budget
-    from qsvd_export.compress.compressor import CompressOptions
+    from qsvd_export.compress.options import CompressOptions
     from qsvd_export.build.compressed import build_compressed_bundle
     from qsvd_export.plan.io import load_plan
 

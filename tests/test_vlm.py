@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from qsvd_export.compress.budget import parse_budget
-from qsvd_export.compress.compressor import CompressOptions
+from qsvd_export.compress.options import CompressOptions
 from qsvd_export.build.compressed import build_compressed_bundle
 from qsvd_export.compress.apply_plan import apply_plan
 from qsvd_export.plan.io import load_plan

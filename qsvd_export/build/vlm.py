@@ -22,10 +22,10 @@ from qsvd_export.build.files import (
     save_tokenizer,
 )
 from qsvd_export.build.finish import apply_target, finish_bundle
-from qsvd_export.targets.policy import check_optimized_graph
 from qsvd_export.bundle import CONFIG_NAME, BundleConfig, GraphSpec, atomic_output_dir, write_json
 from qsvd_export.errors import UsageError
 from qsvd_export.loaded import LoadedModel
+from qsvd_export.targets.policy import check_optimized_graph
 
 ROLES = {"vision": "vision.onnx", "embed": "embed.onnx", "model": "model.onnx"}
 

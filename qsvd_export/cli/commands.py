@@ -124,7 +124,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from qsvd_export.build.dense import build_dense_bundle
     from qsvd_export.bundle import CONFIG_NAME
     from qsvd_export.compress.budget import parse_budget
-    from qsvd_export.compress.compressor import CompressOptions
+    from qsvd_export.compress.options import CompressOptions
 
     out: Path = args.output
     dense_dir, latent_dir = out / "dense", out / f"qsvd-{args.budget.replace('=', '').replace(',', '-')}"

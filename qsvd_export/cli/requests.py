@@ -60,7 +60,7 @@ def compress_request(args: argparse.Namespace) -> dict[str, Any]:
     ``qsvd_export.api``)."""
     from qsvd_export.build.stages import check_rotation_options, check_target_options
     from qsvd_export.compress.budget import parse_budget
-    from qsvd_export.compress.compressor import CompressOptions
+    from qsvd_export.compress.options import CompressOptions
     from qsvd_export.quant.presets import parse_bits
 
     for flag in ("calib_windows", "calib_length", "grad_windows", "eval_windows", "min_rank"):
@@ -110,7 +110,7 @@ def compile_request(args: argparse.Namespace) -> dict[str, Any]:
         raise UsageError("--calib-images is for graph-only plans: give --budget too")
     if args.budget is not None:
         from qsvd_export.compress.budget import parse_budget
-        from qsvd_export.compress.compressor import CompressOptions
+        from qsvd_export.compress.options import CompressOptions
 
         for flag in ("calib_windows", "calib_length", "grad_windows"):
             least = 0 if flag == "grad_windows" else 2

@@ -10,7 +10,7 @@ With ``grad_windows=0`` the whitened spectrum energy σ_i² / Σ_j σ_j² of eac
 from __future__ import annotations
 
 import hashlib
-from dataclasses import asdict, dataclass, replace
+from dataclasses import dataclass
 from typing import Any, Callable
 
 import numpy as np
@@ -20,7 +20,8 @@ from qsvd_export.compress.allocate import (
     LayerScores, allocate_fisher, allocate_qsvd, allocate_uniform,
 )
 from qsvd_export.compress.beta import rotated_factors, search_beta
-from qsvd_export.compress.budget import Budget, LayerDims, ratios
+from qsvd_export.compress.budget import LayerDims, ratios
+from qsvd_export.compress.options import CompressOptions, with_calibration_defaults
 from qsvd_export.compress.calibrate import LossFn, collect_input_stats, for_each_gradient, hidden_state_probe_loss, lm_loss
 from qsvd_export.compress.memory import return_freed_memory
 from qsvd_export.compress.placement import torch_stage_placement
@@ -43,46 +44,6 @@ FISHER_INPUT_DEFAULT = {"decoder": "absmean", "encoder": "cholesky", "vision": "
 # sentences, so they calibrate on sentence-length windows (measured on minilm: 256 x 32 beats 128 x 128).
 # Vision graphs (graph-only, --calib-images): up to 128 images, gradients on 32; no token length.
 # VLMs: 64 image + 256-token text samples (an image prompt adds image_seq_len tokens per frame), 16 with gradients.
-CALIBRATION_DEFAULTS = {"decoder": (128, 512, 32), "encoder": (256, 32, 128), "vision": (128, 0, 32),
-                        "vlm": (64, 256, 16)}
-
-
-def with_calibration_defaults(options: CompressOptions, kind: str) -> CompressOptions:
-    """``options`` with unset calibration sizes filled in for a model of ``kind``."""
-    windows, length, grads = CALIBRATION_DEFAULTS.get(kind, CALIBRATION_DEFAULTS["decoder"])
-    return replace(options,
-                   calib_windows=windows if options.calib_windows is None else options.calib_windows,
-                   calib_length=length if options.calib_length is None else options.calib_length,
-                   grad_windows=grads if options.grad_windows is None else options.grad_windows)
-
-
-@dataclass
-class CompressOptions:
-    budget: Budget
-    allocation: str = "qsvd"
-    grouping: str = "auto"  # auto | qkv | kv | separate
-    whitening: str = "fisher"  # fisher | absmean | cholesky | none
-    alpha: float | None = None  # absmean exponent (default 1.0 with fisher, 0.5 with absmean, as in ASVD)
-    fisher_gamma: float = 0.5  # output side: F^(γ/2)
-    fisher_input: str | None = None  # input side of fisher whitening: absmean | cholesky (None: per model kind)
-    calib_text: str = "wiki_calib"
-    calib_images: str | None = None  # VLMs: a folder of calibration images (None: skimage.data samples)
-    calib_windows: int | None = None  # None: CALIBRATION_DEFAULTS for the model kind
-    calib_length: int | None = None
-    grad_windows: int | None = None
-    importance: str = "gradient"  # gradient (paper) | kfac (from the Fisher whitening statistics, no extra pass)
-    bits: str = "fp"
-    beta: float | None = None  # None: searched per group when bits are set, else 0.5
-    rotation: str = "orthogonal"  # H2 on the latent
-    residual_rotation: bool = False  # H1: norms folded, residual stream rotated before calibration
-    rotate_mlp: bool = False  # with residual_rotation: down_proj inputs rotated online (one MatMul per layer)
-    rotate_o_proj: bool = False  # with residual_rotation: o_proj inputs rotated online (across and within heads)
-    min_rank: int = 8
-    seed: int = 0
-    device: str = "cpu"  # where the torch stage runs (calibration, gradients, SVDs): cpu, cuda, cuda:N
-    device_map: str | None = None  # or split over GPUs: an accelerate strategy (auto, balanced, ...) or a JSON file
-
-
 def _candidate_groups(options: CompressOptions) -> tuple[str, ...]:
     if options.grouping == "separate":
         return ("k", "v")
@@ -438,9 +399,3 @@ def compress_model(loaded: LoadedModel, options: CompressOptions, windows: np.nd
     del analysis  # the candidate factors of every layer: the export that follows needs the memory
     return_freed_memory()
     return plan
-
-
-def options_summary(options: CompressOptions) -> dict[str, Any]:
-    data = asdict(options)
-    data["budget"] = options.budget.describe()
-    return data

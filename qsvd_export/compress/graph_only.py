@@ -24,9 +24,8 @@ import torch
 
 from qsvd_export.compress.budget import LayerDims
 from qsvd_export.compress.calibrate import InputStats
-from qsvd_export.compress.compressor import (
-    CompressOptions, GradientRunner, OutputFisherSum, analyze_statistics, build_plan, with_calibration_defaults,
-)
+from qsvd_export.compress.compressor import GradientRunner, OutputFisherSum, analyze_statistics, build_plan
+from qsvd_export.compress.options import CompressOptions, with_calibration_defaults
 from qsvd_export.compress.graph_autograd import TorchGraph, UnsupportedGraph
 from qsvd_export.compress.graph_probe import probe_values
 from qsvd_export.errors import UsageError

@@ -27,6 +27,8 @@ from qsvd_export.quant.presets import Bits, parse_bits
 if TYPE_CHECKING:  # the graph libraries load when a target runs, not when the CLI starts
     import onnx_ir as ir
 
+    from qsvd_export.targets.npu.options import NpuOptions
+
 
 @dataclass(frozen=True)
 class TargetPolicy:
@@ -79,7 +81,7 @@ class TargetPolicy:
         return report
 
     def finish(self, folder: Path, config: BundleConfig, report: dict[str, Any], strict: bool, tokenizer: Any,
-               npu_options: Any, verify: bool, timings: dict[str, float]) -> dict[str, Any]:
+               npu_options: NpuOptions | None, verify: bool, timings: dict[str, float]) -> dict[str, Any]:
         """File-level steps once ``folder`` holds ``model.onnx``; returns the completed target report (wall times
         go to ``timings``). Here: the check of the graph ONNX Runtime runs (:func:`check_optimized_graph`)."""
         check_optimized_graph(folder / GRAPH_FILE, report, strict)

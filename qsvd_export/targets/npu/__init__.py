@@ -30,6 +30,8 @@ from qsvd_export.targets.policy import TargetPolicy
 if TYPE_CHECKING:
     import onnx_ir as ir
 
+    from qsvd_export.targets.npu.options import NpuOptions
+
 
 class NpuTarget(TargetPolicy):
     """Static QDQ graphs for QNN HTP, built by :meth:`finish` on the written ``model.onnx``."""
@@ -39,7 +41,7 @@ class NpuTarget(TargetPolicy):
         return {}  # static graphs + QDQ are built on files: finish()
 
     def finish(self, folder: Path, config: BundleConfig, report: dict[str, Any], strict: bool, tokenizer: Any,
-               npu_options: Any, verify: bool, timings: dict[str, float]) -> dict[str, Any]:
+               npu_options: NpuOptions | None, verify: bool, timings: dict[str, float]) -> dict[str, Any]:
         from qsvd_export.targets.npu.bundle import finish_npu_bundle  # onnxruntime and the QDQ tools: only when used
 
         return finish_npu_bundle(folder, config, report, strict, tokenizer, npu_options, verify, timings)

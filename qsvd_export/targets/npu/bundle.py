@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 import onnx_ir as ir
+
 from qsvd_export.bundle import GraphSpec, LayerCache
 from qsvd_export.errors import RuntimeFailure, UsageError
 from qsvd_export.quant.presets import Bits

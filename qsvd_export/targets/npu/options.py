@@ -5,8 +5,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from qsvd_export.quant.activation_ranges import METHODS as CALIBRATION_METHODS
 from qsvd_export.errors import RuntimeFailure, UsageError
+from qsvd_export.quant.activation_ranges import METHODS as CALIBRATION_METHODS
 
 NPU_BITS = ("w8a16", "w8a8", "w4a16", "w4a8")  # the presets QNN HTP runs (8/16-bit activations)
 HTP_ARCH = "73"  # Snapdragon 8 Gen 2 generation: 16-bit x 16-bit MatMul (v68, the backend default, has none)

@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+
 from qsvd_export.errors import RuntimeFailure
 from qsvd_export.quant.presets import Bits
 from qsvd_export.targets.npu.static_graphs import FeedReader
@@ -36,6 +37,7 @@ def tensor_overrides(float_path: Path, weight: Any, matmul_inputs: Any | None,
       on the cpu target (smollm2 with H1, w4a16: 1.63x dense with an int4 head)."""
     import onnx
     from onnxruntime.quantization import QuantType
+
     from qsvd_export.passes.rotary_tables import TABLE_SUFFIX
 
     proto = onnx.load(float_path, load_external_data=False)
@@ -86,6 +88,7 @@ def insert_qdq(float_path: Path, out_path: Path, bits: Bits, feeds: list[dict[st
     import onnxruntime as ort
     from onnxruntime.quantization import CalibrationMethod, QuantType, quantize
     from onnxruntime.quantization.execution_providers.qnn import get_qnn_qdq_config
+
     from qsvd_export.quant.activation_ranges import clipped_ranges
 
     matmul_inputs = {16: None, 8: QuantType.QUInt8}[bits.activations or 16]

@@ -7,6 +7,7 @@ from typing import Any
 
 import numpy as np
 import onnx_ir as ir
+
 from qsvd_export.bundle import LayerCache
 from qsvd_export.targets.npu.options import NpuOptions
 

@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+
 from qsvd_export.bundle import LayerCache
 from qsvd_export.errors import RuntimeFailure
 from qsvd_export.targets.npu.options import CONTEXT_FILES, GRAPH_FILES, NpuOptions, require_qnn
