@@ -1,0 +1,108 @@
+"""``qsvd-export export``: the dense bundle of a model (fp32, or quantized for a target)."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from qsvd_export.build.evaluate import evaluate_onnx
+from qsvd_export.build.files import BuildResult, graph_weight_bytes, write_bundle
+from qsvd_export.build.finish import apply_target, finish_bundle, finish_target
+from qsvd_export.build.kv_cache import KvCacheOptions, latent_cache_layout, latent_kv_layers
+from qsvd_export.build.stages import (
+    check_rotation_options,
+    check_target_options,
+    export_preset,
+    plain_causal_model,
+    release_torch_model,
+    release_torch_weights,
+    smooth_for_target,
+)
+from qsvd_export.bundle import atomic_output_dir, write_json
+from qsvd_export.export import export_graph
+from qsvd_export.zoo import load_model
+
+if TYPE_CHECKING:
+    from qsvd_export.targets.npu.options import NpuOptions
+
+
+def build_dense_bundle(spec: str, out: Path, overwrite: bool = False, seed: int = 0, rotate: bool = False,
+                       rotate_mlp: bool = False, rotate_o_proj: bool = False,
+                       target: str | None = None, bits: str | None = None, strict: bool = False,
+                       smooth: bool | None = None, smooth_windows: int = 16, npu_options: NpuOptions | None = None,
+                       verify: bool = True, mobile: bool = False, kv: "KvCacheOptions | None" = None,
+                       eval_text: str | None = None, eval_windows: int = 32) -> BuildResult:
+    """``qsvd-export export``: the dense bundle of ``spec`` (fp32, or quantized for ``target``).
+
+    ``rotate``: fold the norm gains and rotate the residual stream first (H1, QuaRot; outputs unchanged);
+    ``rotate_mlp``: also rotate every down_proj input online (one constant MatMul per layer);
+    ``rotate_o_proj``: every o_proj input (across and within heads).
+    ``smooth``: activation-aware weight scaling for the target's weight bits, calibrated on
+    ``smooth_windows`` × 512 tokens of wiki_calib (outputs unchanged in fp32). With ``target`` set and
+    neither ``bits`` nor ``smooth`` given, the policy's export preset applies (cpu: smoothed w4a8 for
+    the llama family with a tokenizer, else the plain default).
+    ``kv``: the KV cache of the fused attention (cpu target): an absorbed latent under a KV budget and/or
+    an int8 cache (:func:`latent_kv_layers`).
+    """
+    from qsvd_export.bundle import check_output_dir
+
+    check_output_dir(out, overwrite)  # fail before the slow steps
+    check_target_options(target, bits, smooth)
+    check_rotation_options(rotate, rotate_mlp or rotate_o_proj, target, bits)
+    timings: dict[str, float] = {}
+    start = time.perf_counter()
+    loaded = load_model(spec, seed=seed)
+    if loaded.kind == "vlm":
+        from qsvd_export.build.vlm import build_vlm_bundle, check_vlm_options
+
+        check_vlm_options(target, mobile, rotate, smooth)
+        timings["load_s"] = time.perf_counter() - start
+        return build_vlm_bundle(loaded, out, overwrite, timings, target=target, bits=bits, strict=strict)
+    extra: dict[str, Any] = {}
+    if rotate:
+        from qsvd_export.compress.residual_rotation import rotate_residual_stream
+
+        extra["residual_rotation"] = rotate_residual_stream(loaded.model, seed, online_mlp=rotate_mlp,
+                                                            online_o_proj=rotate_o_proj)
+    timings["load_s"] = time.perf_counter() - start
+    if target is not None and bits is None and smooth is None:
+        bits, smooth = export_preset(loaded, target)
+    if smooth:
+        start = time.perf_counter()
+        extra["smoothing"] = smooth_for_target(loaded, target, bits, smooth_windows, seed)
+        timings["smooth_s"] = time.perf_counter() - start
+    start = time.perf_counter()
+    from_files = not rotate and not smooth
+    exported = export_graph(loaded, from_files=from_files)
+    timings["export_s"] = time.perf_counter() - start
+    parameters = int(sum(p.numel() for p in loaded.model.parameters()))
+    latent = None
+    if kv is not None and kv.active:
+        start = time.perf_counter()
+        latent, extra["latent_attention"] = latent_kv_layers(exported.model, loaded, target, kv)
+        timings["latent_attention_s"] = time.perf_counter() - start
+    if eval_text is None:
+        release_torch_weights(loaded)
+    target_report = apply_target(exported.model, target, bits, plain_causal_model(loaded), latent)
+    stage, cache = ("dense", exported.cache) if latent is None else ("latent-attention", latent_cache_layout(exported.model, latent))
+    with atomic_output_dir(out, overwrite) as tmp:
+        config = write_bundle(loaded, exported.model, cache, tmp,
+                              {"stage": stage, "parameters": parameters, **extra})
+        if eval_text is None:
+            release_torch_model(loaded, exported.model)
+        target_report = finish_target(tmp, config, target_report, strict, loaded.tokenizer, npu_options, verify,
+                                      timings)
+        report = json.loads((tmp / "report.json").read_text())
+        if target_report is not None:
+            report.update(target=target_report, weight_bytes=graph_weight_bytes(tmp, config))
+        if eval_text is not None:
+            start = time.perf_counter()
+            report["perplexity"] = evaluate_onnx(loaded, tmp, eval_text, eval_windows)
+            timings["eval_s"] = time.perf_counter() - start
+        write_json(tmp / "report.json", report)
+        finish_bundle(tmp, config, mobile, timings)
+    report = json.loads((Path(out) / "report.json").read_text())
+    return BuildResult(Path(out), config, report, timings)
+

@@ -1,0 +1,82 @@
+"""The target stage and the last steps inside the temporary bundle folder (target files, mobile, runtime
+files, report.md, README, timings)."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import onnx_ir as ir
+
+from qsvd_export.bundle import BundleConfig, write_json
+
+if TYPE_CHECKING:
+    from qsvd_export.targets.npu.options import NpuOptions
+
+
+def apply_target(model: ir.Model, target: str | None, bits: str | None,
+                 plain_causal: bool = False, latent: dict[int, Any] | None = None) -> dict[str, Any] | None:
+    """The target stage after the graph stage: quantize for ``target``'s policy (None: leave fp32).
+    ``plain_causal``: :func:`qsvd_export.targets.plain_causal` of the source model; ``latent``: the KV cache
+    layouts of its fused attention (:func:`latent_kv_layers`)."""
+    if target is None:
+        return None
+    from onnx_ir.passes import common
+
+    from qsvd_export.passes.chain import check_model
+    from qsvd_export.targets import policy_for
+
+    policy = policy_for(target)
+    chosen = policy.bits(bits)
+    if policy.static_graphs:
+        return {"target": target, "bits": chosen.name}  # static graphs + QDQ are built on files: finish_target
+    report = {"target": target, "bits": chosen.name, **policy.quantize(model, chosen, plain_causal, latent)}
+    common.RemoveUnusedNodesPass()(model)
+    check_model(model)
+    return report
+
+
+def finish_target(folder: Path, config: BundleConfig, target_report: dict[str, Any] | None, strict: bool,
+                  tokenizer: Any, npu_options: NpuOptions | None = None, verify: bool = True,
+                  timings: dict[str, float] | None = None) -> dict[str, Any] | None:
+    """File-level target steps once ``folder`` holds ``model.onnx``: the cpu/gpu check of ONNX Runtime's
+    optimized graph, or for npu the static prefill/decode QDQ graphs replacing ``model.onnx`` (config
+    rewritten) and their QNN HTP verification. Returns the completed target report (wall times go to
+    ``timings``, never into the deterministic report)."""
+    if target_report is None:
+        return None
+    from qsvd_export.targets import policy_for
+
+    return policy_for(target_report["target"]).finish(folder, config, target_report, strict, tokenizer, npu_options,
+                                                      verify, timings if timings is not None else {})
+
+
+def finish_bundle(folder: Path, config: BundleConfig, mobile: bool, timings: dict[str, float]) -> dict[str, Any] | None:
+    """Last steps inside the temporary bundle folder once config and report are final: ``--mobile``
+    packaging (.ort graphs, reduced-build operator config, their verification; ``mobile.py`` updates
+    qsvd_config.json and report.json), the bundle README, timings.json. Returns the mobile report."""
+    from qsvd_export.bundle_readme import write_readme
+    from qsvd_export.report import write_report
+
+    mobile_report = None
+    if mobile:
+        from qsvd_export.progress import info
+        from qsvd_export.targets.mobile import package_mobile
+
+        info("mobile: ORT-format graphs, required_operators.config and a parity check on the CPU EP")
+        mobile_report = package_mobile(folder, config, timings)
+    from qsvd_export.runtime_files import readme_section, write_runtime_files
+
+    report = json.loads((folder / "report.json").read_text())
+    report["runtimes"] = write_runtime_files(folder, config, (report.get("target") or {}).get("target"))
+    write_json(folder / "report.json", report)
+    start = time.perf_counter()
+    write_report(folder, config)
+    timings["report_s"] = time.perf_counter() - start
+    write_readme(folder)
+    with (folder / "README.md").open("a") as readme:  # genai / optimum: how to open the bundle, or why not
+        readme.write(readme_section(report["runtimes"]))
+    write_json(folder / "timings.json", {k: round(v, 3) for k, v in timings.items()})
+    return mobile_report
