@@ -116,3 +116,12 @@ def test_cli_target_choices_come_from_the_registry(monkeypatch: pytest.MonkeyPat
     monkeypatch.delitem(TARGETS, dummy.name)
     with pytest.raises(Exception, match="invalid choice: 'dummy-ep'"):
         build_parser().parse_args(["export", "tiny-llama", "-o", "out", "--target", "dummy-ep"])
+
+
+def test_every_package_is_declared_for_installation() -> None:
+    """A subpackage missing from pyproject's list installs as nothing outside an editable checkout."""
+    import tomllib
+
+    declared = set(tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"])
+    found = {name for name, path in _modules().items() if path.name == "__init__.py"}
+    assert found - declared == set()
