@@ -151,7 +151,7 @@ def test_compress_eval_adds_chat_quality_for_instruct_models(bundles, monkeypatc
     from qsvd_export.build.evaluate import evaluate_bundle
     from qsvd_export.tiny import build_tiny
 
-    monkeypatch.setattr("qsvd_export.plan.apply_plan", lambda model, plan: model)  # the dense bundle has no plan
+    monkeypatch.setattr("qsvd_export.compress.apply_plan.apply_plan", lambda model, plan: model)  # the dense bundle has no plan
     small = ChatSet(["Hello there", "Name a colour"], [("Capital of France?", ["Paris"])])
     monkeypatch.setattr("qsvd_export.chat_quality.load_chat_set", lambda: small)  # seconds, not minutes
     monkeypatch.setattr("qsvd_export.chat_quality.REPLY_TOKENS", 4)
