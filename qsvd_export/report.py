@@ -23,7 +23,7 @@ from typing import Any
 
 import numpy as np
 
-from qsvd_export.bundle import BundleConfig, write_json
+from qsvd_export.bundle import BundleConfig
 
 REPORT_MD = "report.md"
 RANK_PLOT = "rank_allocation.png"
@@ -320,14 +320,11 @@ def summary_table(folder: Path, summary: dict[str, Any], timings: dict[str, floa
     return "\n".join(f"{label:<{width}}  {value}" for label, value in rows)
 
 
-def write_report(folder: Path, config: BundleConfig) -> dict[str, Any]:
-    """Add ``summary`` to ``folder/report.json``, draw the plots that apply and write ``report.md``.
-    Returns the summary."""
-    path = folder / "report.json"
-    report = json.loads(path.read_text())
-    report.pop("summary", None)
+def write_report(folder: Path, config: BundleConfig, report: dict[str, Any]) -> dict[str, Any]:
+    """The ``summary`` of ``report`` (the bundle's report.json content, without a summary); draws the plots that
+    apply and writes ``report.md``. The caller puts the summary into report.json."""
+    report = {k: v for k, v in report.items() if k != "summary"}
     summary = build_summary(folder, config, report)
-    write_json(path, {**report, "summary": summary})
     plots = [name for name, draw in ((RANK_PLOT, plot_rank_allocation), (SPECTRA_PLOT, plot_spectra))
              if draw(report, folder / name)]
     (folder / REPORT_MD).write_text(render_markdown(summary, plots))

@@ -19,7 +19,7 @@ from qsvd_export.build.stages import (
     release_torch_model,
     release_torch_weights,
 )
-from qsvd_export.bundle import atomic_output_dir, write_json
+from qsvd_export.bundle import atomic_output_dir
 from qsvd_export.errors import UsageError
 from qsvd_export.export import export_graph
 from qsvd_export.loaded import LoadedModel
@@ -108,22 +108,18 @@ def build_compressed_bundle(spec: str, options: CompressOptions, out: Path, over
     report["kv_bytes_per_token_fp16_graph"] = sum(layer.bytes_per_token() // 2 for layer in cache)
     with atomic_output_dir(out, overwrite) as tmp:
         save_plan(plan, tmp)
-        config = write_bundle(loaded, graph, cache, tmp, report)
+        config, report = write_bundle(loaded, graph, cache, tmp, report)
         if eval_text is None:
             release_torch_model(loaded, graph)
         target_report = finish_target(tmp, config, target_report, target_strict, loaded.tokenizer, npu_options, verify,
                                       timings)
         if target_report is not None:
-            report = {**json.loads((tmp / "report.json").read_text()), "target": target_report,
-                      "weight_bytes": graph_weight_bytes(tmp, config)}
-            write_json(tmp / "report.json", report)
+            report.update(target=target_report, weight_bytes=graph_weight_bytes(tmp, config))
         if eval_text is not None and not config.static_shapes:
             start = time.perf_counter()
             report["perplexity"] = evaluate_bundle(loaded, plan, tmp, eval_text, eval_windows)
             timings["eval_s"] = time.perf_counter() - start
-            report = {**json.loads((tmp / "report.json").read_text()), "perplexity": report["perplexity"]}
-            write_json(tmp / "report.json", report)
-        finish_bundle(tmp, config, mobile, timings)
+        finish_bundle(tmp, config, report, mobile, timings)
     report = json.loads((Path(out) / "report.json").read_text())
     return BuildResult(Path(out), config, report, timings)
 

@@ -20,7 +20,7 @@ from qsvd_export.build.stages import (
     release_torch_weights,
     smooth_for_target,
 )
-from qsvd_export.bundle import atomic_output_dir, write_json
+from qsvd_export.bundle import atomic_output_dir
 from qsvd_export.export import export_graph
 from qsvd_export.zoo import load_model
 
@@ -88,21 +88,19 @@ def build_dense_bundle(spec: str, out: Path, overwrite: bool = False, seed: int 
     target_report = apply_target(exported.model, target, bits, plain_causal_model(loaded), latent)
     stage, cache = ("dense", exported.cache) if latent is None else ("latent-attention", latent_cache_layout(exported.model, latent))
     with atomic_output_dir(out, overwrite) as tmp:
-        config = write_bundle(loaded, exported.model, cache, tmp,
-                              {"stage": stage, "parameters": parameters, **extra})
+        config, report = write_bundle(loaded, exported.model, cache, tmp,
+                                      {"stage": stage, "parameters": parameters, **extra})
         if eval_text is None:
             release_torch_model(loaded, exported.model)
         target_report = finish_target(tmp, config, target_report, strict, loaded.tokenizer, npu_options, verify,
                                       timings)
-        report = json.loads((tmp / "report.json").read_text())
         if target_report is not None:
             report.update(target=target_report, weight_bytes=graph_weight_bytes(tmp, config))
         if eval_text is not None:
             start = time.perf_counter()
             report["perplexity"] = evaluate_onnx(loaded, tmp, eval_text, eval_windows)
             timings["eval_s"] = time.perf_counter() - start
-        write_json(tmp / "report.json", report)
-        finish_bundle(tmp, config, mobile, timings)
+        finish_bundle(tmp, config, report, mobile, timings)
     report = json.loads((Path(out) / "report.json").read_text())
     return BuildResult(Path(out), config, report, timings)
 

@@ -8,7 +8,7 @@ from typing import Any
 
 import onnx_ir as ir
 
-from qsvd_export.bundle import CONFIG_NAME, GRAPH_FILE, BundleConfig, GraphSpec, write_json
+from qsvd_export.bundle import CONFIG_NAME, GRAPH_FILE, BundleConfig, GraphSpec
 from qsvd_export.loaded import LoadedModel
 from qsvd_export.models import adapter_for_config
 
@@ -73,8 +73,10 @@ def graph_io(model: ir.Model) -> tuple[list[str], list[str]]:
 
 
 def write_bundle(loaded: LoadedModel, model: ir.Model, cache: list[Any], folder: Path,
-                 extra_report: dict[str, Any]) -> BundleConfig:
-    """Write graph + data + tokenizer + config + report into ``folder`` (already a temp folder)."""
+                 extra_report: dict[str, Any]) -> tuple[BundleConfig, dict[str, Any]]:
+    """Write graph + data + tokenizer + HF config + qsvd_config.json into ``folder`` (already a temp folder).
+    Returns the config and the report so far (sizes, then ``extra_report``); :func:`build.finish.finish_bundle`
+    writes ``report.json`` once, at the end."""
     from qsvd_export.export import sync_cache_dtypes
 
     sync_cache_dtypes(cache, model)
@@ -105,8 +107,7 @@ def write_bundle(loaded: LoadedModel, model: ir.Model, cache: list[Any], folder:
         "kv_bytes_per_token": config.kv_bytes_per_token(),
         **extra_report,
     }
-    write_json(folder / "report.json", report)
-    return config
+    return config, report
 
 
 def save_folder_tokenizer(folder: Path, out: Path) -> list[str]:

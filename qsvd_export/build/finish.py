@@ -53,30 +53,32 @@ def finish_target(folder: Path, config: BundleConfig, target_report: dict[str, A
                                                       verify, timings if timings is not None else {})
 
 
-def finish_bundle(folder: Path, config: BundleConfig, mobile: bool, timings: dict[str, float]) -> dict[str, Any] | None:
-    """Last steps inside the temporary bundle folder once config and report are final: ``--mobile``
+def finish_bundle(folder: Path, config: BundleConfig, report: dict[str, Any], mobile: bool,
+                  timings: dict[str, float]) -> None:
+    """Last steps inside the temporary bundle folder once the graphs and config are final: ``--mobile``
     packaging (.ort graphs, reduced-build operator config, their verification; ``mobile.py`` updates
-    qsvd_config.json and report.json), the bundle README, timings.json. Returns the mobile report."""
+    qsvd_config.json), the runtime files (genai, optimum), the summary and ``report.md``, then the one write of
+    ``report.json`` (``report`` plus ``mobile``, ``runtimes`` and ``summary``), the bundle README and
+    ``timings.json``."""
     from qsvd_export.bundle_readme import write_readme
     from qsvd_export.report import write_report
 
-    mobile_report = None
+    report = json.loads(json.dumps(report))  # JSON types (lists, string keys), as every reader of the file sees them
     if mobile:
         from qsvd_export.progress import info
         from qsvd_export.targets.mobile import package_mobile
 
         info("mobile: ORT-format graphs, required_operators.config and a parity check on the CPU EP")
-        mobile_report = package_mobile(folder, config, timings)
+        report["mobile"] = package_mobile(folder, config, timings)
     from qsvd_export.runtime_files import readme_section, write_runtime_files
 
-    report = json.loads((folder / "report.json").read_text())
     report["runtimes"] = write_runtime_files(folder, config, (report.get("target") or {}).get("target"))
-    write_json(folder / "report.json", report)
+    report = json.loads(json.dumps(report))
     start = time.perf_counter()
-    write_report(folder, config)
+    report["summary"] = write_report(folder, config, report)
     timings["report_s"] = time.perf_counter() - start
+    write_json(folder / "report.json", report)
     write_readme(folder)
     with (folder / "README.md").open("a") as readme:  # genai / optimum: how to open the bundle, or why not
         readme.write(readme_section(report["runtimes"]))
     write_json(folder / "timings.json", {k: round(v, 3) for k, v in timings.items()})
-    return mobile_report

@@ -23,7 +23,7 @@ from qsvd_export.build.files import (
 )
 from qsvd_export.build.finish import apply_target, finish_bundle, finish_target
 from qsvd_export.build.stages import check_target_options
-from qsvd_export.bundle import CONFIG_NAME, BundleConfig, GraphSpec, atomic_output_dir, bundle_tokenizer, write_json
+from qsvd_export.bundle import CONFIG_NAME, BundleConfig, GraphSpec, atomic_output_dir, bundle_tokenizer
 from qsvd_export.errors import UsageError
 
 if TYPE_CHECKING:
@@ -219,7 +219,7 @@ def compile_onnx(graph_path: Path, plan_path: Path | None, out: Path, overwrite:
     context = run_graph_stage(model, plan, dump_dir)
     timings["graph_stage_s"] = time.perf_counter() - start
     start = time.perf_counter()
-    from qsvd_export.targets import plain_causal
+    from qsvd_export.targets import plain_causal, policy_for
 
     model_type = source.model_type if source is not None else str(model_config.get("model_type") or "")
     target_report = apply_target(model, target, bits, plain_causal(model_type))
@@ -263,13 +263,12 @@ def compile_onnx(graph_path: Path, plan_path: Path | None, out: Path, overwrite:
             save_plan(plan, tmp)
         (tmp / CONFIG_NAME).write_text(config.to_json())
         if target_report is not None:
-            tokenizer = bundle_tokenizer(tmp) if target_report["target"] == "npu" else None
+            tokenizer = bundle_tokenizer(tmp) if policy_for(target_report["target"]).static_graphs else None
             report["target"] = finish_target(tmp, config, target_report, strict, tokenizer, npu_options, verify,
                                              timings)
         report["kv_bytes_per_token"] = config.kv_bytes_per_token()
         report["weight_bytes"] = graph_weight_bytes(tmp, config)
-        write_json(tmp / "report.json", report)
-        finish_bundle(tmp, config, mobile, timings)
+        finish_bundle(tmp, config, report, mobile, timings)
     report = json.loads((Path(out) / "report.json").read_text())
     return BuildResult(Path(out), config, report, timings)
 

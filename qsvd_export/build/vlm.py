@@ -22,7 +22,7 @@ from qsvd_export.build.files import (
     save_tokenizer,
 )
 from qsvd_export.build.finish import apply_target, finish_bundle
-from qsvd_export.bundle import CONFIG_NAME, BundleConfig, GraphSpec, atomic_output_dir, write_json
+from qsvd_export.bundle import CONFIG_NAME, BundleConfig, GraphSpec, atomic_output_dir
 from qsvd_export.errors import UsageError
 from qsvd_export.loaded import LoadedModel
 from qsvd_export.targets.policy import check_optimized_graph
@@ -125,7 +125,7 @@ def build_vlm_bundle(loaded: LoadedModel, out: Path, overwrite: bool, timings: d
             source=loaded.source,
         )
         (tmp / CONFIG_NAME).write_text(config.to_json())
-        write_json(tmp / "report.json", {
+        finish_bundle(tmp, config, {
             "model": loaded.name, "kind": "vlm",
             "graph_bytes": sum((tmp / f).stat().st_size for f in ROLES.values()),
             "weight_bytes": sum((tmp / f"{f}.data").stat().st_size for f in ROLES.values()
@@ -134,6 +134,5 @@ def build_vlm_bundle(loaded: LoadedModel, out: Path, overwrite: bool, timings: d
             "parameters": parameters,
             **report,
             **({"target": target_report} if target_report is not None else {}),
-        })
-        finish_bundle(tmp, config, False, timings)
+        }, False, timings)
     return BuildResult(Path(out), config, json.loads((Path(out) / "report.json").read_text()), timings)

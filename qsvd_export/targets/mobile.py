@@ -19,14 +19,13 @@ rewrites that table in sorted order (the model part is byte-identical already).
 
 from __future__ import annotations
 
-import json
 import time
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from qsvd_export.bundle import CONFIG_NAME, BundleConfig, write_json
+from qsvd_export.bundle import CONFIG_NAME, BundleConfig
 from qsvd_export.errors import QsvdError, RuntimeFailure, UsageError
 
 ORT_SUFFIX = ".ort"
@@ -38,8 +37,8 @@ PROMPT = "The capital of France is"
 
 def package_mobile(folder: Path, config: BundleConfig, timings: dict[str, float] | None = None) -> dict[str, Any]:
     """Write ``<graph>.ort`` for every graph of the bundle in ``folder`` and ``required_operators.config``,
-    verify each .ort against its .onnx, record ``ort_filename`` in ``qsvd_config.json`` and a ``mobile``
-    section in ``report.json`` (merged into the file). Returns that section."""
+    verify each .ort against its .onnx and record ``ort_filename`` in ``qsvd_config.json``. Returns the
+    ``mobile`` section of ``report.json``."""
     start = time.perf_counter()
     level = "none" if config.static_shapes else "basic"
     for spec in config.graphs:
@@ -57,8 +56,6 @@ def package_mobile(folder: Path, config: BundleConfig, timings: dict[str, float]
     report = {"format": "ort", "optimization": level, "graphs": files,
               "operators_config": {"file": OPERATORS_CONFIG, "operators": operators},
               "verification": verification}
-    path = folder / "report.json"
-    write_json(path, {**(json.loads(path.read_text()) if path.is_file() else {}), "mobile": report})
     if timings is not None:
         timings["mobile_s"] = time.perf_counter() - start
     return report
