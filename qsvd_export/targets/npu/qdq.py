@@ -10,14 +10,15 @@ import numpy as np
 
 from qsvd_export.errors import RuntimeFailure
 from qsvd_export.quant.presets import Bits
+from qsvd_export.targets.npu.qdq_rules import apply_rules
 from qsvd_export.targets.npu.static_graphs import FeedReader
 
-_ACTIVATIONS = frozenset({"Sigmoid", "Gelu", "Tanh", "Relu", "Erf", "Softplus", "FastGelu"})
 
 
 def tensor_overrides(float_path: Path, weight: Any, matmul_inputs: Any | None,
-                      clips: dict[str, np.ndarray] | None = None) -> dict[str, list[dict[str, Any]]]:
-    """Tensor overrides for the QNN recipe.
+                     clips: dict[str, np.ndarray] | None = None) -> tuple[dict[str, list[dict[str, Any]]], list[dict[str, Any]]]:
+    """Tensor overrides for the QNN recipe, from the rules of :mod:`.qdq_rules` (also returned: each rule with
+    its ``why`` and the tensors it set, for report.json).
 
     - Every 2-D initializer a MatMul reads as its weight [K, N]: symmetric per-output-channel scales
       (axis 1). The recipe's default is per-tensor for MatMul, which on smollm2 alone costs 7% perplexity
@@ -36,50 +37,11 @@ def tensor_overrides(float_path: Path, weight: Any, matmul_inputs: Any | None,
     - With int4 weights the MatMul that writes a graph output (an untied lm_head) keeps int8 weights, as
       on the cpu target (smollm2 with H1, w4a16: 1.63x dense with an int4 head)."""
     import onnx
-    from onnxruntime.quantization import QuantType
-
-    from qsvd_export.passes.rotary_tables import TABLE_SUFFIX
 
     proto = onnx.load(float_path, load_external_data=False)
     if any(not node.name for node in proto.graph.node):
         raise RuntimeFailure("QDQ overrides need named nodes; the static graph has unnamed ones")
-    matrices = {i.name for i in proto.graph.initializer if len(i.dims) == 2}
-    overrides: dict[str, list[dict[str, Any]]] = {}
-    readers: dict[str, set[str]] = {}
-    producers = {output: node for node in proto.graph.node for output in node.output}
-    consumers: dict[str, list[str]] = {}
-    for node in proto.graph.node:
-        for name in node.input:
-            consumers.setdefault(name, []).append(node.op_type)
-    shapes = {i.name: list(i.dims) for i in proto.graph.initializer}
-    for name in shapes:
-        if name.endswith(TABLE_SUFFIX):  # rotary cos/sin tables: 16-bit like the activations they replace
-            overrides[name] = [{"quant_type": QuantType.QUInt16}]
-    graph_outputs = {o.name for o in proto.graph.output}
-    for node in proto.graph.node:
-        if node.op_type == "MatMul" and node.input[1] in matrices:
-            head = node.output[0] in graph_outputs and weight == QuantType.QInt4
-            overrides[node.input[1]] = [{"quant_type": QuantType.QInt8 if head else weight, "symmetric": True, "axis": 1}]
-            if clips is not None and node.input[1] in clips and not head:
-                overrides[node.input[1]] = clipped_channels(overrides[node.input[1]][0], clips[node.input[1]])
-            source = producers.get(node.input[0])
-            reads_norm = source is not None and source.op_type == "SimplifiedLayerNormalization"
-            k, n = shapes[node.input[1]]
-            glu_value = n > k and not set(consumers.get(node.output[0], [])) & _ACTIVATIONS
-            if matmul_inputs is not None and reads_norm and not glu_value:
-                readers.setdefault(node.input[0], set()).add(node.name)
-                overrides[node.output[0]] = [{"quant_type": matmul_inputs}]
-    for tensor, nodes in readers.items():
-        overrides[tensor] = [{"quant_type": QuantType.QUInt16,
-                              "convert": {"quant_type": matmul_inputs, "recv_nodes": nodes}}]
-    return overrides
-
-
-def clipped_channels(first: dict[str, Any], clip: np.ndarray) -> list[dict[str, Any]]:
-    """Per-channel overrides with channel n's range [-clip[n], clip[n]]."""
-    channels = [{"rmin": np.float32(-c), "rmax": np.float32(c)} for c in clip]
-    channels[0] = {**first, **channels[0]}
-    return channels
+    return apply_rules(proto, weight, matmul_inputs, clips)
 
 
 def insert_qdq(float_path: Path, out_path: Path, bits: Bits, feeds: list[dict[str, np.ndarray]],
@@ -93,7 +55,7 @@ def insert_qdq(float_path: Path, out_path: Path, bits: Bits, feeds: list[dict[st
 
     matmul_inputs = {16: None, 8: QuantType.QUInt8}[bits.activations or 16]
     weight = {8: QuantType.QInt8, 4: QuantType.QInt4}[bits.weights or 8]
-    overrides = tensor_overrides(float_path, weight, matmul_inputs, clips)
+    overrides, rules = tensor_overrides(float_path, weight, matmul_inputs, clips)
     # the 8-bit activations (a8 presets): the tensors a calibration method other than min/max clips
     low_bit = {name: (entry[0]["convert"] if "convert" in entry[0] else entry[0])
                for name, entry in overrides.items()
@@ -117,7 +79,8 @@ def insert_qdq(float_path: Path, out_path: Path, bits: Bits, feeds: list[dict[st
                    else "QUInt8 in/out of the MatMuls reading the norm (q/k/v, MLP gate), QUInt16 elsewhere")
     clip = ", MSE-clipped ranges" if clips is not None else ""
     return {"activations": activations, "weights": f"{weight.name} symmetric per output channel (MatMul){clip}",
-            "calibration": {"method": method, "feeds": len(feeds), "clipped_tensors": len(ranges)}}
+            "calibration": {"method": method, "feeds": len(feeds), "clipped_tensors": len(ranges)},
+            "qdq_rules": rules}
 
 
 def blockwise_int4(qdq_path: Path, weights: dict[str, Any], block: int, row_weights: dict[str, np.ndarray],
