@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import onnx_ir as ir
 
-from qsvd_export.errors import BadInputError
+from qsvd_export.errors import BadInputError, QsvdError
 
 
 def _where(node: ir.Node | None) -> str:
@@ -68,3 +68,17 @@ def dangling_input(graph: ir.Graph) -> tuple[ir.Node, ir.Value] | None:
                     and value.const_value is None:
                 return node, value
     return None
+
+
+def run_passes(model: ir.Model, passes: list[ir.passes.PassBase]) -> None:
+    """Run ``passes`` in order under onnx_ir's ``PassManager``; a contract error or any other
+    :class:`~qsvd_export.errors.QsvdError` raised inside surfaces as itself (one line for the CLI)."""
+    try:
+        ir.passes.PassManager(passes)(model)
+    except ir.passes.PassError as err:
+        cause: BaseException | None = err
+        while cause is not None and not isinstance(cause, QsvdError):
+            cause = cause.__cause__
+        if cause is not None:
+            raise cause from None
+        raise

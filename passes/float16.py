@@ -22,6 +22,8 @@ import numpy as np
 import onnx_ir as ir
 from onnx_ir.passes import common
 
+from qsvd_export.passes.contracts import GraphPass
+
 FP16_MASK_VALUE = 1.0e4  # exp(-1e4) is 0; 1e4 + any score stays finite in fp16
 FP16_MAX = float(np.finfo(np.float16).max)
 ANGLE_OPS = ("Cos", "Sin")
@@ -130,3 +132,27 @@ def to_float16(model: ir.Model, keep_float32: tuple[str, ...] = ("logits",),
             casts += 1
     common.TopologicalSortPass()(model)
     return Float16Report(legal.rms_norms_fused, len(legal.mask_constants_clamped), len(fp32), casts, clipped)
+
+
+class Float16Pass(GraphPass):
+    """:func:`to_float16` as a pass (``self.report``). requires: a mask value fp16 can hold.
+    ensures: the contract above: float graph inputs and outputs are float16, except the ``keep_float32`` outputs."""
+
+    def __init__(self, keep_float32: tuple[str, ...] = ("logits",), mask_value: float = FP16_MASK_VALUE) -> None:
+        super().__init__()
+        self.keep_float32, self.mask_value = keep_float32, mask_value
+        self.report: Float16Report | None = None
+
+    def requires(self, model: ir.Model) -> None:
+        if not 0 < self.mask_value <= FP16_MAX:
+            raise self.precondition(f"mask value {self.mask_value} is not a positive float16 ({FP16_MAX:g} at most)")
+
+    def ensures(self, model: ir.Model) -> None:
+        for value in [*model.graph.inputs, *model.graph.outputs]:
+            kept = value.name in self.keep_float32
+            if value.dtype == (FLOAT16 if kept else FLOAT):
+                raise self.postcondition(f"graph {'output' if kept else 'value'} {value.name} is {value.dtype}")
+
+    def call(self, model: ir.Model) -> ir.passes.PassResult:
+        self.report = to_float16(model, self.keep_float32, self.mask_value)
+        return ir.passes.PassResult(model, True)

@@ -30,6 +30,7 @@ from onnx_ir.passes import common
 from qsvd_export.passes._graph import add_node, backward_nodes, const_array, initializer
 from qsvd_export.latent_layout import LatentLayer
 from qsvd_export.passes.find_attention import AttentionBlock, find_attention
+from qsvd_export.passes.contracts import GraphPass
 
 _MOVES = {"Unsqueeze", "Expand", "Reshape", "Transpose"}
 
@@ -257,3 +258,28 @@ def _query_maps(latent: LatentLayer, heads: int, kv_heads: int, dim: int) -> np.
 def _output_maps(latent: LatentLayer, heads: int, kv_heads: int, dim: int) -> np.ndarray:
     """[H, r, D]: o_h = (Σ p c_v) · value_up rowsᵀ of its KV head."""
     return np.stack([b.T for b in _head_blocks(latent.value_up, heads, kv_heads, dim)])  # type: ignore[arg-type]
+
+
+class FuseGroupQueryAttentionPass(GraphPass):
+    """:func:`fuse_group_query_attention` as a pass (``self.report``). requires: ``latent`` names only attention
+    blocks the graph has. ensures: one GroupQueryAttention node per fused block."""
+
+    def __init__(self, latent: dict[int, LatentLayer] | None = None) -> None:
+        super().__init__()
+        self.latent = latent or {}
+        self.report = FusionReport()
+
+    def requires(self, model: ir.Model) -> None:
+        blocks = len(find_attention(model).blocks)
+        extra = sorted(i for i in self.latent if not 0 <= i < blocks)
+        if extra:
+            raise self.precondition(f"latent layouts for blocks {extra}, the graph has {blocks} attention blocks")
+
+    def ensures(self, model: ir.Model) -> None:
+        fused = sum(1 for n in model.graph if n.op_type == "GroupQueryAttention" and n.domain == "com.microsoft")
+        if fused < self.report.fused:
+            raise self.postcondition(f"{self.report.fused} blocks fused, {fused} GroupQueryAttention nodes")
+
+    def call(self, model: ir.Model) -> ir.passes.PassResult:
+        self.report = fuse_group_query_attention(model, self.latent)
+        return ir.passes.PassResult(model, bool(self.report.fused))

@@ -18,6 +18,8 @@ import numpy as np
 import onnx_ir as ir
 from onnx_ir.passes import common
 
+from qsvd_export.passes.contracts import GraphPass
+
 MINUS_INFINITY_STANDIN = 1e30
 
 
@@ -52,3 +54,28 @@ def fuse_norms_and_clamp_masks(model: ir.Model, mask_value: float) -> LegalizeRe
         if _clamp_minus_infinity(value, mask_value):
             report.mask_constants_clamped.append(value.name or "")
     return report
+
+
+class FuseNormsAndClampMasksPass(GraphPass):
+    """:func:`fuse_norms_and_clamp_masks` as a pass (``self.report``). requires: a finite positive ``mask_value``.
+    ensures: no minus-infinity stand-in constant is left."""
+
+    def __init__(self, mask_value: float) -> None:
+        super().__init__()
+        self.mask_value = mask_value
+        self.report = LegalizeReport()
+
+    def requires(self, model: ir.Model) -> None:
+        if not 0 < self.mask_value < MINUS_INFINITY_STANDIN:
+            raise self.precondition(f"mask value {self.mask_value} (positive, below {MINUS_INFINITY_STANDIN:g})")
+
+    def ensures(self, model: ir.Model) -> None:
+        for value in model.graph.initializers.values():
+            tensor = value.const_value
+            if tensor is not None and tensor.size == 1 and value.dtype in (ir.DataType.FLOAT, ir.DataType.FLOAT16) \
+                    and abs(float(tensor.numpy().reshape(()))) >= MINUS_INFINITY_STANDIN:
+                raise self.postcondition(f"constant {value.name} is still a minus-infinity stand-in")
+
+    def call(self, model: ir.Model) -> ir.passes.PassResult:
+        self.report = fuse_norms_and_clamp_masks(model, self.mask_value)
+        return ir.passes.PassResult(model, True)

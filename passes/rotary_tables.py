@@ -22,6 +22,7 @@ from typing import Any
 import numpy as np
 import onnx_ir as ir
 
+from qsvd_export.passes.contracts import GraphPass
 from qsvd_export.passes._graph import backward_nodes
 
 TABLE_SUFFIX = "_rotary_table"  # initializer names the npu QDQ overrides look for
@@ -149,3 +150,27 @@ def tabulate_rotary(model: ir.Model, context: int) -> dict[str, Any]:
     if skipped:
         result["skipped"] = skipped
     return result
+
+
+class TabulateRotaryPass(GraphPass):
+    """:func:`tabulate_rotary` as a pass (``self.report``). requires: a static graph (every input dim known).
+    ensures: every Cos/Sin node left has its reason in ``report["skipped"]``."""
+
+    def __init__(self, context: int) -> None:
+        super().__init__()
+        self.context = context
+        self.report: dict[str, Any] = {}
+
+    def requires(self, model: ir.Model) -> None:
+        dynamic = [v.name for v in model.graph.inputs if v.shape is None or not v.shape.is_static()]
+        if dynamic:
+            raise self.precondition(f"rotary tables need a static graph; inputs {dynamic[:3]} are dynamic")
+
+    def ensures(self, model: ir.Model) -> None:
+        left = sum(1 for n in model.graph if n.op_type in ("Cos", "Sin") and n.domain in ("", "ai.onnx"))
+        if left != len(self.report.get("skipped", [])):
+            raise self.postcondition(f"{left} Cos/Sin nodes left, {len(self.report.get('skipped', []))} reasons")
+
+    def call(self, model: ir.Model) -> ir.passes.PassResult:
+        self.report = tabulate_rotary(model, self.context)
+        return ir.passes.PassResult(model, bool(self.report["rotary_tables"]))

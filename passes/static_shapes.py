@@ -21,6 +21,7 @@ import re
 import onnx_ir as ir
 
 from qsvd_export.errors import UnsupportedModelError
+from qsvd_export.passes.contracts import GraphPass
 
 _CACHE = re.compile(r"^past_key_values\.(\d+)\.(key|value|latent)$")
 _TOKEN_INPUTS = ("input_ids", "position_ids")
@@ -60,3 +61,28 @@ def specialize_decoder(model: ir.Model, seq: int, context: int) -> None:
     dynamic = [v.name for v in model.graph.outputs if v.shape is None or not v.shape.is_static()]
     if dynamic:
         raise UnsupportedModelError(f"static shapes: outputs stay dynamic after folding: {', '.join(dynamic[:3])}")
+
+
+class SpecializeDecoderPass(GraphPass):
+    """:func:`specialize_decoder` as a pass. requires: 1 <= ``seq`` < ``context`` and a decoder graph (input_ids,
+    attention_mask). ensures: every graph input has static dims."""
+
+    def __init__(self, seq: int, context: int) -> None:
+        super().__init__()
+        self.seq, self.context = seq, context
+
+    def requires(self, model: ir.Model) -> None:
+        if not 1 <= self.seq < self.context:
+            raise self.precondition(f"static shapes need 1 <= sequence ({self.seq}) < context ({self.context})")
+        names = {v.name for v in model.graph.inputs}
+        if "input_ids" not in names or "attention_mask" not in names:
+            raise self.precondition("a decoder graph with input_ids and attention_mask inputs")
+
+    def ensures(self, model: ir.Model) -> None:
+        for value in model.graph.inputs:
+            if value.shape is None or not value.shape.is_static():
+                raise self.postcondition(f"input {value.name} keeps a dynamic shape {value.shape}")
+
+    def call(self, model: ir.Model) -> ir.passes.PassResult:
+        specialize_decoder(model, self.seq, self.context)
+        return ir.passes.PassResult(model, True)

@@ -21,12 +21,17 @@ from qsvd_export.passes.absorb_key import AbsorbKeyPass
 from qsvd_export.passes.chain import CleanupPass, FindAttentionPass
 from qsvd_export.passes.context import GraphStageContext
 from qsvd_export.passes.contracts import GraphPass, PassPostconditionError, PassPreconditionError
+from qsvd_export.passes.float16 import Float16Pass
 from qsvd_export.passes.fold_rotations import FoldRotationsPass
 from qsvd_export.passes.fold_value import FoldValuePass
+from qsvd_export.passes.group_query_attention import FuseGroupQueryAttentionPass
 from qsvd_export.passes.latent_kv import LatentKVPass
+from qsvd_export.passes.low_precision import FuseNormsAndClampMasksPass
 from qsvd_export.passes.quantize_embedding import QuantizeEmbeddingPass
 from qsvd_export.passes.quantize_weights import QuantizeWeightsPass
+from qsvd_export.passes.rotary_tables import TabulateRotaryPass
 from qsvd_export.passes.split_qkv import SplitQKVPass
+from qsvd_export.passes.static_shapes import SpecializeDecoderPass
 from qsvd_export.passes.unfuse_attention import UnfuseAttentionPass
 
 
@@ -37,6 +42,15 @@ def _matmul_model(opset: int = 21, extra: list[onnx.NodeProto] | None = None) ->
                               [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 32])],
                               [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 32])], [weight])
     return ir.from_proto(helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)]))
+
+
+def _dynamic_model() -> ir.Model:
+    """y = x · W with x [batch, 32]."""
+    weight = numpy_helper.from_array(np.eye(32, dtype=np.float32), "w")
+    graph = helper.make_graph([helper.make_node("MatMul", ["x", "w"], ["y"], name="proj")], "g",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 32])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 32])], [weight])
+    return ir.from_proto(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)]))
 
 
 def _empty_model() -> ir.Model:
@@ -75,6 +89,12 @@ VIOLATIONS: dict[type, Callable[[], tuple[ir.passes.PassBase, ir.Model, str]]] =
     QuantizeWeightsPass: lambda: (QuantizeWeightsPass(3), _matmul_model(), "3-bit weights"),
     QuantizeEmbeddingPass: lambda: (QuantizeEmbeddingPass(12), _matmul_model(), "block size 12"),
     UnfuseAttentionPass: lambda: (UnfuseAttentionPass(), _attention_in_opset_21(), "opset-21 graph"),
+    SpecializeDecoderPass: lambda: (SpecializeDecoderPass(8, 4), _matmul_model(), "1 <= sequence (8) < context (4)"),
+    FuseNormsAndClampMasksPass: lambda: (FuseNormsAndClampMasksPass(float("inf")), _matmul_model(), "mask value inf"),
+    TabulateRotaryPass: lambda: (TabulateRotaryPass(64), _dynamic_model(), "need a static graph"),
+    FuseGroupQueryAttentionPass: lambda: (FuseGroupQueryAttentionPass({3: None}), _matmul_model(),  # type: ignore[dict-item]
+                                          "blocks [3], the graph has 0 attention blocks"),
+    Float16Pass: lambda: (Float16Pass(mask_value=1e6), _matmul_model(), "not a positive float16"),
 }
 
 
@@ -133,6 +153,15 @@ def test_an_unkept_promise_is_a_postcondition_error() -> None:
     with pytest.raises(PassPostconditionError, match="Lazy: a float MatMul weight is left \\(node proj\\)"):
         Lazy(8)(_matmul_model())
     QuantizeWeightsPass(8)(_matmul_model())  # the real pass keeps it
+
+
+def test_float16_keeps_its_io_promise() -> None:
+    model = _matmul_model()
+    half = Float16Pass(keep_float32=())
+    half(model)
+    assert model.graph.outputs[0].dtype == ir.DataType.FLOAT16
+    with pytest.raises(PassPostconditionError, match="graph value x is"):
+        Float16Pass(keep_float32=()).ensures(_matmul_model())
 
 
 def test_latent_cache_io_contract_is_checked() -> None:

@@ -66,18 +66,24 @@ class TargetPolicy:
             raise UsageError(f"a latent or quantized KV cache needs fused attention: target {self.name} "
                              "fuses the attention of plain causal models (llama, qwen2/qwen3) only")
         if self.fuse_attention and plain_causal:  # first: attention is found through its float projections
-            from qsvd_export.passes.group_query_attention import fuse_group_query_attention
+            from qsvd_export.passes.contracts import run_passes
+            from qsvd_export.passes.group_query_attention import FuseGroupQueryAttentionPass
 
-            fusion = fuse_group_query_attention(model, latent).as_dict()
+            fuse = FuseGroupQueryAttentionPass(latent)
+            run_passes(model, [fuse])
+            fusion = fuse.report.as_dict()
             if fusion["group_query_attention"]:
                 fusion["attention_mask"] = "right padding only (GroupQueryAttention reads each row's length)"
         report = self._quantize_weights(model, bits)
         if fusion is not None:
             report["attention"] = fusion
         if self.float16:
-            from qsvd_export.passes.float16 import to_float16
+            from qsvd_export.passes.contracts import run_passes
+            from qsvd_export.passes.float16 import Float16Pass
 
-            report["float16"] = to_float16(model).as_dict()
+            half = Float16Pass()
+            run_passes(model, [half])
+            report["float16"] = half.report.as_dict()  # type: ignore[union-attr]
         return report
 
     def finish(self, folder: Path, config: BundleConfig, report: dict[str, Any], strict: bool, tokenizer: Any,

@@ -14,16 +14,17 @@ from qsvd_export.targets.npu.options import NpuOptions
 
 def static_float_graphs(dynamic_path: Path, work: Path, options: NpuOptions) -> tuple[dict[str, Path], dict[str, Any]]:
     """Write ``prefill`` and ``decode`` float static graphs into ``work``; returns paths and what was done."""
-    from qsvd_export.passes.low_precision import fuse_norms_and_clamp_masks
-    from qsvd_export.passes.rotary_tables import tabulate_rotary
-    from qsvd_export.passes.static_shapes import specialize_decoder
+    from qsvd_export.passes.contracts import run_passes
+    from qsvd_export.passes.low_precision import FuseNormsAndClampMasksPass
+    from qsvd_export.passes.rotary_tables import TabulateRotaryPass
+    from qsvd_export.passes.static_shapes import SpecializeDecoderPass
 
     paths, report = {}, {}
     for role, seq in (("prefill", options.prefill_length), ("decode", 1)):
         model = ir.load(dynamic_path)
-        specialize_decoder(model, seq, options.context_length)
-        report[role] = {**fuse_norms_and_clamp_masks(model, options.mask_value).as_dict(),
-                        **tabulate_rotary(model, options.context_length)}
+        norms, rotary = FuseNormsAndClampMasksPass(options.mask_value), TabulateRotaryPass(options.context_length)
+        run_passes(model, [SpecializeDecoderPass(seq, options.context_length), norms, rotary])
+        report[role] = {**norms.report.as_dict(), **rotary.report}
         paths[role] = work / f"{role}_float.onnx"
         ir.save(model, paths[role], external_data=f"{role}_float.onnx.data")
         del model
