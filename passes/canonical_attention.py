@@ -70,7 +70,8 @@ def _move_key_scale(graph: ir.Graph, scores: ir.Node, prefix: str) -> bool:
         return False
     factor = initializer(graph, f"{prefix}/key_scale", np.asarray(scale.reshape(()), dtype=np.float32))
     scaled = add_node(graph, "Mul", [scores.inputs[0], factor], f"{prefix}/q_times_key_scale").outputs[0]
-    scaled.dtype, scaled.shape = scores.inputs[0].dtype, scores.inputs[0].shape
+    if scores.inputs[0].dtype is not None:  # a shape without a type cannot be serialized (TorchScript graphs)
+        scaled.dtype, scaled.shape = scores.inputs[0].dtype, scores.inputs[0].shape
     scores.replace_input_with(0, scaled)
     scores.replace_input_with(1, mul.inputs[data])
     return True
