@@ -7,6 +7,8 @@ passes verify (fold_value, absorb_key), with the same values.
   (the computed ones describe the same tensor), so the shape arithmetic on the cache goes dead.
 - a scalar constant scale on the K side of Q·Kᵀ (sdpa scales Q and K by √scale each) moves to the Q side:
   ``(Q·a)·(Kᵀ·b) = (Q·a·b)·Kᵀ``, so the keys reach Q·Kᵀ through a Transpose only.
+- the sdpa lowering's boolean causal mask of a cached decoder block → the project's float additive mask, and
+  the Softmax NaN guard dropped (:mod:`canonical_mask`, checked against the original mask on sample feeds).
 """
 
 from __future__ import annotations
@@ -85,7 +87,8 @@ def canonicalize_attention(model: ir.Model) -> int:
 
     graph = model.graph
     changed = 0
-    for block in find_attention(model).blocks:
+    blocks = find_attention(model).blocks
+    for block in blocks:
         prefix = f"qsvd/canonical{block.index}"
         changed += _constant_repeat(graph, block.pv.inputs[1], f"{prefix}/v")
         key = block.scores.inputs[1]
@@ -95,6 +98,9 @@ def canonicalize_attention(model: ir.Model) -> int:
         transpose = key.producer() if key is not None else None
         if transpose is not None and transpose.op_type == "Transpose":
             changed += _constant_repeat(graph, transpose.inputs[0], f"{prefix}/k")
+    from qsvd_export.passes.canonical_mask import canonicalize_masks
+
+    changed += canonicalize_masks(model, blocks)[0]
     if changed:
         common.TopologicalSortPass()(model)
         common.RemoveUnusedNodesPass()(model)
