@@ -215,16 +215,152 @@ def vision(args: argparse.Namespace) -> None:
         "reproduce": "python scripts/exporter_musts.py vision"})
 
 
+# --- smollm2: optimum-onnx, onnxruntime-genai builder, the project's own export ----------------------------
+def hf_folder_for_transformers4(folder: Path, out: Path) -> Path:
+    """The zoo's smollm2 HF folder (written by transformers 5) as transformers 4.x reads it: the same files,
+    ``tokenizer_config.json`` naming ``GPT2Tokenizer`` (SmolLM2's own class) with the chat template inline."""
+    out.mkdir(parents=True, exist_ok=True)
+    for item in folder.iterdir():
+        if item.name != "tokenizer_config.json" and not (out / item.name).exists():
+            (out / item.name).symlink_to(item.resolve())
+    config = json.loads((folder / "tokenizer_config.json").read_text())
+    config.pop("backend", None)
+    config["tokenizer_class"] = "GPT2Tokenizer"
+    if (folder / "chat_template.jinja").is_file():
+        config["chat_template"] = (folder / "chat_template.jinja").read_text()
+    (out / "tokenizer_config.json").write_text(json.dumps(config, indent=1))
+    return out
+
+
+OPTIMUM_EXPORT = ("import sys; from optimum.exporters.onnx import main_export; "
+                  "main_export(sys.argv[1], output=sys.argv[2], task='text-generation-with-past', device='cpu')")
+
+
+def prepare_smollm2(args: argparse.Namespace) -> dict[str, Path]:
+    """Graph folders: own (``qsvd-export export smollm2-135m``), optimum (``main_export``), genai (the builder)."""
+    from qsvd_export.zoo import load_model
+
+    work = args.work / "smollm2"
+    folders = {"own": work / "own", "optimum-onnx": work / "optimum", "onnxruntime-genai builder": work / "genai"}
+    if not (folders["own"] / "model.onnx").exists():
+        cli(["export", "smollm2-135m", "-o", str(folders["own"]), "--overwrite"])
+    hf = load_model("smollm2-135m").weights_dir
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    if not (folders["optimum-onnx"] / "model.onnx").exists():
+        hf4 = hf_folder_for_transformers4(Path(hf), work / "hf-transformers4")
+        subprocess.run([args.optimum_python, "-c", OPTIMUM_EXPORT, str(hf4), str(folders["optimum-onnx"])], check=True,
+                       env=env, stdout=subprocess.DEVNULL)
+    if not (folders["onnxruntime-genai builder"] / "model.onnx").exists():
+        subprocess.run([sys.executable, "-m", "onnxruntime_genai.models.builder", "-i", str(hf), "-o",
+                        str(folders["onnxruntime-genai builder"]), "-p", "fp32", "-e", "cpu"], check=True, env=env,
+                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    return folders
+
+
+def smollm2(args: argparse.Namespace) -> None:
+    from qsvd_export.bundle import bundle_tokenizer
+    from qsvd_export.cli import bundle_perplexity
+    from qsvd_export.data import read_text, token_windows
+    from qsvd_export.plan import load_plan
+    from qsvd_export.runtimes.sessions import SessionOptions
+
+    folders = prepare_smollm2(args)
+    work = args.work / "smollm2"
+    flags = ["--budget", args.budget, "--calib-windows", str(args.calib_windows), "--grad-windows", str(args.grad_windows)]
+    rows = []
+    windows_seen = {}
+    for exporter, folder in folders.items():
+        # the plan is built once per graph by the must-show's command; the other variant reuses it (--plan)
+        first_cpu = exporter in args.cpu_for
+        plan_dir = work / "bundles" / f"{folder.name}-plan"
+        variants = [("dense", [])] if args.dense else []
+        variants += [(f"{args.budget} --target cpu", [*flags, "--target", "cpu"]), (args.budget, ["--plan", str(plan_dir)])] \
+            if first_cpu else [(args.budget, flags), (f"{args.budget} --target cpu", ["--plan", str(plan_dir), "--target", "cpu"])]
+        for label, extra in variants:
+            out = work / "bundles" / f"{folder.name}-{label.replace(' ', '').replace('=', '').replace('--', '-')}"
+            seconds = cli([str(folder / "model.onnx"), *extra, "-o", str(out), "--overwrite"])
+            if "--budget" in extra:
+                shutil.rmtree(plan_dir, ignore_errors=True)
+                plan_dir.mkdir(parents=True)
+                for name in ("plan.json", "plan.safetensors"):
+                    shutil.copy2(out / name, plan_dir / name)
+            windows = token_windows(bundle_tokenizer(out), read_text("wiki_eval"), 512, args.windows, source="wiki_eval")
+            windows_seen[str(out)] = windows
+            ppl = bundle_perplexity(out, "wiki_eval", args.windows, 512, "cpu", SessionOptions())
+            report = json.loads((out / "report.json").read_text())
+            row = {"exporter": exporter, "graph": str(folder / "model.onnx"), "variant": label,
+                   "command": f"qsvd-export {folder.name}/model.onnx {' '.join(extra)} -o OUT".replace("  ", " "),
+                   "wiki_eval_ppl": round(ppl, 4), "windows": args.windows, "seconds": seconds,
+                   "unfused_attention": report.get("unfused_attention"),
+                   "attention_blocks": report["graph_stage"]["attention_blocks"],
+                   "latent_layers": sum(1 for layer in report["graph_stage"]["layers"] if layer["cache"] == "latent"),
+                   "kv_bytes_per_token": report.get("kv_bytes_per_token")}
+            if extra:
+                plan = load_plan(out if "--budget" in extra else plan_dir)
+                row["plan"] = "graph-only, this command" if "--budget" in extra else "the graph-only plan of the row above"
+                row.update(r1=round(plan.r1, 4), r2=round(plan.r2, 4), gradients=plan.calibration.get("gradients"),
+                           importance=plan.method["importance"])
+            if report.get("target"):
+                row["target"] = {k: report["target"].get(k) for k in ("target", "bits", "quantized_matmuls")}
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+    first = next(iter(windows_seen.values()))
+    same = all(np.array_equal(first, w) for w in windows_seen.values())
+    own = {r["variant"]: r["wiki_eval_ppl"] for r in rows if r["exporter"] == "own"}
+    for row in rows:
+        if row["exporter"] != "own" and row["variant"] in own:
+            row["ppl_vs_own_export"] = round(row["wiki_eval_ppl"] / own[row["variant"]], 4)
+    write("exporter_smollm2.json", {
+        "must_show": ["optimum-onnx smollm2: --budget kv=0.5 --target cpu wiki_eval ppl within 1.05x of the project's own "
+                      "export at the same budget (same run)",
+                      "onnxruntime-genai builder fp32 smollm2: --budget kv=0.5 ppl within 1.05x of the own export"],
+        "calibration": {"calib_windows": args.calib_windows, "grad_windows": args.grad_windows, "text": "wiki_calib",
+                        "note": "fewer windows than EVAL.md's 128/32 (2-core machine); the same for every exporter"},
+        "eval_windows_identical_across_bundles": same,
+        "reproduce": "python scripts/exporter_musts.py smollm2 --optimum-python VENV/bin/python", "rows": rows})
+
+
+def npu(args: argparse.Namespace) -> None:
+    """optimum-onnx's smollm2 folder, as written: ``qsvd-export model.onnx --target npu`` (QNN HTP, CPU fallback off)."""
+    folders = prepare_smollm2(args)
+    graph = folders["optimum-onnx"] / "model.onnx"
+    out = args.work / "smollm2" / "bundles" / "optimum-npu"
+    seconds = cli([str(graph), "--target", "npu", "-o", str(out), "--overwrite"])
+    report = json.loads((out / "report.json").read_text())
+    target = report["target"]
+    check = target.get("verification") or {}
+    placement = report.get("summary", {}).get("node_placement") or check.get("placement")
+    result = (f"QNN HTP v{check.get('htp_arch')}: {check.get('qnn')} with CPU fallback disabled; argmax agreement "
+              f"{check.get('argmax_agreement', 0):.1%} vs the CPU EP, greedy tokens "
+              f"{'match' if check.get('tokens_match') else 'differ'}") if check else "not verified"
+    write("exporter_smollm2_npu.json", {
+        "must_show": "smollm2-135m exported by optimum-onnx, straight from its export folder: qsvd-export model.onnx "
+                     "--target npu compiles whole on QNN HTP",
+        "command": "qsvd-export optimum/model.onnx --target npu -o OUT", "folder": sorted(p.name for p in graph.parent.iterdir()),
+        "result": result, "seconds": seconds, "canonical_attention_rewrites": report.get("canonical_attention_rewrites"),
+        "bits": target.get("bits"), "options": target.get("options"), "verification": check, "placement": placement,
+        "reproduce": "python scripts/exporter_musts.py npu --optimum-python VENV/bin/python"})
+
+
 def main(argv: list[str] | None = None) -> None:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("which", choices=["minilm", "vision"])
+    parser.add_argument("which", choices=["minilm", "vision", "smollm2", "npu"])
     parser.add_argument("--work", type=Path, default=Path("/tmp/qsvd-exporters"))
     parser.add_argument("--budgets", nargs="+", default=["params=0.6"], help="minilm budgets")
     parser.add_argument("--vision-budget", default="params=0.8")
+    parser.add_argument("--optimum-python", default="python", help="smollm2: a python with optimum-onnx (transformers 4.x)")
+    parser.add_argument("--budget", default="kv=0.5", help="smollm2 budget")
+    parser.add_argument("--calib-windows", type=int, default=16, help="smollm2: calibration windows of 512")
+    parser.add_argument("--grad-windows", type=int, default=4, help="smollm2: gradient windows")
+    parser.add_argument("--windows", type=int, default=32, help="smollm2: wiki_eval windows of 512")
+    parser.add_argument("--dense", action="store_true", help="smollm2: also each exporter's dense graph")
+    parser.add_argument("--cpu-for", nargs="*", default=["own", "optimum-onnx"],
+                        help="smollm2: exporters whose plan is built by --budget B --target cpu (the others: --budget B, "
+                             "then --plan with --target cpu)")
     args = parser.parse_args(argv)
-    {"minilm": minilm, "vision": vision}[args.which](args)
+    {"minilm": minilm, "vision": vision, "smollm2": smollm2, "npu": npu}[args.which](args)
 
 
 if __name__ == "__main__":
