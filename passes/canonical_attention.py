@@ -9,6 +9,8 @@ passes verify (fold_value, absorb_key), with the same values.
   ``(Q·a)·(Kᵀ·b) = (Q·a·b)·Kᵀ``, so the keys reach Q·Kᵀ through a Transpose only.
 - the sdpa lowering's boolean causal mask of a cached decoder block → the project's float additive mask, and
   the Softmax NaN guard dropped (:mod:`canonical_mask`, checked against the original mask on sample feeds).
+
+Untyped values (TorchScript exports) get their element types first (:mod:`infer_dtypes`; not counted).
 """
 
 from __future__ import annotations
@@ -85,8 +87,11 @@ def canonicalize_attention(model: ir.Model) -> int:
 
     from qsvd_export.passes.find_attention import find_attention
 
+    from qsvd_export.passes.infer_dtypes import infer_dtypes
+
     graph = model.graph
     changed = 0
+    infer_dtypes(model)  # TorchScript graphs leave most values untyped; the passes copy neighbours' dtypes
     blocks = find_attention(model).blocks
     for block in blocks:
         prefix = f"qsvd/canonical{block.index}"

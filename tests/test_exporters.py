@@ -337,3 +337,27 @@ def test_a_genai_config_beside_the_graph_is_read_and_checked(optimum_folder, tmp
     assert main([str(folder / "model.onnx"), "-o", str(tmp_path / "bad"), "-q"]) == 2
     err = capsys.readouterr().err.strip()
     assert "genai_config.json contradicts the graph" in err and len(err.splitlines()) == 1
+
+
+def test_an_untyped_torchscript_graph_gets_a_latent_cache(optimum_folder, tmp_path):
+    """optimum's own export keeps almost no value_info: values have shapes but no element type, and the
+    passes' new values (which copy a neighbour's dtype) could not be serialized. infer_dtypes types them
+    first; the plan's bundle still equals torch."""
+    import onnx
+
+    folder = tmp_path / "untyped"
+    folder.mkdir()
+    for item in optimum_folder.iterdir():
+        (folder / item.name).write_bytes(item.read_bytes())
+    proto = onnx.load(str(folder / "model.onnx"))
+    del proto.graph.value_info[:]
+    onnx.save(proto, str(folder / "model.onnx"))
+    np.savez(tmp_path / "calib.npz", input_ids=np.random.default_rng(1).integers(0, 256, (4, 16)))
+    out = tmp_path / "kv50"
+    assert main([str(folder / "model.onnx"), "--budget", "kv=0.5", "--calib-npz", str(tmp_path / "calib.npz"),
+                 "--grad-windows", "2", "-o", str(out), "-q"]) == 0
+    plan = load_plan(out)
+    layers = json.loads((out / "report.json").read_text())["graph_stage"]["layers"]
+    assert [layer["cache"] for layer in layers] == ["latent", "latent"]
+    assert_decoder_parity(out, apply_plan(build_tiny("llama").model, plan),
+                          np.random.default_rng(4).integers(0, 256, (1, 9)), next_token=7)
