@@ -181,7 +181,8 @@ def canonicalize_masks(model: ir.Model, blocks: list[Any]) -> tuple[int, list[st
     new_mask: ir.Value | None = None
     scores: ir.Value | None = None
     checks = [(_feeds(graph, new, past, row), new, new + past, {}, {}) for new, past, row in _CHECKS]
-    for block in blocks:
+    chosen = []
+    for block in blocks:  # every check runs on the untouched graph: later masks may read earlier blocks' shapes
         found = _mask_operand(block) if block.k_cache is not None else None
         if found is None:
             continue
@@ -201,6 +202,8 @@ def canonicalize_masks(model: ir.Model, blocks: list[Any]) -> tuple[int, list[st
         if why is not None:
             left.append(f"attention block {block.index}: mask kept ({why})")
             continue
+        chosen.append((block, add, side))
+    for block, add, side in chosen:
         add.replace_input_with(side, new_mask)
         _drop_nan_guard(block)
         done += 1
