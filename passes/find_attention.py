@@ -212,12 +212,12 @@ def _fused_projections(node: ir.Node, starts: dict[str, ir.Value]) -> dict[str, 
     for member, start in starts.items():
         # the data path only: a Reshape of V may take its shape from Shape(K), another split output
         branch = _data_walk(start)[1]
-        # only the Split/Slice of the packed output itself: later slices (rotate-half RoPE) are per member
-        packed = {id(node.outputs[0]), id(out)}
         splitters = list({id(v.producer()): v.producer() for v in branch
-                          if v.producer() is not None and v.producer().op_type in ("Split", "Slice")
-                          and v.producer().inputs and v.producer().inputs[0] is not None
-                          and id(v.producer().inputs[0]) in packed}.values())
+                          if v.producer() is not None and v.producer().op_type in ("Split", "Slice")}.values())
+        if len(splitters) > 1:  # the packed output's split comes first; later slices (rotate-half RoPE) are per member
+            splitters = [s for s in splitters if s.inputs and s.inputs[0] is not None and not any(
+                id(n) in {id(o) for o in splitters if o is not s}
+                for n in (path_nodes(node.outputs[0], s.inputs[0]) or []))]
         if len(splitters) != 1:
             raise _NoMatch(f"fused QKV: {member} branch passes {len(splitters)} Split/Slice nodes (expected 1)")
         splitter = splitters[0]

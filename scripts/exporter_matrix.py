@@ -346,7 +346,33 @@ def render(data: dict[str, Any]) -> str:
     if real:
         lines += ["", "## Real models (issue 26 must-shows)", "", "| graph | command | result | raw |", "|---|---|---|---|"]
         lines += real
+        lines += ["", "Reproduce: `python scripts/exporter_musts.py smollm2|npu|minilm|vision` (optimum needs "
+                  "`--optimum-python` of a venv with optimum-onnx and transformers 4.x)."]
+    lines += ["", "## What the front door does with these graphs", ""] + [f"- {note}" for note in NOTES]
     return "\n".join(lines) + "\n"
+
+
+NOTES = [
+    "**TorchScript / optimum sdpa**: the NaN guard `Where(IsNaN(P), 0, P)` after Softmax is followed by the matcher; "
+    "the sdpa repeat_kv with computed shapes gets constant shapes and the K-side √scale moves to Q "
+    "(`passes/canonical_attention.py`); values the exporter left untyped get element types "
+    "(`passes/infer_dtypes.py`); a cached decoder's boolean causal mask becomes the project's float additive mask "
+    "and the NaN guard goes, after the original mask is checked on left-padded, right-padded and cached feeds "
+    "(`passes/canonical_mask.py`) — that is what lets these graphs compile on QNN HTP. A mask that differs "
+    "(sliding window, packed sequences) is kept, and the block's static graph then does not compile on HTP.",
+    "**dynamo opset 23**: the ONNX `Attention` op is unfused (`passes/unfuse_attention.py`).",
+    "**onnxruntime-genai builder fp32**: `com.microsoft::GroupQueryAttention` (packed QKV, `do_rotary=1`, "
+    "rotate-half) is unfused into Split → per-head RoPE gathered from the op's cos/sin caches at a new "
+    "`position_ids` input → cache Concat → repeat_kv → MatMul/Softmax/MatMul with the causal + padding mask from "
+    "`attention_mask`; the builder's `(Skip)SimplifiedLayerNormalization` is spelled out so the graph is "
+    "differentiable (`passes/unfuse_group_query_attention.py`). Equal to the fused op (≤ 1e-5 tiny, 5e-4 on "
+    "smollm2's logits of ~27). Difference: for a left-padded *first* prompt the op places the prompt at positions "
+    "0…S−1, this form (like HF and the project's own export) at CumSum(mask)−1. Interleaved rotary, sliding "
+    "windows, softcap, separate K/V inputs are left fused with the reason.",
+    "**onnxruntime-genai builder int4**: refused by name (MatMulNBits weights: no float Q/K/V to factor).",
+    "**Vision / encoder graphs** are refused for `--target npu` by design (the npu target builds static decoder "
+    "graphs).",
+]
 
 
 def _real_rows() -> list[str]:
