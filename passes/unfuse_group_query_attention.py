@@ -19,12 +19,14 @@ After (the op's definition, with HF's position and mask conventions)::
     y = Reshape(Transpose(MatMul(Softmax(scores), repeat_kv(present_v)), [0, 2, 1, 3]), [0, 0, Hq D])
 
 RoPE (``rotary_interleaved = 0``, rotate-half): ``x·cos + Concat(−x₂, x₁)·sin`` with
-``cos = Unsqueeze(Concat(c, c), 1)``, ``c = Gather(cos_cache, position_ids)`` (the same for sin).
+``cos = Unsqueeze(Gather(Concat(cos_cache, cos_cache, axis=-1), position_ids), 1)`` (the doubled table a
+constant when the cache is one; the same for sin).
 ``position_ids`` is the op's optional input 9 when the graph gives it, else a new graph input
 ``position_ids`` [batch, sequence] (int64; ``CumSum(attention_mask) − 1`` of the new tokens, the convention
 optimum and onnxruntime-genai feed, and the one :mod:`latent_kv` re-derives cached positions with).
-The additive mask is HF's causal + padding mask from the graph's 2-D ``attention_mask`` [B, T]: key j is
-visible to new token i iff ``attention_mask[b, j] = 1`` and ``j ≤ T − S + i``. For unpadded rows (and
+The additive mask is HF's causal + padding mask from the graph's 2-D ``attention_mask`` [B, T] in the form
+the project's own export writes (float ops only): key j is visible to new token i iff
+``attention_mask[b, j] = 1`` and ``j ≤ T − S + i``. For unpadded rows (and
 right padding) this is the op's own ``seqlens_k`` / ``total_sequence_length`` semantics; for a left-padded
 first prompt the op instead places the prompt at positions 0…S−1, which this form (like HF) does not.
 
@@ -43,7 +45,7 @@ from __future__ import annotations
 import numpy as np
 import onnx_ir as ir
 
-from qsvd_export.passes._graph import add_node, initializer
+from qsvd_export.passes._graph import add_node, const_array, initializer
 from qsvd_export.passes.unfuse_attention import _repeat
 
 MASK_INPUT, POSITION_INPUT = "attention_mask", "position_ids"
@@ -120,7 +122,8 @@ class _Rewriter:
     def __init__(self, graph: ir.Graph) -> None:
         self.graph = graph
         self._positions: ir.Value | None = None
-        self._mask: dict[int, ir.Value] = {}
+        self._shared_mask: ir.Value | None = None
+        self._tables: dict[tuple[int, str], ir.Value] = {}
 
     def positions(self) -> ir.Value:
         """The graph's ``position_ids`` input, added [batch, sequence] int64 if missing."""
@@ -139,30 +142,15 @@ class _Rewriter:
             self._positions = found
         return self._positions
 
-    def mask(self, q: ir.Value, prefix: str) -> ir.Value:
-        """Additive [B, 1, S, T] mask: 0 where key j is visible to new token i, the float minimum elsewhere."""
-        g = self.graph
-        mask = next(v for v in g.inputs if v.name == MASK_INPUT)
-        one = initializer(g, f"{prefix}/one", np.asarray(1, dtype=np.int64))
-        zero = initializer(g, f"{prefix}/zero", np.asarray(0, dtype=np.int64))
-        total = add_node(g, "Shape", [mask], f"{prefix}/total", {"start": 1, "end": 2}).outputs[0]
-        new = add_node(g, "Shape", [q], f"{prefix}/new", {"start": 2, "end": 3}).outputs[0]
-        squeeze_axis = initializer(g, f"{prefix}/axis0", np.asarray([0], dtype=np.int64))
-        total_s = add_node(g, "Squeeze", [total, squeeze_axis], f"{prefix}/total_scalar").outputs[0]
-        new_s = add_node(g, "Squeeze", [new, squeeze_axis], f"{prefix}/new_scalar").outputs[0]
-        start = add_node(g, "Sub", [total_s, new_s], f"{prefix}/past").outputs[0]
-        rows = add_node(g, "Range", [start, total_s, one], f"{prefix}/rows").outputs[0]  # T − S + i
-        cols = add_node(g, "Range", [zero, total_s, one], f"{prefix}/cols").outputs[0]  # j
-        last = initializer(g, f"{prefix}/axis_last", np.asarray([-1], dtype=np.int64))
-        rows_c = add_node(g, "Unsqueeze", [rows, last], f"{prefix}/rows_column").outputs[0]  # [S, 1]
-        causal = add_node(g, "LessOrEqual", [cols, rows_c], f"{prefix}/causal").outputs[0]  # [S, T]
-        padding = add_node(g, "Cast", [mask], f"{prefix}/padding", {"to": ir.DataType.BOOL}).outputs[0]
-        axes = initializer(g, f"{prefix}/axes12", np.asarray([1, 2], dtype=np.int64))
-        padding = add_node(g, "Unsqueeze", [padding, axes], f"{prefix}/padding_4d").outputs[0]  # [B, 1, 1, T]
-        visible = add_node(g, "And", [causal, padding], f"{prefix}/visible").outputs[0]  # [B, 1, S, T]
-        zero_f = initializer(g, f"{prefix}/zero_f", np.asarray(0.0, dtype=np.float32))
-        lowest = initializer(g, f"{prefix}/lowest", np.asarray(np.finfo(np.float32).min, dtype=np.float32))
-        return _typed(add_node(g, "Where", [visible, zero_f, lowest], f"{prefix}/bias").outputs[0])
+    def mask(self, q: ir.Value) -> ir.Value:
+        """Additive [B, 1, S, T] mask, one for all layers: the project's float causal + padding mask
+        (:func:`canonical_mask._build`: 0 where key j is visible to new token i, float32 min elsewhere; no
+        boolean ops on the input, so it compiles on QNN HTP once shapes are static)."""
+        if self._shared_mask is None:
+            from qsvd_export.passes.canonical_mask import _build
+
+            self._shared_mask = _build(self.graph, q, "qsvd/unfused_gqa/mask")
+        return self._shared_mask
 
     def rope(self, x: ir.Value, cos_cache: ir.Value, sin_cache: ir.Value, head_dim: int, prefix: str) -> ir.Value:
         """Rotate-half RoPE of ``x`` [B, H, S, D] at ``position_ids`` with the op's [max_pos, D/2] tables."""
@@ -172,9 +160,16 @@ class _Rewriter:
         axis1 = initializer(g, f"{prefix}/axis1", np.asarray([1], dtype=np.int64))
         tables = []
         for name, cache in (("cos", cos_cache), ("sin", sin_cache)):
-            rows = _typed(add_node(g, "Gather", [cache, positions], f"{prefix}/{name}_rows", {"axis": 0}).outputs[0], cache)
-            full = _typed(add_node(g, "Concat", [rows, rows], f"{prefix}/{name}_full", {"axis": -1}).outputs[0], cache)
-            tables.append(_typed(add_node(g, "Unsqueeze", [full, axis1], f"{prefix}/{name}").outputs[0], cache))
+            table = self._tables.get((id(cache), name))
+            if table is None:  # [max_pos, D/2] → [max_pos, D] once (a constant when the cache is one)
+                half_table = const_array(cache)
+                table = initializer(g, f"qsvd/unfused_gqa/{name}_table", np.concatenate([half_table, half_table], -1)
+                                    .astype(half_table.dtype)) if half_table is not None else _typed(add_node(
+                                        g, "Concat", [cache, cache], f"qsvd/unfused_gqa/{name}_table", {"axis": -1})
+                                        .outputs[0], cache)
+                self._tables[(id(cache), name)] = table
+            rows = _typed(add_node(g, "Gather", [table, positions], f"{prefix}/{name}_rows", {"axis": 0}).outputs[0], cache)
+            tables.append(_typed(add_node(g, "Unsqueeze", [rows, axis1], f"{prefix}/{name}").outputs[0], cache))
         cos, sin = tables
         starts = initializer(g, f"{prefix}/first_start", np.asarray([0], dtype=np.int64))
         middle = initializer(g, f"{prefix}/half", np.asarray([half], dtype=np.int64))
@@ -238,7 +233,7 @@ class _Rewriter:
         scaled = _typed(add_node(g, "Mul", [q, factor], f"{prefix}/q_scaled").outputs[0], q)
         k_t = _typed(add_node(g, "Transpose", [keys], f"{prefix}/k_t", {"perm": [0, 1, 3, 2]}).outputs[0], keys)
         scores = _typed(add_node(g, "MatMul", [scaled, k_t], f"{prefix}/scores").outputs[0], q)
-        masked = _typed(add_node(g, "Add", [scores, self.mask(q, f"{prefix}/mask")], f"{prefix}/masked").outputs[0], q)
+        masked = _typed(add_node(g, "Add", [scores, self.mask(q)], f"{prefix}/masked").outputs[0], q)
         probs = _typed(add_node(g, "Softmax", [masked], f"{prefix}/softmax", {"axis": -1}).outputs[0], q)
         context = _typed(add_node(g, "MatMul", [probs, values], f"{prefix}/pv").outputs[0], q)
         merged = _typed(add_node(g, "Transpose", [context], f"{prefix}/bshd", {"perm": [0, 2, 1, 3]}).outputs[0], q)
