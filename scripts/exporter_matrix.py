@@ -44,6 +44,8 @@ from typing import Any
 import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
+COMMIT = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
+# the code measured is the checkout when the script started (plus uncommitted changes if `git status` shows any)
 sys.path.insert(0, str(ROOT))
 RESULTS = ROOT / "results" / "exporter_matrix.json"
 DOC = ROOT / "docs" / "exporters.md"
@@ -445,7 +447,7 @@ def main(argv: list[str] | None = None) -> None:
     import onnxruntime
     import torch
 
-    data = {"date": time.strftime("%Y-%m-%d %H:%M"), "machine": f"{os.cpu_count()} cores, no GPU",
+    data = {"date": time.strftime("%Y-%m-%d %H:%M"), "machine": f"{os.cpu_count()} cores, no GPU", "commit": COMMIT,
             "versions": {"torch": torch.__version__, "onnxruntime": onnxruntime.__version__},
             "exporters": EXPORTERS, "matrix": matrix,
             "reproduce": "python scripts/exporter_matrix.py --optimum-python VENV/bin/python"}

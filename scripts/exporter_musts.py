@@ -35,6 +35,8 @@ from typing import Any
 import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
+COMMIT = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
+# the code measured is the checkout when the script started (plus uncommitted changes if `git status` shows any)
 sys.path.insert(0, str(ROOT))
 RESULTS = ROOT / "results"
 
@@ -58,7 +60,8 @@ def cli(args: list[str]) -> float:
 def write(name: str, payload: dict[str, Any]) -> Path:
     RESULTS.mkdir(exist_ok=True)
     path = RESULTS / name
-    payload = {"date": time.strftime("%Y-%m-%d %H:%M"), "machine": f"{os.cpu_count()} cores, no GPU", **payload}
+    payload = {"date": time.strftime("%Y-%m-%d %H:%M"), "machine": f"{os.cpu_count()} cores, no GPU", "commit": COMMIT,
+               **payload}
     path.write_text(json.dumps(payload, indent=1) + "\n")
     print(f"wrote {path}")
     return path
