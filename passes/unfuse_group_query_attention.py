@@ -30,7 +30,8 @@ the project's own export writes (float ops only): key j is visible to new token 
 right padding) this is the op's own ``seqlens_k`` / ``total_sequence_length`` semantics; for a left-padded
 first prompt the op instead places the prompt at positions 0…S−1, which this form (like HF) does not.
 
-``SimplifiedLayerNormalization(x, γ)`` → ``x / Sqrt(ReduceMean(x², −1) + ε) · γ`` and
+``SimplifiedLayerNormalization(x, γ)`` → ``γ · (x · Reciprocal(Sqrt(ReduceMean(x², −1) + ε)))`` (HF's form,
+which the npu/gpu targets fuse back) and
 ``SkipSimplifiedLayerNormalization(x, skip, γ[, β])`` → the same on ``s = x + skip (+ bias)``, whose output 3
 (the sum) becomes ``s``; only in graphs where a GroupQueryAttention node was rewritten.
 
@@ -257,8 +258,10 @@ def _rms(graph: ir.Graph, x: ir.Value, gamma: ir.Value, epsilon: float, prefix: 
     mean = _typed(add_node(graph, "ReduceMean", [square, axes], f"{prefix}/mean", {"keepdims": 1}).outputs[0], x)
     shifted = _typed(add_node(graph, "Add", [mean, eps], f"{prefix}/plus_eps").outputs[0], x)
     root = _typed(add_node(graph, "Sqrt", [shifted], f"{prefix}/rms").outputs[0], x)
-    normed = _typed(add_node(graph, "Div", [x, root], f"{prefix}/normed").outputs[0], x)
-    return _typed(add_node(graph, "Mul", [normed, gamma], f"{prefix}/scaled").outputs[0], x)
+    inverse = _typed(add_node(graph, "Reciprocal", [root], f"{prefix}/inverse_rms").outputs[0], x)
+    normed = _typed(add_node(graph, "Mul", [x, inverse], f"{prefix}/normed").outputs[0], x)
+    # HF's order (γ · normed): the low-precision targets fuse this form back into SimplifiedLayerNormalization
+    return _typed(add_node(graph, "Mul", [gamma, normed], f"{prefix}/scaled").outputs[0], x)
 
 
 def _unfuse_norms(graph: ir.Graph) -> int:
