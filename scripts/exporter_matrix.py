@@ -372,6 +372,13 @@ NOTES = [
     "0…S−1, this form (like HF and the project's own export) at CumSum(mask)−1. Interleaved rotary, sliding "
     "windows, softcap, separate K/V inputs are left fused with the reason.",
     "**onnxruntime-genai builder int4**: refused by name (MatMulNBits weights: no float Q/K/V to factor).",
+    "**Not yet on QNN HTP** (measured 2026-12-06): optimum's smollm2-135m `--target npu` builds the static QDQ "
+    "graphs but QNN finalize fails (`QNN_COMMON_ERROR_MEM_ALLOC`); the QNN EP names `/model/rotary_emb/MatMul` "
+    "unsupported: HF's TorchScript rotary expands `inv_freq` to `position_ids`' batch with a computed shape that "
+    "does not fold in the static graph, so `rotary_tables` cannot tabulate cos/sin (its batch dim stays symbolic) "
+    "and a float position MatMul reaches HTP. The tiny optimum-style llama compiles (its rotary folds). The "
+    "genai-builder graphs, unfused, also fail QNN finalize with MEM_ALLOC (no op outside the HTP set; cause not "
+    "isolated).",
     "**Vision / encoder graphs** are refused for `--target npu` by design (the npu target builds static decoder "
     "graphs).",
 ]
