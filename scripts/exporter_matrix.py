@@ -123,7 +123,8 @@ def torch_graph(family: str, exporter: str, folder: Path) -> None:
     vision = family == "vit"
     if exporter == "torchscript" and family in DECODERS:
         config = model.config
-        layers, kv_heads, head_dim = config.num_hidden_layers, config.num_key_value_heads, config.head_dim
+        layers, kv_heads = config.num_hidden_layers, config.num_key_value_heads
+        head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
         past = [torch.randn(1, kv_heads, 3, head_dim) for _ in range(2 * layers)]
         example = (torch.randint(0, 256, (1, 4)), torch.ones(1, 7, dtype=torch.long), torch.arange(3, 7)[None], *past)
         names = ["input_ids", "attention_mask", "position_ids"] + [f"past_key_values.{i}.{kv}" for i in range(layers)
@@ -458,10 +459,11 @@ def main(argv: list[str] | None = None) -> None:
             "versions": {"torch": torch.__version__, "onnxruntime": onnxruntime.__version__},
             "exporters": EXPORTERS, "matrix": matrix,
             "reproduce": "python scripts/exporter_matrix.py --optimum-python VENV/bin/python"}
-    if RESULTS.exists() and set(args.exporters) != set(EXPORTERS):  # a partial run updates the committed table
-        old = json.loads(RESULTS.read_text())
-        old["matrix"].update(matrix)
-        data["matrix"] = old["matrix"]
+    if RESULTS.exists() and (set(args.exporters) != set(EXPORTERS) or set(args.families) != set(FAMILIES)):
+        old = json.loads(RESULTS.read_text())  # a partial run updates those cells of the committed table
+        for exporter, families in matrix.items():
+            old["matrix"].setdefault(exporter, {}).update(families)
+        data["matrix"] = {e: old["matrix"][e] for e in EXPORTERS if e in old["matrix"]}
     RESULTS.parent.mkdir(exist_ok=True)
     RESULTS.write_text(json.dumps(data, indent=1) + "\n")
     DOC.write_text(render(data))
