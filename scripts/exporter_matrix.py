@@ -34,6 +34,7 @@ import contextlib
 import io
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -325,7 +326,10 @@ def _short(cell: dict[str, Any]) -> str:
     if status == "n/a":
         return "—"
     why = (cell.get("why") or cell.get("parity_error") or "").replace("|", "/")
-    return f"{status}: {why[:150]}" if why else status
+    if "Failed to finalize QNN graph" in why:  # the QNN error code is at the end of a long line
+        code = why.split("Error: ")[-1].split(":")[0].split(",")[0].strip()
+        why = f"builds the static QDQ graphs; QNN HTP finalize fails ({code})"
+    return f"{status}: {why[:220]}" if why else status
 
 
 def render(data: dict[str, Any]) -> str:
@@ -377,9 +381,10 @@ NOTES = [
     "graphs but QNN finalize fails (`QNN_COMMON_ERROR_MEM_ALLOC`); the QNN EP names `/model/rotary_emb/MatMul` "
     "unsupported: HF's TorchScript rotary expands `inv_freq` to `position_ids`' batch with a computed shape that "
     "does not fold in the static graph, so `rotary_tables` cannot tabulate cos/sin (its batch dim stays symbolic) "
-    "and a float position MatMul reaches HTP. The tiny optimum-style llama compiles (its rotary folds). The "
-    "genai-builder graphs, unfused, also fail QNN finalize with MEM_ALLOC (no op outside the HTP set; cause not "
-    "isolated).",
+    "and a float position MatMul reaches HTP. The tiny TorchScript llama/qwen2 with the same I/O compile (their "
+    "rotary folds); optimum's own tiny llama/qwen2 exports fail the same way as smollm2. Unfused genai-builder "
+    "graphs: tiny qwen2 compiles, tiny llama fails QNN finalize with MEM_ALLOC (no op outside the HTP set; cause "
+    "not isolated).",
     "**Vision / encoder graphs** are refused for `--target npu` by design (the npu target builds static decoder "
     "graphs).",
 ]
@@ -393,7 +398,8 @@ def _real_rows() -> list[str]:
         data = json.loads(path.read_text())
         for row in data["rows"]:
             ratio = f", {row['ppl_vs_own_export']:.3f}× the own export" if "ppl_vs_own_export" in row else ""
-            rows.append(f"| smollm2-135m, {row['exporter']} | `{row['command']}` | wiki_eval ppl {row['wiki_eval_ppl']:.3f} "
+            command = re.sub(r"--plan \S+", "--plan PLAN", row["command"])
+            rows.append(f"| smollm2-135m, {row['exporter']} | `{command}` | wiki_eval ppl {row['wiki_eval_ppl']:.3f} "
                         f"({row['windows']} × 512){ratio} | `results/exporter_smollm2.json` |")
     path = folder / "exporter_smollm2_npu.json"
     if path.exists():
