@@ -67,6 +67,9 @@ def test_smollm2_from_optimum_and_genai_builder_matches_the_own_export(optimum_p
 
 
 @pytest.mark.skipif(importlib.util.find_spec("onnxruntime_qnn") is None, reason="onnxruntime-qnn not installed")
+@pytest.mark.xfail(strict=True, raises=SystemExit,
+                   reason="known gap (docs/exporters.md): HF's TorchScript rotary keeps a computed Expand shape that does "
+                          "not fold in the static graph, rotary_tables cannot tabulate cos/sin, QNN finalize fails")
 def test_smollm2_from_optimum_compiles_whole_on_qnn_htp(optimum_python, tmp_path):
     _, payload = exporter_musts.npu(_args("npu", "--work", str(tmp_path), "--optimum-python", optimum_python))
     assert payload["verification"]["qnn"] == "compiled", payload["result"]
