@@ -7,6 +7,10 @@ passes verify (fold_value, absorb_key), with the same values.
   (the computed ones describe the same tensor), so the shape arithmetic on the cache goes dead.
 - a scalar constant scale on the K side of Q·Kᵀ (sdpa scales Q and K by √scale each) moves to the Q side:
   ``(Q·a)·(Kᵀ·b) = (Q·a·b)·Kᵀ``, so the keys reach Q·Kᵀ through a Transpose only.
+- the sdpa lowering's boolean causal mask of a cached decoder block → the project's float additive mask, and
+  the Softmax NaN guard dropped (:mod:`canonical_mask`, checked against the original mask on sample feeds).
+
+Untyped values (TorchScript exports) get their element types first (:mod:`infer_dtypes`; not counted).
 """
 
 from __future__ import annotations
@@ -70,7 +74,8 @@ def _move_key_scale(graph: ir.Graph, scores: ir.Node, prefix: str) -> bool:
         return False
     factor = initializer(graph, f"{prefix}/key_scale", np.asarray(scale.reshape(()), dtype=np.float32))
     scaled = add_node(graph, "Mul", [scores.inputs[0], factor], f"{prefix}/q_times_key_scale").outputs[0]
-    scaled.dtype, scaled.shape = scores.inputs[0].dtype, scores.inputs[0].shape
+    if scores.inputs[0].dtype is not None:  # a shape without a type cannot be serialized (TorchScript graphs)
+        scaled.dtype, scaled.shape = scores.inputs[0].dtype, scores.inputs[0].shape
     scores.replace_input_with(0, scaled)
     scores.replace_input_with(1, mul.inputs[data])
     return True
@@ -82,9 +87,13 @@ def canonicalize_attention(model: ir.Model) -> int:
 
     from qsvd_export.passes.find_attention import find_attention
 
+    from qsvd_export.passes.infer_dtypes import infer_dtypes
+
     graph = model.graph
     changed = 0
-    for block in find_attention(model).blocks:
+    infer_dtypes(model)  # TorchScript graphs leave most values untyped; the passes copy neighbours' dtypes
+    blocks = find_attention(model).blocks
+    for block in blocks:
         prefix = f"qsvd/canonical{block.index}"
         changed += _constant_repeat(graph, block.pv.inputs[1], f"{prefix}/v")
         key = block.scores.inputs[1]
@@ -94,6 +103,9 @@ def canonicalize_attention(model: ir.Model) -> int:
         transpose = key.producer() if key is not None else None
         if transpose is not None and transpose.op_type == "Transpose":
             changed += _constant_repeat(graph, transpose.inputs[0], f"{prefix}/k")
+    from qsvd_export.passes.canonical_mask import canonicalize_masks
+
+    changed += canonicalize_masks(model, blocks)[0]
     if changed:
         common.TopologicalSortPass()(model)
         common.RemoveUnusedNodesPass()(model)

@@ -204,6 +204,10 @@ def _fused_projections(node: ir.Node, starts: dict[str, ir.Value]) -> dict[str, 
         branch = _data_walk(start)[1]
         splitters = list({id(v.producer()): v.producer() for v in branch
                           if v.producer() is not None and v.producer().op_type in ("Split", "Slice")}.values())
+        if len(splitters) > 1:  # the packed output's split comes first; later slices (rotate-half RoPE) are per member
+            splitters = [s for s in splitters if s.inputs and s.inputs[0] is not None and not any(
+                id(n) in {id(o) for o in splitters if o is not s}
+                for n in (path_nodes(node.outputs[0], s.inputs[0]) or []))]
         if len(splitters) != 1:
             raise Decline(f"fused QKV: {member} branch passes {len(splitters)} Split/Slice nodes (expected 1)")
         splitter = splitters[0]

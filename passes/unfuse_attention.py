@@ -1,5 +1,6 @@
 """unfuse_attention: the ONNX ``Attention`` op (opset 23; the dynamo exporter writes it for sdpa at opset ≥ 23)
-rewritten into the explicit ops the graph stage matches.
+rewritten into the explicit ops the graph stage matches (and, through :mod:`unfuse_group_query_attention`,
+onnxruntime's ``com.microsoft::GroupQueryAttention`` of onnxruntime-genai builder graphs).
 
 Before: ``Y = Attention(Q, K, V[, attn_mask])`` with 4-D Q [B, Hq, S, D], K [B, Hkv, L, D], V [B, Hkv, L, Dv].
 After (the op's definition): K and V repeated to Hq heads when Hkv < Hq (Unsqueeze(axis 2) → Expand
@@ -108,6 +109,11 @@ def unfuse_attention(model: ir.Model) -> tuple[int, list[str]]:
             continue
         _rewrite(graph, node, index)
         done += 1
+    from qsvd_export.passes.unfuse_group_query_attention import unfuse_group_query_attention
+
+    gqa_done, gqa_left = unfuse_group_query_attention(model)  # onnxruntime-genai builder graphs
+    done += gqa_done
+    left += gqa_left
     if done:
         common.TopologicalSortPass()(model)
     return done, left
