@@ -74,7 +74,7 @@ def minilm(args: argparse.Namespace) -> tuple[str, dict[str, Any]]:
     from benchmarks.graph_only_quality import EVAL_SENTENCES, legacy_export, onnx_sentence_embeddings
     from qsvd_export.data import read_text
     from qsvd_export.evaluate import embedding_cosine, eval_sentences
-    from qsvd_export.plan import load_plan
+    from qsvd_export.plan.io import load_plan
     from qsvd_export.zoo import load_model
 
     work = args.work / "minilm"
@@ -185,7 +185,7 @@ def correlation(original: Path, compressed: Path, images: Path) -> dict[str, flo
 def vision(args: argparse.Namespace) -> tuple[str, dict[str, Any]]:
     import onnx
 
-    from qsvd_export.plan import load_plan
+    from qsvd_export.plan.io import load_plan
 
     work = args.work / "vision"
     bare = work / "bare" / "model.onnx"
@@ -270,9 +270,9 @@ def prepare_smollm2(args: argparse.Namespace) -> dict[str, Path]:
 
 def smollm2(args: argparse.Namespace) -> tuple[str, dict[str, Any]]:
     from qsvd_export.bundle import bundle_tokenizer
-    from qsvd_export.cli import bundle_perplexity
+    from qsvd_export.cli.commands import bundle_perplexity
     from qsvd_export.data import read_text, token_windows
-    from qsvd_export.plan import load_plan
+    from qsvd_export.plan.io import load_plan
     from qsvd_export.runtimes.sessions import SessionOptions
 
     folders = prepare_smollm2(args)

@@ -17,7 +17,8 @@ import pytest
 
 from parity import assert_decoder_parity
 from qsvd_export.cli import main
-from qsvd_export.plan import apply_plan, load_plan
+from qsvd_export.compress.apply_plan import apply_plan
+from qsvd_export.plan.io import load_plan
 from qsvd_export.tiny import build_tiny
 
 pytest.importorskip("onnxruntime_genai")
