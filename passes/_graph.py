@@ -186,3 +186,20 @@ def add_node(graph: ir.Graph, op: str, inputs: list[ir.Value | None], name: str,
         out.name = name if num_outputs == 1 else f"{name}:{k}"
     graph.append(node)
     return node
+
+
+def repeat_kv_heads(graph: ir.Graph, x: ir.Value, heads: int, kv_heads: int, prefix: str) -> ir.Value:
+    """[B, Hkv, T, D] → [B, H, T, D], each KV head repeated H / Hkv times (HF's repeat_kv: Unsqueeze(axis 2) →
+    Expand → Reshape), the form find_attention and the latent passes match; ``x`` itself when H == Hkv."""
+    if heads == kv_heads:
+        return x
+    rep = heads // kv_heads
+    axes = initializer(graph, f"{prefix}/axes", np.asarray([2], dtype=np.int64))
+    unsq = add_node(graph, "Unsqueeze", [x, axes], f"{prefix}/unsqueeze").outputs[0]
+    shape = initializer(graph, f"{prefix}/expand_shape", np.asarray([1, 1, rep, 1, 1], dtype=np.int64))
+    expanded = add_node(graph, "Expand", [unsq, shape], f"{prefix}/expand").outputs[0]
+    dims = list(x.shape)
+    target = initializer(graph, f"{prefix}/shape", np.asarray([0, heads, -1, int(dims[3])], dtype=np.int64))
+    out = add_node(graph, "Reshape", [expanded, target], f"{prefix}/heads").outputs[0]
+    out.dtype, out.shape = x.dtype, ir.Shape([dims[0], heads, dims[2], dims[3]])
+    return out

@@ -19,7 +19,7 @@ import numpy as np
 import onnx_ir as ir
 
 from qsvd_export.passes.contracts import GraphPass
-from qsvd_export.passes._graph import add_node, initializer
+from qsvd_export.passes._graph import add_node, initializer, repeat_kv_heads
 
 
 def _attr(node: ir.Node, name: str, default: float | int) -> float | int:
@@ -47,29 +47,14 @@ def _why_not(node: ir.Node) -> str | None:
     return None
 
 
-def _repeat(graph: ir.Graph, x: ir.Value, heads: int, kv_heads: int, prefix: str) -> ir.Value:
-    if heads == kv_heads:
-        return x
-    rep = heads // kv_heads
-    axes = initializer(graph, f"{prefix}/axes", np.asarray([2], dtype=np.int64))
-    unsq = add_node(graph, "Unsqueeze", [x, axes], f"{prefix}/unsqueeze").outputs[0]
-    shape = initializer(graph, f"{prefix}/expand_shape", np.asarray([1, 1, rep, 1, 1], dtype=np.int64))
-    expanded = add_node(graph, "Expand", [unsq, shape], f"{prefix}/expand").outputs[0]
-    dims = list(x.shape)
-    target = initializer(graph, f"{prefix}/shape", np.asarray([0, heads, -1, int(dims[3])], dtype=np.int64))
-    out = add_node(graph, "Reshape", [expanded, target], f"{prefix}/heads").outputs[0]
-    out.dtype, out.shape = x.dtype, ir.Shape([dims[0], heads, dims[2], dims[3]])
-    return out
-
-
 def _rewrite(graph: ir.Graph, node: ir.Node, index: int) -> None:
     q, k, v = node.inputs[:3]
     mask = node.inputs[3] if len(node.inputs) > 3 else None
     prefix = f"qsvd/unfused_attention{index}"
     heads, kv_heads, head_dim = int(q.shape[1]), int(k.shape[1]), int(q.shape[3])
     scale = float(_attr(node, "scale", 0.0) or 1.0 / np.sqrt(head_dim))
-    keys = _repeat(graph, k, heads, kv_heads, f"{prefix}/k")
-    values = _repeat(graph, v, heads, kv_heads, f"{prefix}/v")
+    keys = repeat_kv_heads(graph, k, heads, kv_heads, f"{prefix}/k")
+    values = repeat_kv_heads(graph, v, heads, kv_heads, f"{prefix}/v")
     factor = initializer(graph, f"{prefix}/scale", np.asarray(scale, dtype=np.float32))
     scaled = add_node(graph, "Mul", [q, factor], f"{prefix}/q_scaled").outputs[0]
     k_t = add_node(graph, "Transpose", [keys], f"{prefix}/k_t", {"perm": [0, 1, 3, 2]}).outputs[0]

@@ -46,8 +46,7 @@ from __future__ import annotations
 import numpy as np
 import onnx_ir as ir
 
-from qsvd_export.passes._graph import add_node, const_array, initializer
-from qsvd_export.passes.unfuse_attention import _repeat
+from qsvd_export.passes._graph import add_node, const_array, initializer, repeat_kv_heads
 
 MASK_INPUT, POSITION_INPUT = "attention_mask", "position_ids"
 _CONTRIB = ("com.microsoft",)
@@ -227,8 +226,8 @@ class _Rewriter:
                            cache_shape)
         present_v = _typed(add_node(g, "Concat", [past_v, v], f"{prefix}/present_value", {"axis": 2}).outputs[0],
                            past_v, cache_shape)
-        keys = _repeat(g, present_k, heads, kv_heads, f"{prefix}/k_repeat")
-        values = _repeat(g, present_v, heads, kv_heads, f"{prefix}/v_repeat")
+        keys = repeat_kv_heads(g, present_k, heads, kv_heads, f"{prefix}/k_repeat")
+        values = repeat_kv_heads(g, present_v, heads, kv_heads, f"{prefix}/v_repeat")
         scale = float(_attr(node, "scale", 0.0) or 1.0 / np.sqrt(head_dim))
         factor = initializer(g, f"{prefix}/scale", np.asarray(scale, dtype=np.float32))
         scaled = _typed(add_node(g, "Mul", [q, factor], f"{prefix}/q_scaled").outputs[0], q)
