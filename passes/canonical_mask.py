@@ -155,14 +155,16 @@ def _build(graph: ir.Graph, scores: ir.Value, prefix: str) -> ir.Value:
     return out
 
 
-def _drop_nan_guard(block: Any) -> bool:
+def _drop_nan_guard(block: Any, dry_run: bool = False) -> bool:
+    """Remove the block's Softmax NaN guard (``dry_run``: only say whether it has one)."""
     from qsvd_export.passes.find_attention import _is_nan_guard
 
     value = block.softmax.outputs[0]
     for _ in range(4):
         guards = [c for c in value.consumers() if _is_nan_guard(c, value)]
         if guards:
-            guards[0].outputs[0].replace_all_uses_with(value, replace_graph_outputs=True)
+            if not dry_run:
+                guards[0].outputs[0].replace_all_uses_with(value, replace_graph_outputs=True)
             return True
         passthrough = [c for c in value.consumers() if c.op_type in ("Cast", "Identity")]
         if not passthrough:
@@ -183,6 +185,8 @@ def canonicalize_masks(model: ir.Model, blocks: list[Any]) -> tuple[int, list[st
     checks = [(_feeds(graph, new, past, row), new, new + past, {}, {}) for new, past, row in _CHECKS]
     chosen = []
     for block in blocks:  # every check runs on the untouched graph: later masks may read earlier blocks' shapes
+        if not _drop_nan_guard(block, dry_run=True):
+            continue  # no sdpa lowering here (this project's own exports: a float mask, no guard)
         found = _mask_operand(block) if block.k_cache is not None else None
         if found is None:
             continue
