@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any, Iterator, Literal
 
 from qsvd_export.bundle import BundleConfig, bundle_tokenizer, load_bundle_config
+from qsvd_export.compress.options import Allocation, Grouping, Importance, LatentRotation, Whitening
 from qsvd_export.errors import UsageError
 
 Target = Literal["cpu", "gpu", "npu"]
@@ -107,17 +108,17 @@ class CompressionOptions(_TargetFlags):
 
     budget: str
     bits: Preset | None = None
-    allocation: Literal["qsvd", "uniform", "fisher"] = "qsvd"
-    grouping: Literal["auto", "qkv", "kv", "separate"] = "auto"
-    whitening: Literal["fisher", "absmean", "cholesky", "none"] = "fisher"
+    allocation: Allocation = "qsvd"
+    grouping: Grouping = "auto"
+    whitening: Whitening = "fisher"
     calib: str = "wiki_calib"
     calib_images: str | None = None
     calib_windows: int | None = None
     calib_length: int | None = None
     grad_windows: int | None = None
-    importance: Literal["gradient", "kfac"] = "gradient"
+    importance: Importance = "gradient"
     beta: float | None = None
-    rotation: Literal["orthogonal", "hadamard", "none"] = "orthogonal"
+    rotation: LatentRotation = "orthogonal"
     kv_form: Literal["rebuild", "absorbed"] = "rebuild"
     rotate: bool = False
     rotate_mlp: bool = False

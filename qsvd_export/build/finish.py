@@ -63,7 +63,6 @@ def finish_bundle(folder: Path, config: BundleConfig, report: dict[str, Any], mo
     from qsvd_export.bundle_readme import write_readme
     from qsvd_export.report import write_report
 
-    report = json.loads(json.dumps(report))  # JSON types (lists, string keys), as every reader of the file sees them
     if mobile:
         from qsvd_export.progress import info
         from qsvd_export.targets.mobile import package_mobile
@@ -73,7 +72,7 @@ def finish_bundle(folder: Path, config: BundleConfig, report: dict[str, Any], mo
     from qsvd_export.runtime_files import readme_section, write_runtime_files
 
     report["runtimes"] = write_runtime_files(folder, config, (report.get("target") or {}).get("target"))
-    report = json.loads(json.dumps(report))
+    report = json.loads(json.dumps(report))  # JSON types (lists, string keys), as every reader of the file sees them
     start = time.perf_counter()
     report["summary"] = write_report(folder, config, report)
     timings["report_s"] = time.perf_counter() - start
