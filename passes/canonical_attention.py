@@ -85,14 +85,17 @@ def canonicalize_attention(model: ir.Model) -> int:
     """Apply both rewrites to every attention block find_attention matches; returns how many changes."""
     from onnx_ir.passes import common
 
+    from qsvd_export.passes.canonical_mask import canonicalize_masks
     from qsvd_export.passes.find_attention import find_attention
-
     from qsvd_export.passes.infer_dtypes import infer_dtypes
 
     graph = model.graph
     changed = 0
     infer_dtypes(model)  # TorchScript graphs leave most values untyped; the passes copy neighbours' dtypes
     blocks = find_attention(model).blocks
+    # masks first: their checks evaluate the untouched graph, and a later block's mask may read the shape of an
+    # earlier block's query, which the key-scale move below replaces
+    changed += canonicalize_masks(model, blocks)[0]
     for block in blocks:
         prefix = f"qsvd/canonical{block.index}"
         changed += _constant_repeat(graph, block.pv.inputs[1], f"{prefix}/v")
@@ -103,9 +106,6 @@ def canonicalize_attention(model: ir.Model) -> int:
         transpose = key.producer() if key is not None else None
         if transpose is not None and transpose.op_type == "Transpose":
             changed += _constant_repeat(graph, transpose.inputs[0], f"{prefix}/k")
-    from qsvd_export.passes.canonical_mask import canonicalize_masks
-
-    changed += canonicalize_masks(model, blocks)[0]
     if changed:
         common.TopologicalSortPass()(model)
         common.RemoveUnusedNodesPass()(model)

@@ -2,8 +2,11 @@
 
 Outputs are unchanged up to the mask value:
 - RMSNorm (Pow→ReduceMean→Add→Sqrt→Reciprocal→Mul→Mul) → ``SimplifiedLayerNormalization``
-  (onnxscript's ORT fusion). The fused op accumulates mean(x²) in fp32 on every EP; decomposed, mean(x²)
-  reaches ~1e6 on smollm2, past fp16's 65504 and erasing ordinary tokens in a single 16-bit range.
+  (onnxscript's ORT fusion). The TorchScript exporter (optimum) writes ``rsqrt`` as
+  ``Div(1, Sqrt(...))``: that is made ``Reciprocal(Sqrt(...))`` first, and a mean of squares without
+  the (default) ``noop_with_empty_axes`` attribute gets it spelled out, so its norms fuse too.
+  The fused op accumulates mean(x²) in fp32 on every EP; decomposed, mean(x²) reaches ~1e6 on
+  smollm2, past fp16's 65504 and erasing ordinary tokens in a single 16-bit range.
 - Float "minus infinity" stand-ins (scalar constants with |v| >= 1e30, e.g. the dtype-min of an additive
   attention mask) → ±``mask_value``: in fp16 they would become -inf and ``0 · -inf`` = NaN in the
   mask arithmetic; in a 16-bit quantized range they would crush the scores. exp(-mask_value) is already
@@ -44,11 +47,44 @@ def _clamp_minus_infinity(value: ir.Value, mask_value: float) -> bool:
     return True
 
 
+def _one_over_sqrt(op, one, root):  # type: ignore[no-untyped-def]
+    return op.Div(one, op.Sqrt(root))
+
+
+def _reciprocal_sqrt(op, one, root):  # type: ignore[no-untyped-def]
+    return op.Reciprocal(op.Sqrt(root))
+
+
+def _is_one(context, one, root, **_) -> bool:  # type: ignore[no-untyped-def]
+    from onnxscript.rewriter import _ir_utils
+
+    return _ir_utils.get_singleton_value(one) == 1.0
+
+
+def reciprocal_rule() -> object:
+    """``Div(1, Sqrt(x))`` → ``Reciprocal(Sqrt(x))`` (an onnxscript rewrite rule)."""
+    from onnxscript.rewriter import pattern
+
+    return pattern.RewriteRule(_one_over_sqrt, _reciprocal_sqrt, _is_one)
+
+
+def _spell_out_mean_of_squares(model: ir.Model) -> None:
+    """Give ``ReduceMean(Pow(x, 2))`` its default ``noop_with_empty_axes=0`` explicitly (the fusion's pattern
+    matches attributes as written)."""
+    for node in model.graph:
+        source = node.inputs[0].producer() if node.op_type == "ReduceMean" and node.inputs else None
+        if source is not None and source.op_type == "Pow" and "noop_with_empty_axes" not in node.attributes:
+            node.attributes["noop_with_empty_axes"] = ir.AttrInt64("noop_with_empty_axes", 0)
+
+
 def fuse_norms_and_clamp_masks(model: ir.Model, mask_value: float) -> LegalizeReport:
     """Fuse RMSNorm and clamp minus-infinity constants to ±``mask_value``, in place."""
+    from onnxscript.rewriter import pattern
     from onnxscript.rewriter.ort_fusions.rms_normalization import fuse_rms_normalization
 
     common.LiftConstantsToInitializersPass(lift_all_constants=True, size_limit=0)(model)
+    pattern.RewriteRuleSet([reciprocal_rule()]).apply_to_model(model)
+    _spell_out_mean_of_squares(model)
     report = LegalizeReport(rms_norms_fused=int(fuse_rms_normalization(model)))
     for value in model.graph.initializers.values():
         if _clamp_minus_infinity(value, mask_value):

@@ -27,6 +27,23 @@ _CACHE = re.compile(r"^past_key_values\.(\d+)\.(key|value|latent)$")
 _TOKEN_INPUTS = ("input_ids", "position_ids")
 
 
+_SHAPE_VECTOR = 8  # ConstantOfShape outputs of at most this many elements are shape arithmetic
+
+
+def _fold_shape_vectors(node: ir.Node) -> bool | None:
+    """Fold a ``ConstantOfShape`` that makes a short 1-D vector (onnxscript keeps every ConstantOfShape by
+    default). The TorchScript exporter spells ``expand(-1, …)`` as ``Where(Equal(shape, -1),
+    ConstantOfShape(...), shape)``; left unfolded, HF's rotary ``inv_freq`` Expand keeps a symbolic batch dim
+    and its cos/sin cannot be tabulated. ``None`` leaves every other node to the default rules."""
+    if node.op_type != "ConstantOfShape" or node.domain not in ("", "ai.onnx"):
+        return None
+    shape = node.inputs[0].const_value if node.inputs and node.inputs[0] is not None else None
+    if shape is None:
+        return None
+    dims = shape.numpy().reshape(-1)
+    return True if dims.size == 1 and 0 <= int(dims[0]) <= _SHAPE_VECTOR else None
+
+
 def specialize_decoder(model: ir.Model, seq: int, context: int) -> None:
     """Fix ``model``'s input dims to (batch 1, ``seq`` new tokens, ``context`` slots) and fold, in place."""
     import onnxscript
@@ -57,7 +74,7 @@ def specialize_decoder(model: ir.Model, seq: int, context: int) -> None:
                 output.shape = None  # stale symbolic shapes would block folding
     for value in model.graph.outputs:
         value.shape = None
-    onnxscript.optimizer.optimize(model)
+    onnxscript.optimizer.optimize_ir(model, should_fold=_fold_shape_vectors)
     dynamic = [v.name for v in model.graph.outputs if v.shape is None or not v.shape.is_static()]
     if dynamic:
         raise UnsupportedModelError(f"static shapes: outputs stay dynamic after folding: {', '.join(dynamic[:3])}")

@@ -34,6 +34,8 @@ class CacheTensor:
     shape: list[str | int]
     dtype: str
     sequence_axis: int
+    # integer codes of a float cache (npu): {"scale", "zero_point"}, value = (code - zero_point) * scale
+    quantization: dict[str, float | int] | None = None
 
     def bytes_per_token(self) -> int:
         """Bytes one token adds to this tensor for batch 1."""
@@ -94,6 +96,9 @@ class BundleConfig:
         for graph in data["graphs"]:  # optional fields are written only when set (older configs stay byte-identical)
             if graph["ort_filename"] is None:
                 del graph["ort_filename"]
+        for tensor in (t for layer in data["cache"] for t in layer["tensors"]):
+            if tensor["quantization"] is None:
+                del tensor["quantization"]
         return json.dumps(data, indent=2, sort_keys=False) + "\n"
 
     @classmethod

@@ -6,6 +6,7 @@ scales Q and K by √scale each before Q·Kᵀ. Bare folders (no config): head c
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import onnxruntime as ort
@@ -363,3 +364,49 @@ def test_an_untyped_torchscript_graph_gets_a_latent_cache(optimum_folder, tmp_pa
     canonicalize_attention(model)
     context = run_graph_stage(model, load_plan(out))  # serializes the graph (check_model) at the end
     assert [layer.cache for _, layer in sorted(context.layers.items())] == ["latent", "latent"]
+
+
+OPTIMUM_LLAMA = Path(__file__).parent / "fixtures" / "optimum_llama"  # written by optimum-onnx 0.1.0 (SOURCE.md)
+
+
+def test_the_graph_optimum_wrote_compiles_for_npu(tmp_path):
+    """optimum-onnx 0.1.0's own graph (transformers 4.57): the rotary ``inv_freq`` Expand reads a shape that
+    only folds once its ConstantOfShape folds, layer 1's mask reads the shape of layer 0's query, and RMSNorm's
+    rsqrt is ``Div(1, Sqrt)``. With these handled, cos/sin become tables, every layer gets the float mask and
+    every norm is fused (unfused, smollm2's mean of squares overflowed the 16-bit range: 3% argmax agreement
+    on HTP); the static graphs then compile
+    whole on QNN HTP with CPU fallback disabled (when onnxruntime-qnn is installed; --strict checks the op set
+    either way). Before: QNN finalize failed with MEM_ALLOC on ``/model/rotary_emb/MatMul``."""
+    import shutil
+
+    folder = tmp_path / "optimum"
+    shutil.copytree(OPTIMUM_LLAMA, folder)
+    out = tmp_path / "npu"
+    assert main([str(folder / "model.onnx"), "--target", "npu", "--context-length", "48", "--prefill-length", "8",
+                 "--strict", "-o", str(out), "-q"]) == 0
+    report = json.loads((out / "report.json").read_text())
+    for role in ("prefill", "decode"):
+        graph = report["target"]["graphs"][role]
+        assert len(graph["rotary_tables"]) == 2 and "skipped" not in graph, graph
+        assert graph["rms_norms_fused"] == 5, graph  # 2 layers x 2 + the final norm
+    import onnx
+
+    ops = {n.op_type for name in ("prefill", "decode") for n in onnx.load(str(out / f"{name}.onnx"),
+                                                                          load_external_data=False).graph.node}
+    assert not ops & {"IsNaN", "Where", "And", "Cos", "Sin"}, ops
+    check = report["target"].get("verification") or {}
+    if check and not check["qnn"].startswith("skipped"):
+        assert check["qnn"] == "compiled" and check["nodes_on_cpu"] == 0 and check["tokens_match"], check
+
+
+def test_the_graph_optimum_wrote_gets_a_plan_equal_to_torch(tmp_path):
+    """The same optimum graph, graph-only kv=0.5: every block gets a latent cache and the bundle equals torch
+    with the plan applied (the fixture's weights are build_tiny('llama')'s)."""
+    np.savez(tmp_path / "calib.npz", input_ids=np.random.default_rng(1).integers(0, 256, (4, 16)))
+    out = tmp_path / "kv50"
+    assert main([str(OPTIMUM_LLAMA / "model.onnx"), "--budget", "kv=0.5", "--calib-npz", str(tmp_path / "calib.npz"),
+                 "--grad-windows", "2", "-o", str(out), "-q"]) == 0
+    bundle = json.loads((out / "qsvd_config.json").read_text())
+    assert all(layer["kind"] == "latent" for layer in bundle["cache"])
+    assert_decoder_parity(out, apply_plan(build_tiny("llama").model, load_plan(out)),
+                          np.random.default_rng(4).integers(0, 256, (1, 9)), next_token=7)

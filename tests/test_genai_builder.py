@@ -113,3 +113,18 @@ def test_a_group_query_attention_outside_the_builder_form_is_left_with_its_reaso
                  "-o", str(tmp_path / "out"), "-q"]) == 2
     err = capsys.readouterr().err
     assert "GroupQueryAttention" in err and not (tmp_path / "out").exists()
+
+
+def test_builder_graph_compiles_for_npu(builder_folder, tmp_path):
+    """The builder ties the embedding to the head as ``Gather(Transpose(W))``; quantized, W's DequantizeLinear
+    fed a float Transpose no QDQ unit takes and QNN refused the graph. The static graphs read their own table
+    (untie_embedding) and compile whole on QNN HTP with CPU fallback disabled (when onnxruntime-qnn is installed;
+    --strict checks the op set either way)."""
+    out = tmp_path / "npu"
+    assert main([str(builder_folder / "model.onnx"), "--target", "npu", "--context-length", "48",
+                 "--prefill-length", "8", "--strict", "-o", str(out), "-q"]) == 0
+    report = json.loads((out / "report.json").read_text())
+    assert report["target"]["graphs"]["prefill"]["untied_embeddings"] == ["lm_head.MatMul.weight_untied_embedding"]
+    check = report["target"].get("verification") or {}
+    if check and not check["qnn"].startswith("skipped"):
+        assert check["qnn"] == "compiled" and check["nodes_on_cpu"] == 0 and check["tokens_match"], check

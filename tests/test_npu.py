@@ -360,3 +360,52 @@ def test_int4_presets_keep_an_untied_lm_head_at_8_bits(tmp_path, capsys):
                 weights[node.name] = inits[source].data_type
     assert list(weights.values()).count(onnx.TensorProto.INT8) == 1  # the head
     assert list(weights.values()).count(onnx.TensorProto.INT4) == 2 * 7
+
+
+@pytest.mark.parametrize("bits, dtype", [(8, np.uint8), (16, np.uint16)])
+def test_cache_io_in_integer_codes_with_one_static_scale(bits, dtype, tmp_path, capsys):
+    """--kv-bits 8|16: the static graphs take and give their caches as codes (no float cache I/O), with the
+    scale and zero point in qsvd_config.json, one per cache tensor, shared by prefill and decode. The runner
+    moves codes between calls; the result stays close to the float-I/O bundle's on the CPU EP, and the graphs
+    compile whole on QNN HTP."""
+    outs = {}
+    for kv in (32, bits):
+        outs[kv] = tmp_path / f"kv{kv}"
+        assert main(["export", "tiny-llama", "--target", "npu", "--kv-bits", str(kv), *SMALL, "-o", str(outs[kv]),
+                     "-q"]) == 0, capsys.readouterr().err
+    config = json.loads((outs[bits] / "qsvd_config.json").read_text())
+    tensors = [t for layer in config["cache"] for t in layer["tensors"]]
+    assert {t["dtype"] for t in tensors} == {np.dtype(dtype).name}
+    assert all(t["quantization"]["scale"] > 0 and 0 <= t["quantization"]["zero_point"] <= np.iinfo(dtype).max
+               for t in tensors)
+    for role in ("prefill", "decode"):
+        proto = onnx.load(outs[bits] / f"{role}.onnx", load_external_data=False)
+        io = {v.name: v.type.tensor_type.elem_type for v in [*proto.graph.input, *proto.graph.output]}
+        expected = onnx.helper.np_dtype_to_tensor_dtype(np.dtype(dtype))
+        assert all(io[t["input"]] == expected and io[t["output"]] == expected for t in tensors), io
+        # the graph reads the input's codes with the recorded pair
+        reader = next(n for n in proto.graph.node if n.input and n.input[0] == tensors[0]["input"])
+        scale = next(i for i in proto.graph.initializer if i.name == reader.input[1])
+        assert reader.op_type == "DequantizeLinear"
+        assert float(onnx.numpy_helper.to_array(scale)) == tensors[0]["quantization"]["scale"]
+    float_json = json.loads((outs[32] / "qsvd_config.json").read_text())
+    assert "quantization" not in float_json["cache"][0]["tensors"][0]  # float I/O bundles are unchanged
+    report = json.loads((outs[bits] / "report.json").read_text())
+    assert report["kv_bytes_per_token"] * 4 == json.loads((outs[32] / "report.json").read_text())["kv_bytes_per_token"] * (bits // 8)
+    windows = np.random.default_rng(0).integers(0, 256, (2, 24))
+    runners = {kv: StaticDecoder.from_bundle(outs[kv]) for kv in (bits, 32)}
+    coded, plain = (np.mean(runners[kv].window_nlls(windows)) for kv in (bits, 32))
+    assert abs(coded - plain) < 0.02 * plain, (coded, plain)
+    steps, states = {}, {}
+    for kv, runner in runners.items():  # decode steps after a prefill: the codes go round the decode graph
+        logits, state = runner.prefill([int(t) for t in windows[0, :12]])
+        steps[kv] = [logits]
+        for token in windows[1, :4]:
+            logits, state = runner.step(state, [int(token)])
+            steps[kv].append(logits[-1])
+        states[kv] = state
+    assert states[bits].cache[tensors[0]["input"]].dtype == dtype and states[32].cache[tensors[0]["input"]].dtype == np.float32
+    assert max(np.abs(a - b).max() for a, b in zip(steps[bits], steps[32])) < 0.05
+    check = report["target"]["verification"]
+    if HAS_QNN:
+        assert check["qnn"] == "compiled" and check["nodes_on_cpu"] == 0 and check["argmax_agreement"] >= 0.9, check

@@ -33,6 +33,7 @@ from qsvd_export.passes.rotary_tables import TabulateRotaryPass
 from qsvd_export.passes.split_qkv import SplitQKVPass
 from qsvd_export.passes.static_shapes import SpecializeDecoderPass
 from qsvd_export.passes.unfuse_attention import UnfuseAttentionPass
+from qsvd_export.passes.untie_embedding import UntieEmbeddingPass
 
 
 def _matmul_model(opset: int = 21, extra: list[onnx.NodeProto] | None = None) -> ir.Model:
@@ -95,6 +96,7 @@ VIOLATIONS: dict[type, Callable[[], tuple[ir.passes.PassBase, ir.Model, str]]] =
     FuseGroupQueryAttentionPass: lambda: (FuseGroupQueryAttentionPass({3: None}), _matmul_model(),  # type: ignore[dict-item]
                                           "blocks [3], the graph has 0 attention blocks"),
     Float16Pass: lambda: (Float16Pass(mask_value=1e6), _matmul_model(), "not a positive float16"),
+    UntieEmbeddingPass: lambda: (UntieEmbeddingPass(), _dangling_model(), "'ghost' is produced by nothing"),
 }
 
 

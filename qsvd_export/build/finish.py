@@ -71,6 +71,8 @@ def finish_bundle(folder: Path, config: BundleConfig, report: dict[str, Any], mo
         report["mobile"] = package_mobile(folder, config, timings)
     from qsvd_export.runtime_files import readme_section, write_runtime_files
 
+    if "kv_bytes_per_token" in report:  # the target may have changed the cache's element type (npu --kv-bits)
+        report["kv_bytes_per_token"] = config.kv_bytes_per_token()
     report["runtimes"] = write_runtime_files(folder, config, (report.get("target") or {}).get("target"))
     report = json.loads(json.dumps(report))  # JSON types (lists, string keys), as every reader of the file sees them
     start = time.perf_counter()

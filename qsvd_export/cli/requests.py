@@ -15,17 +15,21 @@ def npu_options(args: argparse.Namespace) -> Any:
 
     if args.precompile and args.target != "npu":
         raise UsageError("--precompile needs --target npu")
+    cache = {"cache_bits": args.kv_bits} if args.target == "npu" and args.kv_bits is not None else {}
     options = NpuOptions(prefill_length=args.prefill_length, context_length=args.context_length,
                          htp_arch=args.htp_arch, calibration_method=args.calibration_method,
-                         int4_block=args.int4_block, precompile=args.precompile)
+                         int4_block=args.int4_block, precompile=args.precompile, **cache)
     options.check()
     return options
 
 
 def kv_options(args: argparse.Namespace, budget: float | None = None) -> Any:
-    """KvCacheOptions from --kv-bits/--latent-groups (and the KV budget), or None when the cache stays as is."""
+    """KvCacheOptions from --kv-bits/--latent-groups (and the KV budget), or None when the cache stays as is
+    (and for target npu, whose --kv-bits sets the static graphs' cache I/O: :func:`npu_options`)."""
     from qsvd_export.build.kv_cache import KvCacheOptions
 
+    if args.target == "npu" and args.latent_groups is None:
+        return None
     bits = {4: 4, 8: 8, 32: None, None: 8 if budget is not None else None}[args.kv_bits]
     if args.latent_groups is not None and budget is None:
         raise UsageError("--latent-groups needs a KV budget (compress --budget kv=R2 --target cpu)")
@@ -81,7 +85,8 @@ def compress_request(args: argparse.Namespace) -> dict[str, Any]:
     )
     if args.kv_form == "absorbed" and (args.target != "cpu" or options.budget.params is not None):
         raise UsageError("--kv-form absorbed needs --target cpu and a KV-only budget (--budget kv=R2)")
-    if args.kv_form != "absorbed" and (args.kv_bits is not None or args.latent_groups is not None):
+    if args.kv_form != "absorbed" and ((args.kv_bits is not None and args.target != "npu")
+                                       or args.latent_groups is not None):
         raise UsageError("--kv-bits and --latent-groups set the cache of fused attention: use them with "
                          "--kv-form absorbed (or on export --target cpu)")
     target_bits = args.bits if args.target else None
@@ -98,8 +103,9 @@ def compile_request(args: argparse.Namespace) -> dict[str, Any]:
     """``compile_onnx``'s keyword arguments from ``compile``'s args, validated (shared with ``qsvd_export.api``)."""
     from qsvd_export.build.stages import check_target_options
 
-    if args.kv_bits is not None or args.latent_groups is not None:
-        raise UsageError("--kv-bits and --latent-groups are not available on ONNX graphs yet (use export --target cpu)")
+    if (args.kv_bits is not None and args.target != "npu") or args.latent_groups is not None:
+        raise UsageError("--kv-bits (except for --target npu) and --latent-groups are not available on ONNX graphs "
+                         "yet (use export --target cpu)")
 
     graph_only = None
     if args.budget is not None and args.plan is not None:

@@ -56,16 +56,25 @@ def build_npu_graphs(dynamic_path: Path, folder: Path, cache: list[LayerCache], 
 
             info("npu: per-channel weight clips (MSE search)")
             clips = weight_clips(float_paths["prefill"], feeds["prefill"], bits.weights or 8)
+        ranges = None
+        if options.cache_bits != 32:
+            from qsvd_export.targets.npu.cache_io import cache_overrides, cache_ranges, quantized_cache_io
+
+            ranges = cache_ranges(feeds, cache)
         progress = bar(len(GRAPH_FILES), "npu activation ranges + QDQ (prefill, decode)")
         for role, filename in GRAPH_FILES.items():
             info(f"npu: QDQ {bits.name} for the {role} graph ({len(feeds[role])} calibration feeds)")
             start = time.perf_counter()
             qdq_paths[role] = work / filename
-            qdq = insert_qdq(float_paths[role], qdq_paths[role], bits, feeds[role], options.calibration_method, clips)
+            fixed = cache_overrides(float_paths[role], ranges, cache, options.cache_bits) if ranges else None
+            qdq = insert_qdq(float_paths[role], qdq_paths[role], bits, feeds[role], options.calibration_method, clips,
+                             fixed)
             if blocks:
                 weights = role_weights.pop(role, None) or matmul_weights(float_paths[role])
                 qdq_paths[role] = blockwise_int4(qdq_paths[role], weights, options.int4_block, row_weights, qdq)
                 del weights
+            if ranges is not None:
+                report["cache_io"] = quantized_cache_io(qdq_paths[role], cache, options.cache_bits)
             model = ir.load(qdq_paths[role])
             specs.append(GraphSpec(role, filename, [v.name for v in model.graph.inputs],
                                    [v.name for v in model.graph.outputs]))
@@ -94,6 +103,10 @@ def finish_npu_bundle(folder: Path, config: Any, target_report: dict[str, Any], 
     dynamic = folder / "model.onnx"
     specs, npu_report = build_npu_graphs(dynamic, folder, config.cache, parse_bits(target_report["bits"]),
                                          tokenizer, options)
+    if "cache_io" in npu_report:  # the cache crosses the graph boundary as integer codes
+        from qsvd_export.targets.npu.cache_io import coded_cache
+
+        config.cache = coded_cache(config.cache, npu_report["cache_io"], options.cache_bits)
     for path in (dynamic, folder / "model.onnx.data"):
         path.unlink()
     config.graphs = specs

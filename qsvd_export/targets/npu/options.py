@@ -30,6 +30,7 @@ class NpuOptions:
     htp_arch: str = HTP_ARCH
     verify_tokens: int = 4  # greedy decode steps after one prefill window, on HTP and on the CPU EP
     precompile: bool = False  # write QNN context binaries (EPContext models) beside the QDQ graphs
+    cache_bits: int = 32  # cache I/O: 8 / 16 = uint8 / uint16 codes with static scales (cache_io.py), 32 = float
 
     def check(self) -> None:
         if not 1 < self.prefill_length < self.context_length:
@@ -41,6 +42,8 @@ class NpuOptions:
         if self.calibration_method not in CALIBRATION_METHODS:
             raise UsageError(f"unknown calibration method '{self.calibration_method}' "
                              f"(choose from {', '.join(CALIBRATION_METHODS)})")
+        if self.cache_bits not in (8, 16, 32):
+            raise UsageError(f"--kv-bits {self.cache_bits} is not available for target npu (8, 16, or 32 for float)")
         if self.precompile:
             require_qnn("--precompile")  # before any slow step
 

@@ -45,8 +45,10 @@ def tensor_overrides(float_path: Path, weight: Any, matmul_inputs: Any | None,
 
 
 def insert_qdq(float_path: Path, out_path: Path, bits: Bits, feeds: list[dict[str, np.ndarray]],
-               method: str, clips: dict[str, np.ndarray] | None = None) -> dict[str, Any]:
-    """Calibrate activation ranges on ``feeds`` and write the QDQ graph (external data) to ``out_path``."""
+               method: str, clips: dict[str, np.ndarray] | None = None,
+               fixed: dict[str, list[dict[str, Any]]] | None = None) -> dict[str, Any]:
+    """Calibrate activation ranges on ``feeds`` and write the QDQ graph (external data) to ``out_path``;
+    ``fixed``: overrides set by the caller (the cache I/O's static ranges, :mod:`.cache_io`)."""
     import onnxruntime as ort
     from onnxruntime.quantization import CalibrationMethod, QuantType, quantize
     from onnxruntime.quantization.execution_providers.qnn import get_qnn_qdq_config
@@ -63,6 +65,7 @@ def insert_qdq(float_path: Path, out_path: Path, bits: Bits, feeds: list[dict[st
     ranges = clipped_ranges(float_path, feeds, {name: 8 for name in low_bit}, method)
     for name, (rmin, rmax) in ranges.items():
         low_bit[name].update(rmin=np.float32(rmin), rmax=np.float32(rmax))
+    overrides.update(fixed or {})  # after the clipping: these ranges are the caller's
     config = get_qnn_qdq_config(str(float_path), FeedReader(feeds), calibrate_method=CalibrationMethod.MinMax,
                                 activation_type=QuantType.QUInt16, weight_type=weight, weight_symmetric=True,
                                 init_overrides=overrides)

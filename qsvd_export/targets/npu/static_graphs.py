@@ -18,13 +18,16 @@ def static_float_graphs(dynamic_path: Path, work: Path, options: NpuOptions) -> 
     from qsvd_export.passes.low_precision import FuseNormsAndClampMasksPass
     from qsvd_export.passes.rotary_tables import TabulateRotaryPass
     from qsvd_export.passes.static_shapes import SpecializeDecoderPass
+    from qsvd_export.passes.untie_embedding import UntieEmbeddingPass
 
     paths, report = {}, {}
     for role, seq in (("prefill", options.prefill_length), ("decode", 1)):
         model = ir.load(dynamic_path)
         norms, rotary = FuseNormsAndClampMasksPass(options.mask_value), TabulateRotaryPass(options.context_length)
-        run_passes(model, [SpecializeDecoderPass(seq, options.context_length), norms, rotary])
-        report[role] = {**norms.report.as_dict(), **rotary.report}
+        untie = UntieEmbeddingPass()
+        run_passes(model, [SpecializeDecoderPass(seq, options.context_length), norms, rotary, untie])
+        report[role] = {**norms.report.as_dict(), **rotary.report, **({"untied_embeddings": untie.untied}
+                                                                       if untie.untied else {})}
         paths[role] = work / f"{role}_float.onnx"
         ir.save(model, paths[role], external_data=f"{role}_float.onnx.data")
         del model
