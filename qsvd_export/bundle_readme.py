@@ -173,6 +173,10 @@ def _cache_lines(config: BundleConfig, context: int, prefill: int) -> list[str]:
         part = tensor.input.rsplit(".", 1)[-1]
         lines.append(f"- `past_key_values.{{i}}.{part}` {tensor.dtype} [{shape}] → `present.{{i}}.{part}` "
                      f"(sequence axis {tensor.sequence_axis})")
+    if layer.tensors and layer.tensors[0].quantization is not None:
+        lines.append("- The cache tensors are integer codes with one static scale and zero point each (`quantization` "
+                     "in qsvd_config.json, value = (code − zero_point) · scale): pass `present` slots back as `past` "
+                     "unchanged; never convert them.")
     kinds = sorted({f"{la.kind}{f' r={la.rank}' if la.rank else ''}" for la in config.cache})
     lines.append(f"- {len(config.cache)} layers: {', '.join(kinds)}. P = {context - prefill} for prefill, "
                  f"{context - 1} for decode; every `present.*` has {context} slots.")
@@ -185,10 +189,12 @@ def render_npu_readme(config: BundleConfig, target: dict[str, Any]) -> str:
     from qsvd_export.targets.npu.verify import decisive_text
 
     check = target.get("verification", {})
+    coded = bool(config.cache) and config.cache[0].tensors[0].quantization is not None
+    io = "float32 logits, integer-coded cache" if coded else "float32"
     lines = [
         f"# {config.model_name} for Qualcomm QNN HTP ({target['bits']})",
         "",
-        "Two static ONNX graphs (opset 21, QuantizeLinear/DequantizeLinear inside, float32 I/O) that share",
+        f"Two static ONNX graphs (opset 21, QuantizeLinear/DequantizeLinear inside, {io} I/O) that share",
         "`weights.data`:",
         "",
         f"- `prefill.onnx`: {prefill} new tokens per call; `decode.onnx`: 1 new token per call.",

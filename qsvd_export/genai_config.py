@@ -95,10 +95,11 @@ def decide(config: BundleConfig, target: str | None = None) -> GenaiDecision:
                       f"'{config.model_type}' is not one of them"}
         return GenaiDecision(None, why.get(config.kind, f"a {config.kind} bundle is not a decoder"))
     if config.static_shapes:
+        dtype = config.cache[0].tensors[0].dtype if config.cache else "float32"
         return GenaiDecision(None, "static-shape npu graphs: genai's QNN sliding-window cache "
                                    "(src/models/windowed_kv_cache.cpp) needs uint8 cache I/O, keys as "
                                    "[heads, batch, head_size, slots] and presents of the new window only; these graphs "
-                                   "take float [batch, heads, slots, head_size] caches and return every slot")
+                                   f"take {dtype} [batch, heads, slots, head_size] caches and return every slot")
     refusal = _cache_refusal(config)
     if refusal:
         return GenaiDecision(None, refusal)

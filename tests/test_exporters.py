@@ -410,3 +410,19 @@ def test_the_graph_optimum_wrote_gets_a_plan_equal_to_torch(tmp_path):
     assert all(layer["kind"] == "latent" for layer in bundle["cache"])
     assert_decoder_parity(out, apply_plan(build_tiny("llama").model, load_plan(out)),
                           np.random.default_rng(4).integers(0, 256, (1, 9)), next_token=7)
+
+
+def test_npu_names_a_missing_kv_cache(tmp_path, capsys):
+    """A decoder exported without its cache (input_ids, attention_mask → logits) cannot become static prefill/decode
+    graphs over a cache: the refusal says so, instead of a static-shapes failure."""
+    from qsvd_export.tiny import _vlm_tokenizer
+
+    graph = tmp_path / "dynamo" / "model.onnx"
+    _export("llama", "legacy", graph)
+    _vlm_tokenizer().save_pretrained(tmp_path / "hf")
+    build_tiny("llama").model.config.save_pretrained(tmp_path / "hf")
+    assert main([str(graph), "--target", "npu", "--tokenizer", str(tmp_path / "hf"), "-o", str(tmp_path / "out"),
+                 "-q"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "without KV cache inputs" in err and len(err.splitlines()) == 1
+    assert not (tmp_path / "out").exists()

@@ -67,9 +67,10 @@ def test_smollm2_from_optimum_and_genai_builder_matches_the_own_export(optimum_p
 
 
 @pytest.mark.skipif(importlib.util.find_spec("onnxruntime_qnn") is None, reason="onnxruntime-qnn not installed")
-@pytest.mark.xfail(strict=True, raises=SystemExit,
-                   reason="known gap (docs/exporters.md): HF's TorchScript rotary keeps a computed Expand shape that does "
-                          "not fold in the static graph, rotary_tables cannot tabulate cos/sin, QNN finalize fails")
 def test_smollm2_from_optimum_compiles_whole_on_qnn_htp(optimum_python, tmp_path):
     _, payload = exporter_musts.npu(_args("npu", "--work", str(tmp_path), "--optimum-python", optimum_python))
-    assert payload["verification"]["qnn"] == "compiled", payload["result"]
+    check = payload["verification"]
+    assert check["qnn"] == "compiled" and check["nodes_on_cpu"] == 0, payload["result"]
+    # fused norms, rotary tables and the float mask: HTP agrees with the CPU EP wherever the CPU's top-1 is decisive
+    # (2026-12-06: 89.8% overall, 100% of 82 decisive positions; 3.1% with the norms left decomposed)
+    assert check["decisive_argmax_agreement"] >= 0.95 and check["argmax_agreement"] >= 0.8, check

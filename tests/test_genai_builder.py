@@ -124,7 +124,11 @@ def test_builder_graph_compiles_for_npu(builder_folder, tmp_path):
     assert main([str(builder_folder / "model.onnx"), "--target", "npu", "--context-length", "48",
                  "--prefill-length", "8", "--strict", "-o", str(out), "-q"]) == 0
     report = json.loads((out / "report.json").read_text())
-    assert report["target"]["graphs"]["prefill"]["untied_embeddings"] == ["lm_head.MatMul.weight_untied_embedding"]
+    graphs = report["target"]["graphs"]
+    assert graphs["prefill"]["untied_embeddings"] == ["lm_head.MatMul.weight_untied_embedding"]
+    # the norms the unfusing spelled out are fused again (decomposed, a real model's mean of squares overflows
+    # the 16-bit range: the tiny genai qwen2 scored 12.5% argmax agreement on HTP before, 100% now)
+    assert graphs["prefill"]["rms_norms_fused"] == graphs["decode"]["rms_norms_fused"] == 5
     check = report["target"].get("verification") or {}
     if check and not check["qnn"].startswith("skipped"):
         assert check["qnn"] == "compiled" and check["nodes_on_cpu"] == 0 and check["tokens_match"], check

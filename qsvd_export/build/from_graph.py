@@ -196,6 +196,10 @@ def compile_onnx(graph_path: Path, plan_path: Path | None, out: Path, overwrite:
     if target == "npu":
         if kind != "decoder":
             raise UsageError(f"{graph_path.name} is a {kind} graph: target npu builds static decoder graphs")
+        if not any((v.name or "").startswith("past_key_values.") for v in model.graph.inputs):
+            raise UsageError(f"{graph_path.name} is a decoder graph without KV cache inputs (past_key_values.*): "
+                             "target npu builds static prefill/decode graphs over a cache; export it with its cache "
+                             "(e.g. optimum's text-generation-with-past)")
         bundle_text = source is not None and (source.tokenizer_files or source.model_name.startswith("tiny-"))
         if not bundle_text and not (folder is not None and folder.tokenizer):
             where = f"in {folder.path}" if folder is not None else f"beside {graph_path.name}"
