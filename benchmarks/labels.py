@@ -41,7 +41,13 @@ def _qnn(options: dict[str, Any]) -> str:
             f"weights, {options.get('calibration', 'calibration unrecorded')}")
 
 
-_SETTINGS = {"ort-int8": _int8, "ort-int4-b32": _int4, "ort-int4-b128": _int4, "ort-qnn-u16u8": _qnn}
+def _kv(options: dict[str, Any]) -> str:
+    return (f"{options.get('cache_bits', '?')}-bit {options.get('cache_form', 'cache')}, static per-channel scales, "
+            f"{options.get('weights', '?')} weights")
+
+
+_SETTINGS = {"ort-int8": _int8, "ort-int4-b32": _int4, "ort-int4-b128": _int4, "ort-qnn-u16u8": _qnn,
+             "ort-gqa-kv8": _kv, "ort-gqa-kv4": _kv}
 
 
 def row_label(row: dict[str, Any], base: str) -> str:

@@ -87,6 +87,12 @@ ROWS = [
     Row("ort-int4-b128", "ORT MatMulNBits int4 RTN", "onnxruntime MatMulNBitsQuantizer (DEFAULT/RTN)", "peer"),
     Row("ort-qnn-u16u8", "ORT quantize_static with get_qnn_qdq_config on the npu graphs",
         "onnxruntime get_qnn_qdq_config + quantize", "peer"),
+    # KV-cache quantization without rank reduction, at our cpu weight preset (issue 22): onnxruntime's fused
+    # GroupQueryAttention with an int8 / int4 cache; no onnxruntime tool writes that graph, so qsvd-export builds it
+    Row("ort-gqa-kv8", "dense KV in ORT GroupQueryAttention, int8 cache", "qsvd-export export --target cpu --kv-bits 8",
+        "peer", quick=False),
+    Row("ort-gqa-kv4", "dense KV in ORT GroupQueryAttention, int4 cache", "qsvd-export export --target cpu --kv-bits 4",
+        "peer", quick=False),
     Row("ours-w8a8", "ours: --target cpu (w8a8) on the dense graph", "qsvd-export D/model.onnx --target cpu", "ours"),
     Row("ours-w4a8", "ours: export --target cpu (smoothed w4a8)", "qsvd-export export --target cpu", "ours"),
     Row("ours-latent", "ours: QSVD kv=0.5 latent, fp32", "qsvd-export compress --budget kv=0.5", "ours", quick=False),
@@ -319,6 +325,14 @@ def build_ort_qnn(dense: Path, out: Path, prefill_length: int = 128, context_len
                         "prefill_length": options.prefill_length, "context_length": options.context_length}}
 
 
+def kv_cache_options(bundle: Path) -> dict[str, Any]:
+    """What a KV-quantized bundle's report says about its cache and weights (the peer's label reads it)."""
+    report = json.loads((bundle / "report.json").read_text())
+    latent = report.get("latent_attention", {})
+    return {"cache_bits": latent.get("cache_bits"), "cache_form": latent.get("form"),
+            "weights": (report.get("target") or {}).get("bits")}
+
+
 def matmul_per_channel_overrides(graph_path: Path, weight_type: Any) -> dict[str, list[dict[str, Any]]]:
     """``get_qnn_qdq_config`` tensor overrides giving every MatMul weight (a 2-D initializer) one scale per
     output channel (axis 1). The recipe's global ``per_channel`` covers Conv/Gemm-like ops only and keeps
@@ -393,7 +407,8 @@ def build_row(name: str, args: argparse.Namespace, built: dict[str, Path]) -> tu
     if name in parents and parents[name] not in built:
         return None, {"skipped": f"needs the {parents[name]} row"}
     slow = {"dense": ["export", MODEL], "ours-w4a8": ["export", MODEL, "--target", "cpu"],
-            "ours-latent": ["compress", MODEL, "--budget", "kv=0.5"]}
+            "ours-latent": ["compress", MODEL, "--budget", "kv=0.5"],
+            **{f"ort-gqa-kv{bits}": ["export", MODEL, "--target", "cpu", "--kv-bits", str(bits)] for bits in (8, 4)}}
     if name in slow and args.quick and name != "dense":
         return None, {"skipped": f"--quick builds no torch-stage bundle; pass --{name} DIR to include it"}
     start = time.perf_counter()
@@ -403,6 +418,8 @@ def build_row(name: str, args: argparse.Namespace, built: dict[str, Path]) -> tu
         work.mkdir(parents=True, exist_ok=True)
         _run_cli(_qsvd(*slow[name], "-o", str(out), "-q"), work / f"{name}.log")
         info: dict = {"command": "qsvd-export " + " ".join(slow[name])}
+        if name.startswith("ort-gqa-kv"):
+            info["options"] = kv_cache_options(out)
     elif name == "ort-int8":
         info = build_ort_int8(built["dense"], out)
     elif name.startswith("ort-int4-b"):

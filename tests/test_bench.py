@@ -77,7 +77,9 @@ def test_static_npu_rows_score_windows_through_the_cache(peers) -> None:  # type
     dense = bench.measure_quality(built["dense"], windows)
     for name in ("ours-npu", "ort-qnn-u16u8"):
         quality = bench.measure_quality(built[name], windows)
-        assert quality["kv_bytes_per_token"] == dense["kv_bytes_per_token"]
+        # ours carries the cache as uint8 codes (the npu default), ORT's recipe as float like the dense graph
+        coded = name == "ours-npu"
+        assert quality["kv_bytes_per_token"] == dense["kv_bytes_per_token"] // (4 if coded else 1), name
         for corpus in bench.CORPORA:
             assert abs(np.log(quality[corpus] / dense[corpus])) < 0.1, (name, corpus, quality, dense)
     ops = {n.op_type for n in onnx.load(str(built["ort-qnn-u16u8"] / "prefill.onnx"), load_external_data=False).graph.node}
