@@ -89,10 +89,10 @@ ROWS = [
         "onnxruntime get_qnn_qdq_config + quantize", "peer"),
     # KV-cache quantization without rank reduction, at our cpu weight preset (issue 22): onnxruntime's fused
     # GroupQueryAttention with an int8 / int4 cache; no onnxruntime tool writes that graph, so qsvd-export builds it
-    Row("ort-gqa-kv8", "dense KV in ORT GroupQueryAttention, int8 cache", "qsvd-export export --target cpu --kv-bits 8",
-        "peer", quick=False),
-    Row("ort-gqa-kv4", "dense KV in ORT GroupQueryAttention, int4 cache", "qsvd-export export --target cpu --kv-bits 4",
-        "peer", quick=False),
+    Row("ort-gqa-kv8", "dense KV in ORT GroupQueryAttention, int8 cache",
+        "qsvd-export export --target cpu --kv-bits 8", "peer", quick=False),
+    Row("ort-gqa-kv4", "dense KV in ORT GroupQueryAttention, int4 cache",
+        "qsvd-export export --target cpu --kv-bits 4", "peer", quick=False),
     Row("ours-w8a8", "ours: --target cpu (w8a8) on the dense graph", "qsvd-export D/model.onnx --target cpu", "ours"),
     Row("ours-w4a8", "ours: export --target cpu (smoothed w4a8)", "qsvd-export export --target cpu", "ours"),
     Row("ours-latent", "ours: QSVD kv=0.5 latent, fp32", "qsvd-export compress --budget kv=0.5", "ours", quick=False),
