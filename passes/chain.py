@@ -15,7 +15,7 @@ from onnx_ir.passes import common
 
 from qsvd_export.errors import BadInputError, QsvdError
 from qsvd_export.passes.context import GraphStageContext
-from qsvd_export.passes.contracts import GraphPass, PassContractError, dangling_input
+from qsvd_export.passes.contracts import GraphPass, PassContractError
 from qsvd_export.passes.absorb_key import AbsorbKeyPass
 from qsvd_export.passes.find_attention import find_attention
 from qsvd_export.passes.fold_rotations import FoldRotationsPass
@@ -59,9 +59,7 @@ class CleanupPass(GraphPass):
     ensures: nodes in topological order, and every node output read (or a graph output)."""
 
     def requires(self, model: ir.Model) -> None:
-        dangling = dangling_input(model.graph)
-        if dangling is not None:
-            raise self.precondition(f"input {dangling[1].name!r} is produced by nothing in the graph", dangling[0])
+        self.require_closed_graph(model)
 
     def ensures(self, model: ir.Model) -> None:
         seen = {id(v) for v in model.graph.inputs} | {id(v) for v in model.graph.initializers.values()}

@@ -52,6 +52,13 @@ class GraphPass(ir.passes.InPlacePass):
     def postcondition(self, reason: str, node: ir.Node | None = None) -> PassPostconditionError:
         return PassPostconditionError(type(self).__name__, reason, node)
 
+    def require_closed_graph(self, model: ir.Model) -> None:
+        """The precondition of a pass that rewrites what it finds: every node input is produced by a node, a graph
+        input or an initializer (:func:`dangling_input`)."""
+        dangling = dangling_input(model.graph)
+        if dangling is not None:
+            raise self.precondition(f"input {dangling[1].name!r} is produced by nothing in the graph", dangling[0])
+
     def requires(self, model: ir.Model) -> None:  # pragma: no cover - every subclass states its own
         raise NotImplementedError(f"{type(self).__name__} states no precondition")
 

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import onnx_ir as ir
 
-from qsvd_export.passes.contracts import GraphPass, dangling_input
+from qsvd_export.passes.contracts import GraphPass
 
 _SUFFIX = "_untied_embedding"
 
@@ -66,10 +66,7 @@ class UntieEmbeddingPass(GraphPass):
         self.untied: list[str] = []
 
     def requires(self, model: ir.Model) -> None:
-        found = dangling_input(model.graph)
-        if found is not None:
-            node, value = found
-            raise self.precondition(f"input {value.name!r} is produced by nothing", node)
+        self.require_closed_graph(model)
 
     def ensures(self, model: ir.Model) -> None:
         for node in model.graph:

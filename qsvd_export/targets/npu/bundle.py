@@ -73,8 +73,10 @@ def build_npu_graphs(dynamic_path: Path, folder: Path, cache: list[LayerCache], 
                 weights = role_weights.pop(role, None) or matmul_weights(float_paths[role])
                 qdq_paths[role] = blockwise_int4(qdq_paths[role], weights, options.int4_block, row_weights, qdq)
                 del weights
-            if ranges is not None:
-                report["cache_io"] = quantized_cache_io(qdq_paths[role], cache, options.cache_bits)
+            if ranges is not None:  # one (scale, zero point) per cache tensor, the same in both graphs
+                coded = quantized_cache_io(qdq_paths[role], cache, options.cache_bits)
+                if report.setdefault("cache_io", coded) != coded:
+                    raise RuntimeFailure(f"npu: the {role} graph's cache codes differ from the prefill graph's")
             model = ir.load(qdq_paths[role])
             specs.append(GraphSpec(role, filename, [v.name for v in model.graph.inputs],
                                    [v.name for v in model.graph.outputs]))

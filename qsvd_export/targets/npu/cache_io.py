@@ -28,7 +28,6 @@ import numpy as np
 from qsvd_export.bundle import LayerCache
 from qsvd_export.errors import RuntimeFailure
 
-CACHE_BITS = (8, 16)  # uint8 (default) or uint16 codes; 32 keeps float I/O
 CODE_TYPES = {8: ("QUInt8", np.uint8, "uint8"), 16: ("QUInt16", np.uint16, "uint16")}
 
 
@@ -88,6 +87,7 @@ def quantized_cache_io(path: Path, cache: list[LayerCache], bits: int) -> dict[s
     element = onnx.helper.np_dtype_to_tensor_dtype(np.dtype(CODE_TYPES[bits][1]))
     params: dict[str, dict[str, float | int]] = {}
     drop = []
+    renames: dict[str, str] = {}  # applied to every node at once
 
     def pair(node: Any) -> tuple[float, int]:
         scale = float(numpy_helper.to_array(constants[node.input[1]]).reshape(()))
@@ -110,14 +110,10 @@ def quantized_cache_io(path: Path, cache: list[LayerCache], bits: int) -> dict[s
             scale, zero = pair(quantize)
             if pair(writer) != (scale, zero):
                 raise RuntimeFailure(f"cache {tensor.input} and {tensor.output} have different quantization")
-            for node in consumers.get(quantize.output[0], []):  # the input is the codes the graph read
-                node.input[:] = [tensor.input if name == quantize.output[0] else name for name in node.input]
+            renames[quantize.output[0]] = tensor.input  # the input is the codes the graph read
             drop.append(quantize)
-            codes, floats = writer.input[0], f"{tensor.output}_dequantized"
-            for node in graph.node:  # the output is the codes the graph wrote; its readers read their values
-                node.input[:] = [{codes: tensor.output, tensor.output: floats}.get(name, name) for name in node.input]
-                node.output[:] = [{codes: tensor.output, tensor.output: floats}.get(name, name)
-                                  for name in node.output]
+            # the output is the codes the graph wrote; the graph's own readers read their values
+            renames[writer.input[0]], renames[tensor.output] = tensor.output, f"{tensor.output}_dequantized"
             if not consumers.get(tensor.output):
                 drop.append(writer)
             inputs[tensor.input].type.tensor_type.elem_type = element
@@ -125,6 +121,9 @@ def quantized_cache_io(path: Path, cache: list[LayerCache], bits: int) -> dict[s
             params[tensor.input] = {"scale": scale, "zero_point": zero}
     for node in drop:
         graph.node.remove(node)
+    for node in graph.node:
+        node.input[:] = [renames.get(name, name) for name in node.input]
+        node.output[:] = [renames.get(name, name) for name in node.output]
     kept = {v.name for v in graph.value_info} - {t.output for layer in cache for t in layer.tensors}
     value_info = [v for v in graph.value_info if v.name in kept]
     del graph.value_info[:]
