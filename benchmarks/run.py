@@ -20,9 +20,10 @@ by hand (:func:`row_label`).
 - ``ours-w4a8``      ``qsvd-export export smollm2-135m --target cpu`` (smoothed w4a8; ≈ 8 min to build,
                      ``--ours-w4a8 DIR`` reuses one, ``--quick`` skips it without);
 - ``ours-latent``    the QSVD kv=0.5 latent bundle (``qsvd-export compress smollm2-135m --budget kv=0.5``;
-                     ≈ 15 min, ``--ours-latent DIR`` reuses one, ``--quick`` skips it without), fp32
+                     ≈ 50 min, ``--ours-latent DIR`` reuses one, ``--quick`` skips it without), fp32
                      (measured in full mode only; ``--quick`` uses it as the next row's source);
 - ``ours-latent-w8a8`` ``qsvd-export LATENT/model.onnx --target cpu`` on it;
+- ``ours-latent-kv8`` ``qsvd-export LATENT/model.onnx --target cpu --kv-bits 8`` on it (int8 latent cache I/O);
 - ``ours-npu``       ``qsvd-export D/model.onnx --target npu --no-verify`` (static QDQ graphs, w8a16);
 - ``ours-latent-npu`` ``qsvd-export LATENT/model.onnx --target npu --no-verify``.
 
@@ -98,12 +99,15 @@ ROWS = [
     Row("ours-latent", "ours: QSVD kv=0.5 latent, fp32", "qsvd-export compress --budget kv=0.5", "ours", quick=False),
     Row("ours-latent-w8a8", "ours: QSVD kv=0.5 latent + --target cpu (w8a8)", "qsvd-export LATENT/model.onnx --target cpu",
         "ours"),
+    Row("ours-latent-kv8", "ours: QSVD kv=0.5 latent + --target cpu (w8a8) --kv-bits 8 (int8 latent)",
+        "qsvd-export LATENT/model.onnx --target cpu --kv-bits 8", "ours"),
     Row("ours-npu", "ours: --target npu (w8a16) on the dense graph", "qsvd-export D/model.onnx --target npu", "ours"),
     Row("ours-latent-npu", "ours: QSVD kv=0.5 latent + --target npu (w8a16)", "qsvd-export LATENT/model.onnx --target npu",
         "ours"),
 ]
 PARENTS = {"ort-int8": "dense", "ort-int4-b32": "dense", "ort-int4-b128": "dense", "ort-qnn-u16u8": "dense",
-           "ours-w8a8": "dense", "ours-npu": "dense", "ours-latent-w8a8": "ours-latent", "ours-latent-npu": "ours-latent"}
+           "ours-w8a8": "dense", "ours-npu": "dense", "ours-latent-w8a8": "ours-latent", "ours-latent-kv8": "ours-latent",
+           "ours-latent-npu": "ours-latent"}
 ROW_NAMES = [r.name for r in ROWS]
 
 # Columns of bench.md: (header, row key, format). Ratios vs dense follow the value in parentheses.
@@ -248,8 +252,10 @@ def _run_cli(cmd: list[str], log: Path) -> None:
         raise RuntimeError(f"{' '.join(cmd)} exited {proc.returncode}:\n{tail}")
 
 
-def build_ours_target(source: Path, out: Path, target: str, prefill_length: int = 128, context_length: int = 1024) -> dict:
-    """The graph stage with ``--target`` (its default bits) on a bundle's model.onnx; keeps its tokenizer files.
+def build_ours_target(source: Path, out: Path, target: str, prefill_length: int = 128, context_length: int = 1024,
+                      kv_bits: int | None = None) -> dict:
+    """The graph stage with ``--target`` (its default bits, ``--kv-bits`` when given) on a bundle's model.onnx; keeps
+    its tokenizer files.
 
     The graph stage on a bare ONNX file finds the tokenizer (npu calibration) beside it."""
     if out.exists():
@@ -257,6 +263,8 @@ def build_ours_target(source: Path, out: Path, target: str, prefill_length: int 
     out.parent.mkdir(parents=True, exist_ok=True)
     extra = (["--no-verify", "--prefill-length", str(prefill_length), "--context-length", str(context_length)]
              if target == "npu" else [])
+    if kv_bits is not None:
+        extra += ["--kv-bits", str(kv_bits)]
     _run_cli(_qsvd("compile", str(source / "model.onnx"), "--target", target, *extra, "-o", str(out), "-q"),
              out.parent / f"{out.name}.log")
     config = json.loads((out / "qsvd_config.json").read_text())
@@ -264,7 +272,10 @@ def build_ours_target(source: Path, out: Path, target: str, prefill_length: int 
         if not (out / name).exists() and (source / name).exists():
             shutil.copy2(source / name, out / name)
     report = json.loads((out / "report.json").read_text())
-    return {"options": {"target": target, "bits": f"{report['target']['bits']} (default)"}}
+    options = {"target": target, "bits": f"{report['target']['bits']} (default)"}
+    if kv_bits is not None:
+        options["kv_bits"] = kv_bits
+    return {"options": options}
 
 
 def build_ort_qnn(dense: Path, out: Path, prefill_length: int = 128, context_length: int = 1024,
@@ -427,7 +438,8 @@ def build_row(name: str, args: argparse.Namespace, built: dict[str, Path]) -> tu
     elif name == "ort-qnn-u16u8":
         info = build_ort_qnn(built["dense"], out)
     else:
-        info = build_ours_target(built[parents[name]], out, "npu" if name.endswith("-npu") else "cpu")
+        info = build_ours_target(built[parents[name]], out, "npu" if name.endswith("-npu") else "cpu",
+                                 kv_bits=8 if name.endswith("-kv8") else None)
     info["build_s"] = round(time.perf_counter() - start, 1)
     info["date"] = time.strftime("%Y-%m-%d %H:%M")
     if name in parents:

@@ -34,8 +34,9 @@ class CacheTensor:
     shape: list[str | int]
     dtype: str
     sequence_axis: int
-    # integer codes of a float cache (npu): {"scale", "zero_point"}, value = (code - zero_point) * scale
-    quantization: dict[str, float | int] | None = None
+    # integer codes of a float cache: npu {"scale", "zero_point"}, value = (code - zero_point) * scale;
+    # cpu latent {"axis", "scale": [r], "zero_point"}, one scale per channel along ``axis``
+    quantization: dict[str, Any] | None = None
 
     def bytes_per_token(self) -> int:
         """Bytes one token adds to this tensor for batch 1."""

@@ -146,7 +146,8 @@ def test_cli_int8_cache_and_absorbed_latent(tmp_path, capsys):
 @pytest.mark.parametrize("argv, message", [
     (["export", "tiny-llama", "--kv-bits", "8"], "need --target cpu"),
     (["export", "tiny-gemma3", "--target", "cpu", "--kv-bits", "8"], "plain causal decoders only"),
-    (["compress", "tiny-llama", "--budget", "kv=0.5", "--kv-bits", "8"], "--kv-form absorbed"),
+    (["compress", "tiny-llama", "--budget", "kv=0.5", "--target", "cpu", "--latent-groups", "2"], "--kv-form absorbed"),
+    (["compress", "tiny-llama", "--budget", "kv=0.5", "--kv-bits", "8"], "needs --target cpu"),
     (["compress", "tiny-llama", "--budget", "params=0.8,kv=0.5", "--target", "cpu", "--kv-form", "absorbed"],
      "KV-only budget"),
 ])

@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, Any
 import onnx_ir as ir
 
 from qsvd_export.bundle import BundleConfig, write_json
+from qsvd_export.errors import UsageError
 
 if TYPE_CHECKING:
     from qsvd_export.targets.npu.options import NpuOptions
@@ -40,15 +41,26 @@ def apply_target(model: ir.Model, target: str | None, bits: str | None,
 
 def finish_target(folder: Path, config: BundleConfig, target_report: dict[str, Any] | None, strict: bool,
                   tokenizer: Any, npu_options: NpuOptions | None = None, verify: bool = True,
-                  timings: dict[str, float] | None = None) -> dict[str, Any] | None:
-    """File-level target steps once ``folder`` holds ``model.onnx``: the cpu/gpu check of ONNX Runtime's
-    optimized graph, or for npu the static prefill/decode QDQ graphs replacing ``model.onnx`` (config
+                  timings: dict[str, float] | None = None, latent_cache_bits: int | None = None) -> dict[str, Any] | None:
+    """File-level target steps once ``folder`` holds ``model.onnx``: for ``latent_cache_bits`` 8 (cpu) the int8
+    latent cache I/O (:mod:`qsvd_export.targets.latent_cache`, config rewritten), then the cpu/gpu check of ONNX
+    Runtime's optimized graph, or for npu the static prefill/decode QDQ graphs replacing ``model.onnx`` (config
     rewritten) and their QNN HTP verification. Returns the completed target report (wall times go to
     ``timings``, never into the deterministic report)."""
     if target_report is None:
         return None
     from qsvd_export.targets import policy_for
 
+    if latent_cache_bits is not None:
+        from qsvd_export.targets.latent_cache import quantize_latent_cache
+
+        if target_report["target"] != "cpu" or latent_cache_bits != 8:
+            raise UsageError(f"an integer latent cache is built for --target cpu --kv-bits 8 "
+                             f"(got {target_report['target']}, {latent_cache_bits} bits)")
+        start = time.perf_counter()
+        target_report["latent_cache"] = quantize_latent_cache(folder, config, tokenizer)
+        if timings is not None:
+            timings["latent_cache_s"] = time.perf_counter() - start
     return policy_for(target_report["target"]).finish(folder, config, target_report, strict, tokenizer, npu_options,
                                                       verify, timings if timings is not None else {})
 

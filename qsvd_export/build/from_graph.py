@@ -153,7 +153,8 @@ def compile_onnx(graph_path: Path, plan_path: Path | None, out: Path, overwrite:
                  dump_dir: Path | None = None, target: str | None = None, bits: str | None = None,
                  strict: bool = False, npu_options: NpuOptions | None = None, verify: bool = True,
                  mobile: bool = False, graph_only: CompressOptions | None = None, calib_npz: Path | None = None,
-                 tokenizer_dir: Path | None = None, calib_images: Path | None = None) -> BuildResult:
+                 tokenizer_dir: Path | None = None, calib_images: Path | None = None,
+                 latent_cache_bits: int | None = None) -> BuildResult:
     """``qsvd-export model.onnx [--plan PLAN | --budget B] [--target T --bits B]``: graph stage (+ target stage).
 
     The graph's settings and tokenizer come from its bundle (qsvd_config.json beside it), else from
@@ -162,7 +163,8 @@ def compile_onnx(graph_path: Path, plan_path: Path | None, out: Path, overwrite:
     head counts the config does not give come from the graph's reshapes.
     ``graph_only`` (CompressOptions): build the plan from the graph itself (``compress.graph_only``),
     calibrated in ONNX Runtime on text tokenized by that tokenizer, on the token windows of ``calib_npz``,
-    or (vision graphs) on ``calib_images``."""
+    or (vision graphs) on ``calib_images``. ``latent_cache_bits`` 8 (``--target cpu``): the latent cache crosses the
+    graph boundary as int8 codes (:mod:`qsvd_export.targets.latent_cache`)."""
     import shutil
 
     from qsvd_export.bundle import check_output_dir, load_bundle_config
@@ -267,9 +269,10 @@ def compile_onnx(graph_path: Path, plan_path: Path | None, out: Path, overwrite:
             save_plan(plan, tmp)
         (tmp / CONFIG_NAME).write_text(config.to_json())
         if target_report is not None:
-            tokenizer = bundle_tokenizer(tmp) if policy_for(target_report["target"]).static_graphs else None
+            calibrates = policy_for(target_report["target"]).static_graphs or latent_cache_bits is not None
+            tokenizer = bundle_tokenizer(tmp) if calibrates else None
             report["target"] = finish_target(tmp, config, target_report, strict, tokenizer, npu_options, verify,
-                                             timings)
+                                             timings, latent_cache_bits)
         report["kv_bytes_per_token"] = config.kv_bytes_per_token()
         report["weight_bytes"] = graph_weight_bytes(tmp, config)
         finish_bundle(tmp, config, report, mobile, timings)

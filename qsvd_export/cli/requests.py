@@ -41,6 +41,15 @@ def kv_options(args: argparse.Namespace, budget: float | None = None) -> Any:
     return options
 
 
+def _latent_cache_bits(bits: int, target: str | None) -> int | None:
+    """--kv-bits for a QSVD latent cache (rebuild form): 8 = int8 codes on target cpu, 32 = float (None)."""
+    if target != "cpu":
+        raise UsageError(f"--kv-bits {bits} needs --target cpu or npu (got {target or 'none'})")
+    if bits not in (8, 32):
+        raise UsageError(f"--kv-bits {bits} is not available for a latent cache on target cpu (8, or 32 for float)")
+    return 8 if bits == 8 else None
+
+
 def session_options(args: argparse.Namespace) -> Any:
     from qsvd_export.runtimes.sessions import SessionOptions
 
@@ -85,10 +94,11 @@ def compress_request(args: argparse.Namespace) -> dict[str, Any]:
     )
     if args.kv_form == "absorbed" and (args.target != "cpu" or options.budget.params is not None):
         raise UsageError("--kv-form absorbed needs --target cpu and a KV-only budget (--budget kv=R2)")
-    if args.kv_form != "absorbed" and ((args.kv_bits is not None and args.target != "npu")
-                                       or args.latent_groups is not None):
-        raise UsageError("--kv-bits and --latent-groups set the cache of fused attention: use them with "
-                         "--kv-form absorbed (or on export --target cpu)")
+    if args.kv_form != "absorbed" and args.latent_groups is not None:
+        raise UsageError("--latent-groups sets the latent of fused attention: use it with --kv-form absorbed")
+    latent_cache_bits = None
+    if args.kv_form != "absorbed" and args.kv_bits is not None and args.target != "npu":
+        latent_cache_bits = _latent_cache_bits(args.kv_bits, args.target)
     target_bits = args.bits if args.target else None
     check_target_options(args.target, target_bits)
     check_rotation_options(args.rotate, args.rotate_mlp or args.rotate_o_proj, args.target, target_bits)
@@ -96,16 +106,19 @@ def compress_request(args: argparse.Namespace) -> dict[str, Any]:
                 eval_text=args.eval_text if args.eval else None, eval_windows=args.eval_windows,
                 dump_dir=args.dump_passes, target=args.target, target_bits=target_bits,
                 target_strict=args.strict, npu_options=npu_options(args), verify=args.verify, mobile=args.mobile,
-                kv=kv_options(args, options.budget.kv) if args.kv_form == "absorbed" else None)
+                kv=kv_options(args, options.budget.kv) if args.kv_form == "absorbed" else None,
+                latent_cache_bits=latent_cache_bits)
 
 
 def compile_request(args: argparse.Namespace) -> dict[str, Any]:
     """``compile_onnx``'s keyword arguments from ``compile``'s args, validated (shared with ``qsvd_export.api``)."""
     from qsvd_export.build.stages import check_target_options
 
-    if (args.kv_bits is not None and args.target != "npu") or args.latent_groups is not None:
-        raise UsageError("--kv-bits (except for --target npu) and --latent-groups are not available on ONNX graphs "
-                         "yet (use export --target cpu)")
+    if args.latent_groups is not None:
+        raise UsageError("--latent-groups is not available on ONNX graphs (use compress --kv-form absorbed)")
+    latent_cache_bits = None
+    if args.kv_bits is not None and args.target != "npu":
+        latent_cache_bits = _latent_cache_bits(args.kv_bits, args.target)
 
     graph_only = None
     if args.budget is not None and args.plan is not None:
@@ -129,5 +142,6 @@ def compile_request(args: argparse.Namespace) -> dict[str, Any]:
     return dict(graph_path=args.graph, plan_path=args.plan, out=args.output, overwrite=args.overwrite,
                 dump_dir=args.dump_passes, target=args.target, bits=args.bits, strict=args.strict,
                 npu_options=npu_options(args), verify=args.verify, mobile=args.mobile, graph_only=graph_only,
-                calib_npz=args.calib_npz, tokenizer_dir=args.tokenizer, calib_images=args.calib_images)
+                calib_npz=args.calib_npz, tokenizer_dir=args.tokenizer, calib_images=args.calib_images,
+                latent_cache_bits=latent_cache_bits)
 

@@ -1,0 +1,85 @@
+"""int8 latent cache I/O for the cpu target (``--kv-bits 8`` on a bundle whose layers cache a QSVD latent).
+
+Calibration runs the bundle's float graph in ONNX Runtime on ``calib_windows`` × 512 tokens of calibration text
+(prefill with an empty cache) and takes, per latent channel, the largest magnitude the graph writes into
+``present.i.latent``: scale = max|latent| / 127 (symmetric, zero point 0). The graph is then rewritten by
+:class:`~qsvd_export.passes.quantize_latent_cache.QuantizeLatentCachePass`, and ``qsvd_config.json`` lists each
+latent tensor as ``int8`` with its ``quantization`` ``{"axis": 2, "scale": [r floats], "zero_point": 0}``
+(the scales live in the graph too; runtimes pass the codes back unchanged).
+"""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from qsvd_export.bundle import CONFIG_NAME, GRAPH_FILE, BundleConfig
+from qsvd_export.errors import UsageError
+
+CODE_MAX = 127
+
+
+def latent_tensor_names(config: BundleConfig) -> list[str]:
+    """The float latent cache inputs of a bundle (``past_key_values.i.latent``)."""
+    return [t.input for layer in config.cache if layer.kind == "latent" for t in layer.tensors
+            if t.input.endswith(".latent") and t.dtype == "float32"]
+
+
+def latent_cache_scales(folder: Path, names: list[str], windows: np.ndarray) -> dict[str, np.ndarray]:
+    """Per latent cache input its symmetric int8 scale per channel [r], from prefills of ``windows`` [n, length]
+    through the bundle in ``folder`` (CPU EP)."""
+    from qsvd_export.runtimes.decode import DecoderRunner
+
+    runner = DecoderRunner(folder)
+    largest: dict[str, np.ndarray] = {}
+    for window in windows:
+        _, cache = runner.prefill(np.asarray(window, dtype=np.int64)[None, :])
+        for name in names:
+            peak = np.abs(cache[name]).max(axis=(0, 1))
+            largest[name] = peak if name not in largest else np.maximum(largest[name], peak)
+    tiny = np.finfo(np.float32).tiny
+    return {name: (np.maximum(peak, tiny) / CODE_MAX).astype(np.float32) for name, peak in largest.items()}
+
+
+def quantize_latent_cache(folder: Path, config: BundleConfig, tokenizer: Any, calib_windows: int = 32,
+                          calib_text: str = "wiki_calib") -> dict[str, Any]:
+    """Rewrite ``folder``'s ``model.onnx`` so that every latent cache crosses the graph boundary as int8 codes, and
+    ``config`` (written back to ``qsvd_config.json``) to match. Returns the report entry."""
+    from qsvd_export.build.files import save_graph
+    from qsvd_export.data import read_text, token_windows
+    from qsvd_export.passes.contracts import run_passes
+    from qsvd_export.passes.quantize_latent_cache import QuantizeLatentCachePass
+    from qsvd_export.progress import info
+
+    names = latent_tensor_names(config)
+    if not names:
+        raise UsageError("--kv-bits 8 on target cpu quantizes a latent KV cache, and this graph has none "
+                         "(a dense cache: use export --target cpu --kv-bits 8, which fuses attention)")
+    if tokenizer is None:
+        raise UsageError("--kv-bits 8 calibrates the latent cache on text, and this graph has no tokenizer "
+                         "(give --tokenizer HF_DIR)")
+    info(f"latent cache: int8 codes with static per-channel scales, calibrated on {calib_windows} x 512 tokens")
+    windows = token_windows(tokenizer, read_text(calib_text), 512, calib_windows, source=calib_text)
+    scales = latent_cache_scales(folder, names, windows)
+    import onnx_ir as ir
+
+    model = ir.load(folder / GRAPH_FILE)  # the bundle's own graph: no input checks or clean-ups
+    run_passes(model, [QuantizeLatentCachePass(scales)])
+    with tempfile.TemporaryDirectory(dir=folder) as tmp:  # the loaded graph reads the data file it replaces
+        save_graph(model, Path(tmp))
+        del model
+        for name in (GRAPH_FILE, f"{GRAPH_FILE}.data"):
+            shutil.move(str(Path(tmp) / name), folder / name)
+    config.cache = [replace(layer, tensors=[
+        replace(t, dtype="int8", quantization={"axis": 2, "scale": [float(s) for s in scales[t.input]],
+                                               "zero_point": 0}) if t.input in scales else t
+        for t in layer.tensors]) for layer in config.cache]
+    (folder / CONFIG_NAME).write_text(config.to_json())
+    return {"bits": 8, "layout": "int8 codes, static symmetric scale per latent channel (axis 2)",
+            "calibration": f"max |latent| over {calib_windows} x 512 tokens of {calib_text}",
+            "tensors": len(scales), "kv_bytes_per_token": config.kv_bytes_per_token()}

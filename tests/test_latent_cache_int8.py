@@ -1,0 +1,98 @@
+"""int8 latent cache I/O on the cpu target (QSVD's rebuild form): ``--kv-bits 8`` on compress and on a latent graph."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import onnx
+import pytest
+
+from qsvd_export.bundle import load_bundle_config
+from qsvd_export.cli import main
+from qsvd_export.runtimes.decode import DecoderRunner
+
+SMALL = ["--calib-windows", "4", "--calib-length", "64", "--grad-windows", "2", "-q"]
+IDS = np.asarray([[5, 9, 3, 17, 2, 11, 4, 8, 6, 13]])
+
+
+@pytest.fixture(scope="module")
+def latent_bundles(tmp_path_factory):
+    """The same tiny-llama plan as a float-latent cpu bundle and as an int8-latent one (compile of one graph)."""
+    root = tmp_path_factory.mktemp("latent_int8")
+    assert main(["compress", "tiny-llama", "--budget", "kv=0.5", "-o", str(root / "float"), *SMALL]) == 0
+    graph = root / "float" / "model.onnx"
+    for name, extra in (("cpu", []), ("int8", ["--kv-bits", "8"])):
+        code = main([str(graph), "--target", "cpu", "--bits", "w8a16", *extra, "-o", str(root / name), "-q"])
+        assert code == 0
+    return root
+
+
+def test_latent_cache_crosses_the_boundary_as_int8(latent_bundles):
+    config = load_bundle_config(latent_bundles / "int8")
+    plain = load_bundle_config(latent_bundles / "cpu")
+    tensors = [t for layer in config.cache for t in layer.tensors]
+    assert tensors and all(t.dtype == "int8" and t.quantization["axis"] == 2 for t in tensors)
+    assert all(len(t.quantization["scale"]) == t.shape[-1] for t in tensors)
+    assert config.kv_bytes_per_token() * 4 == plain.kv_bytes_per_token()
+    proto = onnx.load(latent_bundles / "int8" / "model.onnx", load_external_data=False)
+    types = {v.name: v.type.tensor_type.elem_type for v in [*proto.graph.input, *proto.graph.output]}
+    for t in tensors:
+        assert types[t.input] == types[t.output] == onnx.TensorProto.INT8
+    report = json.loads((latent_bundles / "int8" / "report.json").read_text())
+    assert report["kv_bytes_per_token"] == config.kv_bytes_per_token()
+    assert report["target"]["latent_cache"]["tensors"] == len(tensors)
+
+
+def test_int8_latent_decode_equals_its_prefill(latent_bundles):
+    """Decode steps over the int8 codes give the logits a prefill of the whole sequence gives (same codes)."""
+    runner = DecoderRunner(latent_bundles / "int8")
+    full, _ = runner.prefill(IDS)
+    logits, cache = runner.prefill(IDS[:, :6])
+    steps = [logits[:, -1]]
+    for t in range(6, IDS.shape[1]):
+        mask = np.ones((1, t + 1), dtype=np.int64)
+        logits, cache = runner.step(IDS[:, t:t + 1], mask, np.asarray([[t]]), cache)
+        steps.append(logits[:, -1])
+        assert all(v.dtype == np.int8 for v in cache.values())
+    np.testing.assert_allclose(np.stack(steps, 1), full[:, 5:], atol=1e-4)
+
+
+def test_int8_latent_stays_close_to_the_float_latent(latent_bundles):
+    a, _ = DecoderRunner(latent_bundles / "cpu").prefill(IDS)
+    b, _ = DecoderRunner(latent_bundles / "int8").prefill(IDS)
+    scale = np.abs(a).max()
+    assert 0 < np.abs(a - b).max() <= 0.05 * scale  # quantized (not a copy of the float graph), and close
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--target", "npu", "--kv-bits", "4"], "not available for target npu"),
+    (["--kv-bits", "8"], "needs --target cpu"),
+    (["--target", "cpu", "--kv-bits", "4"], "not available for a latent cache"),
+])
+def test_bad_latent_cache_requests_are_refused(latent_bundles, tmp_path, capsys, argv, message):
+    assert main([str(latent_bundles / "float" / "model.onnx"), *argv, "-o", str(tmp_path / "x"), "-q"]) != 0
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "x").exists()
+
+
+def test_a_dense_graph_has_no_latent_cache_to_quantize(bundles, tmp_path, capsys):
+    dense = bundles.dense("llama") / "model.onnx"
+    assert main([str(dense), "--target", "cpu", "--kv-bits", "8", "-o", str(tmp_path / "x"), "-q"]) != 0
+    assert "this graph has none" in capsys.readouterr().err
+    assert not (tmp_path / "x").exists()
+
+
+def test_standalone_runner_and_compress_write_the_int8_latent(tmp_path):
+    """``compress --target cpu --kv-bits 8`` (rebuild form) writes the int8 latent; samples/run_bundle.py runs it."""
+    from tests.test_samples import sample_new_ids
+
+    out = tmp_path / "compressed"
+    assert main(["compress", "tiny-llama", "--budget", "kv=0.5", "--target", "cpu", "--kv-bits", "8",
+                 "-o", str(out), *SMALL]) == 0
+    config = load_bundle_config(out)
+    assert {t.dtype for layer in config.cache for t in layer.tensors} == {"int8"}
+    assert [layer.kind for layer in config.cache] == ["latent", "latent"]
+    ids = [200, 13, 77, 5, 190, 33]
+    eos = config.generation["eos_token_ids"]
+    assert sample_new_ids(out, ids, 5) == DecoderRunner(out).generate(ids, 5, eos)
