@@ -12,6 +12,10 @@ Rows (smollm2-135m):
 - ``ort-qnn-u16u8``  onnxruntime ``quantize_static`` with ``get_qnn_qdq_config`` (uint16 activations, uint8
                      per-channel weights, its defaults otherwise) on the same static float prefill/decode
                      graphs and the same calibration feeds as our npu target;
+- ``ort-gqa-kv8`` / ``ort-gqa-kv4`` the dense cache quantized to int8 / int4 (static per-channel scales) inside
+                     onnxruntime's fused ``GroupQueryAttention``, w8a8 weights as our latent cpu rows
+                     (``qsvd-export export smollm2-135m --target cpu --bits w8a8 --kv-bits 8|4``; no onnxruntime
+                     tool writes that graph);
 
 A peer's label is its tool plus the settings its build record holds (read back from the built graph where
 the graph carries them) and, for int8, the int8 dot-product flags of the CPU: nothing about a peer is typed
@@ -22,8 +26,9 @@ by hand (:func:`row_label`).
 - ``ours-latent``    the QSVD kv=0.5 latent bundle (``qsvd-export compress smollm2-135m --budget kv=0.5``;
                      ≈ 50 min, ``--ours-latent DIR`` reuses one, ``--quick`` skips it without), fp32
                      (measured in full mode only; ``--quick`` uses it as the next row's source);
-- ``ours-latent-w8a8`` ``qsvd-export LATENT/model.onnx --target cpu`` on it;
-- ``ours-latent-kv8`` ``qsvd-export LATENT/model.onnx --target cpu --kv-bits 8`` on it (int8 latent cache I/O);
+- ``ours-latent-w8a8`` ``qsvd-export LATENT/model.onnx --target cpu --kv-bits 32`` on it (float latent cache);
+- ``ours-latent-kv8`` ``qsvd-export LATENT/model.onnx --target cpu --kv-bits 8`` on it (int8 latent cache I/O, the
+                     default);
 - ``ours-npu``       ``qsvd-export D/model.onnx --target npu --no-verify`` (static QDQ graphs, w8a16);
 - ``ours-latent-npu`` ``qsvd-export LATENT/model.onnx --target npu --no-verify``.
 
@@ -88,18 +93,19 @@ ROWS = [
     Row("ort-int4-b128", "ORT MatMulNBits int4 RTN", "onnxruntime MatMulNBitsQuantizer (DEFAULT/RTN)", "peer"),
     Row("ort-qnn-u16u8", "ORT quantize_static with get_qnn_qdq_config on the npu graphs",
         "onnxruntime get_qnn_qdq_config + quantize", "peer"),
-    # KV-cache quantization without rank reduction, at our cpu weight preset (issue 22): onnxruntime's fused
-    # GroupQueryAttention with an int8 / int4 cache; no onnxruntime tool writes that graph, so qsvd-export builds it
+    # KV-cache quantization without rank reduction, at the weight preset of our latent cpu rows (w8a8; issue 22):
+    # onnxruntime's fused GroupQueryAttention with an int8 / int4 cache; no onnxruntime tool writes that graph, so
+    # qsvd-export builds it
     Row("ort-gqa-kv8", "dense KV in ORT GroupQueryAttention, int8 cache",
-        "qsvd-export export --target cpu --kv-bits 8", "peer", quick=False),
+        "qsvd-export export --target cpu --bits w8a8 --kv-bits 8", "peer", quick=False),
     Row("ort-gqa-kv4", "dense KV in ORT GroupQueryAttention, int4 cache",
-        "qsvd-export export --target cpu --kv-bits 4", "peer", quick=False),
+        "qsvd-export export --target cpu --bits w8a8 --kv-bits 4", "peer", quick=False),
     Row("ours-w8a8", "ours: --target cpu (w8a8) on the dense graph", "qsvd-export D/model.onnx --target cpu", "ours"),
     Row("ours-w4a8", "ours: export --target cpu (smoothed w4a8)", "qsvd-export export --target cpu", "ours"),
     Row("ours-latent", "ours: QSVD kv=0.5 latent, fp32", "qsvd-export compress --budget kv=0.5", "ours", quick=False),
-    Row("ours-latent-w8a8", "ours: QSVD kv=0.5 latent + --target cpu (w8a8)", "qsvd-export LATENT/model.onnx --target cpu",
-        "ours"),
-    Row("ours-latent-kv8", "ours: QSVD kv=0.5 latent + --target cpu (w8a8) --kv-bits 8 (int8 latent)",
+    Row("ours-latent-w8a8", "ours: QSVD kv=0.5 latent + --target cpu --kv-bits 32 (w8a8, float latent)",
+        "qsvd-export LATENT/model.onnx --target cpu --kv-bits 32", "ours"),
+    Row("ours-latent-kv8", "ours: QSVD kv=0.5 latent + --target cpu (w8a8, int8 latent: the default)",
         "qsvd-export LATENT/model.onnx --target cpu --kv-bits 8", "ours"),
     Row("ours-npu", "ours: --target npu (w8a16) on the dense graph", "qsvd-export D/model.onnx --target npu", "ours"),
     Row("ours-latent-npu", "ours: QSVD kv=0.5 latent + --target npu (w8a16)", "qsvd-export LATENT/model.onnx --target npu",
@@ -393,7 +399,8 @@ def reused_build_seconds(bundle: Path) -> float | None:
 # The peers' best documented settings (EVAL.md); a bundle an earlier run built otherwise is rebuilt.
 PEER_SETTINGS = {"ort-int4-b32": {"accuracy_level": INT4_ACCURACY_LEVEL},
                  "ort-int4-b128": {"accuracy_level": INT4_ACCURACY_LEVEL},
-                 "ort-qnn-u16u8": {"per_channel": True}}
+                 "ort-qnn-u16u8": {"per_channel": True},
+                 "ort-gqa-kv8": {"weights": "w8a8"}, "ort-gqa-kv4": {"weights": "w8a8"}}
 
 
 def settings_match(name: str, info: dict) -> bool:
@@ -419,7 +426,8 @@ def build_row(name: str, args: argparse.Namespace, built: dict[str, Path]) -> tu
         return None, {"skipped": f"needs the {parents[name]} row"}
     slow = {"dense": ["export", MODEL], "ours-w4a8": ["export", MODEL, "--target", "cpu"],
             "ours-latent": ["compress", MODEL, "--budget", "kv=0.5"],
-            **{f"ort-gqa-kv{bits}": ["export", MODEL, "--target", "cpu", "--kv-bits", str(bits)] for bits in (8, 4)}}
+            **{f"ort-gqa-kv{bits}": ["export", MODEL, "--target", "cpu", "--bits", "w8a8", "--kv-bits", str(bits)]
+               for bits in (8, 4)}}
     if name in slow and args.quick and name != "dense":
         return None, {"skipped": f"--quick builds no torch-stage bundle; pass --{name} DIR to include it"}
     start = time.perf_counter()
@@ -439,7 +447,7 @@ def build_row(name: str, args: argparse.Namespace, built: dict[str, Path]) -> tu
         info = build_ort_qnn(built["dense"], out)
     else:
         info = build_ours_target(built[parents[name]], out, "npu" if name.endswith("-npu") else "cpu",
-                                 kv_bits=8 if name.endswith("-kv8") else None)
+                                 kv_bits=8 if name.endswith("-kv8") else 32 if name == "ours-latent-w8a8" else None)
     info["build_s"] = round(time.perf_counter() - start, 1)
     info["date"] = time.strftime("%Y-%m-%d %H:%M")
     if name in parents:

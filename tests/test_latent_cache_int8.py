@@ -18,11 +18,12 @@ IDS = np.asarray([[5, 9, 3, 17, 2, 11, 4, 8, 6, 13]])
 
 @pytest.fixture(scope="module")
 def latent_bundles(tmp_path_factory):
-    """The same tiny-llama plan as a float-latent cpu bundle and as an int8-latent one (compile of one graph)."""
+    """The same tiny-llama plan as a float-latent cpu bundle, an int8-latent one and one at the default (compile of
+    one graph)."""
     root = tmp_path_factory.mktemp("latent_int8")
     assert main(["compress", "tiny-llama", "--budget", "kv=0.5", "-o", str(root / "float"), *SMALL]) == 0
     graph = root / "float" / "model.onnx"
-    for name, extra in (("cpu", []), ("int8", ["--kv-bits", "8"])):
+    for name, extra in (("cpu", ["--kv-bits", "32"]), ("int8", ["--kv-bits", "8"]), ("default", [])):
         code = main([str(graph), "--target", "cpu", "--bits", "w8a16", *extra, "-o", str(root / name), "-q"])
         assert code == 0
     return root
@@ -42,6 +43,8 @@ def test_latent_cache_crosses_the_boundary_as_int8(latent_bundles):
     report = json.loads((latent_bundles / "int8" / "report.json").read_text())
     assert report["kv_bytes_per_token"] == config.kv_bytes_per_token()
     assert report["target"]["latent_cache"]["tensors"] == len(tensors)
+    assert "int8 codes with static per-channel scales" in (latent_bundles / "int8" / "README.md").read_text()
+    assert "int8 codes" not in (latent_bundles / "cpu" / "README.md").read_text()
 
 
 def test_int8_latent_decode_equals_its_prefill(latent_bundles):
@@ -96,3 +99,14 @@ def test_standalone_runner_and_compress_write_the_int8_latent(tmp_path):
     ids = [200, 13, 77, 5, 190, 33]
     eos = config.generation["eos_token_ids"]
     assert sample_new_ids(out, ids, 5) == DecoderRunner(out).generate(ids, 5, eos)
+
+
+def test_int8_is_the_default_latent_cache_of_the_cpu_target(latent_bundles):
+    for name in ("model.onnx", "model.onnx.data", "qsvd_config.json"):
+        assert (latent_bundles / "default" / name).read_bytes() == (latent_bundles / "int8" / name).read_bytes()
+
+
+def test_the_default_leaves_a_dense_cache_as_it_is(bundles, tmp_path):
+    out = tmp_path / "dense-cpu"
+    assert main([str(bundles.dense("llama") / "model.onnx"), "--target", "cpu", "-o", str(out), "-q"]) == 0
+    assert {t.dtype for layer in load_bundle_config(out).cache for t in layer.tensors} == {"float32"}

@@ -36,14 +36,15 @@ def build_compressed_bundle(spec: str, options: CompressOptions, out: Path, over
                             target: str | None = None, target_bits: str | None = None,
                             target_strict: bool = False, npu_options: NpuOptions | None = None, verify: bool = True,
                             mobile: bool = False, kv: KvCacheOptions | None = None,
-                            latent_cache_bits: int | None = None) -> BuildResult:
+                            latent_cache_bits: int | str | None = None) -> BuildResult:
     """``qsvd-export compress``: torch stage → dense export → graph stage → bundle (graph + plan + report).
 
     ``dense_graph``: an existing dense export of the same model (e.g. a dense bundle's model.onnx) to
     start the graph stage from instead of exporting again. ``kv``: the KV budget as the cpu target meets it
     for plain causal decoders with a KV-only budget: absorbed latent attention planned on the dense graph
     (:func:`latent_kv_layers`), no torch stage. ``latent_cache_bits`` 8 (``--target cpu``, rebuild form): the
-    latent cache crosses the graph boundary as int8 codes (:mod:`qsvd_export.targets.latent_cache`).
+    latent cache crosses the graph boundary as int8 codes (:mod:`qsvd_export.targets.latent_cache`; "auto": where
+    the graph has one).
     """
     from qsvd_export.bundle import check_output_dir
     from qsvd_export.compress.compressor import compress_model

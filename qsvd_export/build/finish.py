@@ -41,9 +41,11 @@ def apply_target(model: ir.Model, target: str | None, bits: str | None,
 
 def finish_target(folder: Path, config: BundleConfig, target_report: dict[str, Any] | None, strict: bool,
                   tokenizer: Any, npu_options: NpuOptions | None = None, verify: bool = True,
-                  timings: dict[str, float] | None = None, latent_cache_bits: int | None = None) -> dict[str, Any] | None:
+                  timings: dict[str, float] | None = None,
+                  latent_cache_bits: int | str | None = None) -> dict[str, Any] | None:
     """File-level target steps once ``folder`` holds ``model.onnx``: for ``latent_cache_bits`` 8 (cpu) the int8
-    latent cache I/O (:mod:`qsvd_export.targets.latent_cache`, config rewritten), then the cpu/gpu check of ONNX
+    latent cache I/O (:mod:`qsvd_export.targets.latent_cache`, config rewritten; "auto": only where the graph caches
+    a latent), then the cpu/gpu check of ONNX
     Runtime's optimized graph, or for npu the static prefill/decode QDQ graphs replacing ``model.onnx`` (config
     rewritten) and their QNN HTP verification. Returns the completed target report (wall times go to
     ``timings``, never into the deterministic report)."""
@@ -51,6 +53,10 @@ def finish_target(folder: Path, config: BundleConfig, target_report: dict[str, A
         return None
     from qsvd_export.targets import policy_for
 
+    if latent_cache_bits == "auto":
+        from qsvd_export.targets.latent_cache import latent_tensor_names
+
+        latent_cache_bits = 8 if target_report["target"] == "cpu" and latent_tensor_names(config) else None
     if latent_cache_bits is not None:
         from qsvd_export.targets.latent_cache import quantize_latent_cache
 

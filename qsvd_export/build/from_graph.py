@@ -154,7 +154,7 @@ def compile_onnx(graph_path: Path, plan_path: Path | None, out: Path, overwrite:
                  strict: bool = False, npu_options: NpuOptions | None = None, verify: bool = True,
                  mobile: bool = False, graph_only: CompressOptions | None = None, calib_npz: Path | None = None,
                  tokenizer_dir: Path | None = None, calib_images: Path | None = None,
-                 latent_cache_bits: int | None = None) -> BuildResult:
+                 latent_cache_bits: int | str | None = None) -> BuildResult:
     """``qsvd-export model.onnx [--plan PLAN | --budget B] [--target T --bits B]``: graph stage (+ target stage).
 
     The graph's settings and tokenizer come from its bundle (qsvd_config.json beside it), else from
@@ -164,7 +164,7 @@ def compile_onnx(graph_path: Path, plan_path: Path | None, out: Path, overwrite:
     ``graph_only`` (CompressOptions): build the plan from the graph itself (``compress.graph_only``),
     calibrated in ONNX Runtime on text tokenized by that tokenizer, on the token windows of ``calib_npz``,
     or (vision graphs) on ``calib_images``. ``latent_cache_bits`` 8 (``--target cpu``): the latent cache crosses the
-    graph boundary as int8 codes (:mod:`qsvd_export.targets.latent_cache`)."""
+    graph boundary as int8 codes (:mod:`qsvd_export.targets.latent_cache`; "auto": where the graph has one)."""
     import shutil
 
     from qsvd_export.bundle import check_output_dir, load_bundle_config
@@ -269,7 +269,14 @@ def compile_onnx(graph_path: Path, plan_path: Path | None, out: Path, overwrite:
             save_plan(plan, tmp)
         (tmp / CONFIG_NAME).write_text(config.to_json())
         if target_report is not None:
-            calibrates = policy_for(target_report["target"]).static_graphs or latent_cache_bits is not None
+            from qsvd_export.targets.latent_cache import latent_tensor_names
+
+            quantizes_latent = latent_cache_bits == 8 or (latent_cache_bits == "auto" and latent_tensor_names(config))
+            if latent_cache_bits == "auto" and quantizes_latent and not config.tokenizer_files \
+                    and not config.model_name.startswith("tiny-"):
+                raise UsageError("--target cpu calibrates the int8 latent cache on text and this graph has no "
+                                 "tokenizer: give --tokenizer HF_DIR, or --kv-bits 32 for a float latent cache")
+            calibrates = policy_for(target_report["target"]).static_graphs or quantizes_latent
             tokenizer = bundle_tokenizer(tmp) if calibrates else None
             report["target"] = finish_target(tmp, config, target_report, strict, tokenizer, npu_options, verify,
                                              timings, latent_cache_bits)

@@ -41,8 +41,11 @@ def kv_options(args: argparse.Namespace, budget: float | None = None) -> Any:
     return options
 
 
-def _latent_cache_bits(bits: int, target: str | None) -> int | None:
-    """--kv-bits for a QSVD latent cache (rebuild form): 8 = int8 codes on target cpu, 32 = float (None)."""
+def _latent_cache_bits(bits: int | None, target: str | None) -> int | str | None:
+    """--kv-bits for a QSVD latent cache (rebuild form) on target cpu: 8 = int8 codes, 32 = float (None); not given:
+    "auto" (int8 where the graph caches a latent, chosen on the dev split: docs/decisions.md)."""
+    if bits is None:
+        return "auto" if target == "cpu" else None
     if target != "cpu":
         raise UsageError(f"--kv-bits {bits} needs --target cpu or npu (got {target or 'none'})")
     if bits not in (8, 32):
@@ -97,7 +100,7 @@ def compress_request(args: argparse.Namespace) -> dict[str, Any]:
     if args.kv_form != "absorbed" and args.latent_groups is not None:
         raise UsageError("--latent-groups sets the latent of fused attention: use it with --kv-form absorbed")
     latent_cache_bits = None
-    if args.kv_form != "absorbed" and args.kv_bits is not None and args.target != "npu":
+    if args.kv_form != "absorbed" and args.target != "npu":
         latent_cache_bits = _latent_cache_bits(args.kv_bits, args.target)
     target_bits = args.bits if args.target else None
     check_target_options(args.target, target_bits)
@@ -116,9 +119,7 @@ def compile_request(args: argparse.Namespace) -> dict[str, Any]:
 
     if args.latent_groups is not None:
         raise UsageError("--latent-groups is not available on ONNX graphs (use compress --kv-form absorbed)")
-    latent_cache_bits = None
-    if args.kv_bits is not None and args.target != "npu":
-        latent_cache_bits = _latent_cache_bits(args.kv_bits, args.target)
+    latent_cache_bits = None if args.target == "npu" else _latent_cache_bits(args.kv_bits, args.target)
 
     graph_only = None
     if args.budget is not None and args.plan is not None:

@@ -47,9 +47,10 @@ def latent_cache_scales(folder: Path, names: list[str], windows: np.ndarray) -> 
 
 
 def quantize_latent_cache(folder: Path, config: BundleConfig, tokenizer: Any, calib_windows: int = 32,
-                          calib_text: str = "wiki_calib") -> dict[str, Any]:
+                          calib_text: str = "wiki_calib", scales: dict[str, np.ndarray] | None = None) -> dict[str, Any]:
     """Rewrite ``folder``'s ``model.onnx`` so that every latent cache crosses the graph boundary as int8 codes, and
-    ``config`` (written back to ``qsvd_config.json``) to match. Returns the report entry."""
+    ``config`` (written back to ``qsvd_config.json``) to match. Returns the report entry. ``scales``: given per
+    latent input (probes of other code ranges), instead of calibrated."""
     from qsvd_export.build.files import save_graph
     from qsvd_export.data import read_text, token_windows
     from qsvd_export.passes.contracts import run_passes
@@ -60,12 +61,13 @@ def quantize_latent_cache(folder: Path, config: BundleConfig, tokenizer: Any, ca
     if not names:
         raise UsageError("--kv-bits 8 on target cpu quantizes a latent KV cache, and this graph has none "
                          "(a dense cache: use export --target cpu --kv-bits 8, which fuses attention)")
-    if tokenizer is None:
-        raise UsageError("--kv-bits 8 calibrates the latent cache on text, and this graph has no tokenizer "
-                         "(give --tokenizer HF_DIR)")
-    info(f"latent cache: int8 codes with static per-channel scales, calibrated on {calib_windows} x 512 tokens")
-    windows = token_windows(tokenizer, read_text(calib_text), 512, calib_windows, source=calib_text)
-    scales = latent_cache_scales(folder, names, windows)
+    if scales is None:
+        if tokenizer is None:
+            raise UsageError("--kv-bits 8 calibrates the latent cache on text, and this graph has no tokenizer "
+                             "(give --tokenizer HF_DIR)")
+        info(f"latent cache: int8 codes with static per-channel scales, calibrated on {calib_windows} x 512 tokens")
+        windows = token_windows(tokenizer, read_text(calib_text), 512, calib_windows, source=calib_text)
+        scales = latent_cache_scales(folder, names, windows)
     import onnx_ir as ir
 
     model = ir.load(folder / GRAPH_FILE)  # the bundle's own graph: no input checks or clean-ups

@@ -1,0 +1,64 @@
+"""Dev-split perplexity of a latent bundle's cache at fewer code levels (int8 storage, static per-channel scales).
+
+    python scripts/latent_cache_bits_probe.py LATENT_BUNDLE [--levels 127 7] [--clips 1.0 0.8] [--windows 8]
+                                              [--json OUT]
+
+For each (levels, clip) the bundle's fp graph gets the cpu target's latent cache pass with
+scale = clip · max|latent| / levels (max over 32 × 512 calibration tokens of wiki_calib), so ``levels`` 7 is the
+grid of symmetric int4 codes. Scored on the dev split (the last windows of wiki_calib, never calibrated on).
+It measures whether a packed int4 latent would be worth building; the codes stay int8 here.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+
+
+def main(argv: list[str] | None = None) -> int:
+    from qsvd_export.bundle import bundle_tokenizer, load_bundle_config
+    from qsvd_export.data import dev_windows, read_text, token_windows
+    from qsvd_export.runtimes.decode import DecoderRunner
+    from qsvd_export.runtimes.metrics import perplexity
+    from qsvd_export.targets.latent_cache import CODE_MAX, latent_cache_scales, latent_tensor_names, quantize_latent_cache
+
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("bundle", type=Path)
+    parser.add_argument("--levels", type=int, nargs="+", default=[127, 7])
+    parser.add_argument("--clips", type=float, nargs="+", default=[1.0, 0.8])
+    parser.add_argument("--windows", type=int, default=8)
+    parser.add_argument("--json", type=Path)
+    args = parser.parse_args(argv)
+    tokenizer = bundle_tokenizer(args.bundle)
+    config = load_bundle_config(args.bundle)
+    names = latent_tensor_names(config)
+    calib = token_windows(tokenizer, read_text("wiki_calib"), 512, 32, source="wiki_calib")
+    largest = {k: v * CODE_MAX for k, v in latent_cache_scales(args.bundle, names, calib).items()}
+    rows = dev_windows(tokenizer, args.windows)
+    results = [{"levels": None, "clip": None, "perplexity": round(perplexity(DecoderRunner(args.bundle).window_nlls(rows)), 4)}]
+    print(f"float: {results[0]['perplexity']}", file=sys.stderr, flush=True)
+    for levels in args.levels:
+        for clip in args.clips:
+            with tempfile.TemporaryDirectory() as tmp:
+                folder = Path(tmp) / "bundle"
+                shutil.copytree(args.bundle, folder)
+                quantize_latent_cache(folder, load_bundle_config(folder), None,
+                                      scales={k: (v * clip / levels).astype("float32") for k, v in largest.items()})
+                ppl = perplexity(DecoderRunner(folder).window_nlls(rows))
+            results.append({"levels": levels, "clip": clip, "perplexity": round(ppl, 4),
+                            "ratio_to_float": round(ppl / results[0]["perplexity"], 4)})
+            print(json.dumps(results[-1]), file=sys.stderr, flush=True)
+    text = json.dumps({"bundle": str(args.bundle), "text": "dev", "windows": args.windows, "calibration": "32 x 512 wiki_calib",
+                       "rows": results}, indent=1)
+    print(text)
+    if args.json:
+        args.json.write_text(text + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
