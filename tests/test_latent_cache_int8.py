@@ -110,3 +110,56 @@ def test_the_default_leaves_a_dense_cache_as_it_is(bundles, tmp_path):
     out = tmp_path / "dense-cpu"
     assert main([str(bundles.dense("llama") / "model.onnx"), "--target", "cpu", "-o", str(out), "-q"]) == 0
     assert {t.dtype for layer in load_bundle_config(out).cache for t in layer.tensors} == {"float32"}
+
+
+def _latent_cache_graph(rank: int = 4):
+    """present.0.latent = Concat(past, new · 1, axis=1); y = present · 2 (the reader of the float present)."""
+    from onnx import TensorProto, helper
+
+    two = onnx.numpy_helper.from_array(np.asarray(2.0, np.float32), "two")
+    nodes = [helper.make_node("Identity", ["new"], ["new_latent"]),
+             helper.make_node("Concat", ["past_key_values.0.latent", "new_latent"], ["present.0.latent"], axis=1),
+             helper.make_node("Mul", ["present.0.latent", "two"], ["y"])]
+    shape = lambda n: ["batch", n, rank]  # noqa: E731
+    graph = helper.make_graph(
+        nodes, "g", [helper.make_tensor_value_info("past_key_values.0.latent", TensorProto.FLOAT, shape("past")),
+                     helper.make_tensor_value_info("new", TensorProto.FLOAT, shape("seq"))],
+        [helper.make_tensor_value_info("present.0.latent", TensorProto.FLOAT, shape("total")),
+         helper.make_tensor_value_info("y", TensorProto.FLOAT, shape("total"))], [two])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)])
+
+
+def test_pass_writes_codes_and_dequantizes_for_readers():
+    """On a hand-built graph: the cache I/O becomes int8 codes round(x / s) and the reader sees codes · s."""
+    import onnx_ir as ir
+    import onnxruntime as ort
+
+    from qsvd_export.passes.contracts import run_passes
+    from qsvd_export.passes.quantize_latent_cache import QuantizeLatentCachePass
+
+    scale = np.asarray([0.5, 0.25, 1.0, 0.125], np.float32)
+    model = ir.from_proto(_latent_cache_graph())
+    run_passes(model, [QuantizeLatentCachePass({"past_key_values.0.latent": scale})])
+    session = ort.InferenceSession(ir.to_proto(model).SerializeToString(), providers=["CPUExecutionProvider"])
+    past = np.asarray([[[1, -2, 3, 100]]], np.int8)
+    new = np.asarray([[[1.2, -0.3, 2.6, 0.5], [200.0, 0.0, -0.4, -1.0]]], np.float32)
+    present, y = session.run(["present.0.latent", "y"], {"past_key_values.0.latent": past, "new": new})
+    codes = np.clip(np.rint(new / scale), -128, 127).astype(np.int8)
+    assert present.dtype == np.int8
+    np.testing.assert_array_equal(present, np.concatenate([past, codes], axis=1))
+    np.testing.assert_allclose(y, 2 * present.astype(np.float32) * scale)
+
+
+@pytest.mark.parametrize("scales, reason", [
+    ({"past_key_values.0.latent": np.ones(3, np.float32)}, "scales must be 4 positive finite values"),
+    ({"past_key_values.0.latent": np.asarray([1, 0, 1, 1], np.float32)}, "scales must be 4 positive"),
+    ({"past_key_values.1.latent": np.ones(4, np.float32)}, "no latent cache input"),
+])
+def test_pass_refuses_bad_scales_by_name(scales, reason):
+    import onnx_ir as ir
+
+    from qsvd_export.passes.contracts import PassPreconditionError, run_passes
+    from qsvd_export.passes.quantize_latent_cache import QuantizeLatentCachePass
+
+    with pytest.raises(PassPreconditionError, match=reason):
+        run_passes(ir.from_proto(_latent_cache_graph()), [QuantizeLatentCachePass(scales)])

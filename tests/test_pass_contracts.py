@@ -28,6 +28,7 @@ from qsvd_export.passes.group_query_attention import FuseGroupQueryAttentionPass
 from qsvd_export.passes.latent_kv import LatentKVPass
 from qsvd_export.passes.low_precision import FuseNormsAndClampMasksPass
 from qsvd_export.passes.quantize_embedding import QuantizeEmbeddingPass
+from qsvd_export.passes.quantize_latent_cache import QuantizeLatentCachePass
 from qsvd_export.passes.quantize_weights import QuantizeWeightsPass
 from qsvd_export.passes.rotary_tables import TabulateRotaryPass
 from qsvd_export.passes.split_qkv import SplitQKVPass
@@ -97,6 +98,8 @@ VIOLATIONS: dict[type, Callable[[], tuple[ir.passes.PassBase, ir.Model, str]]] =
                                           "blocks [3], the graph has 0 attention blocks"),
     Float16Pass: lambda: (Float16Pass(mask_value=1e6), _matmul_model(), "not a positive float16"),
     UntieEmbeddingPass: lambda: (UntieEmbeddingPass(), _dangling_model(), "'ghost' is produced by nothing"),
+    QuantizeLatentCachePass: lambda: (QuantizeLatentCachePass({"past_key_values.0.latent": np.ones(4, np.float32)}),
+                                      _matmul_model(), "no latent cache input 'past_key_values.0.latent'"),
 }
 
 
