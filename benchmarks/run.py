@@ -112,8 +112,8 @@ ROWS = [
         "ours"),
 ]
 PARENTS = {"ort-int8": "dense", "ort-int4-b32": "dense", "ort-int4-b128": "dense", "ort-qnn-u16u8": "dense",
-           "ours-w8a8": "dense", "ours-npu": "dense", "ours-latent-w8a8": "ours-latent", "ours-latent-kv8": "ours-latent",
-           "ours-latent-npu": "ours-latent"}
+           "ours-w8a8": "dense", "ours-npu": "dense", "ours-latent-w8a8": "ours-latent",
+           "ours-latent-kv8": "ours-latent", "ours-latent-npu": "ours-latent"}
 ROW_NAMES = [r.name for r in ROWS]
 
 # Columns of bench.md: (header, row key, format). Ratios vs dense follow the value in parentheses.

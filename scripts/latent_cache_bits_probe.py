@@ -24,7 +24,8 @@ def main(argv: list[str] | None = None) -> int:
     from qsvd_export.data import dev_windows, read_text, token_windows
     from qsvd_export.runtimes.decode import DecoderRunner
     from qsvd_export.runtimes.metrics import perplexity
-    from qsvd_export.targets.latent_cache import CODE_MAX, latent_cache_scales, latent_tensor_names, quantize_latent_cache
+    from qsvd_export.targets.latent_cache import (CODE_MAX, latent_cache_scales, latent_tensor_names,
+                                                  quantize_latent_cache)
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("bundle", type=Path)
@@ -39,7 +40,8 @@ def main(argv: list[str] | None = None) -> int:
     calib = token_windows(tokenizer, read_text("wiki_calib"), 512, 32, source="wiki_calib")
     largest = {k: v * CODE_MAX for k, v in latent_cache_scales(args.bundle, names, calib).items()}
     rows = dev_windows(tokenizer, args.windows)
-    results = [{"levels": None, "clip": None, "perplexity": round(perplexity(DecoderRunner(args.bundle).window_nlls(rows)), 4)}]
+    float_ppl = perplexity(DecoderRunner(args.bundle).window_nlls(rows))
+    results = [{"levels": None, "clip": None, "perplexity": round(float_ppl, 4)}]
     print(f"float: {results[0]['perplexity']}", file=sys.stderr, flush=True)
     for levels in args.levels:
         for clip in args.clips:
@@ -52,8 +54,8 @@ def main(argv: list[str] | None = None) -> int:
             results.append({"levels": levels, "clip": clip, "perplexity": round(ppl, 4),
                             "ratio_to_float": round(ppl / results[0]["perplexity"], 4)})
             print(json.dumps(results[-1]), file=sys.stderr, flush=True)
-    text = json.dumps({"bundle": str(args.bundle), "text": "dev", "windows": args.windows, "calibration": "32 x 512 wiki_calib",
-                       "rows": results}, indent=1)
+    text = json.dumps({"bundle": str(args.bundle), "text": "dev", "windows": args.windows,
+                       "calibration": "32 x 512 wiki_calib", "rows": results}, indent=1)
     print(text)
     if args.json:
         args.json.write_text(text + "\n")

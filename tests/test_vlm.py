@@ -16,6 +16,7 @@ import torch
 from qsvd_export.compress.budget import parse_budget
 from qsvd_export.compress.options import CompressOptions
 from qsvd_export.build.compressed import build_compressed_bundle
+from qsvd_export.build.request import TargetRequest
 from qsvd_export.compress.apply_plan import apply_plan
 from qsvd_export.plan.io import load_plan
 from qsvd_export.runtimes.vlm import VisionLanguageRunner, processor_inputs
@@ -161,7 +162,7 @@ def test_cpu_target_quantizes_all_three_graphs_and_stays_close(dense_vlm: Path, 
     from qsvd_export.build.dense import build_dense_bundle
 
     out = tmp_path / "cpu"
-    report = build_dense_bundle(f"tiny-{family}", out, target="cpu").report
+    report = build_dense_bundle(f"tiny-{family}", out, target=TargetRequest("cpu")).report
     graphs = report["target"]["graphs"]
     assert graphs["vision"]["quantized_matmuls"] > 0 and graphs["model"]["quantized_matmuls"] > 0
     assert graphs["embed"]["quantized_embeddings"] == 1
@@ -180,7 +181,7 @@ def test_gpu_target_writes_float16_graphs_the_runner_drives(dense_vlm: Path, tin
     from qsvd_export.build.dense import build_dense_bundle
 
     out = tmp_path / "gpu"
-    report = build_dense_bundle(f"tiny-{family}", out, target="gpu", bits="fp").report
+    report = build_dense_bundle(f"tiny-{family}", out, target=TargetRequest("gpu", "fp")).report
     assert all("float16" in report["target"]["graphs"][role] for role in ("vision", "embed", "model"))
     config = json.loads((out / "qsvd_config.json").read_text())
     assert {t["dtype"] for layer in config["cache"] for t in layer["tensors"]} == {"float16"}

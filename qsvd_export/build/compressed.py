@@ -11,10 +11,9 @@ from qsvd_export.build.dense import build_dense_bundle
 from qsvd_export.build.evaluate import evaluate_bundle
 from qsvd_export.build.files import BuildResult, graph_weight_bytes, plan_report, write_bundle
 from qsvd_export.build.finish import apply_target, finish_bundle, finish_target
-from qsvd_export.build.kv_cache import KvCacheOptions, absorbed_kv
+from qsvd_export.build.kv_cache import absorbed_kv
 from qsvd_export.build.stages import (
     check_rotation_options,
-    check_target_options,
     plain_causal_model,
     release_torch_model,
     release_torch_weights,
@@ -27,24 +26,20 @@ from qsvd_export.zoo import load_model
 
 if TYPE_CHECKING:
     from qsvd_export.compress.options import CompressOptions
-    from qsvd_export.targets.npu.options import NpuOptions
+    from qsvd_export.build.request import TargetRequest
 
 
 def build_compressed_bundle(spec: str, options: CompressOptions, out: Path, overwrite: bool = False,
                             eval_text: str | None = None, eval_windows: int = 32,
                             dump_dir: Path | None = None, dense_graph: Path | None = None,
-                            target: str | None = None, target_bits: str | None = None,
-                            target_strict: bool = False, npu_options: NpuOptions | None = None, verify: bool = True,
-                            mobile: bool = False, kv: KvCacheOptions | None = None,
-                            latent_cache_bits: int | str | None = None) -> BuildResult:
+                            target: TargetRequest | None = None, mobile: bool = False) -> BuildResult:
     """``qsvd-export compress``: torch stage → dense export → graph stage → bundle (graph + plan + report).
 
     ``dense_graph``: an existing dense export of the same model (e.g. a dense bundle's model.onnx) to
-    start the graph stage from instead of exporting again. ``kv``: the KV budget as the cpu target meets it
+    start the graph stage from instead of exporting again. ``target.kv``: the KV budget as the cpu target meets it
     for plain causal decoders with a KV-only budget: absorbed latent attention planned on the dense graph
-    (:func:`latent_kv_layers`), no torch stage. ``latent_cache_bits`` 8 (``--target cpu``, rebuild form): the
-    latent cache crosses the graph boundary as int8 codes (:mod:`qsvd_export.targets.latent_cache`; "auto": where
-    the graph has one).
+    (:func:`latent_kv_layers`), no torch stage. ``target.latent_cache_bits`` (``--target cpu``, rebuild form): the
+    latent cache crosses the graph boundary as int8 codes (:mod:`qsvd_export.targets.latent_cache`).
     """
     from qsvd_export.bundle import check_output_dir
     from qsvd_export.compress.compressor import compress_model
@@ -55,9 +50,8 @@ def build_compressed_bundle(spec: str, options: CompressOptions, out: Path, over
     from qsvd_export.progress import info
 
     check_output_dir(out, overwrite)
-    check_target_options(target, target_bits)
-    check_rotation_options(options.residual_rotation, options.rotate_mlp or options.rotate_o_proj, target,
-                            target_bits)
+    name, bits = (target.target, target.bits) if target is not None else (None, None)
+    check_rotation_options(options.residual_rotation, options.rotate_mlp or options.rotate_o_proj, name, bits)
     timings: dict[str, float] = {}
     start = time.perf_counter()
     loaded = load_model(spec, seed=options.seed)
@@ -66,12 +60,11 @@ def build_compressed_bundle(spec: str, options: CompressOptions, out: Path, over
                          "(vision graphs: qsvd-export GRAPH.onnx --budget B --calib-images DIR)")
     if loaded.kind == "vlm":
         return build_compressed_vlm_bundle(loaded, options, out, overwrite, timings, start, dense_graph, target,
-                                            target_bits, target_strict, mobile, eval_text)
-    if kv is not None and absorbed_kv(loaded, options, target, dense_graph):
+                                            mobile, eval_text)
+    if target is not None and target.kv is not None and absorbed_kv(loaded, options, name, dense_graph):
         del loaded
-        return build_dense_bundle(spec, out, overwrite, options.seed, target=target, bits=target_bits,
-                                  strict=target_strict, npu_options=npu_options, verify=verify, mobile=mobile,
-                                  kv=kv, eval_text=eval_text, eval_windows=eval_windows)
+        return build_dense_bundle(spec, out, overwrite, options.seed, target=target, mobile=mobile,
+                                  eval_text=eval_text, eval_windows=eval_windows)
     rotation_report: dict[str, Any] = {}
     if options.residual_rotation:
         if dense_graph is not None:
@@ -107,15 +100,14 @@ def build_compressed_bundle(spec: str, options: CompressOptions, out: Path, over
     cache = cache_layout_from_graph(graph) if loaded.kind == "decoder" else []
     report: dict[str, Any] = {"stage": "compressed", **plan_report(plan), "options": options_summary(options),
                               "graph_stage": context.report(), **rotation_report}
-    target_report = apply_target(graph, target, target_bits, plain_causal_model(loaded))
+    target_report = apply_target(graph, target, plain_causal_model(loaded))
     report["kv_bytes_per_token_fp16_graph"] = sum(layer.bytes_per_token() // 2 for layer in cache)
     with atomic_output_dir(out, overwrite) as tmp:
         save_plan(plan, tmp)
         config, report = write_bundle(loaded, graph, cache, tmp, report)
         if eval_text is None:
             release_torch_model(loaded, graph)
-        target_report = finish_target(tmp, config, target_report, target_strict, loaded.tokenizer, npu_options, verify,
-                                      timings, latent_cache_bits)
+        target_report = finish_target(tmp, config, target_report, target, loaded.tokenizer, timings)
         if target_report is not None:
             report.update(target=target_report, weight_bytes=graph_weight_bytes(tmp, config))
         if eval_text is not None and not config.static_shapes:
@@ -128,15 +120,15 @@ def build_compressed_bundle(spec: str, options: CompressOptions, out: Path, over
 
 
 def build_compressed_vlm_bundle(loaded: LoadedModel, options: CompressOptions, out: Path, overwrite: bool,
-                                 timings: dict[str, float], start: float, dense_graph: Path | None, target: str | None,
-                                 bits: str | None, strict: bool, mobile: bool, eval_text: str | None) -> BuildResult:
+                                 timings: dict[str, float], start: float, dense_graph: Path | None,
+                                 target: TargetRequest | None, mobile: bool, eval_text: str | None) -> BuildResult:
     """``compress`` of a vision-language model: one plan over both towers (images + text calibration), then
     the three-graph bundle (qsvd_export/build/vlm.py)."""
     from qsvd_export.build.vlm import build_vlm_bundle, check_vlm_options
     from qsvd_export.compress.compressor import compress_model
     from qsvd_export.compress.options import options_summary
 
-    check_vlm_options(target, mobile, options.residual_rotation)
+    check_vlm_options(target.target if target is not None else None, mobile, options.residual_rotation)
     for flag, given in (("--dense-graph", dense_graph is not None), ("--eval", eval_text is not None)):
         if given:
             raise UsageError(f"{flag} is not supported for vision-language models yet")
@@ -146,5 +138,5 @@ def build_compressed_vlm_bundle(loaded: LoadedModel, options: CompressOptions, o
     plan = compress_model(loaded, options, reload=None if folder is None else lambda: load_model(str(folder)).model)
     timings["compress_s"] = time.perf_counter() - start
     report = {"stage": "compressed", **plan_report(plan), "options": options_summary(options)}
-    return build_vlm_bundle(loaded, out, overwrite, timings, plan, report, target, bits, strict)
+    return build_vlm_bundle(loaded, out, overwrite, timings, plan, report, target)
 

@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import json
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from qsvd_export.build.evaluate import evaluate_onnx
 from qsvd_export.build.files import BuildResult, graph_weight_bytes, write_bundle
 from qsvd_export.build.finish import apply_target, finish_bundle, finish_target
-from qsvd_export.build.kv_cache import KvCacheOptions, latent_cache_layout, latent_kv_layers
+from qsvd_export.build.kv_cache import latent_cache_layout, latent_kv_layers
 from qsvd_export.build.stages import (
     check_rotation_options,
     check_target_options,
@@ -25,14 +26,12 @@ from qsvd_export.export import export_graph
 from qsvd_export.zoo import load_model
 
 if TYPE_CHECKING:
-    from qsvd_export.targets.npu.options import NpuOptions
+    from qsvd_export.build.request import TargetRequest
 
 
 def build_dense_bundle(spec: str, out: Path, overwrite: bool = False, seed: int = 0, rotate: bool = False,
-                       rotate_mlp: bool = False, rotate_o_proj: bool = False,
-                       target: str | None = None, bits: str | None = None, strict: bool = False,
-                       smooth: bool | None = None, smooth_windows: int = 16, npu_options: NpuOptions | None = None,
-                       verify: bool = True, mobile: bool = False, kv: "KvCacheOptions | None" = None,
+                       rotate_mlp: bool = False, rotate_o_proj: bool = False, target: TargetRequest | None = None,
+                       smooth: bool | None = None, smooth_windows: int = 16, mobile: bool = False,
                        eval_text: str | None = None, eval_windows: int = 32) -> BuildResult:
     """``qsvd-export export``: the dense bundle of ``spec`` (fp32, or quantized for ``target``).
 
@@ -41,25 +40,26 @@ def build_dense_bundle(spec: str, out: Path, overwrite: bool = False, seed: int 
     ``rotate_o_proj``: every o_proj input (across and within heads).
     ``smooth``: activation-aware weight scaling for the target's weight bits, calibrated on
     ``smooth_windows`` × 512 tokens of wiki_calib (outputs unchanged in fp32). With ``target`` set and
-    neither ``bits`` nor ``smooth`` given, the policy's export preset applies (cpu: smoothed w4a8 for
+    neither ``target.bits`` nor ``smooth`` given, the policy's export preset applies (cpu: smoothed w4a8 for
     the llama family with a tokenizer, else the plain default).
-    ``kv``: the KV cache of the fused attention (cpu target): an absorbed latent under a KV budget and/or
+    ``target.kv``: the KV cache of the fused attention (cpu target): an absorbed latent under a KV budget and/or
     an int8 cache (:func:`latent_kv_layers`).
     """
     from qsvd_export.bundle import check_output_dir
 
     check_output_dir(out, overwrite)  # fail before the slow steps
-    check_target_options(target, bits, smooth)
-    check_rotation_options(rotate, rotate_mlp or rotate_o_proj, target, bits)
+    name, bits = (target.target, target.bits) if target is not None else (None, None)
+    check_target_options(name, bits, smooth)
+    check_rotation_options(rotate, rotate_mlp or rotate_o_proj, name, bits)
     timings: dict[str, float] = {}
     start = time.perf_counter()
     loaded = load_model(spec, seed=seed)
     if loaded.kind == "vlm":
         from qsvd_export.build.vlm import build_vlm_bundle, check_vlm_options
 
-        check_vlm_options(target, mobile, rotate, smooth)
+        check_vlm_options(name, mobile, rotate, smooth)
         timings["load_s"] = time.perf_counter() - start
-        return build_vlm_bundle(loaded, out, overwrite, timings, target=target, bits=bits, strict=strict)
+        return build_vlm_bundle(loaded, out, overwrite, timings, target=target)
     extra: dict[str, Any] = {}
     if rotate:
         from qsvd_export.compress.residual_rotation import rotate_residual_stream
@@ -68,10 +68,11 @@ def build_dense_bundle(spec: str, out: Path, overwrite: bool = False, seed: int 
                                                             online_o_proj=rotate_o_proj)
     timings["load_s"] = time.perf_counter() - start
     if target is not None and bits is None and smooth is None:
-        bits, smooth = export_preset(loaded, target)
+        bits, smooth = export_preset(loaded, target.target)
+        target = replace(target, bits=bits)
     if smooth:
         start = time.perf_counter()
-        extra["smoothing"] = smooth_for_target(loaded, target, bits, smooth_windows, seed)
+        extra["smoothing"] = smooth_for_target(loaded, name, bits, smooth_windows, seed)
         timings["smooth_s"] = time.perf_counter() - start
     start = time.perf_counter()
     from_files = not rotate and not smooth
@@ -79,21 +80,21 @@ def build_dense_bundle(spec: str, out: Path, overwrite: bool = False, seed: int 
     timings["export_s"] = time.perf_counter() - start
     parameters = int(sum(p.numel() for p in loaded.model.parameters()))
     latent = None
+    kv = target.kv if target is not None else None
     if kv is not None and kv.active:
         start = time.perf_counter()
-        latent, extra["latent_attention"] = latent_kv_layers(exported.model, loaded, target, kv)
+        latent, extra["latent_attention"] = latent_kv_layers(exported.model, loaded, name, kv)
         timings["latent_attention_s"] = time.perf_counter() - start
     if eval_text is None:
         release_torch_weights(loaded)
-    target_report = apply_target(exported.model, target, bits, plain_causal_model(loaded), latent)
+    target_report = apply_target(exported.model, target, plain_causal_model(loaded), latent)
     stage, cache = ("dense", exported.cache) if latent is None else ("latent-attention", latent_cache_layout(exported.model, latent))
     with atomic_output_dir(out, overwrite) as tmp:
         config, report = write_bundle(loaded, exported.model, cache, tmp,
                                       {"stage": stage, "parameters": parameters, **extra})
         if eval_text is None:
             release_torch_model(loaded, exported.model)
-        target_report = finish_target(tmp, config, target_report, strict, loaded.tokenizer, npu_options, verify,
-                                      timings)
+        target_report = finish_target(tmp, config, target_report, target, loaded.tokenizer, timings)
         if target_report is not None:
             report.update(target=target_report, weight_bytes=graph_weight_bytes(tmp, config))
         if eval_text is not None:

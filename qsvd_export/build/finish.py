@@ -11,19 +11,19 @@ from typing import TYPE_CHECKING, Any
 import onnx_ir as ir
 
 from qsvd_export.bundle import BundleConfig, write_json
-from qsvd_export.errors import UsageError
 
 if TYPE_CHECKING:
-    from qsvd_export.targets.npu.options import NpuOptions
+    from qsvd_export.build.request import TargetRequest
 
 
-def apply_target(model: ir.Model, target: str | None, bits: str | None,
+def apply_target(model: ir.Model, request: TargetRequest | None,
                  plain_causal: bool = False, latent: dict[int, Any] | None = None) -> dict[str, Any] | None:
-    """The target stage after the graph stage: quantize for ``target``'s policy (None: leave fp32).
+    """The target stage after the graph stage: quantize for the requested target's policy (None: leave fp32).
     ``plain_causal``: :func:`qsvd_export.targets.plain_causal` of the source model; ``latent``: the KV cache
     layouts of its fused attention (:func:`latent_kv_layers`)."""
-    if target is None:
+    if request is None:
         return None
+    target, bits = request.target, request.bits
     from onnx_ir.passes import common
 
     from qsvd_export.passes.chain import check_model
@@ -39,36 +39,33 @@ def apply_target(model: ir.Model, target: str | None, bits: str | None,
     return report
 
 
-def finish_target(folder: Path, config: BundleConfig, target_report: dict[str, Any] | None, strict: bool,
-                  tokenizer: Any, npu_options: NpuOptions | None = None, verify: bool = True,
-                  timings: dict[str, float] | None = None,
-                  latent_cache_bits: int | str | None = None) -> dict[str, Any] | None:
-    """File-level target steps once ``folder`` holds ``model.onnx``: for ``latent_cache_bits`` 8 (cpu) the int8
-    latent cache I/O (:mod:`qsvd_export.targets.latent_cache`, config rewritten; "auto": only where the graph caches
-    a latent), then the cpu/gpu check of ONNX
-    Runtime's optimized graph, or for npu the static prefill/decode QDQ graphs replacing ``model.onnx`` (config
-    rewritten) and their QNN HTP verification. Returns the completed target report (wall times go to
-    ``timings``, never into the deterministic report)."""
-    if target_report is None:
+def finish_target(folder: Path, config: BundleConfig, target_report: dict[str, Any] | None,
+                  request: TargetRequest | None, tokenizer: Any,
+                  timings: dict[str, float] | None = None) -> dict[str, Any] | None:
+    """File-level target steps once ``folder`` holds ``model.onnx``: for ``request.latent_cache_bits`` 8 (cpu) the
+    int8 latent cache I/O (:mod:`qsvd_export.targets.latent_cache`, config rewritten; "auto": only where the graph
+    caches a latent), then the cpu/gpu check of ONNX Runtime's optimized graph, or for npu the static
+    prefill/decode QDQ graphs replacing ``model.onnx`` (config rewritten) and their QNN HTP verification. Returns
+    the completed target report (wall times go to ``timings``, never into the deterministic report)."""
+    if target_report is None or request is None:
         return None
     from qsvd_export.targets import policy_for
 
+    latent_cache_bits = request.latent_cache_bits
     if latent_cache_bits == "auto":
         from qsvd_export.targets.latent_cache import latent_tensor_names
 
         latent_cache_bits = 8 if target_report["target"] == "cpu" and latent_tensor_names(config) else None
-    if latent_cache_bits is not None:
+    if latent_cache_bits is not None:  # 8, on target cpu (TargetRequest.check)
         from qsvd_export.targets.latent_cache import quantize_latent_cache
 
-        if target_report["target"] != "cpu" or latent_cache_bits != 8:
-            raise UsageError(f"an integer latent cache is built for --target cpu --kv-bits 8 "
-                             f"(got {target_report['target']}, {latent_cache_bits} bits)")
         start = time.perf_counter()
         target_report["latent_cache"] = quantize_latent_cache(folder, config, tokenizer)
         if timings is not None:
             timings["latent_cache_s"] = time.perf_counter() - start
-    return policy_for(target_report["target"]).finish(folder, config, target_report, strict, tokenizer, npu_options,
-                                                      verify, timings if timings is not None else {})
+    policy = policy_for(target_report["target"])
+    return policy.finish(folder, config, target_report, request.strict, tokenizer, request.npu, request.verify,
+                         timings if timings is not None else {})
 
 
 def finish_bundle(folder: Path, config: BundleConfig, report: dict[str, Any], mobile: bool,

@@ -22,13 +22,12 @@ from qsvd_export.build.files import (
     save_graph,
 )
 from qsvd_export.build.finish import apply_target, finish_bundle, finish_target
-from qsvd_export.build.stages import check_target_options
 from qsvd_export.bundle import CONFIG_NAME, BundleConfig, GraphSpec, atomic_output_dir, bundle_tokenizer
 from qsvd_export.errors import UsageError
 
 if TYPE_CHECKING:
     from qsvd_export.compress.options import CompressOptions
-    from qsvd_export.targets.npu.options import NpuOptions
+    from qsvd_export.build.request import TargetRequest
 
 
 def plan_from_graph(graph_path: Path, source: BundleConfig | None, options: CompressOptions, calib_npz: Path | None,
@@ -150,11 +149,9 @@ def foreign_config(graph_path: Path, model: ir.Model, source: BundleConfig | Non
 
 
 def compile_onnx(graph_path: Path, plan_path: Path | None, out: Path, overwrite: bool = False,
-                 dump_dir: Path | None = None, target: str | None = None, bits: str | None = None,
-                 strict: bool = False, npu_options: NpuOptions | None = None, verify: bool = True,
+                 dump_dir: Path | None = None, target: TargetRequest | None = None,
                  mobile: bool = False, graph_only: CompressOptions | None = None, calib_npz: Path | None = None,
-                 tokenizer_dir: Path | None = None, calib_images: Path | None = None,
-                 latent_cache_bits: int | str | None = None) -> BuildResult:
+                 tokenizer_dir: Path | None = None, calib_images: Path | None = None) -> BuildResult:
     """``qsvd-export model.onnx [--plan PLAN | --budget B] [--target T --bits B]``: graph stage (+ target stage).
 
     The graph's settings and tokenizer come from its bundle (qsvd_config.json beside it), else from
@@ -163,8 +160,8 @@ def compile_onnx(graph_path: Path, plan_path: Path | None, out: Path, overwrite:
     head counts the config does not give come from the graph's reshapes.
     ``graph_only`` (CompressOptions): build the plan from the graph itself (``compress.graph_only``),
     calibrated in ONNX Runtime on text tokenized by that tokenizer, on the token windows of ``calib_npz``,
-    or (vision graphs) on ``calib_images``. ``latent_cache_bits`` 8 (``--target cpu``): the latent cache crosses the
-    graph boundary as int8 codes (:mod:`qsvd_export.targets.latent_cache`; "auto": where the graph has one)."""
+    or (vision graphs) on ``calib_images``. ``target.latent_cache_bits`` (``--target cpu``): the latent cache crosses
+    the graph boundary as int8 codes (:mod:`qsvd_export.targets.latent_cache`; "auto": where the graph has one)."""
     import shutil
 
     from qsvd_export.bundle import check_output_dir, load_bundle_config
@@ -175,7 +172,7 @@ def compile_onnx(graph_path: Path, plan_path: Path | None, out: Path, overwrite:
     from qsvd_export.plan.io import load_plan, save_plan
 
     check_output_dir(out, overwrite)
-    check_target_options(target, bits)
+    target_name = target.target if target is not None else None
     graph_path = Path(graph_path)
     source_dir = graph_path.resolve().parent
     source = load_bundle_config(source_dir) if (source_dir / CONFIG_NAME).is_file() else None
@@ -195,7 +192,7 @@ def compile_onnx(graph_path: Path, plan_path: Path | None, out: Path, overwrite:
 
     canonical = canonicalize_attention(model)  # sdpa's computed repeat_kv shapes, K-side scale → latent-pass forms
     kind = source.kind if source else graph_kind(graph_path)
-    if target == "npu":
+    if target_name == "npu":
         if kind != "decoder":
             raise UsageError(f"{graph_path.name} is a {kind} graph: target npu builds static decoder graphs")
         if not any((v.name or "").startswith("past_key_values.") for v in model.graph.inputs):
@@ -228,7 +225,7 @@ def compile_onnx(graph_path: Path, plan_path: Path | None, out: Path, overwrite:
     from qsvd_export.targets import plain_causal, policy_for
 
     model_type = source.model_type if source is not None else str(model_config.get("model_type") or "")
-    target_report = apply_target(model, target, bits, plain_causal(model_type))
+    target_report = apply_target(model, target, plain_causal(model_type))
     timings["target_stage_s"] = time.perf_counter() - start
     cache = cache_layout_from_graph(model)
     inputs, outputs = graph_io(model)
@@ -271,6 +268,7 @@ def compile_onnx(graph_path: Path, plan_path: Path | None, out: Path, overwrite:
         if target_report is not None:
             from qsvd_export.targets.latent_cache import latent_tensor_names
 
+            latent_cache_bits = target.latent_cache_bits if target is not None else None
             quantizes_latent = latent_cache_bits == 8 or (latent_cache_bits == "auto" and latent_tensor_names(config))
             if latent_cache_bits == "auto" and quantizes_latent and not config.tokenizer_files \
                     and not config.model_name.startswith("tiny-"):
@@ -278,8 +276,7 @@ def compile_onnx(graph_path: Path, plan_path: Path | None, out: Path, overwrite:
                                  "tokenizer: give --tokenizer HF_DIR, or --kv-bits 32 for a float latent cache")
             calibrates = policy_for(target_report["target"]).static_graphs or quantizes_latent
             tokenizer = bundle_tokenizer(tmp) if calibrates else None
-            report["target"] = finish_target(tmp, config, target_report, strict, tokenizer, npu_options, verify,
-                                             timings, latent_cache_bits)
+            report["target"] = finish_target(tmp, config, target_report, target, tokenizer, timings)
         report["kv_bytes_per_token"] = config.kv_bytes_per_token()
         report["weight_bytes"] = graph_weight_bytes(tmp, config)
         finish_bundle(tmp, config, report, mobile, timings)

@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from qsvd_export.build.files import (
     BuildResult,
@@ -26,6 +26,9 @@ from qsvd_export.bundle import CONFIG_NAME, BundleConfig, GraphSpec, atomic_outp
 from qsvd_export.errors import UsageError
 from qsvd_export.loaded import LoadedModel
 from qsvd_export.targets.policy import check_optimized_graph
+
+if TYPE_CHECKING:
+    from qsvd_export.build.request import TargetRequest
 
 ROLES = {"vision": "vision.onnx", "embed": "embed.onnx", "model": "model.onnx"}
 
@@ -43,13 +46,13 @@ def check_vlm_options(target: str | None, mobile: bool, rotate: bool = False, sm
             raise UsageError(f"{flag} is not supported for vision-language models yet")
 
 
-def _apply_targets(graphs: dict[str, Any], target: str | None, bits: str | None) -> dict[str, Any] | None:
+def _apply_targets(graphs: dict[str, Any], target: TargetRequest | None) -> dict[str, Any] | None:
     """The target stage on every graph (cpu: MatMulNBits weights, the embedding table at 8 bits)."""
     if target is None:
         return None
-    per_graph = {role: apply_target(graphs[role].model, target, bits) for role in ROLES}
+    per_graph = {role: apply_target(graphs[role].model, target) for role in ROLES}
     first = next(iter(per_graph.values()))
-    return {"target": target, "bits": first["bits"],  # type: ignore[index]
+    return {"target": target.target, "bits": first["bits"],  # type: ignore[index]
             "quantized_matmuls": sum(r.get("quantized_matmuls", 0) for r in per_graph.values()),  # type: ignore[union-attr]
             "graphs": per_graph}
 
@@ -74,8 +77,8 @@ def vlm_model_config(loaded: LoadedModel) -> dict[str, Any]:
 
 
 def build_vlm_bundle(loaded: LoadedModel, out: Path, overwrite: bool, timings: dict[str, float],
-                     plan: Any = None, report: dict[str, Any] | None = None, target: str | None = None,
-                     bits: str | None = None, strict: bool = False) -> BuildResult:
+                     plan: Any = None, report: dict[str, Any] | None = None,
+                     target: TargetRequest | None = None) -> BuildResult:
     """Export the three graphs of ``loaded`` (from its files when unchanged), apply ``plan``'s layers to the
     vision and decoder graphs, quantize every graph for ``target``, and write the bundle atomically.
     Returns a ``BuildResult``."""
@@ -100,7 +103,7 @@ def build_vlm_bundle(loaded: LoadedModel, out: Path, overwrite: bool, timings: d
         report["kv_bytes_per_token_fp16_graph"] = sum(layer.bytes_per_token() // 2 for layer in cache)
         timings["graph_stage_s"] = time.perf_counter() - start
     model_config = vlm_model_config(loaded)
-    target_report = _apply_targets(graphs, target, bits)
+    target_report = _apply_targets(graphs, target)
     sync_cache_dtypes(cache, graphs["model"].model)  # the gpu target's fp16 cache
     with atomic_output_dir(out, overwrite) as tmp:
         specs = []
@@ -108,6 +111,7 @@ def build_vlm_bundle(loaded: LoadedModel, out: Path, overwrite: bool, timings: d
             save_graph(graphs[role].model, tmp, filename)
             specs.append(GraphSpec(role, filename, *graph_io(graphs[role].model)))
             if target_report is not None:
+                strict = target is not None and target.strict
                 check_optimized_graph(tmp / filename, target_report["graphs"][role], strict)
         if plan is not None:
             save_plan(plan, tmp)

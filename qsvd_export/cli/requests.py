@@ -53,6 +53,18 @@ def _latent_cache_bits(bits: int | None, target: str | None) -> int | str | None
     return 8 if bits == 8 else None
 
 
+def target_request(args: argparse.Namespace, bits: str | None, kv: Any = None,
+                   latent_cache_bits: int | str | None = None) -> Any:
+    """The TargetRequest of the target flags (validated), or None without ``--target``."""
+    npu = npu_options(args)  # refuses npu-only flags given without target npu
+    if args.target is None:
+        return None
+    from qsvd_export.build.request import TargetRequest
+
+    return TargetRequest(args.target, bits, strict=args.strict, npu=npu if args.target == "npu" else None,
+                         verify=args.verify, kv=kv, latent_cache_bits=latent_cache_bits)
+
+
 def session_options(args: argparse.Namespace) -> Any:
     from qsvd_export.runtimes.sessions import SessionOptions
 
@@ -67,8 +79,7 @@ def export_request(args: argparse.Namespace) -> dict[str, Any]:
     check_rotation_options(args.rotate, args.rotate_mlp or args.rotate_o_proj, args.target, args.bits)
     return dict(spec=args.model, out=args.output, overwrite=args.overwrite, seed=args.seed,
                 rotate=args.rotate, rotate_mlp=args.rotate_mlp, rotate_o_proj=args.rotate_o_proj,
-                target=args.target, bits=args.bits, strict=args.strict, smooth=args.smooth,
-                npu_options=npu_options(args), verify=args.verify, mobile=args.mobile, kv=kv_options(args))
+                target=target_request(args, args.bits, kv=kv_options(args)), smooth=args.smooth, mobile=args.mobile)
 
 
 def compress_request(args: argparse.Namespace) -> dict[str, Any]:
@@ -107,10 +118,9 @@ def compress_request(args: argparse.Namespace) -> dict[str, Any]:
     check_rotation_options(args.rotate, args.rotate_mlp or args.rotate_o_proj, args.target, target_bits)
     return dict(spec=args.model, options=options, out=args.output, overwrite=args.overwrite,
                 eval_text=args.eval_text if args.eval else None, eval_windows=args.eval_windows,
-                dump_dir=args.dump_passes, target=args.target, target_bits=target_bits,
-                target_strict=args.strict, npu_options=npu_options(args), verify=args.verify, mobile=args.mobile,
-                kv=kv_options(args, options.budget.kv) if args.kv_form == "absorbed" else None,
-                latent_cache_bits=latent_cache_bits)
+                dump_dir=args.dump_passes, mobile=args.mobile,
+                target=target_request(args, target_bits, latent_cache_bits=latent_cache_bits,
+                                      kv=kv_options(args, options.budget.kv) if args.kv_form == "absorbed" else None))
 
 
 def compile_request(args: argparse.Namespace) -> dict[str, Any]:
@@ -141,8 +151,7 @@ def compile_request(args: argparse.Namespace) -> dict[str, Any]:
                                      grad_windows=args.grad_windows, seed=args.seed)
     check_target_options(args.target, args.bits)
     return dict(graph_path=args.graph, plan_path=args.plan, out=args.output, overwrite=args.overwrite,
-                dump_dir=args.dump_passes, target=args.target, bits=args.bits, strict=args.strict,
-                npu_options=npu_options(args), verify=args.verify, mobile=args.mobile, graph_only=graph_only,
-                calib_npz=args.calib_npz, tokenizer_dir=args.tokenizer, calib_images=args.calib_images,
-                latent_cache_bits=latent_cache_bits)
+                dump_dir=args.dump_passes, target=target_request(args, args.bits, latent_cache_bits=latent_cache_bits),
+                mobile=args.mobile, graph_only=graph_only, calib_npz=args.calib_npz, tokenizer_dir=args.tokenizer,
+                calib_images=args.calib_images)
 

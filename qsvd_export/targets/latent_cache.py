@@ -47,7 +47,8 @@ def latent_cache_scales(folder: Path, names: list[str], windows: np.ndarray) -> 
 
 
 def quantize_latent_cache(folder: Path, config: BundleConfig, tokenizer: Any, calib_windows: int = 32,
-                          calib_text: str = "wiki_calib", scales: dict[str, np.ndarray] | None = None) -> dict[str, Any]:
+                          calib_text: str = "wiki_calib",
+                          scales: dict[str, np.ndarray] | None = None) -> dict[str, Any]:
     """Rewrite ``folder``'s ``model.onnx`` so that every latent cache crosses the graph boundary as int8 codes, and
     ``config`` (written back to ``qsvd_config.json``) to match. Returns the report entry. ``scales``: given per
     latent input (probes of other code ranges), instead of calibrated."""
