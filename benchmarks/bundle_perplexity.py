@@ -15,6 +15,8 @@ import json
 import sys
 from pathlib import Path
 
+from benchmarks._output import emit_json
+
 
 def main(argv: list[str] | None = None) -> int:
     from qsvd_export.bundle import bundle_tokenizer, load_bundle_config
@@ -48,12 +50,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{bundle}: ppl {ppl:.3f} ({ppl / results[0]['perplexity']:.4f}x)", file=sys.stderr, flush=True)
     for row in results:
         row["ratio_to_first"] = round(row["perplexity"] / results[0]["perplexity"], 4)
-    text = json.dumps({"text": args.text, "windows": int(len(rows)), "length": int(rows.shape[1]),
-                       "rows": results}, indent=1)
-    print(text)
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(text + "\n")
+    emit_json({"text": args.text, "windows": int(len(rows)), "length": int(rows.shape[1]), "rows": results}, args.json)
     return 0
 
 

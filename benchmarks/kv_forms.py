@@ -29,6 +29,8 @@ from typing import Any
 
 import numpy as np
 
+from benchmarks._output import emit_json
+
 DEFAULT_FORMS = [
     {"form": "dense"},
     {"form": "dense", "bits": 8},
@@ -128,12 +130,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{json.dumps(spec)}: ppl {ppl:.3f} ({ppl / base:.3f}x), KV {kv} B/token", file=sys.stderr, flush=True)
     for row in results:
         row["ratio_to_first"] = round(row["perplexity"] / results[0]["perplexity"], 4)
-    text = json.dumps({"bundle": str(args.dense), "text": args.text, "windows": int(len(rows)), "length": 512,
-                       "calib_windows": args.calib_windows, "weights": "fp32", "rows": results}, indent=1)
-    print(text)
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(text + "\n")
+    emit_json({"bundle": str(args.dense), "text": args.text, "windows": int(len(rows)), "length": 512,
+               "calib_windows": args.calib_windows, "weights": "fp32", "rows": results}, args.json)
     return 0
 
 
