@@ -43,6 +43,7 @@ def test_latent_cache_crosses_the_boundary_as_int8(latent_bundles):
     report = json.loads((latent_bundles / "int8" / "report.json").read_text())
     assert report["kv_bytes_per_token"] == config.kv_bytes_per_token()
     assert report["target"]["latent_cache"]["tensors"] == len(tensors)
+    assert report["target"]["latent_cache"]["static_scale_bytes"] == 4 * sum(t.shape[-1] for t in tensors)
     assert "int8 codes with static per-channel scales" in (latent_bundles / "int8" / "README.md").read_text()
     assert "int8 codes" not in (latent_bundles / "cpu" / "README.md").read_text()
 

@@ -85,4 +85,5 @@ def quantize_latent_cache(folder: Path, config: BundleConfig, tokenizer: Any, ca
     (folder / CONFIG_NAME).write_text(config.to_json())
     return {"bits": 8, "layout": "int8 codes, static symmetric scale per latent channel (axis 2)",
             "calibration": f"max |latent| over {calib_windows} x 512 tokens of {calib_text}",
-            "tensors": len(scales), "kv_bytes_per_token": config.kv_bytes_per_token()}
+            "tensors": len(scales), "kv_bytes_per_token": config.kv_bytes_per_token(),
+            "static_scale_bytes": 4 * sum(len(s) for s in scales.values())}
