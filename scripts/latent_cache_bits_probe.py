@@ -24,8 +24,7 @@ def main(argv: list[str] | None = None) -> int:
     from qsvd_export.data import dev_windows, read_text, token_windows
     from qsvd_export.runtimes.decode import DecoderRunner
     from qsvd_export.runtimes.metrics import perplexity
-    from qsvd_export.targets.latent_cache import (CODE_MAX, latent_cache_scales, latent_tensor_names,
-                                                  quantize_latent_cache)
+    from qsvd_export.targets.latent_cache import latent_peaks, latent_tensor_names, quantize_latent_cache, scales_for
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("bundle", type=Path)
@@ -38,7 +37,7 @@ def main(argv: list[str] | None = None) -> int:
     config = load_bundle_config(args.bundle)
     names = latent_tensor_names(config)
     calib = token_windows(tokenizer, read_text("wiki_calib"), 512, 32, source="wiki_calib")
-    largest = {k: v * CODE_MAX for k, v in latent_cache_scales(args.bundle, names, calib).items()}
+    peaks = latent_peaks(args.bundle, names, calib)
     rows = dev_windows(tokenizer, args.windows)
     float_ppl = perplexity(DecoderRunner(args.bundle).window_nlls(rows))
     results = [{"levels": None, "clip": None, "perplexity": round(float_ppl, 4)}]
@@ -49,7 +48,7 @@ def main(argv: list[str] | None = None) -> int:
                 folder = Path(tmp) / "bundle"
                 shutil.copytree(args.bundle, folder)
                 quantize_latent_cache(folder, load_bundle_config(folder), None,
-                                      scales={k: (v * clip / levels).astype("float32") for k, v in largest.items()})
+                                      scales=scales_for(peaks, levels, clip))
                 ppl = perplexity(DecoderRunner(folder).window_nlls(rows))
             results.append({"levels": levels, "clip": clip, "perplexity": round(ppl, 4),
                             "ratio_to_float": round(ppl / results[0]["perplexity"], 4)})

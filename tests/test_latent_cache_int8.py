@@ -164,3 +164,18 @@ def test_pass_refuses_bad_scales_by_name(scales, reason):
 
     with pytest.raises(PassPreconditionError, match=reason):
         run_passes(ir.from_proto(_latent_cache_graph()), [QuantizeLatentCachePass(scales)])
+
+
+def test_a_bare_latent_graph_without_tokenizer_is_refused_by_name(latent_bundles, tmp_path, capsys):
+    """The default int8 latent calibrates on text: a graph with neither bundle nor tokenizer says so, writes nothing."""
+    import shutil
+
+    bare = tmp_path / "bare"
+    bare.mkdir()
+    for name in ("model.onnx", "model.onnx.data"):
+        shutil.copy(latent_bundles / "float" / name, bare / name)
+    assert main([str(bare / "model.onnx"), "--target", "cpu", "-o", str(tmp_path / "x"), "-q"]) == 2
+    err = capsys.readouterr().err
+    assert "no tokenizer: give --tokenizer HF_DIR, or --kv-bits 32" in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "x").exists()
+    assert main([str(bare / "model.onnx"), "--target", "cpu", "--kv-bits", "32", "-o", str(tmp_path / "y"), "-q"]) == 0

@@ -50,15 +50,9 @@ def finish_target(folder: Path, config: BundleConfig, target_report: dict[str, A
     if target_report is None or request is None:
         return None
     from qsvd_export.targets import policy_for
+    from qsvd_export.targets.latent_cache import latent_cache_bits_for, quantize_latent_cache
 
-    latent_cache_bits = request.latent_cache_bits
-    if latent_cache_bits == "auto":
-        from qsvd_export.targets.latent_cache import latent_tensor_names
-
-        latent_cache_bits = 8 if target_report["target"] == "cpu" and latent_tensor_names(config) else None
-    if latent_cache_bits is not None:  # 8, on target cpu (TargetRequest.check)
-        from qsvd_export.targets.latent_cache import quantize_latent_cache
-
+    if latent_cache_bits_for(request, config) is not None:  # 8, on target cpu (TargetRequest.check)
         start = time.perf_counter()
         target_report["latent_cache"] = quantize_latent_cache(folder, config, tokenizer)
         if timings is not None:

@@ -266,16 +266,19 @@ def compile_onnx(graph_path: Path, plan_path: Path | None, out: Path, overwrite:
             save_plan(plan, tmp)
         (tmp / CONFIG_NAME).write_text(config.to_json())
         if target_report is not None:
-            from qsvd_export.targets.latent_cache import latent_tensor_names
+            from qsvd_export.targets.latent_cache import latent_cache_bits_for
 
-            latent_cache_bits = target.latent_cache_bits if target is not None else None
-            quantizes_latent = latent_cache_bits == 8 or (latent_cache_bits == "auto" and latent_tensor_names(config))
-            if latent_cache_bits == "auto" and quantizes_latent and not config.tokenizer_files \
-                    and not config.model_name.startswith("tiny-"):
-                raise UsageError("--target cpu calibrates the int8 latent cache on text and this graph has no "
-                                 "tokenizer: give --tokenizer HF_DIR, or --kv-bits 32 for a float latent cache")
-            calibrates = policy_for(target_report["target"]).static_graphs or quantizes_latent
-            tokenizer = bundle_tokenizer(tmp) if calibrates else None
+            quantizes_latent = latent_cache_bits_for(target, config) is not None
+            tokenizer = None
+            if policy_for(target_report["target"]).static_graphs or quantizes_latent:
+                try:
+                    tokenizer = bundle_tokenizer(tmp)
+                except UsageError:
+                    if not quantizes_latent:
+                        raise
+                    raise UsageError("--target cpu calibrates the int8 latent cache on text and this graph has no "
+                                     "tokenizer: give --tokenizer HF_DIR, or --kv-bits 32 for a float latent "
+                                     "cache") from None
             report["target"] = finish_target(tmp, config, target_report, target, tokenizer, timings)
         report["kv_bytes_per_token"] = config.kv_bytes_per_token()
         report["weight_bytes"] = graph_weight_bytes(tmp, config)

@@ -16,8 +16,9 @@ class TargetRequest:
     """``target`` (a name in :data:`qsvd_export.targets.TARGETS`) at preset ``bits`` (None: the target's default).
 
     ``strict``: the target's checks fail the build instead of reporting; ``npu``: the npu target's options;
-    ``verify``: run the target's verification (npu: QNN HTP sessions); ``kv``: the cache of fused attention (cpu); ``latent_cache_bits``: a QSVD latent cache as int8 codes (cpu;
-    8, "auto" = where the graph has one, None = float). Validated on construction (:meth:`check`)."""
+    ``verify``: run the target's verification (npu: QNN HTP sessions); ``kv``: the cache of fused attention (cpu);
+    ``latent_cache_bits``: a QSVD latent cache as int8 codes (cpu; 8, "auto" = where the graph has one, None =
+    float). Validated on construction (:meth:`check`)."""
 
     target: str
     bits: str | None = None

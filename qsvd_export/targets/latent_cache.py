@@ -30,8 +30,17 @@ def latent_tensor_names(config: BundleConfig) -> list[str]:
             if t.input.endswith(".latent") and t.dtype == "float32"]
 
 
-def latent_cache_scales(folder: Path, names: list[str], windows: np.ndarray) -> dict[str, np.ndarray]:
-    """Per latent cache input its symmetric int8 scale per channel [r], from prefills of ``windows`` [n, length]
+def latent_cache_bits_for(request: Any, config: BundleConfig) -> int | None:
+    """The latent cache bits a :class:`~qsvd_export.build.request.TargetRequest` asks of this bundle: 8, or None
+    (float). "auto" is 8 where the bundle caches a float latent on target cpu."""
+    bits = request.latent_cache_bits if request is not None else None
+    if bits == "auto":
+        return 8 if request.target == "cpu" and latent_tensor_names(config) else None
+    return bits
+
+
+def latent_peaks(folder: Path, names: list[str], windows: np.ndarray) -> dict[str, np.ndarray]:
+    """Per latent cache input the largest |value| per channel [r] over prefills of ``windows`` [n, length]
     through the bundle in ``folder`` (CPU EP)."""
     from qsvd_export.runtimes.decode import DecoderRunner
 
@@ -42,8 +51,14 @@ def latent_cache_scales(folder: Path, names: list[str], windows: np.ndarray) -> 
         for name in names:
             peak = np.abs(cache[name]).max(axis=(0, 1))
             largest[name] = peak if name not in largest else np.maximum(largest[name], peak)
+    return largest
+
+
+def scales_for(peaks: dict[str, np.ndarray], levels: int = CODE_MAX,
+               clip: float = 1.0) -> dict[str, np.ndarray]:
+    """Symmetric scales putting ``clip`` · peak on code ``levels`` (int8: 127), float32, never zero."""
     tiny = np.finfo(np.float32).tiny
-    return {name: (np.maximum(peak, tiny) / CODE_MAX).astype(np.float32) for name, peak in largest.items()}
+    return {name: (np.maximum(peak * clip, tiny) / levels).astype(np.float32) for name, peak in peaks.items()}
 
 
 def quantize_latent_cache(folder: Path, config: BundleConfig, tokenizer: Any, calib_windows: int = 32,
@@ -68,7 +83,7 @@ def quantize_latent_cache(folder: Path, config: BundleConfig, tokenizer: Any, ca
                              "(give --tokenizer HF_DIR)")
         info(f"latent cache: int8 codes with static per-channel scales, calibrated on {calib_windows} x 512 tokens")
         windows = token_windows(tokenizer, read_text(calib_text), 512, calib_windows, source=calib_text)
-        scales = latent_cache_scales(folder, names, windows)
+        scales = scales_for(latent_peaks(folder, names, windows))
     import onnx_ir as ir
 
     model = ir.load(folder / GRAPH_FILE)  # the bundle's own graph: no input checks or clean-ups
