@@ -17,7 +17,7 @@ onnxruntime. A tabulation is kept only if the Gather reproduces the subgraph on 
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Iterable
 
 import numpy as np
 import onnx_ir as ir
@@ -31,7 +31,7 @@ _INTEGER = (ir.DataType.INT64, ir.DataType.INT32)
 
 def _cone(value: ir.Value, stop: ir.Value | None = None) -> tuple[list[ir.Node], list[ir.Value]]:
     """Nodes ``value`` is computed from, nearest first (breadth-first, unlike ``_graph.backward_nodes``:
-    :func:`_index_source` must find the nearest integer tensor), not looking past ``stop``, and its
+    :func:`index_source` must find the nearest integer tensor), not looking past ``stop``, and its
     non-constant leaves (graph inputs, or ``stop``)."""
     nodes: dict[int, ir.Node] = {}
     leaves: dict[int, ir.Value] = {}
@@ -49,20 +49,27 @@ def _cone(value: ir.Value, stop: ir.Value | None = None) -> tuple[list[ir.Node],
     return list(nodes.values()), list(leaves.values())
 
 
-def _index_source(value: ir.Value, length: int) -> ir.Value | None:
+def index_source(value: ir.Value, length: int) -> ir.Value | None:
     """The integer tensor [1, ``length``] nearest to ``value`` that ``value`` depends on alone."""
     nodes, leaves = _cone(value)
     candidates = [v for node in nodes for v in node.inputs
                   if v is not None and v.dtype in _INTEGER and not v.is_initializer()
                   and (v.shape is None or list(v.shape) == [1, length])]
     candidates += [v for v in leaves if v.dtype in _INTEGER]
-    for candidate in dict.fromkeys(candidates):
-        if [id(v) for v in _cone(value, stop=candidate)[1]] == [id(candidate)]:
-            return candidate
-    return None
+    return next(iter(index_sources(value, dict.fromkeys(candidates))), None)
 
 
-def _subgraph_session(model: ir.Model, source: ir.Value, outputs: list[ir.Value]) -> Any:
+def index_sources(value: ir.Value, candidates: Iterable[ir.Value] | None = None) -> list[ir.Value]:
+    """The non-constant integer tensors (of ``candidates``; default: any in its cone) that ``value`` is computed
+    from alone, nearest first."""
+    if candidates is None:
+        nodes, leaves = _cone(value)
+        candidates = dict.fromkeys([v for node in nodes for v in node.inputs if v is not None and v.dtype in _INTEGER
+                                    and not v.is_initializer()] + [v for v in leaves if v.dtype in _INTEGER])
+    return [c for c in candidates if [id(v) for v in _cone(value, stop=c)[1]] == [id(c)]]
+
+
+def subgraph_session(model: ir.Model, source: ir.Value, outputs: list[ir.Value]) -> Any:
     """An onnxruntime session computing ``outputs`` from ``source`` ([1, n] int64) alone."""
     import onnx
     import onnxruntime as ort
@@ -117,7 +124,7 @@ def tabulate_rotary(model: ir.Model, context: int) -> dict[str, Any]:
         if node.op_type not in ("Cos", "Sin") or node.domain not in ("", "ai.onnx"):
             continue
         shape = node.outputs[0].shape
-        source = (_index_source(node.inputs[0], int(shape[1])) if shape is not None and shape.is_static()
+        source = (index_source(node.inputs[0], int(shape[1])) if shape is not None and shape.is_static()
                   and len(shape) == 3 and shape[0] == 1 else None)
         if source is None:
             skipped.append(f"{node.name}: output is not [1, n, D] of one integer [1, n] tensor")
@@ -127,7 +134,7 @@ def tabulate_rotary(model: ir.Model, context: int) -> dict[str, Any]:
     for source, trig in groups.values():
         outputs = [n.outputs[0] for n in trig]
         length = int(outputs[0].shape[1])
-        values = _tabulate(_subgraph_session(model, source, outputs), source, [v.name for v in outputs], length, context)
+        values = _tabulate(subgraph_session(model, source, outputs), source, [v.name for v in outputs], length, context)
         if isinstance(values, str):
             skipped += [f"{n.name}: {values}" for n in trig]
             continue

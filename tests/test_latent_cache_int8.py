@@ -40,6 +40,16 @@ def test_latent_cache_crosses_the_boundary_as_int8(latent_bundles):
     types = {v.name: v.type.tensor_type.elem_type for v in [*proto.graph.input, *proto.graph.output]}
     for t in tensors:
         assert types[t.input] == types[t.output] == onnx.TensorProto.INT8
+    # read as Cast(codes), the scales folded into the readers: no per-step dequantize of the whole cache
+    outputs = {t.output for t in tensors}
+    assert not [n for n in proto.graph.node if n.op_type == "DequantizeLinear" and n.input[0] in outputs]
+    assert sum(n.op_type == "Cast" and n.input[0] in outputs for n in proto.graph.node) == len(tensors)
+    # the key rebuild: scores per KV-head group (no repeated keys) and its rotary embedding fused
+    ops = [n.op_type for n in proto.graph.node]
+    assert "Expand" not in ops and ops.count("RotaryEmbedding") == 4  # query and rebuilt key, 2 layers
+    target = json.loads((latent_bundles / "int8" / "report.json").read_text())["target"]
+    assert target["grouped_query_scores"] == 2 and target["rotary_embedding"] == {"fused": 4, "max_positions": 4096}
+    assert target["onnxruntime_optimized_graph"]["float_latent_key_rebuilds"] == 2
     report = json.loads((latent_bundles / "int8" / "report.json").read_text())
     assert report["kv_bytes_per_token"] == config.kv_bytes_per_token()
     assert report["target"]["latent_cache"]["tensors"] == len(tensors)

@@ -110,3 +110,23 @@ def pack_matmulnbits(quant: NBitsBlocks) -> tuple[np.ndarray, np.ndarray, np.nda
     if quant.bits == 8:
         return quant.q, quant.scales, quant.zeros
     return _pack_nibbles(quant.q), quant.scales, _pack_nibbles(quant.zeros)
+
+
+def _unpack_nibbles(values: np.ndarray) -> np.ndarray:
+    """The inverse of :func:`_pack_nibbles` (low nibble first; the result has twice the last axis)."""
+    return np.stack([values & 0x0F, values >> 4], axis=-1).reshape(values.shape[:-1] + (-1,))
+
+
+def unpack_matmulnbits(packed: np.ndarray, scales: np.ndarray, zero_points: np.ndarray | None, k: int, n: int,
+                       bits: int, block: int) -> NBitsBlocks:
+    """A MatMulNBits node's (B, scales, zero_points) → :class:`NBitsBlocks` (the inverse of :func:`pack_matmulnbits`).
+    No ``zero_points`` input means the midpoint 2^(bits−1), as in ONNX Runtime."""
+    n_blocks = -(-k // block)
+    q = packed.reshape(n, n_blocks, -1)
+    if bits == 4:
+        q = _unpack_nibbles(q)
+    if zero_points is None:
+        zeros = np.full((n, n_blocks), 2 ** (bits - 1), dtype=np.uint8)
+    else:
+        zeros = (_unpack_nibbles(zero_points.reshape(n, -1)) if bits == 4 else zero_points.reshape(n, -1))[:, :n_blocks]
+    return NBitsBlocks(q[..., :block], scales.reshape(n, n_blocks).astype(np.float32), zeros, k, bits)

@@ -5,7 +5,8 @@ Calibration runs the bundle's float graph in ONNX Runtime on ``calib_windows`` Ã
 ``present.i.latent``: scale = max|latent| / 127 (symmetric, zero point 0). The graph is then rewritten by
 :class:`~qsvd_export.passes.quantize_latent_cache.QuantizeLatentCachePass`, and ``qsvd_config.json`` lists each
 latent tensor as ``int8`` with its ``quantization`` ``{"axis": 2, "scale": [r floats], "zero_point": 0}``
-(the scales live in the graph too; runtimes pass the codes back unchanged).
+(the scales live in the graph too; runtimes pass the codes back unchanged). Inside the graph the cache is read as
+``Cast(codes)`` with the scales folded into its readers (:mod:`~qsvd_export.passes.fold_latent_scales`).
 """
 
 from __future__ import annotations
@@ -70,6 +71,7 @@ def quantize_latent_cache(folder: Path, config: BundleConfig, tokenizer: Any, ca
     from qsvd_export.build.files import save_graph
     from qsvd_export.data import read_text, token_windows
     from qsvd_export.passes.contracts import run_passes
+    from qsvd_export.passes.fold_latent_scales import FoldLatentScalesPass
     from qsvd_export.passes.quantize_latent_cache import QuantizeLatentCachePass
     from qsvd_export.progress import info
 
@@ -87,7 +89,7 @@ def quantize_latent_cache(folder: Path, config: BundleConfig, tokenizer: Any, ca
     import onnx_ir as ir
 
     model = ir.load(folder / GRAPH_FILE)  # the bundle's own graph: no input checks or clean-ups
-    run_passes(model, [QuantizeLatentCachePass(scales)])
+    run_passes(model, [QuantizeLatentCachePass(scales), FoldLatentScalesPass()])
     with tempfile.TemporaryDirectory(dir=folder) as tmp:  # the loaded graph reads the data file it replaces
         save_graph(model, Path(tmp))
         del model
@@ -99,6 +101,8 @@ def quantize_latent_cache(folder: Path, config: BundleConfig, tokenizer: Any, ca
         for t in layer.tensors]) for layer in config.cache]
     (folder / CONFIG_NAME).write_text(config.to_json())
     return {"bits": 8, "layout": "int8 codes, static symmetric scale per latent channel (axis 2)",
+            "decode": "codes cast to float; the scales folded into the key rebuild's weight and the attention-"
+                      "weighted latent (no per-step dequantize of the cache)",
             "calibration": f"max |latent| over {calib_windows} x 512 tokens of {calib_text}",
             "tensors": len(scales), "kv_bytes_per_token": config.kv_bytes_per_token(),
             "static_scale_bytes": 4 * sum(len(s) for s in scales.values())}

@@ -1,0 +1,162 @@
+"""``fold_latent_scales``: the int8 latent cache's per-channel scales move out of the per-step dequantize.
+
+Before (:mod:`quantize_latent_cache`): ``latent = DequantizeLinear(present.i.latent, s, 0, axis=2)`` [batch, seq, r]
+multiplies every cached element by its channel scale at every decode step (ONNX Runtime's per-axis
+DequantizeLinear: 0.68 ms for 2,048 × 192 values on 2 cores, 7× a Cast), and its readers read the float latent.
+
+After: ``codes = Cast(present.i.latent, float)`` (exact: integers in [−127, 127]) and each reader takes ``s`` where
+it is cheap:
+
+- ``MatMulNBits(latent, W)`` (the key rebuild, K = r): becomes ``MatMul(codes, W')`` in float32 with
+  W'[k, n] = s[k] · W[k, n], W the node's dequantized weight (exact). Its M is the number of cached tokens, where
+  ONNX Runtime's float GEMM beats MatMulNBits (smollm2 kv=0.5 at 2,048 cached tokens: 15 vs 38 ms per step over
+  30 layers; re-quantizing W' as MatMulNBits gives the same perplexity). Costs 3 bytes per weight more (smollm2
+  kv=0.5: +3.1 MB of 186 MB); the cpu target's float-MatMul check names these weights by
+  :data:`LATENT_WEIGHT_SUFFIX`;
+- ``MatMul(latent, W)`` with a constant W [r, N]: W' = diag(s) · W, exact;
+- ``MatMul(P, Unsqueeze…(latent))`` (the attention-weighted latent of :mod:`fold_value`): the product's last axis
+  is the latent channel, so ``Mul(product, s)`` acts on [batch, heads, new, r] instead of the cache;
+- any other reader reads ``Mul(codes, s)``.
+
+The graph computes the same function up to float rounding; a MatMulNBits reader no longer re-quantizes its
+input (the codes are exact).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx_ir as ir
+from onnx_ir.convenience import replace_nodes_and_values
+from onnx_ir.passes import common
+
+from qsvd_export.passes._graph import add_node, const_array, initializer
+from qsvd_export.passes.contracts import GraphPass
+from qsvd_export.passes.quantize_latent_cache import LATENT_INPUT
+
+
+LATENT_WEIGHT_SUFFIX = "/latent_scaled_weight"  # float weights with the scales folded in (the cpu check names them)
+
+
+def latent_dequantizers(graph: ir.Graph) -> list[ir.Node]:
+    """The ``DequantizeLinear(present.i.latent, s, 0, axis=2)`` nodes with a constant per-channel scale."""
+    outputs = {id(v) for v in graph.outputs
+               if LATENT_INPUT.match((v.name or "").replace("present.", "past_key_values.", 1))}
+    found = []
+    for node in graph:
+        if node.op_type != "DequantizeLinear" or node.domain not in ("", "ai.onnx") \
+                or id(node.inputs[0]) not in outputs:
+            continue
+        scale = const_array(node.inputs[1])
+        zero = const_array(node.inputs[2]) if len(node.inputs) > 2 else None
+        axis = node.attributes.get("axis")
+        if scale is None or scale.ndim != 1 or (zero is not None and np.any(zero != 0)) \
+                or axis is None or axis.as_int() not in (2, -1):
+            continue
+        found.append(node)
+    return found
+
+
+def _nbits_weight(node: ir.Node) -> np.ndarray | None:
+    """W [K, N] float32 that a MatMulNBits node with constant weights (no g_idx) multiplies by."""
+    from qsvd_export.quant.matmul_nbits import unpack_matmulnbits
+
+    attrs = {k: v.value for k, v in node.attributes.items()}
+    packed, scales = (const_array(v) for v in node.inputs[1:3])
+    zeros = const_array(node.inputs[3]) if len(node.inputs) > 3 and node.inputs[3] is not None else None
+    if packed is None or scales is None or "block_size" not in attrs or attrs.get("bits", 4) not in (4, 8) \
+            or len(node.inputs) > 4 and node.inputs[4] is not None:
+        return None
+    return unpack_matmulnbits(packed, scales, zeros, attrs["K"], attrs["N"], attrs.get("bits", 4),
+                              attrs["block_size"]).dequantize()
+
+
+def _nbits_as_scaled_matmul(graph: ir.Graph, node: ir.Node, scale: np.ndarray) -> bool:
+    """Replace ``MatMulNBits(latent, W)`` (no bias) by ``MatMul(latent, diag(s) · W)`` in float32: exact, where
+    quantizing diag(s) · W again in blocks along K would mix rows of very different size (the latent's channel
+    scales follow its singular values)."""
+    found = _nbits_weight(node)
+    if found is None or found.shape[0] != scale.shape[0] or len(node.inputs) > 5 and node.inputs[5] is not None:
+        return False
+    weight = initializer(graph, f"{node.name or 'matmulnbits'}{LATENT_WEIGHT_SUFFIX}", scale[:, None] * found)
+    matmul = ir.Node("", "MatMul", [node.inputs[0], weight], name=f"{node.name or 'matmulnbits'}/float")
+    matmul.outputs[0].dtype, matmul.outputs[0].shape = ir.DataType.FLOAT, node.outputs[0].shape
+    replace_nodes_and_values(graph, node, [node], [matmul], [node.outputs[0]], [matmul.outputs[0]])
+    return True
+
+
+def _fold_into_matmul(graph: ir.Graph, node: ir.Node, scale: np.ndarray) -> bool:
+    weight = const_array(node.inputs[1])
+    if weight is None or weight.ndim != 2 or weight.shape[0] != scale.shape[0]:
+        return False
+    node.replace_input_with(1, initializer(graph, f"{node.name or 'matmul'}{LATENT_WEIGHT_SUFFIX}",
+                                           (scale[:, None] * weight).astype(weight.dtype)))
+    return True
+
+
+def _weighted_product(user: ir.Node, index: int) -> ir.Node | None:
+    """The MatMul that reads the latent read by (``user``, ``index``) as its right operand through single-use
+    Unsqueezes (``user`` itself, or the end of the Unsqueeze chain ``user`` starts), or None."""
+    while user.op_type == "Unsqueeze" and user.domain in ("", "ai.onnx") and index == 0:
+        uses = list(user.outputs[0].uses())
+        if len(uses) != 1:
+            return None
+        user, index = uses[0]
+    return user if user.op_type == "MatMul" and user.domain in ("", "ai.onnx") and index == 1 else None
+
+
+def _scale_product(graph: ir.Graph, product: ir.Node, scale: ir.Value) -> None:
+    """Every reader of ``product``'s output reads ``Mul(output, scale)`` (the latent channel is its last axis)."""
+    out = product.outputs[0]
+    readers = list(out.uses())
+    scaled = add_node(graph, "Mul", [out, scale], f"{product.name or 'matmul'}/latent_scaled").outputs[0]
+    scaled.dtype, scaled.shape = ir.DataType.FLOAT, out.shape  # float · float (the product may carry no type)
+    for reader, index in readers:
+        reader.replace_input_with(index, scaled)
+    for position, graph_output in enumerate(graph.outputs):
+        if graph_output is out:  # the scaled product takes over the output and its name
+            name, out.name = out.name, f"{out.name}/unscaled"
+            scaled.name = name
+            graph.outputs[position] = scaled
+
+
+class FoldLatentScalesPass(GraphPass):
+    """requires: at least one latent dequantizer (:func:`latent_dequantizers`). ensures: none is left."""
+
+    def requires(self, model: ir.Model) -> None:
+        if not latent_dequantizers(model.graph):
+            raise self.precondition("no DequantizeLinear of an int8 latent cache output to fold")
+
+    def ensures(self, model: ir.Model) -> None:
+        left = latent_dequantizers(model.graph)
+        if left:
+            raise self.postcondition("a latent cache is still dequantized per step", left[0])
+
+    def call(self, model: ir.Model) -> ir.passes.PassResult:
+        graph = model.graph
+        for dequantize in latent_dequantizers(graph):
+            present, scale_value = dequantize.inputs[0], dequantize.inputs[1]
+            assert present is not None and scale_value is not None
+            scale = np.asarray(const_array(scale_value), dtype=np.float32)
+            prefix = (dequantize.name or "latent").rsplit("/", 1)[0]
+            codes = add_node(graph, "Cast", [present], f"{prefix}/codes_float", {"to": ir.DataType.FLOAT}).outputs[0]
+            codes.dtype, codes.shape = ir.DataType.FLOAT, present.shape
+            scaled: ir.Value | None = None
+            for user, index in list(dequantize.outputs[0].uses()):
+                user.replace_input_with(index, codes)
+                if index == 0 and user.op_type == "MatMulNBits" and user.domain == "com.microsoft" \
+                        and _nbits_as_scaled_matmul(graph, user, scale):
+                    continue
+                if index == 0 and user.op_type == "MatMul" and _fold_into_matmul(graph, user, scale):
+                    continue
+                product = _weighted_product(user, index)
+                if product is not None:
+                    _scale_product(graph, product, scale_value)
+                    continue
+                if scaled is None:
+                    scaled = add_node(graph, "Mul", [codes, scale_value], f"{prefix}/codes_scaled").outputs[0]
+                    scaled.dtype, scaled.shape = ir.DataType.FLOAT, present.shape
+                user.replace_input_with(index, scaled)
+            graph.remove(dequantize, safe=True)
+        common.RemoveUnusedNodesPass()(model)  # the replaced weights and scales (initializers too)
+        graph.sort()
+        return ir.passes.PassResult(model, True)
