@@ -1,25 +1,25 @@
-"""``fold_latent_scales``: the int8 latent cache's per-channel scales move out of the per-step dequantize.
+"""``fold_latent_scales``: the 8-bit latent cache's per-channel scales move out of the per-step dequantize.
 
-Before (:mod:`quantize_latent_cache`): ``latent = DequantizeLinear(present.i.latent, s, 0, axis=2)`` [batch, seq, r]
+Before (:mod:`quantize_latent_cache`): ``latent = DequantizeLinear(present.i.latent, s, z, axis=2)`` [batch, seq, r]
 multiplies every cached element by its channel scale at every decode step (ONNX Runtime's per-axis
 DequantizeLinear: 0.68 ms for 2,048 × 192 values on 2 cores, 7× a Cast), and its readers read the float latent.
 
-After: ``codes = Cast(present.i.latent, float)`` (exact: integers in [−127, 127]) and each reader takes ``s`` where
-it is cheap:
+After: the cache is read as ``codes = code − z`` in float (``Cast`` for z = 0, else a per-tensor
+``DequantizeLinear(present, 1, z)``; exact) and each reader takes ``s`` where it is cheap:
 
-- ``MatMulNBits(latent, W)`` (the key rebuild, K = r): becomes ``MatMul(codes, W')`` in float32 with
-  W'[k, n] = s[k] · W[k, n], W the node's dequantized weight (exact). Its M is the number of cached tokens, where
-  ONNX Runtime's float GEMM beats MatMulNBits (smollm2 kv=0.5 at 2,048 cached tokens: 15 vs 38 ms per step over
-  30 layers; re-quantizing W' as MatMulNBits gives the same perplexity). Costs 3 bytes per weight more (smollm2
-  kv=0.5: +3.1 MB of 186 MB); the cpu target's float-MatMul check names these weights by
-  :data:`LATENT_WEIGHT_SUFFIX`;
+- ``MatMulNBits(latent, W)`` (the key rebuild, K = r, M = the cached tokens): with uint8 codes it becomes
+  ``com.microsoft.MatMulIntegerToFloat(present, W_q, 1, w, z)`` straight on the codes, W_q int8 per output column
+  (scale w) of W' = diag(s) · W, W the node's dequantized weight. ONNX Runtime's uint8 × int8 GEMM is the fast
+  kernel here (smollm2 kv=0.5 at 2,048 cached tokens, profiled: 15 ms per step over 30 layers for a float MatMul,
+  38 ms for MatMulNBits, 4–6 ms for this); re-quantizing W' per column keeps the dev perplexity (24.176 vs 24.170
+  with the float MatMul, 8 × 512 tokens). With int8 codes it becomes a float ``MatMul(codes, W')`` (int8 × int8
+  has no fast path);
 - ``MatMul(latent, W)`` with a constant W [r, N]: W' = diag(s) · W, exact;
 - ``MatMul(P, Unsqueeze…(latent))`` (the attention-weighted latent of :mod:`fold_value`): the product's last axis
   is the latent channel, so ``Mul(product, s)`` acts on [batch, heads, new, r] instead of the cache;
 - any other reader reads ``Mul(codes, s)``.
 
-The graph computes the same function up to float rounding; a MatMulNBits reader no longer re-quantizes its
-input (the codes are exact).
+The graph computes the same function up to float rounding and the per-column rounding of W'.
 """
 
 from __future__ import annotations
@@ -34,11 +34,9 @@ from qsvd_export.passes.contracts import GraphPass
 from qsvd_export.passes.quantize_latent_cache import LATENT_INPUT
 
 
-LATENT_WEIGHT_SUFFIX = "/latent_scaled_weight"  # float weights with the scales folded in (the cpu check names them)
-
-
 def latent_dequantizers(graph: ir.Graph) -> list[ir.Node]:
-    """The ``DequantizeLinear(present.i.latent, s, 0, axis=2)`` nodes with a constant per-channel scale."""
+    """The ``DequantizeLinear(present.i.latent, s, z, axis=2)`` nodes with a constant per-channel scale and one
+    zero point for every channel."""
     outputs = {id(v) for v in graph.outputs
                if LATENT_INPUT.match((v.name or "").replace("present.", "past_key_values.", 1))}
     found = []
@@ -49,7 +47,7 @@ def latent_dequantizers(graph: ir.Graph) -> list[ir.Node]:
         scale = const_array(node.inputs[1])
         zero = const_array(node.inputs[2]) if len(node.inputs) > 2 else None
         axis = node.attributes.get("axis")
-        if scale is None or scale.ndim != 1 or (zero is not None and np.any(zero != 0)) \
+        if scale is None or scale.ndim != 1 or (zero is not None and np.unique(zero).size != 1) \
                 or axis is None or axis.as_int() not in (2, -1):
             continue
         found.append(node)
@@ -70,17 +68,27 @@ def _nbits_weight(node: ir.Node) -> np.ndarray | None:
                               attrs["block_size"]).dequantize()
 
 
-def _nbits_as_scaled_matmul(graph: ir.Graph, node: ir.Node, scale: np.ndarray) -> bool:
-    """Replace ``MatMulNBits(latent, W)`` (no bias) by ``MatMul(latent, diag(s) · W)`` in float32: exact, where
-    quantizing diag(s) · W again in blocks along K would mix rows of very different size (the latent's channel
-    scales follow its singular values)."""
+def _rebuild_from_codes(graph: ir.Graph, node: ir.Node, scale: np.ndarray, present: ir.Value,
+                        zero: ir.Value | None) -> bool:
+    """Replace ``MatMulNBits(latent, W)`` (no bias) by a product over the codes with diag(s) · W (module doc)."""
     found = _nbits_weight(node)
     if found is None or found.shape[0] != scale.shape[0] or len(node.inputs) > 5 and node.inputs[5] is not None:
         return False
-    weight = initializer(graph, f"{node.name or 'matmulnbits'}{LATENT_WEIGHT_SUFFIX}", scale[:, None] * found)
-    matmul = ir.Node("", "MatMul", [node.inputs[0], weight], name=f"{node.name or 'matmulnbits'}/float")
-    matmul.outputs[0].dtype, matmul.outputs[0].shape = ir.DataType.FLOAT, node.outputs[0].shape
-    replace_nodes_and_values(graph, node, [node], [matmul], [node.outputs[0]], [matmul.outputs[0]])
+    weight = scale[:, None] * found
+    name = node.name or "matmulnbits"
+    if present.dtype == ir.DataType.UINT8 and zero is not None:
+        column = (np.maximum(np.abs(weight).max(axis=0), np.finfo(np.float32).tiny) / 127).astype(np.float32)
+        codes = np.clip(np.rint(weight / column), -127, 127).astype(np.int8)
+        one = initializer(graph, f"{name}/codes_scale", np.asarray(1.0, np.float32))
+        product = ir.Node("com.microsoft", "MatMulIntegerToFloat",
+                          [present, initializer(graph, f"{name}/latent_scaled_codes", codes), one,
+                           initializer(graph, f"{name}/latent_scaled_column_scales", column), zero],
+                          name=f"{name}/integer")
+    else:
+        product = ir.Node("", "MatMul", [node.inputs[0], initializer(graph, f"{name}/latent_scaled_weight", weight)],
+                          name=f"{name}/float")
+    product.outputs[0].dtype, product.outputs[0].shape = ir.DataType.FLOAT, node.outputs[0].shape
+    replace_nodes_and_values(graph, node, [node], [product], [node.outputs[0]], [product.outputs[0]])
     return True
 
 
@@ -88,7 +96,7 @@ def _fold_into_matmul(graph: ir.Graph, node: ir.Node, scale: np.ndarray) -> bool
     weight = const_array(node.inputs[1])
     if weight is None or weight.ndim != 2 or weight.shape[0] != scale.shape[0]:
         return False
-    node.replace_input_with(1, initializer(graph, f"{node.name or 'matmul'}{LATENT_WEIGHT_SUFFIX}",
+    node.replace_input_with(1, initializer(graph, f"{node.name or 'matmul'}/latent_scaled_weight",
                                            (scale[:, None] * weight).astype(weight.dtype)))
     return True
 
@@ -124,7 +132,7 @@ class FoldLatentScalesPass(GraphPass):
 
     def requires(self, model: ir.Model) -> None:
         if not latent_dequantizers(model.graph):
-            raise self.precondition("no DequantizeLinear of an int8 latent cache output to fold")
+            raise self.precondition("no DequantizeLinear of an 8-bit latent cache output to fold")
 
     def ensures(self, model: ir.Model) -> None:
         left = latent_dequantizers(model.graph)
@@ -137,14 +145,22 @@ class FoldLatentScalesPass(GraphPass):
             present, scale_value = dequantize.inputs[0], dequantize.inputs[1]
             assert present is not None and scale_value is not None
             scale = np.asarray(const_array(scale_value), dtype=np.float32)
+            zeros = const_array(dequantize.inputs[2]) if len(dequantize.inputs) > 2 else None
             prefix = (dequantize.name or "latent").rsplit("/", 1)[0]
-            codes = add_node(graph, "Cast", [present], f"{prefix}/codes_float", {"to": ir.DataType.FLOAT}).outputs[0]
-            codes.dtype, codes.shape = ir.DataType.FLOAT, present.shape
+            zero = None
+            if zeros is None or not np.any(zeros):
+                codes = add_node(graph, "Cast", [present], f"{prefix}/codes_float", {"to": ir.DataType.FLOAT})
+            else:
+                zero = initializer(graph, f"{prefix}/zero_point_scalar", np.asarray(np.ravel(zeros)[0]))
+                one = initializer(graph, f"{prefix}/unit_scale", np.asarray(1.0, np.float32))
+                codes = add_node(graph, "DequantizeLinear", [present, one, zero], f"{prefix}/codes_float")
+            codes_value = codes.outputs[0]
+            codes_value.dtype, codes_value.shape = ir.DataType.FLOAT, present.shape
             scaled: ir.Value | None = None
             for user, index in list(dequantize.outputs[0].uses()):
-                user.replace_input_with(index, codes)
+                user.replace_input_with(index, codes_value)
                 if index == 0 and user.op_type == "MatMulNBits" and user.domain == "com.microsoft" \
-                        and _nbits_as_scaled_matmul(graph, user, scale):
+                        and _rebuild_from_codes(graph, user, scale, present, zero):
                     continue
                 if index == 0 and user.op_type == "MatMul" and _fold_into_matmul(graph, user, scale):
                     continue
@@ -153,7 +169,7 @@ class FoldLatentScalesPass(GraphPass):
                     _scale_product(graph, product, scale_value)
                     continue
                 if scaled is None:
-                    scaled = add_node(graph, "Mul", [codes, scale_value], f"{prefix}/codes_scaled").outputs[0]
+                    scaled = add_node(graph, "Mul", [codes_value, scale_value], f"{prefix}/codes_scaled").outputs[0]
                     scaled.dtype, scaled.shape = ir.DataType.FLOAT, present.shape
                 user.replace_input_with(index, scaled)
             graph.remove(dequantize, safe=True)

@@ -90,9 +90,10 @@ def render_decoder_readme(config: BundleConfig, report: dict[str, Any]) -> str:
         lines.append(f"- `past_key_values.{{i}}.{part}` {tensor.dtype} [{shape}] → `present.{{i}}.{part}` "
                      f"(past + n on axis {tensor.sequence_axis})")
     if config.cache and config.cache[-1].tensors[0].quantization is not None:
-        lines.append("- The latent tensors are int8 codes with static per-channel scales inside the graph "
-                     f"(`quantization` in `{CONFIG_NAME}`, value = code · scale[channel]): pass `present` back as "
-                     "`past` unchanged.")
+        zero = config.cache[-1].tensors[0].quantization.get("zero_point", 0)
+        lines.append(f"- The latent tensors are {config.cache[-1].tensors[0].dtype} codes with static per-channel "
+                     f"scales inside the graph (`quantization` in `{CONFIG_NAME}`, value = (code − {zero}) · "
+                     "scale[channel]): pass `present` back as `past` unchanged.")
     lines += [
         f"- {len(config.cache)} layers: {', '.join(kinds)}. A latent layer caches one rank-r tensor instead of",
         "  K and V; the graph rebuilds keys and values from it.",

@@ -1,10 +1,10 @@
-"""int8 latent cache I/O for the cpu target (``--kv-bits 8`` on a bundle whose layers cache a QSVD latent).
+"""8-bit latent cache I/O for the cpu target (``--kv-bits 8`` on a bundle whose layers cache a QSVD latent).
 
 Calibration runs the bundle's float graph in ONNX Runtime on ``calib_windows`` × 512 tokens of calibration text
 (prefill with an empty cache) and takes, per latent channel, the largest magnitude the graph writes into
 ``present.i.latent``: scale = max|latent| / 127 (symmetric, zero point 0). The graph is then rewritten by
 :class:`~qsvd_export.passes.quantize_latent_cache.QuantizeLatentCachePass`, and ``qsvd_config.json`` lists each
-latent tensor as ``int8`` with its ``quantization`` ``{"axis": 2, "scale": [r floats], "zero_point": 0}``
+latent tensor as ``uint8`` with its ``quantization`` ``{"axis": 2, "scale": [r floats], "zero_point": 128}``
 (the scales live in the graph too; runtimes pass the codes back unchanged). Inside the graph the cache is read as
 ``Cast(codes)`` with the scales folded into its readers (:mod:`~qsvd_export.passes.fold_latent_scales`).
 """
@@ -65,14 +65,14 @@ def scales_for(peaks: dict[str, np.ndarray], levels: int = CODE_MAX,
 def quantize_latent_cache(folder: Path, config: BundleConfig, tokenizer: Any, calib_windows: int = 32,
                           calib_text: str = "wiki_calib",
                           scales: dict[str, np.ndarray] | None = None) -> dict[str, Any]:
-    """Rewrite ``folder``'s ``model.onnx`` so that every latent cache crosses the graph boundary as int8 codes, and
+    """Rewrite ``folder``'s ``model.onnx`` so that every latent cache crosses the graph boundary as 8-bit codes, and
     ``config`` (written back to ``qsvd_config.json``) to match. Returns the report entry. ``scales``: given per
     latent input (probes of other code ranges), instead of calibrated."""
     from qsvd_export.build.files import save_graph
     from qsvd_export.data import read_text, token_windows
     from qsvd_export.passes.contracts import run_passes
     from qsvd_export.passes.fold_latent_scales import FoldLatentScalesPass
-    from qsvd_export.passes.quantize_latent_cache import QuantizeLatentCachePass
+    from qsvd_export.passes.quantize_latent_cache import ZERO_POINT, QuantizeLatentCachePass
     from qsvd_export.progress import info
 
     names = latent_tensor_names(config)
@@ -83,7 +83,7 @@ def quantize_latent_cache(folder: Path, config: BundleConfig, tokenizer: Any, ca
         if tokenizer is None:
             raise UsageError("--kv-bits 8 calibrates the latent cache on text, and this graph has no tokenizer "
                              "(give --tokenizer HF_DIR)")
-        info(f"latent cache: int8 codes with static per-channel scales, calibrated on {calib_windows} x 512 tokens")
+        info(f"latent cache: 8-bit codes with static per-channel scales, calibrated on {calib_windows} x 512 tokens")
         windows = token_windows(tokenizer, read_text(calib_text), 512, calib_windows, source=calib_text)
         scales = scales_for(latent_peaks(folder, names, windows))
     import onnx_ir as ir
@@ -96,13 +96,14 @@ def quantize_latent_cache(folder: Path, config: BundleConfig, tokenizer: Any, ca
         for name in (GRAPH_FILE, f"{GRAPH_FILE}.data"):
             shutil.move(str(Path(tmp) / name), folder / name)
     config.cache = [replace(layer, tensors=[
-        replace(t, dtype="int8", quantization={"axis": 2, "scale": [float(s) for s in scales[t.input]],
-                                               "zero_point": 0}) if t.input in scales else t
+        replace(t, dtype="uint8", quantization={"axis": 2, "scale": [float(s) for s in scales[t.input]],
+                                                "zero_point": ZERO_POINT}) if t.input in scales else t
         for t in layer.tensors]) for layer in config.cache]
     (folder / CONFIG_NAME).write_text(config.to_json())
-    return {"bits": 8, "layout": "int8 codes, static symmetric scale per latent channel (axis 2)",
-            "decode": "codes cast to float; the scales folded into the key rebuild's weight and the attention-"
-                      "weighted latent (no per-step dequantize of the cache)",
+    return {"bits": 8, "layout": f"uint8 codes, zero point {ZERO_POINT}, static symmetric scale per latent channel "
+                                 "(axis 2)",
+            "decode": "keys rebuilt by MatMulIntegerToFloat on the codes (scales folded into its int8 weight); the "
+                      "attention-weighted latent scaled after the product (no per-step dequantize of the cache)",
             "calibration": f"max |latent| over {calib_windows} x 512 tokens of {calib_text}",
             "tensors": len(scales), "kv_bytes_per_token": config.kv_bytes_per_token(),
             "static_scale_bytes": 4 * sum(len(s) for s in scales.values())}

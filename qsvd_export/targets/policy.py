@@ -170,19 +170,12 @@ def optimized_op_counts(graph_path: Path) -> dict[str, Any]:
         so.add_session_config_entry("session.optimized_model_external_initializers_min_size_in_bytes", "1024")
         ort.InferenceSession(str(graph_path), sess_options=so, providers=["CPUExecutionProvider"])
         proto = onnx.load(so.optimized_model_filepath, load_external_data=False)
-    from qsvd_export.passes.fold_latent_scales import LATENT_WEIGHT_SUFFIX
-
     constants = {i.name for i in proto.graph.initializer}
     counts = collections.Counter(n.op_type for n in proto.graph.node)
-    float_weight_matmuls = [n for n in proto.graph.node if n.op_type in ("MatMul", "FusedMatMul", "Gemm")
+    float_weight_matmuls = [n.name for n in proto.graph.node if n.op_type in ("MatMul", "FusedMatMul", "Gemm")
                             and len(n.input) > 1 and n.input[1] in constants]
-    rebuilds = [n.name for n in float_weight_matmuls if n.input[1].endswith(LATENT_WEIGHT_SUFFIX)]
-    others = [n.name for n in float_weight_matmuls if not n.input[1].endswith(LATENT_WEIGHT_SUFFIX)]
-    counts_out: dict[str, Any] = {"MatMulNBits": counts.get("MatMulNBits", 0),
-                                  "float_matmuls_with_constant_weight": len(others), "examples": others[:5]}
-    if rebuilds:  # float by design (fold_latent_scales): M = cached tokens, where float GEMM is the faster kernel
-        counts_out["float_latent_key_rebuilds"] = len(rebuilds)
-    return counts_out
+    return {"MatMulNBits": counts.get("MatMulNBits", 0), "float_matmuls_with_constant_weight": len(float_weight_matmuls),
+            "examples": float_weight_matmuls[:5]}
 
 
 PLAIN_CAUSAL_TYPES = ("llama", "qwen2", "qwen3")

@@ -1,4 +1,4 @@
-"""int8 latent cache I/O on the cpu target (QSVD's rebuild form): ``--kv-bits 8`` on compress and on a latent graph."""
+"""8-bit latent cache I/O on the cpu target (QSVD's rebuild form): ``--kv-bits 8`` on compress and on a latent graph."""
 
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ IDS = np.asarray([[5, 9, 3, 17, 2, 11, 4, 8, 6, 13]])
 
 @pytest.fixture(scope="module")
 def latent_bundles(tmp_path_factory):
-    """The same tiny-llama plan as a float-latent cpu bundle, an int8-latent one and one at the default (compile of
+    """The same tiny-llama plan as a float-latent cpu bundle, an 8-bit-latent one and one at the default (compile of
     one graph)."""
     root = tmp_path_factory.mktemp("latent_int8")
     assert main(["compress", "tiny-llama", "--budget", "kv=0.5", "-o", str(root / "float"), *SMALL]) == 0
@@ -29,37 +29,40 @@ def latent_bundles(tmp_path_factory):
     return root
 
 
-def test_latent_cache_crosses_the_boundary_as_int8(latent_bundles):
+def test_latent_cache_crosses_the_boundary_as_uint8_codes(latent_bundles):
     config = load_bundle_config(latent_bundles / "int8")
     plain = load_bundle_config(latent_bundles / "cpu")
     tensors = [t for layer in config.cache for t in layer.tensors]
-    assert tensors and all(t.dtype == "int8" and t.quantization["axis"] == 2 for t in tensors)
+    assert tensors and all(t.dtype == "uint8" and t.quantization["axis"] == 2 and t.quantization["zero_point"] == 128
+                           for t in tensors)
     assert all(len(t.quantization["scale"]) == t.shape[-1] for t in tensors)
     assert config.kv_bytes_per_token() * 4 == plain.kv_bytes_per_token()
     proto = onnx.load(latent_bundles / "int8" / "model.onnx", load_external_data=False)
     types = {v.name: v.type.tensor_type.elem_type for v in [*proto.graph.input, *proto.graph.output]}
     for t in tensors:
-        assert types[t.input] == types[t.output] == onnx.TensorProto.INT8
-    # read as Cast(codes), the scales folded into the readers: no per-step dequantize of the whole cache
+        assert types[t.input] == types[t.output] == onnx.TensorProto.UINT8
+    # keys rebuilt on the codes by the integer GEMM; the one float view of the cache is per-tensor (code − 128)
     outputs = {t.output for t in tensors}
-    assert not [n for n in proto.graph.node if n.op_type == "DequantizeLinear" and n.input[0] in outputs]
-    assert sum(n.op_type == "Cast" and n.input[0] in outputs for n in proto.graph.node) == len(tensors)
+    readers = sorted(n.op_type for n in proto.graph.node if n.input and n.input[0] in outputs)
+    assert readers == ["DequantizeLinear", "DequantizeLinear", "MatMulIntegerToFloat", "MatMulIntegerToFloat"]
+    initializers = {i.name: i for i in proto.graph.initializer}
+    assert all(not initializers[n.input[1]].dims for n in proto.graph.node
+               if n.op_type == "DequantizeLinear" and n.input[0] in outputs)  # per tensor: no per-channel pass
     # the key rebuild: scores per KV-head group (no repeated keys) and its rotary embedding fused
     ops = [n.op_type for n in proto.graph.node]
     assert "Expand" not in ops and ops.count("RotaryEmbedding") == 4  # query and rebuilt key, 2 layers
     target = json.loads((latent_bundles / "int8" / "report.json").read_text())["target"]
     assert target["grouped_query_scores"] == 2 and target["rotary_embedding"] == {"fused": 4, "max_positions": 4096}
-    assert target["onnxruntime_optimized_graph"]["float_latent_key_rebuilds"] == 2
     report = json.loads((latent_bundles / "int8" / "report.json").read_text())
     assert report["kv_bytes_per_token"] == config.kv_bytes_per_token()
     assert report["target"]["latent_cache"]["tensors"] == len(tensors)
     assert report["target"]["latent_cache"]["static_scale_bytes"] == 4 * sum(t.shape[-1] for t in tensors)
-    assert "int8 codes with static per-channel scales" in (latent_bundles / "int8" / "README.md").read_text()
-    assert "int8 codes" not in (latent_bundles / "cpu" / "README.md").read_text()
+    assert "uint8 codes with static per-channel scales" in (latent_bundles / "int8" / "README.md").read_text()
+    assert "codes with static" not in (latent_bundles / "cpu" / "README.md").read_text()
 
 
 def test_int8_latent_decode_equals_its_prefill(latent_bundles):
-    """Decode steps over the int8 codes give the logits a prefill of the whole sequence gives (same codes)."""
+    """Decode steps over the 8-bit codes give the logits a prefill of the whole sequence gives (same codes)."""
     runner = DecoderRunner(latent_bundles / "int8")
     full, _ = runner.prefill(IDS)
     logits, cache = runner.prefill(IDS[:, :6])
@@ -68,7 +71,7 @@ def test_int8_latent_decode_equals_its_prefill(latent_bundles):
         mask = np.ones((1, t + 1), dtype=np.int64)
         logits, cache = runner.step(IDS[:, t:t + 1], mask, np.asarray([[t]]), cache)
         steps.append(logits[:, -1])
-        assert all(v.dtype == np.int8 for v in cache.values())
+        assert all(v.dtype == np.uint8 for v in cache.values())
     np.testing.assert_allclose(np.stack(steps, 1), full[:, 5:], atol=1e-4)
 
 
@@ -105,7 +108,7 @@ def test_standalone_runner_and_compress_write_the_int8_latent(tmp_path):
     assert main(["compress", "tiny-llama", "--budget", "kv=0.5", "--target", "cpu", "--kv-bits", "8",
                  "-o", str(out), *SMALL]) == 0
     config = load_bundle_config(out)
-    assert {t.dtype for layer in config.cache for t in layer.tensors} == {"int8"}
+    assert {t.dtype for layer in config.cache for t in layer.tensors} == {"uint8"}
     assert [layer.kind for layer in config.cache] == ["latent", "latent"]
     ids = [200, 13, 77, 5, 190, 33]
     eos = config.generation["eos_token_ids"]
@@ -141,7 +144,8 @@ def _latent_cache_graph(rank: int = 4):
 
 
 def test_pass_writes_codes_and_dequantizes_for_readers():
-    """On a hand-built graph: the cache I/O becomes int8 codes round(x / s) and the reader sees codes · s."""
+    """On a hand-built graph: the cache I/O becomes uint8 codes round(x / s) + 128 and the reader sees
+    (codes − 128) · s."""
     import onnx_ir as ir
     import onnxruntime as ort
 
@@ -152,13 +156,13 @@ def test_pass_writes_codes_and_dequantizes_for_readers():
     model = ir.from_proto(_latent_cache_graph())
     run_passes(model, [QuantizeLatentCachePass({"past_key_values.0.latent": scale})])
     session = ort.InferenceSession(ir.to_proto(model).SerializeToString(), providers=["CPUExecutionProvider"])
-    past = np.asarray([[[1, -2, 3, 100]]], np.int8)
+    past = np.asarray([[[129, 126, 131, 228]]], np.uint8)
     new = np.asarray([[[1.2, -0.3, 2.6, 0.5], [200.0, 0.0, -0.4, -1.0]]], np.float32)
     present, y = session.run(["present.0.latent", "y"], {"past_key_values.0.latent": past, "new": new})
-    codes = np.clip(np.rint(new / scale), -128, 127).astype(np.int8)
-    assert present.dtype == np.int8
+    codes = np.clip(np.rint(new / scale) + 128, 0, 255).astype(np.uint8)
+    assert present.dtype == np.uint8
     np.testing.assert_array_equal(present, np.concatenate([past, codes], axis=1))
-    np.testing.assert_allclose(y, 2 * present.astype(np.float32) * scale)
+    np.testing.assert_allclose(y, 2 * (present.astype(np.float32) - 128) * scale)
 
 
 @pytest.mark.parametrize("scales, reason", [
@@ -177,7 +181,7 @@ def test_pass_refuses_bad_scales_by_name(scales, reason):
 
 
 def test_a_bare_latent_graph_without_tokenizer_is_refused_by_name(latent_bundles, tmp_path, capsys):
-    """The default int8 latent calibrates on text: a graph with neither bundle nor tokenizer says so, writes nothing."""
+    """The default 8-bit latent calibrates on text: a graph with neither bundle nor tokenizer says so, writes nothing."""
     import shutil
 
     bare = tmp_path / "bare"
