@@ -119,8 +119,8 @@ def _tables(model: ir.Model, cos: ir.Value, sin: ir.Value, half: int, max_positi
 
 class FuseRotaryEmbeddingPass(GraphPass):
     """``max_positions``: rows of the cos/sin caches (the model's context). ``self.fused`` counts rewrites,
-    ``self.skipped`` gives each match left unfused with its reason. requires / ensures: nothing beyond a graph
-    (matches it cannot tabulate are left as they are)."""
+    ``self.skipped`` gives each match left unfused with its reason. requires: ``max_positions`` ≥ 1 and a closed
+    graph (its cos/sin cones are run). ensures: every match is fused or has its reason in ``skipped``."""
 
     def __init__(self, max_positions: int) -> None:
         super().__init__()
@@ -131,9 +131,12 @@ class FuseRotaryEmbeddingPass(GraphPass):
     def requires(self, model: ir.Model) -> None:
         if self.max_positions < 1:
             raise self.precondition(f"max_positions must be ≥ 1, got {self.max_positions}")
+        self.require_closed_graph(model)
 
     def ensures(self, model: ir.Model) -> None:
-        return None
+        left = [n for n in model.graph if rotary_match(n) is not None]
+        if len(left) != len(self.skipped):
+            raise self.postcondition(f"{len(left)} rotary embeddings left, {len(self.skipped)} with a reason")
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         graph = model.graph

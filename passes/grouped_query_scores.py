@@ -68,15 +68,15 @@ def repeated_key(scores: ir.Node) -> tuple[ir.Value, int, int, int] | None:
 
 
 class GroupedQueryScoresPass(GraphPass):
-    """requires: nothing (a graph without repeated keys is left as it is). ensures: no score MatMul it matched reads
-    a repeat."""
+    """requires: a closed graph (a graph without repeated keys is left as it is). ensures: no score MatMul it matched
+    reads a repeat."""
 
     def __init__(self) -> None:
         super().__init__()
         self.rewritten = 0
 
     def requires(self, model: ir.Model) -> None:
-        return None
+        self.require_closed_graph(model)
 
     def ensures(self, model: ir.Model) -> None:
         outputs = {id(v) for v in model.graph.outputs}

@@ -22,9 +22,12 @@ from qsvd_export.passes.chain import CleanupPass, FindAttentionPass
 from qsvd_export.passes.context import GraphStageContext
 from qsvd_export.passes.contracts import GraphPass, PassPostconditionError, PassPreconditionError
 from qsvd_export.passes.float16 import Float16Pass
+from qsvd_export.passes.fold_latent_scales import FoldLatentScalesPass
 from qsvd_export.passes.fold_rotations import FoldRotationsPass
 from qsvd_export.passes.fold_value import FoldValuePass
+from qsvd_export.passes.fuse_rotary import FuseRotaryEmbeddingPass
 from qsvd_export.passes.group_query_attention import FuseGroupQueryAttentionPass
+from qsvd_export.passes.grouped_query_scores import GroupedQueryScoresPass
 from qsvd_export.passes.latent_kv import LatentKVPass
 from qsvd_export.passes.low_precision import FuseNormsAndClampMasksPass
 from qsvd_export.passes.quantize_embedding import QuantizeEmbeddingPass
@@ -98,6 +101,9 @@ VIOLATIONS: dict[type, Callable[[], tuple[ir.passes.PassBase, ir.Model, str]]] =
                                           "blocks [3], the graph has 0 attention blocks"),
     Float16Pass: lambda: (Float16Pass(mask_value=1e6), _matmul_model(), "not a positive float16"),
     UntieEmbeddingPass: lambda: (UntieEmbeddingPass(), _dangling_model(), "'ghost' is produced by nothing"),
+    FoldLatentScalesPass: lambda: (FoldLatentScalesPass(), _matmul_model(), "no DequantizeLinear of an 8-bit latent"),
+    GroupedQueryScoresPass: lambda: (GroupedQueryScoresPass(), _dangling_model(), "'ghost' is produced by nothing"),
+    FuseRotaryEmbeddingPass: lambda: (FuseRotaryEmbeddingPass(0), _matmul_model(), "max_positions must be ≥ 1"),
     QuantizeLatentCachePass: lambda: (QuantizeLatentCachePass({"past_key_values.0.latent": np.ones(4, np.float32)}),
                                       _matmul_model(), "no latent cache input 'past_key_values.0.latent'"),
 }
