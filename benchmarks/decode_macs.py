@@ -7,7 +7,8 @@ runs one decode step after ``--context`` cached tokens with the inputs of every 
 as graph outputs, so every count comes from the runtime's own shapes, never from a formula over the
 config:
 
-- ``MatMul`` / ``MatMulInteger`` / ``FusedMatMul``: batch × M × K × N of the broadcast operands;
+- ``MatMul`` / ``MatMulInteger`` / ``FusedMatMul`` / ``com.microsoft.MatMulIntegerToFloat``: batch × M × K × N of
+  the broadcast operands;
 - ``Gemm``: M × K × N;
 - ``com.microsoft.MatMulNBits``: rows of A × K × N;
 - ``com.microsoft.GroupQueryAttention``: num_heads × S × T × (head_size of the query for QKᵀ + head size of
@@ -28,7 +29,8 @@ from typing import Any
 
 import numpy as np
 
-_MATMULS = {"MatMul", "MatMulInteger", "FusedMatMul", "Gemm", "MatMulNBits", "GroupQueryAttention"}
+_MATMULS = {"MatMul", "MatMulInteger", "MatMulIntegerToFloat", "FusedMatMul", "Gemm", "MatMulNBits",
+            "GroupQueryAttention"}
 
 
 def _probe(graph: Path, tmp: Path) -> tuple[Path, list[Any]]:

@@ -6,10 +6,12 @@ Before: ``y = x · cos + Concat(−x[..., D/2:], x[..., :D/2], axis=−1) · sin
 rebuild of :mod:`latent_kv` applies it to every cached key at every decode step: 0.88 ms of elementwise work for
 3 × 2,048 × 64 values on 2 cores, 0.20 ms fused).
 
-After: ``y = RotaryEmbedding(x, P, cos_cache, sin_cache)`` (interleaved 0) with ``cos_cache[p] = cos[p, :D/2]``
-for p < ``max_positions``, tabulated by running the graph's own cos/sin subgraph in ONNX Runtime. A match is fused
-only when the tables reproduce the subgraph on shuffled positions (float32 exact) and cos/sin repeat their first
-half (HF's ``cat(freqs, freqs)``); positions ≥ ``max_positions`` are outside the bundle's context.
+After: ``y = RotaryEmbedding(x, P, cos_cache, sin_cache)`` (interleaved 0), the caches [max(P) + 1, D/2] computed in
+the graph each call by the graph's own cos/sin subgraph applied to ``Range(0, max(P) + 1)`` (shared by every node
+that reads the same cos/sin; for 2,048 positions and D = 64, 131 K Cos/Sin values per step instead of tables
+of the model's context: no position limit, no stored tables). A match is fused only when its cos/sin, run on
+``check_positions`` positions in ONNX Runtime, repeat their first half (HF's ``cat(freqs, freqs)``) and are a
+per-position lookup (shuffled positions give the same rows, float32 exact).
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ import numpy as np
 import onnx_ir as ir
 from onnx_ir.passes import common
 
-from qsvd_export.passes._graph import const_array, initializer
+from qsvd_export.passes._graph import add_node, backward_nodes, clone_nodes, const_array, initializer
 from qsvd_export.passes.contracts import GraphPass
 from qsvd_export.passes.rotary_tables import index_sources, subgraph_session
 
@@ -91,46 +93,76 @@ def _is_tokens_by_position(value: ir.Value, depth: int = 16) -> bool:
         and all(_is_tokens_by_position(v, depth - 1) for v in data[:1])
 
 
-def _tables(model: ir.Model, cos: ir.Value, sin: ir.Value, half: int, max_positions: int
-            ) -> tuple[ir.Value, np.ndarray, np.ndarray] | str:
-    """(positions P [B, S], cos_cache, sin_cache [max_positions, half]) or why cos/sin are not per-position
-    tables. P is the integer [B, S] tensor nearest to cos that cos and sin are computed from alone."""
+def _check(model: ir.Model, cos: ir.Value, sin: ir.Value, half: int, positions: int) -> ir.Value | str:
+    """The positions tensor P [B, S] that cos and sin are per-position lookups of, or why they are not. P is the
+    integer [B, S] tensor nearest to cos that cos and sin are computed from alone."""
     sources = [v for v in index_sources(cos) if v in index_sources(sin) and _is_tokens_by_position(v)]
     if not sources:
         return "cos/sin do not come from one integer [batch, seq] tensor alone"
     source = sources[0]
     session = subgraph_session(model, source, [cos, sin])
     dtype = np.int32 if source.dtype == ir.DataType.INT32 else np.int64
-    positions = np.arange(max_positions, dtype=dtype)[None]
     tables = []
-    for value in session.run([cos.name, sin.name], {source.name: positions}):
-        if value.shape != (1, 1, max_positions, 2 * half):
+    for value in session.run([cos.name, sin.name], {source.name: np.arange(positions, dtype=dtype)[None]}):
+        if value.shape != (1, 1, positions, 2 * half):
             return f"cos/sin of positions [1, n] have shape {value.shape}, not [1, 1, n, {2 * half}]"
-        table = value.reshape(max_positions, 2 * half)
+        table = value.reshape(positions, 2 * half)
         if not np.array_equal(table[:, :half], table[:, half:]):
             return "cos/sin do not repeat their first half"
-        tables.append(table[:, :half].astype(np.float32))
-    shuffled = np.random.default_rng(0).integers(0, max_positions, size=(1, 64)).astype(dtype)
+        tables.append(table)
+    shuffled = np.random.default_rng(0).integers(0, positions, size=(1, 64)).astype(dtype)
     for table, value in zip(tables, session.run([cos.name, sin.name], {source.name: shuffled})):
-        if not np.array_equal(np.tile(table[shuffled[0]], 2), value.reshape(64, 2 * half)):
+        if not np.array_equal(table[shuffled[0]], value.reshape(64, 2 * half)):
             return "cos/sin rows depend on more than their own position"
-    return source, tables[0], tables[1]
+    return source
+
+
+def _caches(graph: ir.Graph, source: ir.Value, cos: ir.Value, sin: ir.Value, half: int,
+            prefix: str) -> tuple[ir.Value, ir.Value]:
+    """cos_cache, sin_cache [max(P) + 1, half]: the cos/sin subgraph cloned onto ``Range(0, max(P) + 1)``."""
+    dtype = np.int32 if source.dtype == ir.DataType.INT32 else np.int64
+    largest = add_node(graph, "ReduceMax", [source], f"{prefix}/largest", {"keepdims": 0}).outputs[0]
+    count = add_node(graph, "Add", [largest, initializer(graph, f"{prefix}/one", np.asarray(1, dtype))],
+                     f"{prefix}/count").outputs[0]
+    rows = add_node(graph, "Range", [initializer(graph, f"{prefix}/zero", np.asarray(0, dtype)), count,
+                                     initializer(graph, f"{prefix}/step", np.asarray(1, dtype))], f"{prefix}/range")
+    positions = add_node(graph, "Unsqueeze", [rows.outputs[0], initializer(graph, f"{prefix}/axis",
+                                                                             np.asarray([0], np.int64))],
+                         f"{prefix}/positions").outputs[0]
+    for value in (largest, count, rows.outputs[0], positions):
+        value.dtype = source.dtype
+    wanted = {id(n) for v in (cos, sin) for n in backward_nodes(v, stop={id(source)})}
+    mapping = clone_nodes([n for n in graph if id(n) in wanted], {id(source): positions}, graph, prefix)
+    for value in mapping.values():
+        if value.dtype is None:  # an untyped original stays untyped (not a tensor of no element type)
+            value.type = None
+    caches = []
+    for name, value in (("cos", cos), ("sin", sin)):
+        shape = initializer(graph, f"{prefix}/{name}_rows", np.asarray([-1, 2 * half], np.int64))
+        flat = add_node(graph, "Reshape", [mapping[id(value)], shape], f"{prefix}/{name}_flat").outputs[0]
+        starts, ends, axes = (initializer(graph, f"{prefix}/{name}_{k}", np.asarray([v], np.int64))
+                              for k, v in (("start", 0), ("end", half), ("axis", 1)))
+        cache = add_node(graph, "Slice", [flat, starts, ends, axes], f"{prefix}/{name}_cache").outputs[0]
+        cache.dtype = flat.dtype = ir.DataType.FLOAT
+        caches.append(cache)
+    return caches[0], caches[1]
 
 
 class FuseRotaryEmbeddingPass(GraphPass):
-    """``max_positions``: rows of the cos/sin caches (the model's context). ``self.fused`` counts rewrites,
-    ``self.skipped`` gives each match left unfused with its reason. requires: ``max_positions`` ≥ 1 and a closed
-    graph (its cos/sin cones are run). ensures: every match is fused or has its reason in ``skipped``."""
+    """``check_positions``: how many positions the cos/sin lookup check runs on (not a limit of the fused graph).
+    ``self.fused`` counts rewrites, ``self.skipped`` gives each match left unfused with its reason. requires:
+    ``check_positions`` ≥ 1 and a closed graph (its cos/sin cones are run). ensures: every match is fused or has
+    its reason in ``skipped``."""
 
-    def __init__(self, max_positions: int) -> None:
+    def __init__(self, check_positions: int = 4096) -> None:
         super().__init__()
-        self.max_positions = max_positions
+        self.check_positions = check_positions
         self.fused = 0
         self.skipped: list[str] = []
 
     def requires(self, model: ir.Model) -> None:
-        if self.max_positions < 1:
-            raise self.precondition(f"max_positions must be ≥ 1, got {self.max_positions}")
+        if self.check_positions < 1:
+            raise self.precondition(f"check_positions must be ≥ 1, got {self.check_positions}")
         self.require_closed_graph(model)
 
     def ensures(self, model: ir.Model) -> None:
@@ -141,22 +173,13 @@ class FuseRotaryEmbeddingPass(GraphPass):
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         graph = model.graph
         caches: dict[tuple[int, int], tuple[ir.Value, ir.Value, ir.Value] | str] = {}
-        tables: list[tuple[np.ndarray, ir.Value]] = []  # one initializer per distinct table (layers clone cos/sin)
-
-        def table(values: np.ndarray, name: str) -> ir.Value:
-            known = next((init for array, init in tables if np.array_equal(array, values)), None)
-            if known is None:
-                known = initializer(graph, name, values)
-                tables.append((values, known))
-            return known
-
         for add in [n for n in graph if rotary_match(n) is not None]:
             x, cos, sin, half = rotary_match(add)  # type: ignore[misc]
             key = (id(cos), id(sin))
             if key not in caches:
-                found = _tables(model, cos, sin, half, self.max_positions)
+                found = _check(model, cos, sin, half, self.check_positions)
                 caches[key] = found if isinstance(found, str) else (
-                    found[0], table(found[1], "qsvd/rotary/cos_cache"), table(found[2], "qsvd/rotary/sin_cache"))
+                    found, *_caches(graph, found, cos, sin, half, f"qsvd/rotary/{len(caches)}"))
             cached = caches[key]
             if isinstance(cached, str):
                 self.skipped.append(f"{add.name}: {cached}")
@@ -172,4 +195,5 @@ class FuseRotaryEmbeddingPass(GraphPass):
             if "com.microsoft" not in model.opset_imports:
                 model.opset_imports["com.microsoft"] = 1
             common.RemoveUnusedNodesPass()(model)
+            graph.sort()
         return ir.passes.PassResult(model, bool(self.fused))

@@ -52,7 +52,7 @@ def test_latent_cache_crosses_the_boundary_as_uint8_codes(latent_bundles):
     ops = [n.op_type for n in proto.graph.node]
     assert "Expand" not in ops and ops.count("RotaryEmbedding") == 4  # query and rebuilt key, 2 layers
     target = json.loads((latent_bundles / "int8" / "report.json").read_text())["target"]
-    assert target["grouped_query_scores"] == 2 and target["rotary_embedding"] == {"fused": 4, "max_positions": 4096}
+    assert target["grouped_query_scores"] == 2 and target["rotary_embedding"] == {"fused": 4}
     report = json.loads((latent_bundles / "int8" / "report.json").read_text())
     assert report["kv_bytes_per_token"] == config.kv_bytes_per_token()
     assert report["target"]["latent_cache"]["tensors"] == len(tensors)
@@ -193,3 +193,15 @@ def test_a_bare_latent_graph_without_tokenizer_is_refused_by_name(latent_bundles
     assert "no tokenizer: give --tokenizer HF_DIR, or --kv-bits 32" in err and len(err.strip().splitlines()) == 1
     assert not (tmp_path / "x").exists()
     assert main([str(bare / "model.onnx"), "--target", "cpu", "--kv-bits", "32", "-o", str(tmp_path / "y"), "-q"]) == 0
+
+
+def test_decode_macs_count_the_integer_key_rebuild(latent_bundles):
+    """benchmarks.decode_macs counts MatMulIntegerToFloat: per layer, the cached tokens × r × the key width."""
+    from benchmarks.decode_macs import decode_macs
+
+    config = load_bundle_config(latent_bundles / "int8")
+    context = 16
+    counted = decode_macs(latent_bundles / "int8", context=context)
+    key_width = config.model_config["num_key_value_heads"] * config.model_config["head_dim"]
+    rebuild = sum((context + 1) * layer.tensors[0].shape[-1] * key_width for layer in config.cache)
+    assert counted["macs_by_op"]["MatMulIntegerToFloat"] == rebuild

@@ -103,7 +103,7 @@ VIOLATIONS: dict[type, Callable[[], tuple[ir.passes.PassBase, ir.Model, str]]] =
     UntieEmbeddingPass: lambda: (UntieEmbeddingPass(), _dangling_model(), "'ghost' is produced by nothing"),
     FoldLatentScalesPass: lambda: (FoldLatentScalesPass(), _matmul_model(), "no DequantizeLinear of an 8-bit latent"),
     GroupedQueryScoresPass: lambda: (GroupedQueryScoresPass(), _dangling_model(), "'ghost' is produced by nothing"),
-    FuseRotaryEmbeddingPass: lambda: (FuseRotaryEmbeddingPass(0), _matmul_model(), "max_positions must be ≥ 1"),
+    FuseRotaryEmbeddingPass: lambda: (FuseRotaryEmbeddingPass(0), _matmul_model(), "check_positions must be ≥ 1"),
     QuantizeLatentCachePass: lambda: (QuantizeLatentCachePass({"past_key_values.0.latent": np.ones(4, np.float32)}),
                                       _matmul_model(), "no latent cache input 'past_key_values.0.latent'"),
 }

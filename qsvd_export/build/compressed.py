@@ -14,7 +14,6 @@ from qsvd_export.build.finish import apply_target, finish_bundle, finish_target
 from qsvd_export.build.kv_cache import absorbed_kv
 from qsvd_export.build.stages import (
     check_rotation_options,
-    max_positions,
     plain_causal_model,
     release_torch_model,
     release_torch_weights,
@@ -101,7 +100,7 @@ def build_compressed_bundle(spec: str, options: CompressOptions, out: Path, over
     cache = cache_layout_from_graph(graph) if loaded.kind == "decoder" else []
     report: dict[str, Any] = {"stage": "compressed", **plan_report(plan), "options": options_summary(options),
                               "graph_stage": context.report(), **rotation_report}
-    target_report = apply_target(graph, target, plain_causal_model(loaded), max_positions=max_positions(loaded))
+    target_report = apply_target(graph, target, plain_causal_model(loaded))
     report["kv_bytes_per_token_fp16_graph"] = sum(layer.bytes_per_token() // 2 for layer in cache)
     with atomic_output_dir(out, overwrite) as tmp:
         save_plan(plan, tmp)

@@ -16,7 +16,6 @@ from qsvd_export.build.stages import (
     check_rotation_options,
     check_target_options,
     export_preset,
-    max_positions,
     plain_causal_model,
     release_torch_model,
     release_torch_weights,
@@ -88,7 +87,7 @@ def build_dense_bundle(spec: str, out: Path, overwrite: bool = False, seed: int 
         timings["latent_attention_s"] = time.perf_counter() - start
     if eval_text is None:
         release_torch_weights(loaded)
-    target_report = apply_target(exported.model, target, plain_causal_model(loaded), latent, max_positions(loaded))
+    target_report = apply_target(exported.model, target, plain_causal_model(loaded), latent)
     stage, cache = ("dense", exported.cache) if latent is None else ("latent-attention", latent_cache_layout(exported.model, latent))
     with atomic_output_dir(out, overwrite) as tmp:
         config, report = write_bundle(loaded, exported.model, cache, tmp,

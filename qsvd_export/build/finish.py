@@ -16,11 +16,11 @@ if TYPE_CHECKING:
     from qsvd_export.build.request import TargetRequest
 
 
-def apply_target(model: ir.Model, request: TargetRequest | None, plain_causal: bool = False,
-                 latent: dict[int, Any] | None = None, max_positions: int | None = None) -> dict[str, Any] | None:
+def apply_target(model: ir.Model, request: TargetRequest | None,
+                 plain_causal: bool = False, latent: dict[int, Any] | None = None) -> dict[str, Any] | None:
     """The target stage after the graph stage: quantize for the requested target's policy (None: leave fp32).
     ``plain_causal``: :func:`qsvd_export.targets.plain_causal` of the source model; ``latent``: the KV cache
-    layouts of its fused attention (:func:`latent_kv_layers`); ``max_positions``: the model's context."""
+    layouts of its fused attention (:func:`latent_kv_layers`)."""
     if request is None:
         return None
     target, bits = request.target, request.bits
@@ -33,8 +33,7 @@ def apply_target(model: ir.Model, request: TargetRequest | None, plain_causal: b
     chosen = policy.bits(bits)
     if policy.static_graphs:
         return {"target": target, "bits": chosen.name}  # static graphs + QDQ are built on files: finish_target
-    report = {"target": target, "bits": chosen.name,
-              **policy.quantize(model, chosen, plain_causal, latent, max_positions)}
+    report = {"target": target, "bits": chosen.name, **policy.quantize(model, chosen, plain_causal, latent)}
     common.RemoveUnusedNodesPass()(model)
     check_model(model)
     return report

@@ -225,9 +225,7 @@ def compile_onnx(graph_path: Path, plan_path: Path | None, out: Path, overwrite:
     from qsvd_export.targets import plain_causal, policy_for
 
     model_type = source.model_type if source is not None else str(model_config.get("model_type") or "")
-    context_positions = int(model_config.get("max_position_embeddings")
-                            or model_config.get("context_length") or 0) or None
-    target_report = apply_target(model, target, plain_causal(model_type), max_positions=context_positions)
+    target_report = apply_target(model, target, plain_causal(model_type))
     timings["target_stage_s"] = time.perf_counter() - start
     cache = cache_layout_from_graph(model)
     inputs, outputs = graph_io(model)

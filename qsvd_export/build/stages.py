@@ -99,11 +99,6 @@ def check_target_options(target: str | None, bits: str | None, smooth: bool | No
         raise UsageError("--smooth needs an integer weight preset (--bits w4a8, w8a8, ...)")
 
 
-def max_positions(loaded: LoadedModel) -> int | None:
-    """The model's context (``max_position_embeddings``), None where its config does not say."""
-    return int(getattr(loaded.model.config, "max_position_embeddings", 0) or 0) or None
-
-
 def plain_causal_model(loaded: LoadedModel) -> bool:
     from qsvd_export.targets import plain_causal
 

@@ -56,12 +56,11 @@ class TargetPolicy:
         return bits
 
     def quantize(self, model: ir.Model, bits: Bits, plain_causal: bool = False,
-                 latent: dict[int, Any] | None = None, max_positions: int | None = None) -> dict[str, Any]:
+                 latent: dict[int, Any] | None = None) -> dict[str, Any]:
         """Rewrite ``model`` in place for ``bits`` (then fp16 where the policy says); returns what was done
         (for report.json). ``plain_causal``: the model's attention mask is causal + padding only (no sliding
         window), so the policy may fuse attention into GroupQueryAttention; ``latent``: per fusable block,
-        the :class:`~qsvd_export.latent_layout.LatentLayer` its fused attention reads (latent or int8 cache);
-        ``max_positions``: the model's context (rotary tables of the latent key rebuild; None: not fused)."""
+        the :class:`~qsvd_export.latent_layout.LatentLayer` its fused attention reads (latent or int8 cache)."""
         fusion = None
         if latent and not (self.fuse_attention and plain_causal):
             raise UsageError(f"a latent or quantized KV cache needs fused attention: target {self.name} "
@@ -75,7 +74,7 @@ class TargetPolicy:
             fusion = fuse.report.as_dict()
             if fusion["group_query_attention"]:
                 fusion["attention_mask"] = "right padding only (GroupQueryAttention reads each row's length)"
-        unfused = self._speed_up_unfused_attention(model, max_positions) if self.fuse_attention else {}
+        unfused = self._speed_up_unfused_attention(model) if self.fuse_attention else {}
         report = self._quantize_weights(model, bits)
         if fusion is not None:
             report["attention"] = fusion
@@ -101,7 +100,7 @@ class TargetPolicy:
         return None
 
     @staticmethod
-    def _speed_up_unfused_attention(model: ir.Model, max_positions: int | None) -> dict[str, Any]:
+    def _speed_up_unfused_attention(model: ir.Model) -> dict[str, Any]:
         """Attention left unfused (the latent rebuild form, sliding-window models): scores per KV-head group instead
         of over repeated keys (:mod:`~qsvd_export.passes.grouped_query_scores`), and where the graph rebuilds keys
         from a latent cache, its rotary embeddings as ``RotaryEmbedding`` nodes
@@ -118,13 +117,9 @@ class TargetPolicy:
         if regroup.rewritten:
             report["grouped_query_scores"] = regroup.rewritten
         if any((v.name or "").endswith(".latent") for v in model.graph.inputs):
-            if not max_positions:
-                report["rotary_embedding"] = {"fused": 0, "why": "the model's max_position_embeddings is unknown"}
-            else:
-                rotary = FuseRotaryEmbeddingPass(max_positions)
-                run_passes(model, [rotary])
-                report["rotary_embedding"] = {"fused": rotary.fused, "max_positions": max_positions,
-                                              **({"skipped": rotary.skipped} if rotary.skipped else {})}
+            rotary = FuseRotaryEmbeddingPass()
+            run_passes(model, [rotary])
+            report["rotary_embedding"] = {"fused": rotary.fused, **({"skipped": rotary.skipped} if rotary.skipped else {})}
         return report
 
     def _quantize_weights(self, model: ir.Model, bits: Bits) -> dict[str, Any]:
