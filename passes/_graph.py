@@ -28,6 +28,12 @@ def const_array(value: ir.Value | None) -> np.ndarray | None:
     return None
 
 
+def producer_op(value: ir.Value | None, op: str) -> ir.Node | None:
+    """The node producing ``value`` when it is the standard-domain ``op``, else None."""
+    node = value.producer() if value is not None else None
+    return node if node is not None and node.op_type == op and node.domain in ("", "ai.onnx") else None
+
+
 def matmul_weight(node: ir.Node, through_transpose: bool = True) -> np.ndarray | None:
     """The constant [K, N] weight of ``MatMul(x, W)``: W an initializer or a Constant node's 2-D output, or (with
     ``through_transpose``) ``Transpose(W)`` with perm (1, 0) of one; None for any other MatMul or node.

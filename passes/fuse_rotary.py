@@ -20,19 +20,14 @@ import numpy as np
 import onnx_ir as ir
 from onnx_ir.passes import common
 
-from qsvd_export.passes._graph import add_node, backward_nodes, clone_nodes, const_array, initializer
+from qsvd_export.passes._graph import add_node, backward_nodes, clone_nodes, const_array, initializer, producer_op
 from qsvd_export.passes.contracts import GraphPass
 from qsvd_export.passes.rotary_tables import index_sources, subgraph_session
 
 
-def _op(value: ir.Value | None, op: str) -> ir.Node | None:
-    node = value.producer() if value is not None else None
-    return node if node is not None and node.op_type == op and node.domain in ("", "ai.onnx") else None
-
-
 def _half_slice(value: ir.Value | None) -> tuple[ir.Value, int, int] | None:
     """(x, start, end) of ``Slice(x, [start], [end], [−1 or 3])`` with unit step, else None."""
-    node = _op(value, "Slice")
+    node = producer_op(value, "Slice")
     if node is None or len(node.inputs) < 4:
         return None
     starts, ends, axes = (const_array(v) for v in node.inputs[1:4])
@@ -45,11 +40,11 @@ def _half_slice(value: ir.Value | None) -> tuple[ir.Value, int, int] | None:
 
 def _rotate_half(value: ir.Value | None) -> tuple[ir.Value, int] | None:
     """(x, D/2) when ``value`` = Concat(Neg(x[..., h:]), x[..., :h], axis=−1), else None."""
-    concat = _op(value, "Concat")
+    concat = producer_op(value, "Concat")
     axis = concat.attributes.get("axis") if concat is not None else None
     if concat is None or axis is None or axis.as_int() not in (-1, 3) or len(concat.inputs) != 2:
         return None
-    neg = _op(concat.inputs[0], "Neg")
+    neg = producer_op(concat.inputs[0], "Neg")
     second, first = (_half_slice(neg.inputs[0]) if neg is not None else None), _half_slice(concat.inputs[1])
     if second is None or first is None or second[0] is not first[0] or first[1] != 0:
         return None
@@ -61,7 +56,7 @@ def rotary_match(add: ir.Node) -> tuple[ir.Value, ir.Value, ir.Value, int] | Non
     """(x, cos, sin, D/2) when ``add`` = Add(Mul(x, cos), Mul(rotate_half(x), sin)) (either operand order)."""
     if add.op_type != "Add" or add.domain not in ("", "ai.onnx") or len(add.inputs) != 2:
         return None
-    muls = [_op(v, "Mul") for v in add.inputs]
+    muls = [producer_op(v, "Mul") for v in add.inputs]
     if any(m is None or len(m.inputs) != 2 for m in muls):
         return None
     for plain, rotated in (muls, muls[::-1]):
@@ -96,7 +91,8 @@ def _is_tokens_by_position(value: ir.Value, depth: int = 16) -> bool:
 def _check(model: ir.Model, cos: ir.Value, sin: ir.Value, half: int, positions: int) -> ir.Value | str:
     """The positions tensor P [B, S] that cos and sin are per-position lookups of, or why they are not. P is the
     integer [B, S] tensor nearest to cos that cos and sin are computed from alone."""
-    sources = [v for v in index_sources(cos) if v in index_sources(sin) and _is_tokens_by_position(v)]
+    of_sin = index_sources(sin)
+    sources = [v for v in index_sources(cos) if v in of_sin and _is_tokens_by_position(v)]
     if not sources:
         return "cos/sin do not come from one integer [batch, seq] tensor alone"
     source = sources[0]
@@ -173,8 +169,7 @@ class FuseRotaryEmbeddingPass(GraphPass):
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         graph = model.graph
         caches: dict[tuple[int, int], tuple[ir.Value, ir.Value, ir.Value] | str] = {}
-        for add in [n for n in graph if rotary_match(n) is not None]:
-            x, cos, sin, half = rotary_match(add)  # type: ignore[misc]
+        for add, (x, cos, sin, half) in [(n, m) for n in graph if (m := rotary_match(n)) is not None]:
             key = (id(cos), id(sin))
             if key not in caches:
                 found = _check(model, cos, sin, half, self.check_positions)

@@ -16,13 +16,8 @@ import numpy as np
 import onnx_ir as ir
 from onnx_ir.passes import common
 
-from qsvd_export.passes._graph import add_node, const_array, initializer
+from qsvd_export.passes._graph import add_node, const_array, initializer, producer_op
 from qsvd_export.passes.contracts import GraphPass
-
-
-def _producer(value: ir.Value | None, op: str) -> ir.Node | None:
-    node = value.producer() if value is not None else None
-    return node if node is not None and node.op_type == op and node.domain in ("", "ai.onnx") else None
 
 
 def _int_dims(value: ir.Value | None, axes: tuple[int, ...]) -> tuple[int, ...] | None:
@@ -45,11 +40,11 @@ def repeated_key(scores: ir.Node) -> tuple[ir.Value, int, int, int] | None:
     """(K [B, KVH, T, D], KVH, rep, D) when ``scores`` = MatMul(Q, Transpose(repeat_kv(K))) as above, else None."""
     if scores.op_type != "MatMul" or scores.domain not in ("", "ai.onnx") or len(scores.inputs) != 2:
         return None
-    transpose = _producer(scores.inputs[1], "Transpose")
+    transpose = producer_op(scores.inputs[1], "Transpose")
     perm = transpose.attributes.get("perm") if transpose is not None else None
-    reshape = _producer(transpose.inputs[0], "Reshape") if transpose is not None else None
-    expand = _producer(reshape.inputs[0], "Expand") if reshape is not None else None
-    unsqueeze = _producer(expand.inputs[0], "Unsqueeze") if expand is not None else None
+    reshape = producer_op(transpose.inputs[0], "Reshape") if transpose is not None else None
+    expand = producer_op(reshape.inputs[0], "Expand") if reshape is not None else None
+    unsqueeze = producer_op(expand.inputs[0], "Unsqueeze") if expand is not None else None
     if perm is None or list(perm.as_ints()) != [0, 1, 3, 2] or unsqueeze is None:
         return None
     axes = const_array(unsqueeze.inputs[1]) if len(unsqueeze.inputs) > 1 else None
@@ -87,10 +82,8 @@ class GroupedQueryScoresPass(GraphPass):
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         graph = model.graph
         outputs = {id(v) for v in graph.outputs}
-        for scores in [n for n in graph if repeated_key(n) is not None and id(n.outputs[0]) not in outputs]:
-            found = repeated_key(scores)
-            assert found is not None
-            key, kv_heads, rep, dim = found
+        matches = [(n, m) for n in graph if id(n.outputs[0]) not in outputs and (m := repeated_key(n)) is not None]
+        for scores, (key, kv_heads, rep, dim) in matches:
             prefix = f"{scores.name or 'scores'}/grouped"
             query = scores.inputs[0]
             grouped_shape = initializer(graph, f"{prefix}/query_shape", np.asarray([0, kv_heads, -1, dim], np.int64))
@@ -102,8 +95,7 @@ class GroupedQueryScoresPass(GraphPass):
             for value in (grouped, key_t, product, out):
                 value.dtype = query.dtype  # type: ignore[union-attr]
             out.shape = scores.outputs[0].shape
-            for reader, index in list(scores.outputs[0].uses()):
-                reader.replace_input_with(index, out)
+            scores.outputs[0].replace_all_uses_with(out)
             self.rewritten += 1
         if self.rewritten:
             common.RemoveUnusedNodesPass()(model)

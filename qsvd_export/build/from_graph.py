@@ -276,7 +276,7 @@ def compile_onnx(graph_path: Path, plan_path: Path | None, out: Path, overwrite:
                 except UsageError:
                     if not quantizes_latent:
                         raise
-                    raise UsageError("--target cpu calibrates the int8 latent cache on text and this graph has no "
+                    raise UsageError("--target cpu calibrates the 8-bit latent cache on text and this graph has no "
                                      "tokenizer: give --tokenizer HF_DIR, or --kv-bits 32 for a float latent "
                                      "cache") from None
             report["target"] = finish_target(tmp, config, target_report, target, tokenizer, timings)

@@ -17,7 +17,7 @@ class TargetRequest:
 
     ``strict``: the target's checks fail the build instead of reporting; ``npu``: the npu target's options;
     ``verify``: run the target's verification (npu: QNN HTP sessions); ``kv``: the cache of fused attention (cpu);
-    ``latent_cache_bits``: a QSVD latent cache as int8 codes (cpu; 8, "auto" = where the graph has one, None =
+    ``latent_cache_bits``: a QSVD latent cache as 8-bit codes (cpu; 8, "auto" = where the graph has one, None =
     float). Validated on construction (:meth:`check`)."""
 
     target: str

@@ -110,16 +110,18 @@ class TargetPolicy:
         from qsvd_export.passes.contracts import run_passes
         from qsvd_export.passes.fuse_rotary import FuseRotaryEmbeddingPass
         from qsvd_export.passes.grouped_query_scores import GroupedQueryScoresPass
+        from qsvd_export.passes.quantize_latent_cache import LATENT_INPUT
 
         report: dict[str, Any] = {}
         regroup = GroupedQueryScoresPass()
         run_passes(model, [regroup])
         if regroup.rewritten:
             report["grouped_query_scores"] = regroup.rewritten
-        if any((v.name or "").endswith(".latent") for v in model.graph.inputs):
+        if any(LATENT_INPUT.match(v.name or "") for v in model.graph.inputs):
             rotary = FuseRotaryEmbeddingPass()
             run_passes(model, [rotary])
-            report["rotary_embedding"] = {"fused": rotary.fused, **({"skipped": rotary.skipped} if rotary.skipped else {})}
+            report["rotary_embedding"] = {"fused": rotary.fused,
+                                          **({"skipped": rotary.skipped} if rotary.skipped else {})}
         return report
 
     def _quantize_weights(self, model: ir.Model, bits: Bits) -> dict[str, Any]:
