@@ -75,7 +75,7 @@ class _TargetFlags(_Flags):
     int4_block: int = 32
     precompile: bool = False
     verify: bool = True
-    kv_bits: Literal[4, 8, 16, 32] | None = None  # cpu: 4 | 8 | 32 fused attention, 8 | 32 latent; npu: 8 | 16 | 32
+    kv_bits: Literal[4, 8, 16, 32] | None = None  # cpu: 4 | 8 | 32 fused attention, 4 | 8 | 32 latent; npu: 8 | 16 | 32
     latent_groups: int | None = None
 
 

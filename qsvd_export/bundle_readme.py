@@ -90,8 +90,11 @@ def render_decoder_readme(config: BundleConfig, report: dict[str, Any]) -> str:
         lines.append(f"- `past_key_values.{{i}}.{part}` {tensor.dtype} [{shape}] → `present.{{i}}.{part}` "
                      f"(past + n on axis {tensor.sequence_axis})")
     if config.cache and config.cache[-1].tensors[0].quantization is not None:
-        zero = config.cache[-1].tensors[0].quantization.get("zero_point", 0)
-        lines.append(f"- The latent tensors are {config.cache[-1].tensors[0].dtype} codes with static per-channel "
+        quantization = config.cache[-1].tensors[0].quantization
+        zero = quantization.get("zero_point", 0)
+        codes = (f"4-bit codes, two per {config.cache[-1].tensors[0].dtype} byte ({quantization['packing']}), "
+                 if quantization.get("bits") == 4 else f"{config.cache[-1].tensors[0].dtype} codes ")
+        lines.append(f"- The latent tensors are {codes}with static per-channel "
                      f"scales inside the graph (`quantization` in `{CONFIG_NAME}`, value = (code − {zero}) · "
                      "scale[channel]): pass `present` back as `past` unchanged.")
     lines += [

@@ -85,7 +85,7 @@ def test_int8_latent_stays_close_to_the_float_latent(latent_bundles):
 @pytest.mark.parametrize("argv, message", [
     (["--target", "npu", "--kv-bits", "4"], "not available for target npu"),
     (["--kv-bits", "8"], "needs --target cpu"),
-    (["--target", "cpu", "--kv-bits", "4"], "not available for a latent cache"),
+    (["--target", "cpu", "--kv-bits", "16"], "not available for a latent cache"),
 ])
 def test_bad_latent_cache_requests_are_refused(latent_bundles, tmp_path, capsys, argv, message):
     assert main([str(latent_bundles / "float" / "model.onnx"), *argv, "-o", str(tmp_path / "x"), "-q"]) != 0

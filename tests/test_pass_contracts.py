@@ -101,7 +101,7 @@ VIOLATIONS: dict[type, Callable[[], tuple[ir.passes.PassBase, ir.Model, str]]] =
                                           "blocks [3], the graph has 0 attention blocks"),
     Float16Pass: lambda: (Float16Pass(mask_value=1e6), _matmul_model(), "not a positive float16"),
     UntieEmbeddingPass: lambda: (UntieEmbeddingPass(), _dangling_model(), "'ghost' is produced by nothing"),
-    FoldLatentScalesPass: lambda: (FoldLatentScalesPass(), _matmul_model(), "no DequantizeLinear of an 8-bit latent"),
+    FoldLatentScalesPass: lambda: (FoldLatentScalesPass(), _matmul_model(), "no DequantizeLinear of a coded latent"),
     GroupedQueryScoresPass: lambda: (GroupedQueryScoresPass(), _dangling_model(), "'ghost' is produced by nothing"),
     FuseRotaryEmbeddingPass: lambda: (FuseRotaryEmbeddingPass(0), _matmul_model(), "check_positions must be ≥ 1"),
     QuantizeLatentCachePass: lambda: (QuantizeLatentCachePass({"past_key_values.0.latent": np.ones(4, np.float32)}),

@@ -42,8 +42,8 @@ def apply_target(model: ir.Model, request: TargetRequest | None,
 def finish_target(folder: Path, config: BundleConfig, target_report: dict[str, Any] | None,
                   request: TargetRequest | None, tokenizer: Any,
                   timings: dict[str, float] | None = None) -> dict[str, Any] | None:
-    """File-level target steps once ``folder`` holds ``model.onnx``: for ``request.latent_cache_bits`` 8 (cpu) the
-    int8 latent cache I/O (:mod:`qsvd_export.targets.latent_cache`, config rewritten; "auto": only where the graph
+    """File-level target steps once ``folder`` holds ``model.onnx``: for ``request.latent_cache_bits`` 8 or 4 (cpu)
+    the coded latent cache I/O (:mod:`qsvd_export.targets.latent_cache`, config rewritten; "auto": only where the graph
     caches a latent), then the cpu/gpu check of ONNX Runtime's optimized graph, or for npu the static
     prefill/decode QDQ graphs replacing ``model.onnx`` (config rewritten) and their QNN HTP verification. Returns
     the completed target report (wall times go to ``timings``, never into the deterministic report)."""
@@ -52,9 +52,10 @@ def finish_target(folder: Path, config: BundleConfig, target_report: dict[str, A
     from qsvd_export.targets import policy_for
     from qsvd_export.targets.latent_cache import latent_cache_bits_for, quantize_latent_cache
 
-    if latent_cache_bits_for(request, config) is not None:  # 8, on target cpu (TargetRequest.check)
+    latent_bits = latent_cache_bits_for(request, config)
+    if latent_bits is not None:  # 8 or 4, on target cpu (TargetRequest.check)
         start = time.perf_counter()
-        target_report["latent_cache"] = quantize_latent_cache(folder, config, tokenizer)
+        target_report["latent_cache"] = quantize_latent_cache(folder, config, tokenizer, bits=latent_bits)
         if timings is not None:
             timings["latent_cache_s"] = time.perf_counter() - start
     policy = policy_for(target_report["target"])

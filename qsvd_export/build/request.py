@@ -17,8 +17,8 @@ class TargetRequest:
 
     ``strict``: the target's checks fail the build instead of reporting; ``npu``: the npu target's options;
     ``verify``: run the target's verification (npu: QNN HTP sessions); ``kv``: the cache of fused attention (cpu);
-    ``latent_cache_bits``: a QSVD latent cache as 8-bit codes (cpu; 8, "auto" = where the graph has one, None =
-    float). Validated on construction (:meth:`check`)."""
+    ``latent_cache_bits``: a QSVD latent cache as 8- or 4-bit codes (cpu; 8, 4, "auto" = 8 where the graph has
+    one, None = float). Validated on construction (:meth:`check`)."""
 
     target: str
     bits: str | None = None
@@ -26,7 +26,7 @@ class TargetRequest:
     npu: NpuOptions | None = None
     verify: bool = True
     kv: KvCacheOptions | None = None
-    latent_cache_bits: Literal[8, "auto"] | None = None
+    latent_cache_bits: Literal[8, 4, "auto"] | None = None
 
     def __post_init__(self) -> None:
         self.check()
@@ -39,6 +39,6 @@ class TargetRequest:
         if self.npu is not None and self.target != "npu":
             raise UsageError(f"npu options were given for target {self.target}")
         if self.latent_cache_bits is not None and self.target != "cpu":
-            raise UsageError(f"an int8 latent cache is built for --target cpu (got {self.target})")
-        if self.latent_cache_bits not in (None, 8, "auto"):
-            raise UsageError(f"latent cache bits must be 8 or 'auto', got {self.latent_cache_bits!r}")
+            raise UsageError(f"a coded latent cache is built for --target cpu (got {self.target})")
+        if self.latent_cache_bits not in (None, 8, 4, "auto"):
+            raise UsageError(f"latent cache bits must be 8, 4 or 'auto', got {self.latent_cache_bits!r}")

@@ -43,8 +43,8 @@ def _add_target(parser: argparse.ArgumentParser, bits: bool = True) -> None:
     parser.add_argument("--kv-bits", type=int, choices=[4, 8, 16, 32], default=None,
                         help="cpu target: KV cache element bits of fused attention: 8 = int8, 4 = int4 (packed), with static per-channel "
                              "scales (default with a KV budget), 32 = float (default without); a QSVD latent cache "
-                             "(rebuild form, or a latent graph): 8 = int8 codes with static per-channel scales "
-                             "(default), 32 = float; npu target: the static "
+                             "(rebuild form, or a latent graph): 8 = 8-bit codes with static per-channel scales "
+                             "(default), 4 = 4-bit codes, two per byte, 32 = float; npu target: the static "
                              "graphs' cache I/O, 8 / 16 = uint8 / uint16 codes with one static scale per cache tensor "
                              "(default 8), 32 = float")
     parser.add_argument("--latent-groups", type=int, default=None,

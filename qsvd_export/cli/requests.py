@@ -42,15 +42,15 @@ def kv_options(args: argparse.Namespace, budget: float | None = None) -> Any:
 
 
 def _latent_cache_bits(bits: int | None, target: str | None) -> int | str | None:
-    """--kv-bits for a QSVD latent cache (rebuild form) on target cpu: 8 = int8 codes, 32 = float (None); not given:
+    """--kv-bits for a QSVD latent cache (rebuild form) on target cpu: 8 / 4 = 8- / 4-bit codes, 32 = float (None); not given:
     "auto" (int8 where the graph caches a latent, chosen on the dev split: docs/decisions.md)."""
     if bits is None:
         return "auto" if target == "cpu" else None
     if target != "cpu":
         raise UsageError(f"--kv-bits {bits} needs --target cpu or npu (got {target or 'none'})")
-    if bits not in (8, 32):
-        raise UsageError(f"--kv-bits {bits} is not available for a latent cache on target cpu (8, or 32 for float)")
-    return 8 if bits == 8 else None
+    if bits not in (4, 8, 32):
+        raise UsageError(f"--kv-bits {bits} is not available for a latent cache on target cpu (8, 4, or 32 for float)")
+    return None if bits == 32 else bits
 
 
 def target_request(args: argparse.Namespace, bits: str | None, kv: Any = None,

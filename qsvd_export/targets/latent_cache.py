@@ -1,12 +1,14 @@
-"""8-bit latent cache I/O for the cpu target (``--kv-bits 8`` on a bundle whose layers cache a QSVD latent).
+"""8- or 4-bit latent cache I/O for the cpu target (``--kv-bits 8|4`` on a bundle whose layers cache a QSVD latent).
 
 Calibration runs the bundle's float graph in ONNX Runtime on ``calib_windows`` × 512 tokens of calibration text
-(prefill with an empty cache) and takes, per latent channel, the largest magnitude the graph writes into
-``present.i.latent``: scale = max|latent| / 127 (symmetric, zero point 0). The graph is then rewritten by
-:class:`~qsvd_export.passes.quantize_latent_cache.QuantizeLatentCachePass`, and ``qsvd_config.json`` lists each
-latent tensor as ``uint8`` with its ``quantization`` ``{"axis": 2, "scale": [r floats], "zero_point": 128}``
-(the scales live in the graph too; runtimes pass the codes back unchanged). Inside the graph the cache is read as
-``Cast(codes)`` with the scales folded into its readers (:mod:`~qsvd_export.passes.fold_latent_scales`).
+(prefill with an empty cache) and reads what the graph writes into ``present.i.latent``. 8-bit: per latent channel
+scale = max|latent| / 127. 4-bit: scale = a · max|latent| / 7 with the clip fraction a per channel that minimizes
+the squared error of the saturated codes over the calibration tokens (:func:`mse_scales`). The graph is then
+rewritten by :class:`~qsvd_export.passes.quantize_latent_cache.QuantizeLatentCachePass`, and ``qsvd_config.json``
+lists each latent tensor as ``uint8`` with its ``quantization`` ``{"axis": 2, "scale": [r floats], "zero_point":
+128}`` (4-bit: ``"zero_point": 8, "bits": 4`` and a ``"packing"`` note; the tensor's last dimension is ⌈r/2⌉ bytes).
+The scales live in the graph too; runtimes pass the codes back unchanged. Inside the graph the cache is read as
+codes with the scales folded into its readers (:mod:`~qsvd_export.passes.fold_latent_scales`).
 """
 
 from __future__ import annotations
@@ -19,10 +21,12 @@ from typing import Any
 
 import numpy as np
 
-from qsvd_export.bundle import CONFIG_NAME, GRAPH_FILE, BundleConfig
+from qsvd_export.bundle import CONFIG_NAME, GRAPH_FILE, BundleConfig, CacheTensor
 from qsvd_export.errors import UsageError
 
 CODE_MAX = 127
+CODE_MAX_4 = 7
+PACKING = "byte j holds channel j in its low nibble and channel j + ceil(r/2) in its high nibble"
 
 
 def latent_tensor_names(config: BundleConfig) -> list[str]:
@@ -32,7 +36,7 @@ def latent_tensor_names(config: BundleConfig) -> list[str]:
 
 
 def latent_cache_bits_for(request: Any, config: BundleConfig) -> int | None:
-    """The latent cache bits a :class:`~qsvd_export.build.request.TargetRequest` asks of this bundle: 8, or None
+    """The latent cache bits a :class:`~qsvd_export.build.request.TargetRequest` asks of this bundle: 8, 4, or None
     (float). "auto" is 8 where the bundle caches a float latent on target cpu."""
     bits = request.latent_cache_bits if request is not None else None
     if bits == "auto":
@@ -55,6 +59,37 @@ def latent_peaks(folder: Path, names: list[str], windows: np.ndarray) -> dict[st
     return largest
 
 
+def latent_samples(folder: Path, names: list[str], windows: np.ndarray) -> dict[str, np.ndarray]:
+    """Per latent cache input every value the graph writes [tokens, r] (float32) over prefills of ``windows``."""
+    from qsvd_export.runtimes.decode import DecoderRunner
+
+    runner = DecoderRunner(folder)
+    found: dict[str, list[np.ndarray]] = {name: [] for name in names}
+    for window in windows:
+        _, cache = runner.prefill(np.asarray(window, dtype=np.int64)[None, :])
+        for name in names:
+            found[name].append(np.asarray(cache[name], np.float32).reshape(-1, cache[name].shape[-1]))
+    return {name: np.concatenate(parts) for name, parts in found.items()}
+
+
+def mse_scales(samples: dict[str, np.ndarray], levels: int,
+               clips: np.ndarray = np.linspace(0.25, 1.0, 16)) -> dict[str, np.ndarray]:
+    """Symmetric scales for codes saturating at ±``levels``: per channel a · peak / levels with a in ``clips`` that
+    minimizes the mean squared error of the dequantized codes over ``samples`` [tokens, r]."""
+    tiny = np.finfo(np.float32).tiny
+    scales = {}
+    for name, values in samples.items():
+        peak = np.maximum(np.abs(values).max(axis=0), tiny)
+        errors = []
+        for clip in clips:
+            scale = peak * clip / levels
+            codes = np.clip(np.rint(values / scale), -levels, levels)
+            errors.append(np.square(codes * scale - values).mean(axis=0))
+        best = np.asarray(clips)[np.argmin(np.stack(errors), axis=0)]
+        scales[name] = np.maximum(peak * best / levels, tiny).astype(np.float32)
+    return scales
+
+
 def scales_for(peaks: dict[str, np.ndarray], levels: int = CODE_MAX,
                clip: float = 1.0) -> dict[str, np.ndarray]:
     """Symmetric scales putting ``clip`` · peak on code ``levels`` (int8: 127), float32, never zero."""
@@ -63,47 +98,65 @@ def scales_for(peaks: dict[str, np.ndarray], levels: int = CODE_MAX,
 
 
 def quantize_latent_cache(folder: Path, config: BundleConfig, tokenizer: Any, calib_windows: int = 32,
-                          calib_text: str = "wiki_calib",
-                          scales: dict[str, np.ndarray] | None = None) -> dict[str, Any]:
-    """Rewrite ``folder``'s ``model.onnx`` so that every latent cache crosses the graph boundary as 8-bit codes, and
-    ``config`` (written back to ``qsvd_config.json``) to match. Returns the report entry. ``scales``: given per
-    latent input (probes of other code ranges), instead of calibrated."""
+                          calib_text: str = "wiki_calib", scales: dict[str, np.ndarray] | None = None,
+                          bits: int = 8, levels: int = CODE_MAX) -> dict[str, Any]:
+    """Rewrite ``folder``'s ``model.onnx`` so that every latent cache crosses the graph boundary as ``bits`` (8 or 4)
+    bit codes, and ``config`` (written back to ``qsvd_config.json``) to match. Returns the report entry. ``scales``:
+    given per latent input (probes of other code ranges), instead of calibrated; ``levels`` (8-bit probes): codes
+    saturate at ±levels."""
     from qsvd_export.build.files import save_graph
     from qsvd_export.data import read_text, token_windows
     from qsvd_export.passes.contracts import run_passes
     from qsvd_export.passes.fold_latent_scales import FoldLatentScalesPass
-    from qsvd_export.passes.quantize_latent_cache import ZERO_POINT, QuantizeLatentCachePass
+    from qsvd_export.passes.quantize_latent_cache import ZERO_POINT, ZERO_POINT_4, QuantizeLatentCachePass
     from qsvd_export.progress import info
 
     names = latent_tensor_names(config)
     if not names:
-        raise UsageError("--kv-bits 8 on target cpu quantizes a latent KV cache, and this graph has none "
+        raise UsageError(f"--kv-bits {bits} on target cpu quantizes a latent KV cache, and this graph has none "
                          "(a dense cache: use export --target cpu --kv-bits 8, which fuses attention)")
     if scales is None:
         if tokenizer is None:
-            raise UsageError("--kv-bits 8 calibrates the latent cache on text, and this graph has no tokenizer "
+            raise UsageError(f"--kv-bits {bits} calibrates the latent cache on text, and this graph has no tokenizer "
                              "(give --tokenizer HF_DIR)")
-        info(f"latent cache: 8-bit codes with static per-channel scales, calibrated on {calib_windows} x 512 tokens")
+        info(f"latent cache: {bits}-bit codes with static per-channel scales, calibrated on {calib_windows} x 512 "
+             "tokens")
         windows = token_windows(tokenizer, read_text(calib_text), 512, calib_windows, source=calib_text)
-        scales = scales_for(latent_peaks(folder, names, windows))
+        scales = scales_for(latent_peaks(folder, names, windows)) if bits == 8 \
+            else mse_scales(latent_samples(folder, names, windows), CODE_MAX_4)
     import onnx_ir as ir
 
     model = ir.load(folder / GRAPH_FILE)  # the bundle's own graph: no input checks or clean-ups
-    run_passes(model, [QuantizeLatentCachePass(scales), FoldLatentScalesPass()])
+    run_passes(model, [QuantizeLatentCachePass(scales, bits, levels), FoldLatentScalesPass()])
     with tempfile.TemporaryDirectory(dir=folder) as tmp:  # the loaded graph reads the data file it replaces
         save_graph(model, Path(tmp))
         del model
         for name in (GRAPH_FILE, f"{GRAPH_FILE}.data"):
             shutil.move(str(Path(tmp) / name), folder / name)
     config.cache = [replace(layer, tensors=[
-        replace(t, dtype="uint8", quantization={"axis": 2, "scale": [float(s) for s in scales[t.input]],
-                                                "zero_point": ZERO_POINT}) if t.input in scales else t
-        for t in layer.tensors]) for layer in config.cache]
+        _coded(t, scales[t.input], bits) if t.input in scales else t for t in layer.tensors]) for layer in config.cache]
     (folder / CONFIG_NAME).write_text(config.to_json())
-    return {"bits": 8, "layout": f"uint8 codes, zero point {ZERO_POINT}, static symmetric scale per latent channel "
-                                 "(axis 2)",
+    layout = (f"uint8 codes, zero point {ZERO_POINT}, static symmetric scale per latent channel (axis 2)" if bits == 8
+              else f"4-bit codes in [1, 15], zero point {ZERO_POINT_4}, two per byte ({PACKING}), static symmetric "
+                   "scale per latent channel")
+    calibration = (f"max |latent| over {calib_windows} x 512 tokens of {calib_text}" if bits == 8 else
+                   f"per-channel clip of max |latent| minimizing the squared error over {calib_windows} x 512 tokens "
+                   f"of {calib_text}")
+    return {"bits": bits, "layout": layout,
             "decode": "keys rebuilt by MatMulIntegerToFloat on the codes (scales folded into its int8 weight); the "
                       "attention-weighted latent scaled after the product (no per-step dequantize of the cache)",
-            "calibration": f"max |latent| over {calib_windows} x 512 tokens of {calib_text}",
+            "calibration": calibration,
             "tensors": len(scales), "kv_bytes_per_token": config.kv_bytes_per_token(),
             "static_scale_bytes": 4 * sum(len(s) for s in scales.values())}
+
+
+def _coded(tensor: CacheTensor, scale: np.ndarray, bits: int) -> CacheTensor:
+    """The config entry of a latent cache tensor stored as ``bits``-bit codes with per-channel ``scale`` [r]."""
+    from qsvd_export.passes.quantize_latent_cache import ZERO_POINT, ZERO_POINT_4
+
+    quantization: dict[str, Any] = {"axis": 2, "scale": [float(s) for s in scale],
+                                    "zero_point": ZERO_POINT if bits == 8 else ZERO_POINT_4}
+    if bits == 8:
+        return replace(tensor, dtype="uint8", quantization=quantization)
+    shape = [*tensor.shape[:-1], (len(scale) + 1) // 2]
+    return replace(tensor, dtype="uint8", shape=shape, quantization={**quantization, "bits": 4, "packing": PACKING})

@@ -1,0 +1,122 @@
+"""4-bit latent cache I/O on the cpu target (``--kv-bits 4``): two codes per byte, saturated, MSE-clipped scales."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import onnx
+import pytest
+
+from qsvd_export.bundle import load_bundle_config
+from qsvd_export.cli import main
+from qsvd_export.runtimes.decode import DecoderRunner
+from tests.test_latent_cache_8bit import IDS, SMALL, _latent_cache_graph
+
+
+@pytest.fixture(scope="module")
+def bundles4(tmp_path_factory):
+    """One tiny-llama kv=0.5 plan as a float-latent, an 8-bit-latent and a 4-bit-latent cpu bundle."""
+    root = tmp_path_factory.mktemp("latent_int4")
+    assert main(["compress", "tiny-llama", "--budget", "kv=0.5", "-o", str(root / "float"), *SMALL]) == 0
+    graph = root / "float" / "model.onnx"
+    for name, bits in (("cpu", "32"), ("int8", "8"), ("int4", "4")):
+        code = main([str(graph), "--target", "cpu", "--bits", "w8a16", "--kv-bits", bits, "-o", str(root / name),
+                     "-q"])
+        assert code == 0
+    return root
+
+
+def test_packed_codes_cross_the_boundary_at_half_a_byte_per_channel(bundles4):
+    config = load_bundle_config(bundles4 / "int4")
+    eight = load_bundle_config(bundles4 / "int8")
+    tensors = [t for layer in config.cache for t in layer.tensors]
+    for t, t8, layer in zip(tensors, (t for layer in eight.cache for t in layer.tensors), config.cache):
+        rank = len(t8.quantization["scale"])
+        assert layer.rank == rank and len(t.quantization["scale"]) == rank
+        assert t.dtype == "uint8" and t.shape[-1] == (rank + 1) // 2
+        assert t.quantization["bits"] == 4 and t.quantization["zero_point"] == 8 and "low nibble" in \
+            t.quantization["packing"]
+    assert config.kv_bytes_per_token() == sum((len(t.quantization["scale"]) + 1) // 2 for t in tensors)
+    assert config.kv_bytes_per_token() * 2 >= eight.kv_bytes_per_token()
+    proto = onnx.load(bundles4 / "int4" / "model.onnx", load_external_data=False)
+    types = {v.name: v.type.tensor_type.elem_type for v in [*proto.graph.input, *proto.graph.output]}
+    assert all(types[t.input] == types[t.output] == onnx.TensorProto.UINT8 for t in tensors)
+    ops = [n.op_type for n in proto.graph.node]
+    assert ops.count("MatMulIntegerToFloat") == 2 and ops.count("BitwiseAnd") == 2 and ops.count("Clip") >= 2
+    report = json.loads((bundles4 / "int4" / "report.json").read_text())
+    assert report["target"]["latent_cache"]["bits"] == 4
+    assert report["kv_bytes_per_token"] == config.kv_bytes_per_token()
+    assert "4-bit codes, two per uint8 byte" in (bundles4 / "int4" / "README.md").read_text()
+
+
+def test_int4_latent_decode_equals_its_prefill(bundles4):
+    runner = DecoderRunner(bundles4 / "int4")
+    full, _ = runner.prefill(IDS)
+    logits, cache = runner.prefill(IDS[:, :6])
+    steps = [logits[:, -1]]
+    for t in range(6, IDS.shape[1]):
+        logits, cache = runner.step(IDS[:, t:t + 1], np.ones((1, t + 1), np.int64), np.asarray([[t]]), cache)
+        steps.append(logits[:, -1])
+        assert all(v.dtype == np.uint8 and v.shape[1] == t + 1 for v in cache.values())
+    np.testing.assert_allclose(np.stack(steps, 1), full[:, 5:], atol=1e-4)
+
+
+def test_int4_latent_is_coarser_than_int8_and_still_close(bundles4):
+    base, _ = DecoderRunner(bundles4 / "cpu").prefill(IDS)
+    err8 = np.abs(DecoderRunner(bundles4 / "int8").prefill(IDS)[0] - base).max()
+    err4 = np.abs(DecoderRunner(bundles4 / "int4").prefill(IDS)[0] - base).max()
+    assert err8 < err4 <= 0.25 * np.abs(base).max()
+
+
+def test_standalone_runner_drives_the_packed_cache(bundles4):
+    from tests.test_samples import sample_new_ids
+
+    out = bundles4 / "int4"
+    ids = [200, 13, 77, 5, 190, 33]
+    eos = load_bundle_config(out).generation["eos_token_ids"]
+    assert sample_new_ids(out, ids, 5) == DecoderRunner(out).generate(ids, 5, eos)
+
+
+@pytest.mark.parametrize("rank", [4, 5])
+def test_pass_packs_two_saturated_codes_per_byte(rank):
+    """Hand-built graph: byte j = code[j] | code[j + ⌈r/2⌉] << 4, codes round(x / s) + 8 saturated to [1, 15];
+    the reader sees (code − 8) · s; an odd r pads the last high nibble with the zero code."""
+    import onnx_ir as ir
+    import onnxruntime as ort
+
+    from qsvd_export.passes.contracts import run_passes
+    from qsvd_export.passes.quantize_latent_cache import QuantizeLatentCachePass
+
+    scale = np.asarray([0.5, 0.25, 1.0, 0.125, 2.0][:rank], np.float32)
+    model = ir.from_proto(_latent_cache_graph(rank))
+    run_passes(model, [QuantizeLatentCachePass({"past_key_values.0.latent": scale}, bits=4)])
+    session = ort.InferenceSession(ir.to_proto(model).SerializeToString(), providers=["CPUExecutionProvider"])
+    half = (rank + 1) // 2
+    past = np.asarray([[[0x9A, 0x78, 0x8F][:half]]], np.uint8)
+    new = np.asarray([[[1.2, -0.3, 2.6, 0.5, -9.0][:rank], [200.0, 0.0, -0.4, -1.0, 3.1][:rank]]], np.float32)
+    present, y = session.run(["present.0.latent", "y"], {"past_key_values.0.latent": past, "new": new})
+    codes = np.clip(np.rint(new / scale) + 8, 1, 15).astype(np.uint8)
+    if rank % 2:
+        codes = np.concatenate([codes, np.full((1, 2, 1), 8, np.uint8)], axis=2)
+    packed = codes[..., :half] | (codes[..., half:] << 4)
+    assert present.dtype == np.uint8 and present.shape == (1, 3, half)
+    np.testing.assert_array_equal(present, np.concatenate([past, packed], axis=1))
+    unpacked = np.concatenate([present & 15, present >> 4], axis=2)[..., :rank].astype(np.float32)
+    np.testing.assert_allclose(y, 2 * (unpacked - 8) * scale)
+
+
+def test_mse_scales_clip_outliers_and_never_lose_to_the_peak():
+    from qsvd_export.targets.latent_cache import mse_scales
+
+    rng = np.random.default_rng(0)
+    values = rng.standard_normal((4096, 3)).astype(np.float32)
+    values[0] = [40.0, 3.0, -2.5]  # one outlier token in channel 0
+    scale = mse_scales({"x": values}, 7)["x"]
+    peak = np.abs(values).max(axis=0)
+    assert scale[0] < 0.5 * peak[0] / 7  # the outlier channel is clipped hard
+
+    def error(s):
+        return np.square(np.clip(np.rint(values / s), -7, 7) * s - values).mean(axis=0)
+
+    assert np.all(error(scale) <= error(peak / 7))
