@@ -103,7 +103,7 @@ def _fold_into_matmul(graph: ir.Graph, node: ir.Node, scale: np.ndarray) -> bool
     return True
 
 
-def _weighted_product(user: ir.Node, index: int) -> ir.Node | None:
+def weighted_product(user: ir.Node, index: int) -> ir.Node | None:
     """The MatMul that reads the latent read by (``user``, ``index``) as its right operand through single-use
     Unsqueezes (``user`` itself, or the end of the Unsqueeze chain ``user`` starts), or None."""
     while user.op_type == "Unsqueeze" and user.domain in ("", "ai.onnx") and index == 0:
@@ -166,7 +166,7 @@ class FoldLatentScalesPass(GraphPass):
                     continue
                 if index == 0 and user.op_type == "MatMul" and _fold_into_matmul(graph, user, scale):
                     continue
-                product = _weighted_product(user, index)
+                product = weighted_product(user, index)
                 if product is not None:
                     _scale_product(graph, product, scale_value)
                     continue

@@ -37,9 +37,13 @@ class CacheTensor:
     # integer codes of a float cache: npu {"scale", "zero_point"}, value = (code - zero_point) * scale;
     # cpu latent {"axis", "scale": [r], "zero_point"}, one scale per channel along ``axis``
     quantization: dict[str, Any] | None = None
+    # a tensor that stops growing at this length (the 4-bit latent's exact first token: 1); None = grows per token
+    max_length: int | None = None
 
     def bytes_per_token(self) -> int:
-        """Bytes one token adds to this tensor for batch 1."""
+        """Bytes one token adds to this tensor for batch 1 (0 for a tensor of bounded length)."""
+        if self.max_length is not None:
+            return 0
         width = 1
         for axis, dim in enumerate(self.shape):
             if axis != self.sequence_axis and isinstance(dim, int):
@@ -92,14 +96,26 @@ class BundleConfig:
     def kv_bytes_per_token(self) -> int:
         return sum(layer.bytes_per_token() for layer in self.cache)
 
+    def kv_fixed_bytes(self) -> int:
+        """Cache bytes that do not grow with the sequence (bounded tensors at their full length), batch 1."""
+        total = 0
+        for tensor in (t for layer in self.cache for t in layer.tensors if t.max_length is not None):
+            width = 1
+            for axis, dim in enumerate(tensor.shape):
+                if axis != tensor.sequence_axis and isinstance(dim, int):
+                    width *= dim
+            total += width * tensor.max_length * DTYPE_BYTES[tensor.dtype]
+        return total
+
     def to_json(self) -> str:
         data = asdict(self)
         for graph in data["graphs"]:  # optional fields are written only when set (older configs stay byte-identical)
             if graph["ort_filename"] is None:
                 del graph["ort_filename"]
         for tensor in (t for layer in data["cache"] for t in layer["tensors"]):
-            if tensor["quantization"] is None:
-                del tensor["quantization"]
+            for optional in ("quantization", "max_length"):
+                if tensor[optional] is None:
+                    del tensor[optional]
         return json.dumps(data, indent=2, sort_keys=False) + "\n"
 
     @classmethod

@@ -46,8 +46,9 @@ def _files(config: BundleConfig) -> list[str]:
 
 
 def _numbers(report: dict[str, Any]) -> list[str]:
+    sink = ((report.get("target") or {}).get("latent_cache") or {}).get("sink_bytes")
     lines = [f"- weights on disk {report['weight_bytes'] / 1e6:.1f} MB; cache {report['kv_bytes_per_token']:,} "
-             "bytes per token (all layers)"]
+             "bytes per token (all layers)" + (f" + {sink:,} bytes once (the first token, exact)" if sink else "")]
     if "r1" in report:
         lines.append(f"- QSVD: R1 {report['r1']:.3f} (attention parameters kept), R2 {report['r2']:.3f} "
                      "(cache kept), ranks per layer in `report.json` → `layers`")
@@ -69,7 +70,7 @@ def render_decoder_readme(config: BundleConfig, report: dict[str, Any]) -> str:
     dense = sum(1 for la in config.cache if la.kind == "dense")
     kinds = ([f"{dense} dense (K and V)"] if dense else []) + (
         [f"{len(ranks)} latent (r {min(ranks)}–{max(ranks)}, per layer in `{CONFIG_NAME}` → `cache`)"] if ranks else [])
-    dtype = config.cache[0].tensors[0].dtype if config.cache else "float32"
+    dtype = "/".join(sorted({t.dtype for t in config.cache[0].tensors})) if config.cache else "float32"
     lines = [
         f"# {config.model_name}: decoder bundle",
         "",
@@ -87,8 +88,9 @@ def render_decoder_readme(config: BundleConfig, report: dict[str, Any]) -> str:
         part = tensor.input.rsplit(".", 1)[-1]
         shape = ", ".join("B" if d == "batch_size" else "past" if d == "past_sequence_length" else str(d)
                           for d in tensor.shape)
-        lines.append(f"- `past_key_values.{{i}}.{part}` {tensor.dtype} [{shape}] → `present.{{i}}.{part}` "
-                     f"(past + n on axis {tensor.sequence_axis})")
+        grows = (f"the first {tensor.max_length} token(s) only: min(past + n, {tensor.max_length}) on axis "
+                 f"{tensor.sequence_axis}" if tensor.max_length else f"past + n on axis {tensor.sequence_axis}")
+        lines.append(f"- `past_key_values.{{i}}.{part}` {tensor.dtype} [{shape}] → `present.{{i}}.{part}` ({grows})")
     if config.cache and config.cache[-1].tensors[0].quantization is not None:
         quantization = config.cache[-1].tensors[0].quantization
         zero = quantization.get("zero_point", 0)
@@ -96,7 +98,9 @@ def render_decoder_readme(config: BundleConfig, report: dict[str, Any]) -> str:
                  if quantization.get("bits") == 4 else f"{config.cache[-1].tensors[0].dtype} codes ")
         lines.append(f"- The latent tensors are {codes}with static per-channel "
                      f"scales inside the graph (`quantization` in `{CONFIG_NAME}`, value = (code − {zero}) · "
-                     "scale[channel]): pass `present` back as `past` unchanged.")
+                     "scale[channel]): pass `present` back as `past` unchanged."
+                     + (" `latent_sink` holds the first token's latent exactly (float32, the attention sink); the "
+                        "graph reads it instead of that token's codes." if quantization.get("bits") == 4 else ""))
     lines += [
         f"- {len(config.cache)} layers: {', '.join(kinds)}. A latent layer caches one rank-r tensor instead of",
         "  K and V; the graph rebuilds keys and values from it.",

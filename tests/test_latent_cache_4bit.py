@@ -1,4 +1,5 @@
-"""4-bit latent cache I/O on the cpu target (``--kv-bits 4``): two codes per byte, saturated, MSE-clipped scales."""
+"""4-bit latent cache I/O on the cpu target (``--kv-bits 4``): two codes per byte, saturated, MSE-clipped scales,
+the first token's latent kept exact beside them."""
 
 from __future__ import annotations
 
@@ -30,22 +31,28 @@ def bundles4(tmp_path_factory):
 def test_packed_codes_cross_the_boundary_at_half_a_byte_per_channel(bundles4):
     config = load_bundle_config(bundles4 / "int4")
     eight = load_bundle_config(bundles4 / "int8")
-    tensors = [t for layer in config.cache for t in layer.tensors]
-    for t, t8, layer in zip(tensors, (t for layer in eight.cache for t in layer.tensors), config.cache):
+    tensors = [layer.tensors[0] for layer in config.cache]
+    for t, t8, layer in zip(tensors, (layer.tensors[0] for layer in eight.cache), config.cache):
         rank = len(t8.quantization["scale"])
         assert layer.rank == rank and len(t.quantization["scale"]) == rank
         assert t.dtype == "uint8" and t.shape[-1] == (rank + 1) // 2
         assert t.quantization["bits"] == 4 and t.quantization["zero_point"] == 8 and "low nibble" in \
             t.quantization["packing"]
+        sink = layer.tensors[1]  # the exact first token: float32 [batch, ≤ 1, r], bounded
+        assert (sink.input, sink.output) == (t.input + "_sink", t.output + "_sink")
+        assert sink.dtype == "float32" and sink.shape[-1] == rank and sink.max_length == 1
     assert config.kv_bytes_per_token() == sum((len(t.quantization["scale"]) + 1) // 2 for t in tensors)
     assert config.kv_bytes_per_token() * 2 >= eight.kv_bytes_per_token()
+    assert config.kv_fixed_bytes() == 4 * sum(layer.rank for layer in config.cache)
     proto = onnx.load(bundles4 / "int4" / "model.onnx", load_external_data=False)
     types = {v.name: v.type.tensor_type.elem_type for v in [*proto.graph.input, *proto.graph.output]}
     assert all(types[t.input] == types[t.output] == onnx.TensorProto.UINT8 for t in tensors)
+    assert all(types[t.input + "_sink"] == types[t.output + "_sink"] == onnx.TensorProto.FLOAT for t in tensors)
     ops = [n.op_type for n in proto.graph.node]
     assert ops.count("MatMulIntegerToFloat") == 2 and ops.count("BitwiseAnd") == 2 and ops.count("Clip") >= 2
     report = json.loads((bundles4 / "int4" / "report.json").read_text())
     assert report["target"]["latent_cache"]["bits"] == 4
+    assert report["target"]["latent_cache"]["sink_bytes"] == config.kv_fixed_bytes()
     assert report["kv_bytes_per_token"] == config.kv_bytes_per_token()
     assert "4-bit codes, two per uint8 byte" in (bundles4 / "int4" / "README.md").read_text()
 
@@ -58,7 +65,9 @@ def test_int4_latent_decode_equals_its_prefill(bundles4):
     for t in range(6, IDS.shape[1]):
         logits, cache = runner.step(IDS[:, t:t + 1], np.ones((1, t + 1), np.int64), np.asarray([[t]]), cache)
         steps.append(logits[:, -1])
-        assert all(v.dtype == np.uint8 and v.shape[1] == t + 1 for v in cache.values())
+        codes = {k: v for k, v in cache.items() if not k.endswith("_sink")}
+        assert all(v.dtype == np.uint8 and v.shape[1] == t + 1 for v in codes.values())
+        assert all(cache[k + "_sink"].shape[1] == 1 for k in codes)
     np.testing.assert_allclose(np.stack(steps, 1), full[:, 5:], atol=1e-4)
 
 
@@ -120,3 +129,64 @@ def test_mse_scales_clip_outliers_and_never_lose_to_the_peak():
         return np.square(np.clip(np.rint(values / s), -7, 7) * s - values).mean(axis=0)
 
     assert np.all(error(scale) <= error(peak / 7))
+
+
+def test_the_first_token_is_read_from_the_sink_not_from_its_codes(bundles4):
+    """A decode step's output does not depend on row 0's 4-bit codes, and does depend on the exact sink."""
+    runner = DecoderRunner(bundles4 / "int4")
+    _, cache = runner.prefill(IDS[:, :6])
+    step = (IDS[:, 6:7], np.ones((1, 7), np.int64), np.asarray([[6]]))
+    base, _ = runner.step(*step, cache)
+    scrambled = dict(cache)
+    for name in [k for k in cache if not k.endswith("_sink")]:
+        codes = cache[name].copy()
+        codes[:, 0] = 0x11  # code 1 in both nibbles: −7 · s on every channel
+        scrambled[name] = codes
+    np.testing.assert_allclose(runner.step(*step, scrambled)[0], base, atol=1e-5)
+    moved = {k: v * 1.5 if k.endswith("_sink") else v for k, v in cache.items()}
+    assert np.abs(runner.step(*step, moved)[0] - base).max() > 1e-3
+
+
+def test_the_sink_pass_refuses_an_8bit_cache_by_name():
+    import onnx_ir as ir
+
+    from qsvd_export.passes.contracts import PassPreconditionError, run_passes
+    from qsvd_export.passes.latent_sink import KeepLatentSinkPass
+    from qsvd_export.passes.quantize_latent_cache import QuantizeLatentCachePass
+
+    model = ir.from_proto(_latent_cache_graph())
+    run_passes(model, [QuantizeLatentCachePass({"past_key_values.0.latent": np.ones(4, np.float32)})])
+    with pytest.raises(PassPreconditionError, match="is not a 4-bit coded latent cache"):
+        run_passes(model, [KeepLatentSinkPass(["past_key_values.0.latent"])])
+
+
+def test_sink_pass_on_a_hand_built_graph():
+    """Quantize (4-bit) → fold → sink on ``y = 2 · present``: row 0 of y is 2 · the exact first latent, in a
+    prefill (empty past: the new tokens' first row) and in a decode (the past sink), the rest 2 · the codes' values."""
+    import onnx_ir as ir
+    import onnxruntime as ort
+
+    from qsvd_export.passes.contracts import run_passes
+    from qsvd_export.passes.fold_latent_scales import FoldLatentScalesPass
+    from qsvd_export.passes.latent_sink import KeepLatentSinkPass
+    from qsvd_export.passes.quantize_latent_cache import QuantizeLatentCachePass
+
+    name = "past_key_values.0.latent"
+    scale = np.asarray([0.5, 0.25, 1.0, 0.125, 2.0], np.float32)
+    model = ir.from_proto(_latent_cache_graph(5))
+    run_passes(model, [QuantizeLatentCachePass({name: scale}, bits=4), FoldLatentScalesPass(),
+                       KeepLatentSinkPass([name])])
+    session = ort.InferenceSession(ir.to_proto(model).SerializeToString(), providers=["CPUExecutionProvider"])
+    outputs = ["present.0.latent", "present.0.latent_sink", "y"]
+    new = np.asarray([[[0.33, -0.07, 0.4, 0.01, -0.9], [1.2, -0.3, 2.6, 0.5, 3.1]]], np.float32)
+    present, sink, y = session.run(outputs, {name: np.zeros((1, 0, 3), np.uint8), name + "_sink":
+                                             np.zeros((1, 0, 5), np.float32), "new": new})
+    np.testing.assert_array_equal(sink, new[:, :1])
+    np.testing.assert_allclose(y[:, 0], 2 * new[:, 0], rtol=1e-6)
+    coded = np.clip(np.rint(new[:, 1] / scale), -7, 7) * scale
+    np.testing.assert_allclose(y[:, 1], 2 * coded, rtol=1e-6)
+    step = np.asarray([[[-0.5, 0.25, 7.0, 0.0, 1.0]]], np.float32)
+    _, sink2, y2 = session.run(outputs, {name: present, name + "_sink": sink, "new": step})
+    np.testing.assert_array_equal(sink2, sink)
+    np.testing.assert_allclose(y2[:, 0], 2 * new[:, 0], rtol=1e-6)
+    np.testing.assert_allclose(y2[:, 2], 2 * np.clip(np.rint(step[:, 0] / scale), -7, 7) * scale, rtol=1e-6)

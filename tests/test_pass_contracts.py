@@ -29,6 +29,7 @@ from qsvd_export.passes.fuse_rotary import FuseRotaryEmbeddingPass
 from qsvd_export.passes.group_query_attention import FuseGroupQueryAttentionPass
 from qsvd_export.passes.grouped_query_scores import GroupedQueryScoresPass
 from qsvd_export.passes.latent_kv import LatentKVPass
+from qsvd_export.passes.latent_sink import KeepLatentSinkPass
 from qsvd_export.passes.low_precision import FuseNormsAndClampMasksPass
 from qsvd_export.passes.quantize_embedding import QuantizeEmbeddingPass
 from qsvd_export.passes.quantize_latent_cache import QuantizeLatentCachePass
@@ -106,6 +107,8 @@ VIOLATIONS: dict[type, Callable[[], tuple[ir.passes.PassBase, ir.Model, str]]] =
     FuseRotaryEmbeddingPass: lambda: (FuseRotaryEmbeddingPass(0), _matmul_model(), "check_positions must be ≥ 1"),
     QuantizeLatentCachePass: lambda: (QuantizeLatentCachePass({"past_key_values.0.latent": np.ones(4, np.float32)}),
                                       _matmul_model(), "no latent cache input 'past_key_values.0.latent'"),
+    KeepLatentSinkPass: lambda: (KeepLatentSinkPass(["past_key_values.0.latent"]), _matmul_model(),
+                                 "no latent cache input 'past_key_values.0.latent'"),
 }
 
 

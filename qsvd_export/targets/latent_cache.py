@@ -59,8 +59,9 @@ def latent_peaks(folder: Path, names: list[str], windows: np.ndarray) -> dict[st
     return largest
 
 
-def latent_samples(folder: Path, names: list[str], windows: np.ndarray) -> dict[str, np.ndarray]:
-    """Per latent cache input every value the graph writes [tokens, r] (float32) over prefills of ``windows``."""
+def latent_samples(folder: Path, names: list[str], windows: np.ndarray, skip: int = 0) -> dict[str, np.ndarray]:
+    """Per latent cache input every value the graph writes [tokens, r] (float32) over prefills of ``windows``, the
+    first ``skip`` positions of each window left out."""
     from qsvd_export.runtimes.decode import DecoderRunner
 
     runner = DecoderRunner(folder)
@@ -68,7 +69,7 @@ def latent_samples(folder: Path, names: list[str], windows: np.ndarray) -> dict[
     for window in windows:
         _, cache = runner.prefill(np.asarray(window, dtype=np.int64)[None, :])
         for name in names:
-            found[name].append(np.asarray(cache[name], np.float32).reshape(-1, cache[name].shape[-1]))
+            found[name].append(np.asarray(cache[name][:, skip:], np.float32).reshape(-1, cache[name].shape[-1]))
     return {name: np.concatenate(parts) for name, parts in found.items()}
 
 
@@ -108,6 +109,7 @@ def quantize_latent_cache(folder: Path, config: BundleConfig, tokenizer: Any, ca
     from qsvd_export.data import read_text, token_windows
     from qsvd_export.passes.contracts import run_passes
     from qsvd_export.passes.fold_latent_scales import FoldLatentScalesPass
+    from qsvd_export.passes.latent_sink import KeepLatentSinkPass
     from qsvd_export.passes.quantize_latent_cache import ZERO_POINT, ZERO_POINT_4, QuantizeLatentCachePass
     from qsvd_export.progress import info
 
@@ -123,40 +125,47 @@ def quantize_latent_cache(folder: Path, config: BundleConfig, tokenizer: Any, ca
              "tokens")
         windows = token_windows(tokenizer, read_text(calib_text), 512, calib_windows, source=calib_text)
         scales = scales_for(latent_peaks(folder, names, windows)) if bits == 8 \
-            else mse_scales(latent_samples(folder, names, windows), CODE_MAX_4)
+            else mse_scales(latent_samples(folder, names, windows, skip=1), CODE_MAX_4)  # the first token: exact
     import onnx_ir as ir
 
     model = ir.load(folder / GRAPH_FILE)  # the bundle's own graph: no input checks or clean-ups
-    run_passes(model, [QuantizeLatentCachePass(scales, bits, levels), FoldLatentScalesPass()])
+    passes = [QuantizeLatentCachePass(scales, bits, levels), FoldLatentScalesPass()]
+    run_passes(model, passes + ([KeepLatentSinkPass(list(scales))] if bits == 4 else []))
     with tempfile.TemporaryDirectory(dir=folder) as tmp:  # the loaded graph reads the data file it replaces
         save_graph(model, Path(tmp))
         del model
         for name in (GRAPH_FILE, f"{GRAPH_FILE}.data"):
             shutil.move(str(Path(tmp) / name), folder / name)
     config.cache = [replace(layer, tensors=[
-        _coded(t, scales[t.input], bits) if t.input in scales else t for t in layer.tensors]) for layer in config.cache]
+        coded for t in layer.tensors for coded in (_coded(t, scales[t.input], bits) if t.input in scales else [t])])
+        for layer in config.cache]
     (folder / CONFIG_NAME).write_text(config.to_json())
     layout = (f"uint8 codes, zero point {ZERO_POINT}, static symmetric scale per latent channel (axis 2)" if bits == 8
               else f"4-bit codes in [1, 15], zero point {ZERO_POINT_4}, two per byte ({PACKING}), static symmetric "
-                   "scale per latent channel")
+                   "scale per latent channel; the first token's latent also kept exact in float32 "
+                   "(past_key_values.i.latent_sink, the attention sink)")
     calibration = (f"max |latent| over {calib_windows} x 512 tokens of {calib_text}" if bits == 8 else
                    f"per-channel clip of max |latent| minimizing the squared error over {calib_windows} x 512 tokens "
-                   f"of {calib_text}")
+                   f"of {calib_text} (the first token of each window left out)")
     return {"bits": bits, "layout": layout,
             "decode": "keys rebuilt by MatMulIntegerToFloat on the codes (scales folded into its int8 weight); the "
                       "attention-weighted latent scaled after the product (no per-step dequantize of the cache)",
             "calibration": calibration,
             "tensors": len(scales), "kv_bytes_per_token": config.kv_bytes_per_token(),
-            "static_scale_bytes": 4 * sum(len(s) for s in scales.values())}
+            "static_scale_bytes": 4 * sum(len(s) for s in scales.values()),
+            **({"sink_bytes": config.kv_fixed_bytes()} if bits == 4 else {})}
 
 
-def _coded(tensor: CacheTensor, scale: np.ndarray, bits: int) -> CacheTensor:
-    """The config entry of a latent cache tensor stored as ``bits``-bit codes with per-channel ``scale`` [r]."""
+def _coded(tensor: CacheTensor, scale: np.ndarray, bits: int) -> list[CacheTensor]:
+    """The config entries of a latent cache tensor stored as ``bits``-bit codes with per-channel ``scale`` [r]
+    (4-bit: and its exact first token, :mod:`~qsvd_export.passes.latent_sink`)."""
+    from qsvd_export.passes.latent_sink import sink_name
     from qsvd_export.passes.quantize_latent_cache import ZERO_POINT, ZERO_POINT_4
 
     quantization: dict[str, Any] = {"axis": 2, "scale": [float(s) for s in scale],
                                     "zero_point": ZERO_POINT if bits == 8 else ZERO_POINT_4}
     if bits == 8:
-        return replace(tensor, dtype="uint8", quantization=quantization)
+        return [replace(tensor, dtype="uint8", quantization=quantization)]
     shape = [*tensor.shape[:-1], (len(scale) + 1) // 2]
-    return replace(tensor, dtype="uint8", shape=shape, quantization={**quantization, "bits": 4, "packing": PACKING})
+    return [replace(tensor, dtype="uint8", shape=shape, quantization={**quantization, "bits": 4, "packing": PACKING}),
+            replace(tensor, input=sink_name(tensor.input), output=sink_name(tensor.output), max_length=1)]
