@@ -29,6 +29,8 @@ by hand (:func:`row_label`).
 - ``ours-latent-w8a8`` ``qsvd-export LATENT/model.onnx --target cpu --kv-bits 32`` on it (float latent cache);
 - ``ours-latent-kv8`` ``qsvd-export LATENT/model.onnx --target cpu --kv-bits 8`` on it (int8 latent cache I/O, the
                      default);
+- ``ours-latent-kv4`` ``qsvd-export LATENT/model.onnx --target cpu --kv-bits 4`` on it (4-bit latent, two codes per
+                     byte, the first token exact);
 - ``ours-npu``       ``qsvd-export D/model.onnx --target npu --no-verify`` (static QDQ graphs, w8a16);
 - ``ours-latent-npu`` ``qsvd-export LATENT/model.onnx --target npu --no-verify``.
 
@@ -107,13 +109,15 @@ ROWS = [
         "qsvd-export LATENT/model.onnx --target cpu --kv-bits 32", "ours"),
     Row("ours-latent-kv8", "ours: QSVD kv=0.5 latent + --target cpu (w8a8, int8 latent: the default)",
         "qsvd-export LATENT/model.onnx --target cpu --kv-bits 8", "ours"),
+    Row("ours-latent-kv4", "ours: QSVD kv=0.5 latent + --target cpu --kv-bits 4 (w8a8, 4-bit latent, exact first token)",
+        "qsvd-export LATENT/model.onnx --target cpu --kv-bits 4", "ours"),
     Row("ours-npu", "ours: --target npu (w8a16) on the dense graph", "qsvd-export D/model.onnx --target npu", "ours"),
     Row("ours-latent-npu", "ours: QSVD kv=0.5 latent + --target npu (w8a16)", "qsvd-export LATENT/model.onnx --target npu",
         "ours"),
 ]
 PARENTS = {"ort-int8": "dense", "ort-int4-b32": "dense", "ort-int4-b128": "dense", "ort-qnn-u16u8": "dense",
            "ours-w8a8": "dense", "ours-npu": "dense", "ours-latent-w8a8": "ours-latent",
-           "ours-latent-kv8": "ours-latent", "ours-latent-npu": "ours-latent"}
+           "ours-latent-kv8": "ours-latent", "ours-latent-kv4": "ours-latent", "ours-latent-npu": "ours-latent"}
 ROW_NAMES = [r.name for r in ROWS]
 
 # Columns of bench.md: (header, row key, format). Ratios vs dense follow the value in parentheses.
@@ -447,7 +451,8 @@ def build_row(name: str, args: argparse.Namespace, built: dict[str, Path]) -> tu
         info = build_ort_qnn(built["dense"], out)
     else:
         info = build_ours_target(built[parents[name]], out, "npu" if name.endswith("-npu") else "cpu",
-                                 kv_bits=8 if name.endswith("-kv8") else 32 if name == "ours-latent-w8a8" else None)
+                                 kv_bits=8 if name.endswith("-kv8") else 4 if name.endswith("-kv4") else
+                                 32 if name == "ours-latent-w8a8" else None)
     info["build_s"] = round(time.perf_counter() - start, 1)
     info["date"] = time.strftime("%Y-%m-%d %H:%M")
     if name in parents:
