@@ -43,8 +43,7 @@ def kv_options(args: argparse.Namespace, budget: float | None = None) -> Any:
 
 def _latent_cache_bits(bits: int | None, target: str | None) -> int | str | None:
     """--kv-bits for a QSVD latent cache (rebuild form) on target cpu: 8 / 4 = 8- / 4-bit codes, 32 = float (None);
-    not given:
-    "auto" (int8 where the graph caches a latent, chosen on the dev split: docs/decisions.md)."""
+    not given: "auto" (8-bit where the graph caches a latent, chosen on the dev split: docs/decisions.md)."""
     if bits is None:
         return "auto" if target == "cpu" else None
     if target != "cpu":
