@@ -120,6 +120,7 @@ PARENTS = {"ort-int8": "dense", "ort-int4-b32": "dense", "ort-int4-b128": "dense
            "ours-w8a8": "dense", "ours-npu": "dense", "ours-latent-w8a8": "ours-latent",
            "ours-latent-kv8": "ours-latent", "ours-latent-kv4": "ours-latent", "ours-latent-npu": "ours-latent"}
 ROW_NAMES = [r.name for r in ROWS]
+LATENT_KV_BITS = {"ours-latent-w8a8": 32, "ours-latent-kv8": 8, "ours-latent-kv4": 4}  # --kv-bits of our latent rows
 
 # Columns of bench.md: (header, row key, format). Ratios vs dense follow the value in parentheses.
 COLUMNS = [
@@ -452,8 +453,7 @@ def build_row(name: str, args: argparse.Namespace, built: dict[str, Path]) -> tu
         info = build_ort_qnn(built["dense"], out)
     else:
         info = build_ours_target(built[parents[name]], out, "npu" if name.endswith("-npu") else "cpu",
-                                 kv_bits=8 if name.endswith("-kv8") else 4 if name.endswith("-kv4") else
-                                 32 if name == "ours-latent-w8a8" else None)
+                                 kv_bits=LATENT_KV_BITS.get(name))
     info["build_s"] = round(time.perf_counter() - start, 1)
     info["date"] = time.strftime("%Y-%m-%d %H:%M")
     if name in parents:

@@ -194,6 +194,19 @@ def add_node(graph: ir.Graph, op: str, inputs: list[ir.Value | None], name: str,
     return node
 
 
+def typed(value: ir.Value, dtype: ir.DataType, shape: ir.Shape | None = None) -> ir.Value:
+    """``value`` with its element type and shape set (shape None: unknown)."""
+    value.dtype, value.shape = dtype, shape
+    return value
+
+
+def slice_axis(graph: ir.Graph, x: ir.Value, start: int, end: int, axis: int, name: str) -> ir.Value:
+    """``x[start:end]`` on ``axis`` (constant bounds as initializers ``{name}/starts|ends|axes``); untyped output."""
+    bounds = [initializer(graph, f"{name}/{key}", np.asarray([v], np.int64))
+              for key, v in (("starts", start), ("ends", end), ("axes", axis))]
+    return add_node(graph, "Slice", [x, *bounds], name).outputs[0]
+
+
 def repeat_kv_heads(graph: ir.Graph, x: ir.Value, heads: int, kv_heads: int, prefix: str) -> ir.Value:
     """[B, Hkv, T, D] → [B, H, T, D], each KV head repeated H / Hkv times (HF's repeat_kv: Unsqueeze(axis 2) →
     Expand → Reshape), the form find_attention and the latent passes match; ``x`` itself when H == Hkv."""

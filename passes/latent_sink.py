@@ -30,7 +30,7 @@ from __future__ import annotations
 import numpy as np
 import onnx_ir as ir
 
-from qsvd_export.passes._graph import add_node, const_array, initializer
+from qsvd_export.passes._graph import add_node, const_array, initializer, slice_axis, typed
 from qsvd_export.passes.contracts import GraphPass
 from qsvd_export.passes.quantize_latent_cache import LATENT_INPUT, latent_cache_concat, unpacked_codes_source
 
@@ -73,8 +73,7 @@ def _unpacked_readers(low: ir.Value) -> list[ir.Value]:
 
 
 def _typed(value: ir.Value, shape: ir.Shape | None = None) -> ir.Value:
-    value.dtype, value.shape = ir.DataType.FLOAT, shape
-    return value
+    return typed(value, ir.DataType.FLOAT, shape)
 
 
 def _row_zero(graph: ir.Graph, update: ir.Value, prefix: str) -> ir.Value:
@@ -131,13 +130,10 @@ class KeepLatentSinkPass(GraphPass):
             past_sink = _typed(ir.Value(name=sink_name(name)), ir.Shape([batch, "past_sink_length", width]))
             graph.inputs.insert(graph.inputs.index(past) + 1, past_sink)
             joined = _typed(add_node(graph, "Concat", [past_sink, new], f"{prefix}/join", {"axis": 1}).outputs[0])
-            bounds = [initializer(graph, f"{prefix}/{key}", np.asarray([v], np.int64))
-                      for key, v in (("starts", 0), ("ends", 1), ("axes", 1))]
-            sink = _typed(add_node(graph, "Slice", [joined, *bounds], f"{prefix}/first").outputs[0],
-                          ir.Shape([batch, 1, width]))
-            present_name = sink_name(name.replace("past_key_values.", "present.", 1))
-            present_sink = _typed(add_node(graph, "Identity", [sink], present_name).outputs[0], sink.shape)
-            latent_output = next(i for i, v in enumerate(graph.outputs) if v.name == present_name[:-len(SINK_SUFFIX)])
+            sink = _typed(slice_axis(graph, joined, 0, 1, 1, f"{prefix}/first"), ir.Shape([batch, 1, width]))
+            present_latent = name.replace("past_key_values.", "present.", 1)
+            present_sink = _typed(add_node(graph, "Identity", [sink], sink_name(present_latent)).outputs[0], sink.shape)
+            latent_output = next(i for i, v in enumerate(graph.outputs) if v.name == present_latent)
             graph.outputs.insert(latent_output + 1, present_sink)
             scale_value = initializer(graph, f"{prefix}/scale", scale)
             sink_codes = _typed(add_node(graph, "Div", [sink, scale_value], f"{prefix}/codes").outputs[0])
@@ -168,14 +164,11 @@ class KeepLatentSinkPass(GraphPass):
         correction, any other reader through ``ScatterElements``."""
         from qsvd_export.passes.fold_latent_scales import weighted_product
 
-        bounds = [initializer(graph, f"{prefix}/{key}", np.asarray([v], np.int64))
-                  for key, v in (("starts", 0), ("ends", 1), ("axes", 1))]
-        first = _typed(add_node(graph, "Slice", [codes, *bounds], f"{prefix}/coded_first").outputs[0])
+        readers = list(codes.uses())
+        first = _typed(slice_axis(graph, codes, 0, 1, 1, f"{prefix}/coded_first"))
         delta = _typed(add_node(graph, "Sub", [sink_codes, first], f"{prefix}/delta").outputs[0])
         patched: ir.Value | None = None
-        for user, index in list(codes.uses()):
-            if user.name == f"{prefix}/coded_first":
-                continue
+        for user, index in readers:
             product = weighted_product(user, index)
             if product is not None and product.inputs[0] is not None:
                 node, value = user, delta
@@ -183,12 +176,9 @@ class KeepLatentSinkPass(GraphPass):
                     value = _typed(add_node(graph, "Unsqueeze", [value, node.inputs[1]],
                                             f"{prefix}/{node.name}/delta").outputs[0])
                     node = next(iter(node.outputs[0].uses()))[0]
-                weights = product.inputs[0]
-                first_weight = add_node(graph, "Slice", [weights, *[initializer(
-                    graph, f"{prefix}/{product.name}/{key}", np.asarray([v], np.int64))
-                    for key, v in (("starts", 0), ("ends", 1), ("axes", -1))]], f"{prefix}/{product.name}/sink_weight")
-                _typed(first_weight.outputs[0])
-                correction = _typed(add_node(graph, "MatMul", [first_weight.outputs[0], value],
+                first_weight = _typed(slice_axis(graph, product.inputs[0], 0, 1, -1,
+                                                 f"{prefix}/{product.name}/sink_weight"))
+                correction = _typed(add_node(graph, "MatMul", [first_weight, value],
                                              f"{prefix}/{product.name}/correction").outputs[0])
                 out = product.outputs[0]
                 total = add_node(graph, "Add", [out, correction], f"{prefix}/{product.name}/corrected")

@@ -27,7 +27,7 @@ import re
 import numpy as np
 import onnx_ir as ir
 
-from qsvd_export.passes._graph import add_node, initializer
+from qsvd_export.passes._graph import add_node, initializer, slice_axis, typed
 from qsvd_export.passes.contracts import GraphPass
 
 ZERO_POINT = 128  # uint8 codes: value = (code − 128) · scale[channel]
@@ -115,13 +115,13 @@ class QuantizeLatentCachePass(GraphPass):
             zero = initializer(graph, f"{prefix}/zero_point", np.full(np.shape(scale), zero_point, dtype=np.uint8))
             new = concat.inputs[1]
             assert new is not None
-            codes = _typed(add_node(graph, "QuantizeLinear", [new, scale_value, zero], f"{prefix}/quantize_new",
+            codes = _codes(add_node(graph, "QuantizeLinear", [new, scale_value, zero], f"{prefix}/quantize_new",
                                     {"axis": 2}), new.shape)
             limit = 7 if self.bits == 4 else self.levels
             if limit < 127:
                 bounds = [initializer(graph, f"{prefix}/code_{end}", np.asarray(zero_point + sign * limit, np.uint8))
                           for end, sign in (("min", -1), ("max", 1))]
-                codes = _typed(add_node(graph, "Clip", [codes, *bounds], f"{prefix}/saturate"), new.shape)
+                codes = _codes(add_node(graph, "Clip", [codes, *bounds], f"{prefix}/saturate"), new.shape)
             if self.bits == 4:
                 codes = _pack_nibbles(graph, codes, len(scale), prefix)
             concat.replace_input_with(1, codes)
@@ -142,16 +142,14 @@ class QuantizeLatentCachePass(GraphPass):
         return ir.passes.PassResult(model, bool(self.scales))
 
 
-def _typed(node: ir.Node, shape: ir.Shape | None) -> ir.Value:
-    out = node.outputs[0]
-    out.dtype, out.shape = ir.DataType.UINT8, shape
-    return out
+def _codes(node: ir.Node, shape: ir.Shape | None = None) -> ir.Value:
+    """The node's output typed as uint8 codes."""
+    return typed(node.outputs[0], ir.DataType.UINT8, shape)
 
 
-def _slice(graph: ir.Graph, x: ir.Value, start: int, end: int, name: str) -> ir.Value:
-    bounds = [initializer(graph, f"{name}/{key}", np.asarray([v], np.int64))
-              for key, v in (("starts", start), ("ends", end), ("axes", 2))]
-    return _typed(add_node(graph, "Slice", [x, *bounds], name), None)
+def _channels(graph: ir.Graph, x: ir.Value, start: int, end: int, name: str) -> ir.Value:
+    """uint8 ``x[..., start:end]`` on the channel axis (2)."""
+    return typed(slice_axis(graph, x, start, end, 2, name), ir.DataType.UINT8)
 
 
 def _pack_nibbles(graph: ir.Graph, codes: ir.Value, width: int, prefix: str) -> ir.Value:
@@ -160,19 +158,19 @@ def _pack_nibbles(graph: ir.Graph, codes: ir.Value, width: int, prefix: str) -> 
     if width % 2:
         pads = initializer(graph, f"{prefix}/pad_odd", np.asarray([0, 0, 0, 0, 0, 1], np.int64))
         fill = initializer(graph, f"{prefix}/pad_code", np.asarray(ZERO_POINT_4, np.uint8))
-        codes = _typed(add_node(graph, "Pad", [codes, pads, fill], f"{prefix}/pad"), None)
-    low = _slice(graph, codes, 0, half, f"{prefix}/low_channels")
-    high = _slice(graph, codes, half, 2 * half, f"{prefix}/high_channels")
+        codes = _codes(add_node(graph, "Pad", [codes, pads, fill], f"{prefix}/pad"))
+    low = _channels(graph, codes, 0, half, f"{prefix}/low_channels")
+    high = _channels(graph, codes, half, 2 * half, f"{prefix}/high_channels")
     four = initializer(graph, f"{prefix}/four", np.asarray(4, np.uint8))
-    shifted = _typed(add_node(graph, "BitShift", [high, four], f"{prefix}/shift_high", {"direction": "LEFT"}), None)
-    return _typed(add_node(graph, "BitwiseOr", [low, shifted], f"{prefix}/pack"), None)
+    shifted = _codes(add_node(graph, "BitShift", [high, four], f"{prefix}/shift_high", {"direction": "LEFT"}))
+    return _codes(add_node(graph, "BitwiseOr", [low, shifted], f"{prefix}/pack"))
 
 
 def _unpack_nibbles(graph: ir.Graph, packed: ir.Value, width: int, prefix: str) -> ir.Value:
     """Inverse of :func:`_pack_nibbles`: [batch, seq, ⌈r/2⌉] bytes → [batch, seq, r] codes."""
     mask = initializer(graph, f"{prefix}/low_mask", np.asarray(15, np.uint8))
     four = initializer(graph, f"{prefix}/unpack_four", np.asarray(4, np.uint8))
-    low = _typed(add_node(graph, "BitwiseAnd", [packed, mask], f"{prefix}/unpack_low"), None)
-    high = _typed(add_node(graph, "BitShift", [packed, four], f"{prefix}/unpack_high", {"direction": "RIGHT"}), None)
-    codes = _typed(add_node(graph, "Concat", [low, high], f"{prefix}/unpack", {"axis": 2}), None)
-    return _slice(graph, codes, 0, width, f"{prefix}/unpack_odd") if width % 2 else codes
+    low = _codes(add_node(graph, "BitwiseAnd", [packed, mask], f"{prefix}/unpack_low"))
+    high = _codes(add_node(graph, "BitShift", [packed, four], f"{prefix}/unpack_high", {"direction": "RIGHT"}))
+    codes = _codes(add_node(graph, "Concat", [low, high], f"{prefix}/unpack", {"axis": 2}))
+    return _channels(graph, codes, 0, width, f"{prefix}/unpack_odd") if width % 2 else codes

@@ -40,15 +40,17 @@ class CacheTensor:
     # a tensor that stops growing at this length (the 4-bit latent's exact first token: 1); None = grows per token
     max_length: int | None = None
 
-    def bytes_per_token(self) -> int:
-        """Bytes one token adds to this tensor for batch 1 (0 for a tensor of bounded length)."""
-        if self.max_length is not None:
-            return 0
+    def bytes_per_position(self) -> int:
+        """Bytes of one position on the sequence axis for batch 1."""
         width = 1
         for axis, dim in enumerate(self.shape):
             if axis != self.sequence_axis and isinstance(dim, int):
                 width *= dim
         return width * DTYPE_BYTES[self.dtype]
+
+    def bytes_per_token(self) -> int:
+        """Bytes one token adds to this tensor for batch 1 (0 for a tensor of bounded length)."""
+        return 0 if self.max_length is not None else self.bytes_per_position()
 
 
 @dataclass
@@ -98,14 +100,8 @@ class BundleConfig:
 
     def kv_fixed_bytes(self) -> int:
         """Cache bytes that do not grow with the sequence (bounded tensors at their full length), batch 1."""
-        total = 0
-        for tensor in (t for layer in self.cache for t in layer.tensors if t.max_length is not None):
-            width = 1
-            for axis, dim in enumerate(tensor.shape):
-                if axis != tensor.sequence_axis and isinstance(dim, int):
-                    width *= dim
-            total += width * tensor.max_length * DTYPE_BYTES[tensor.dtype]
-        return total
+        return sum(t.bytes_per_position() * t.max_length for layer in self.cache for t in layer.tensors
+                   if t.max_length is not None)
 
     def to_json(self) -> str:
         data = asdict(self)

@@ -12,7 +12,7 @@ import pytest
 from qsvd_export.bundle import load_bundle_config
 from qsvd_export.cli import main
 from qsvd_export.runtimes.decode import DecoderRunner
-from tests.test_latent_cache_8bit import IDS, SMALL, _latent_cache_graph
+from tests.test_latent_cache_8bit import IDS, SMALL, _latent_cache_graph, assert_decode_equals_prefill
 
 
 @pytest.fixture(scope="module")
@@ -58,17 +58,12 @@ def test_packed_codes_cross_the_boundary_at_half_a_byte_per_channel(bundles4):
 
 
 def test_int4_latent_decode_equals_its_prefill(bundles4):
-    runner = DecoderRunner(bundles4 / "int4")
-    full, _ = runner.prefill(IDS)
-    logits, cache = runner.prefill(IDS[:, :6])
-    steps = [logits[:, -1]]
-    for t in range(6, IDS.shape[1]):
-        logits, cache = runner.step(IDS[:, t:t + 1], np.ones((1, t + 1), np.int64), np.asarray([[t]]), cache)
-        steps.append(logits[:, -1])
+    def packed_codes_and_one_sink_row(cache, length):
         codes = {k: v for k, v in cache.items() if not k.endswith("_sink")}
-        assert all(v.dtype == np.uint8 and v.shape[1] == t + 1 for v in codes.values())
+        assert all(v.dtype == np.uint8 and v.shape[1] == length for v in codes.values())
         assert all(cache[k + "_sink"].shape[1] == 1 for k in codes)
-    np.testing.assert_allclose(np.stack(steps, 1), full[:, 5:], atol=1e-4)
+
+    assert_decode_equals_prefill(DecoderRunner(bundles4 / "int4"), packed_codes_and_one_sink_row)
 
 
 def test_int4_latent_is_coarser_than_int8_and_still_close(bundles4):

@@ -61,18 +61,26 @@ def test_latent_cache_crosses_the_boundary_as_uint8_codes(latent_bundles):
     assert "codes with static" not in (latent_bundles / "cpu" / "README.md").read_text()
 
 
-def test_int8_latent_decode_equals_its_prefill(latent_bundles):
-    """Decode steps over the 8-bit codes give the logits a prefill of the whole sequence gives (same codes)."""
-    runner = DecoderRunner(latent_bundles / "int8")
+def assert_decode_equals_prefill(runner: DecoderRunner, check_cache, split: int = 6) -> None:
+    """A prefill of IDS[:, :split] then one decode step per remaining token gives the logits one prefill of all of
+    IDS gives; ``check_cache(cache, length)`` runs on the cache after each step."""
     full, _ = runner.prefill(IDS)
-    logits, cache = runner.prefill(IDS[:, :6])
+    logits, cache = runner.prefill(IDS[:, :split])
     steps = [logits[:, -1]]
-    for t in range(6, IDS.shape[1]):
+    for t in range(split, IDS.shape[1]):
         mask = np.ones((1, t + 1), dtype=np.int64)
         logits, cache = runner.step(IDS[:, t:t + 1], mask, np.asarray([[t]]), cache)
         steps.append(logits[:, -1])
+        check_cache(cache, t + 1)
+    np.testing.assert_allclose(np.stack(steps, 1), full[:, split - 1:], atol=1e-4)
+
+
+def test_int8_latent_decode_equals_its_prefill(latent_bundles):
+    """Decode steps over the 8-bit codes give the logits a prefill of the whole sequence gives (same codes)."""
+    def uint8_codes(cache, length):
         assert all(v.dtype == np.uint8 for v in cache.values())
-    np.testing.assert_allclose(np.stack(steps, 1), full[:, 5:], atol=1e-4)
+
+    assert_decode_equals_prefill(DecoderRunner(latent_bundles / "int8"), uint8_codes)
 
 
 def test_int8_latent_stays_close_to_the_float_latent(latent_bundles):

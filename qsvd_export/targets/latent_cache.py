@@ -17,7 +17,7 @@ import shutil
 import tempfile
 from dataclasses import replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import numpy as np
 
@@ -44,15 +44,21 @@ def latent_cache_bits_for(request: Any, config: BundleConfig) -> int | None:
     return bits
 
 
-def latent_peaks(folder: Path, names: list[str], windows: np.ndarray) -> dict[str, np.ndarray]:
-    """Per latent cache input the largest |value| per channel [r] over prefills of ``windows`` [n, length]
-    through the bundle in ``folder`` (CPU EP)."""
+def _written_latents(folder: Path, windows: np.ndarray) -> Iterator[dict[str, np.ndarray]]:
+    """Per window of ``windows`` [n, length] the cache a prefill with an empty cache writes (the bundle in
+    ``folder``, CPU EP), keyed by cache input name."""
     from qsvd_export.runtimes.decode import DecoderRunner
 
     runner = DecoderRunner(folder)
-    largest: dict[str, np.ndarray] = {}
     for window in windows:
-        _, cache = runner.prefill(np.asarray(window, dtype=np.int64)[None, :])
+        yield runner.prefill(np.asarray(window, dtype=np.int64)[None, :])[1]
+
+
+def latent_peaks(folder: Path, names: list[str], windows: np.ndarray) -> dict[str, np.ndarray]:
+    """Per latent cache input the largest |value| per channel [r] over prefills of ``windows`` [n, length]
+    through the bundle in ``folder`` (CPU EP)."""
+    largest: dict[str, np.ndarray] = {}
+    for cache in _written_latents(folder, windows):
         for name in names:
             peak = np.abs(cache[name]).max(axis=(0, 1))
             largest[name] = peak if name not in largest else np.maximum(largest[name], peak)
@@ -62,12 +68,8 @@ def latent_peaks(folder: Path, names: list[str], windows: np.ndarray) -> dict[st
 def latent_samples(folder: Path, names: list[str], windows: np.ndarray, skip: int = 0) -> dict[str, np.ndarray]:
     """Per latent cache input every value the graph writes [tokens, r] (float32) over prefills of ``windows``, the
     first ``skip`` positions of each window left out."""
-    from qsvd_export.runtimes.decode import DecoderRunner
-
-    runner = DecoderRunner(folder)
     found: dict[str, list[np.ndarray]] = {name: [] for name in names}
-    for window in windows:
-        _, cache = runner.prefill(np.asarray(window, dtype=np.int64)[None, :])
+    for cache in _written_latents(folder, windows):
         for name in names:
             found[name].append(np.asarray(cache[name][:, skip:], np.float32).reshape(-1, cache[name].shape[-1]))
     return {name: np.concatenate(parts) for name, parts in found.items()}
