@@ -1,11 +1,17 @@
 """Quality of the torch stage: perplexity vs (R1, R2) for QSVD and the baselines, in one run.
 
-    python -m benchmarks.quality [--quick] [--out results/quality.json]
+    python -m benchmarks.quality [--quick] [--split report|dev] [--out results/quality.json]
 
 Rows (smollm2-135m): dense; QSVD (gradient importance, per-layer grouping); uniform joint QKV; uniform
 joint KV (Q dense); per-matrix SVD (K and V separately, Q dense); Fisher-per-layer (joint KV).
 All share one calibration (wiki_calib) and one whitening. Perplexity follows EVAL.md (torch, plan
 applied). minilm-l6: mean embedding cosine vs dense over news_eval sentences at several R1.
+
+``--split dev`` scores on the dev split instead (decoders: the last 512-token windows of wiki_calib,
+``data.dev_windows``; minilm: ``data.dev_sentences``), the data defaults are chosen on; the report split
+(wiki_eval, news_eval) is what the README quotes. ``--methods`` keeps some of the rows (their labels'
+keys below), ``--minilm-calibrations`` compares encoder calibrations (sentence-length windows with
+Cholesky input whitening, the default, against 128-token windows and abs-mean input whitening).
 """
 
 from __future__ import annotations
@@ -25,13 +31,13 @@ from qsvd_export.compress.budget import parse_budget
 from qsvd_export.compress.allocate import LayerScores
 from qsvd_export.compress.compressor import analyze, build_plan, kfac_importance
 from qsvd_export.compress.options import CompressOptions
-from qsvd_export.data import read_text, token_windows
+from qsvd_export.data import dev_sentences, dev_windows, read_text, token_windows
 from qsvd_export.evaluate import torch_window_nlls
 from qsvd_export.compress.apply_plan import apply_plan
 from qsvd_export.runtimes.metrics import perplexity
 from qsvd_export.zoo import load_model
 
-METHODS = [
+METHODS = [  # (allocation, grouping, label); --methods picks rows by allocation:grouping
     ("qsvd", "auto", "QSVD (gradient, best grouping)"),
     ("qsvd-kfac", "auto", "QSVD (K-FAC importance, best grouping)"),
     ("qsvd", "qkv", "QSVD (gradient, joint QKV)"),
@@ -41,6 +47,17 @@ METHODS = [
     ("fisher", "kv", "Fisher-per-layer joint KV"),
 ]
 BUDGETS = ["kv=0.5,params=1.0", "params=0.8,kv=0.75", "kv=0.75,params=1.0", "kv=0.3,params=1.0"]
+METHOD_KEYS = [f"{allocation}:{grouping}" for allocation, grouping, _ in METHODS]
+MINILM_METHODS = [("qsvd", "auto", "QSVD (gradient, best grouping)"), ("uniform", "qkv", "uniform joint QKV"),
+                  ("uniform", "separate", "per-matrix SVD (K, V; Q dense)"),
+                  ("fisher", "qkv", "Fisher-per-layer joint QKV")]
+MINILM_METHOD_KEYS = [f"{allocation}:{grouping}" for allocation, grouping, _ in MINILM_METHODS]
+# encoder calibrations compared by --minilm-calibrations: name -> (CompressOptions overrides)
+MINILM_CALIBRATIONS = {
+    "default": {},  # 256 x 32-token windows, Cholesky input whitening (CALIBRATION_DEFAULTS, encoder)
+    "windows-128": {"calib_windows": 64, "calib_length": 128, "grad_windows": 32},  # same tokens, 128-token windows
+    "absmean-input": {"fisher_input": "absmean"},
+}
 
 
 def peak_rss_gb() -> float:
@@ -50,8 +67,11 @@ def peak_rss_gb() -> float:
 def smollm2_table(args: argparse.Namespace) -> dict:
     loaded = load_model("smollm2-135m")
     torch.set_num_threads(args.threads)
-    eval_sets = {name: token_windows(loaded.tokenizer, read_text(name), 512, args.eval_windows, source=name)
-                 for name in ("wiki_eval", "news_eval")}
+    if args.split == "dev":
+        eval_sets = {"dev": dev_windows(loaded.tokenizer, args.eval_windows)}
+    else:
+        eval_sets = {name: token_windows(loaded.tokenizer, read_text(name), 512, args.eval_windows, source=name)
+                     for name in ("wiki_eval", "news_eval")}
 
     def evaluate(model) -> dict[str, float]:  # type: ignore[no-untyped-def]
         return {name: perplexity(torch_window_nlls(model, rows)) for name, rows in eval_sets.items()}
@@ -75,6 +95,8 @@ def smollm2_table(args: argparse.Namespace) -> dict:
                 for li, d in enumerate(analysis.dims)])
         for budget in args.budgets:
             for allocation, grouping, label in METHODS:
+                if f"{allocation}:{grouping}" not in args.methods:
+                    continue
                 scored = analysis
                 if allocation == "qsvd-kfac":
                     if analysis.output_fisher is None:
@@ -98,27 +120,30 @@ def smollm2_table(args: argparse.Namespace) -> dict:
 
 
 def minilm_table(args: argparse.Namespace) -> list[dict]:
-    """minilm-l6: mean embedding cosine vs dense over news_eval sentences (EVAL.md) at several R1."""
+    """minilm-l6: mean embedding cosine vs dense over 256 sentences (news_eval, EVAL.md; ``--split dev``:
+    the dev sentences) at several R1, for each of ``args.minilm_calibrations``."""
     from qsvd_export.evaluate import embedding_cosine, eval_sentences, sentence_embeddings
 
     loaded = load_model("minilm-l6")
-    sentences = eval_sentences(read_text("news_eval"), count=256)
+    sentences = dev_sentences(256) if args.split == "dev" else eval_sentences(read_text("news_eval"), count=256)
     dense = sentence_embeddings(loaded.model, loaded.tokenizer, sentences)
-    options = CompressOptions(budget=parse_budget("params=1.0"))  # encoder calibration defaults
-    analysis = analyze(loaded, options, groups=("qkv", "kv", "q", "k", "v"), keep_kfac_statistics=True)
     rows = []
-    for r1 in args.minilm_r1:
-        for allocation, grouping, label in [("qsvd", "auto", "QSVD (gradient, best grouping)"),
-                                            ("uniform", "qkv", "uniform joint QKV"),
-                                            ("uniform", "separate", "per-matrix SVD (K, V; Q dense)"),
-                                            ("fisher", "qkv", "Fisher-per-layer joint QKV")]:
-            opts = CompressOptions(budget=parse_budget(f"params={r1}"), allocation=allocation, grouping=grouping)
-            plan = build_plan(loaded.name, str(loaded.model.config.model_type), analysis, opts)
-            model = apply_plan(copy.deepcopy(loaded.model), plan)
-            cosine = embedding_cosine(dense, sentence_embeddings(model, loaded.tokenizer, sentences))
-            rows.append({"model": "minilm-l6", "method": label, "r1": plan.r1, "sentences": len(sentences),
-                         "cosine": cosine})
-            print(json.dumps(rows[-1]), flush=True)
+    for calibration in args.minilm_calibrations:
+        overrides = MINILM_CALIBRATIONS[calibration]
+        options = CompressOptions(budget=parse_budget("params=1.0"), **overrides)  # encoder calibration defaults
+        analysis = analyze(loaded, options, groups=("qkv", "kv", "q", "k", "v"), keep_kfac_statistics=True)
+        for r1 in args.minilm_r1:
+            for allocation, grouping, label in MINILM_METHODS:
+                if f"{allocation}:{grouping}" not in args.minilm_methods:
+                    continue
+                opts = CompressOptions(budget=parse_budget(f"params={r1}"), allocation=allocation, grouping=grouping,
+                                       **overrides)
+                plan = build_plan(loaded.name, str(loaded.model.config.model_type), analysis, opts)
+                model = apply_plan(copy.deepcopy(loaded.model), plan)
+                cosine = embedding_cosine(dense, sentence_embeddings(model, loaded.tokenizer, sentences))
+                rows.append({"model": "minilm-l6", "calibration": calibration, "method": label, "r1": plan.r1,
+                             "split": args.split, "sentences": len(sentences), "cosine": cosine})
+                print(json.dumps(rows[-1]), flush=True)
     return rows
 
 
@@ -133,6 +158,12 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--minilm-r1", nargs="+", type=float, default=[0.6, 0.8])
     parser.add_argument("--only", choices=["smollm2", "minilm"], default=None)
+    parser.add_argument("--split", choices=["report", "dev"], default="report",
+                        help="report: wiki_eval + news_eval (news_eval sentences for minilm); dev: the dev split")
+    parser.add_argument("--methods", nargs="+", choices=METHOD_KEYS, default=METHOD_KEYS,
+                        help="rows to run, as allocation:grouping (default all)")
+    parser.add_argument("--minilm-methods", nargs="+", choices=MINILM_METHOD_KEYS, default=MINILM_METHOD_KEYS)
+    parser.add_argument("--minilm-calibrations", nargs="+", choices=list(MINILM_CALIBRATIONS), default=["default"])
     parser.add_argument("--out", type=Path, default=Path("results/quality.json"))
     args = parser.parse_args()
     if args.quick:
@@ -149,18 +180,20 @@ def main() -> None:
     if results["rows"]:
         print_table(results["rows"])
     if results.get("minilm"):
-        print(f"{'minilm-l6 method':<34} {'R1':>6} {'cosine':>8}")
+        print(f"{'minilm-l6 method':<34} {'calibration':<14} {'R1':>6} {'cosine':>8}")
         for r in results["minilm"]:
-            print(f"{r['method']:<34} {r['r1']:>6.3f} {r['cosine']:>8.4f}")
+            print(f"{r['method']:<34} {r['calibration']:<14} {r['r1']:>6.3f} {r['cosine']:>8.4f}")
 
 
 def print_table(rows: list[dict]) -> None:
-    print(f"{'method':<34} {'budget':<20} {'R1':>6} {'R2':>6} {'wiki':>8} {'news':>8}")
+    sets = [name for name in ("wiki_eval", "news_eval", "dev") if name in rows[0]]
+    print(f"{'method':<34} {'whitening':<10} {'budget':<20} {'R1':>6} {'R2':>6} " + " ".join(f"{s:>9}" for s in sets))
     for r in rows:
         if "error" in r:
-            print(f"{r['method']:<34} {r['budget']:<20} {'-':>6} {'-':>6} {r['error'][:40]}")
+            print(f"{r['method']:<34} {r.get('whitening', '-'):<10} {r['budget']:<20} {'-':>6} {'-':>6} {r['error'][:40]}")
             continue
-        print(f"{r['method']:<34} {r['budget']:<20} {r['r1']:>6.3f} {r['r2']:>6.3f} {r['wiki_eval']:>8.3f} {r['news_eval']:>8.3f}")
+        print(f"{r['method']:<34} {r.get('whitening', '-'):<10} {r['budget']:<20} {r['r1']:>6.3f} {r['r2']:>6.3f} "
+              + " ".join(f"{r[s]:>9.3f}" for s in sets))
 
 
 if __name__ == "__main__":

@@ -38,6 +38,10 @@ npu rows (static prefill 128 / decode graphs over a 1024-slot cache) are scored 
 windows, fed as 4 prefill chunks through the cache, on the CPU EP running their QDQ graphs. Their speed
 is the NPU's, not this machine's: the CPU EP emulates QDQ, so no speed columns for them.
 
+Chat quality (``--chat-rows``, default the cpu, latent cpu and npu defaults and the int8 KV peer;
+:mod:`benchmarks.bench_chat`): KL to dense and top-1 agreement on chat prompts, closed-book QA answers kept of
+dense's; ``--from-json RUN.json --measure-chat`` adds them to an earlier run's rows (same bundle files, checked).
+
 Per row: perplexity on wiki_eval and news_eval (EVAL.md: 32 × 512 windows, each one prefill through
 ``DecoderRunner.window_nlls``; ``--quick``: 4 windows), KV bytes/token (``qsvd_config.json``; the peers
 keep the dense cache), weight bytes on disk, prefill ms (512), decode tokens/s at 512 (and 2048 in full
@@ -69,6 +73,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from benchmarks.bench_chat import DEFAULT_CHAT_ROWS, add_chat, qa_cells
 from benchmarks.labels import row_label
 from benchmarks.pareto import dominated_by
 from benchmarks.pareto import pareto_front as strict_front
@@ -130,6 +135,10 @@ COLUMNS = [
     ("R2", "r2", "{:.2f}"),
     ("KV B/token", "kv_bytes_per_token", "{:,.0f}"),
     ("weights MB", "weight_mb", "{:.1f}"),
+    ("chat KL", "chat_kl", "{:.3f}"),
+    ("chat top-1", "chat_top1", "{:.3f}"),
+    ("QA correct", "qa_correct_text", "{}"),
+    ("dense's QA kept", "qa_kept_text", "{}"),
     ("prefill 512 ms", "prefill_512_ms", "{:.0f}"),
     ("decode@512 tok/s", "decode_512_tok_s", "{:.1f}"),
     ("decode@2048 tok/s", "decode_2048_tok_s", "{:.1f}"),
@@ -608,12 +617,22 @@ def _int8_flags_text(machine_info: dict) -> str:
     return f"; int8 dot-product CPU flags at run time: {', '.join(flags) if flags else 'none (no VNNI/AMX)'}"
 
 
+def _chat_text(result: dict) -> str:
+    chat = result.get("chat_protocol")
+    if chat is None:
+        return ""
+    when = "" if chat["date"][:10] == result["date"][:10] else f", measured {chat['date'][:10]} on the same bundle files"
+    return f" Chat: {chat['text']}{when}."
+
+
 def render_markdown(result: dict, image_dir: str = "", title: bool = True, source: str | None = None) -> str:
     """bench.md: title, machine and protocol, the table, the computed claims, the plots (``image_dir``
     prefixes their paths), tool versions and build notes; ``source`` names the committed raw JSON it was
     rendered from. Labels and claims are computed here from the rows (``result`` is not changed)."""
     rows = copy.deepcopy(result["rows"])
     add_ratios(rows)
+    for row in rows:
+        row["qa_correct_text"], row["qa_kept_text"] = qa_cells(row)
     checks = claims(rows)
     columns = [c for c in COLUMNS if any(r.get(c[1]) is not None for r in rows)] or COLUMNS
     heading = f"{result['model']}: our bundles vs peer tools ({result['mode']} run, {result['date']})"
@@ -624,8 +643,8 @@ def render_markdown(result: dict, image_dir: str = "", title: bool = True, sourc
     lines += [f"Machine: {result['machine'].get('cpu', result['machine']['machine'])}, {result['machine']['cpus']} "
               f"CPUs, {result['threads']} threads{_int8_flags_text(result['machine'])}; memory bandwidth "
               f"{result.get('bandwidth_gb_s', float('nan')):.1f} GB/s (same run). Perplexity: "
-              f"{result['protocol']['perplexity']}. Speed: {result['protocol']['speed']}. (× dense) = ratio to the "
-              "dense row of this run.", "",
+              f"{result['protocol']['perplexity']}. Speed: {result['protocol']['speed']}.{_chat_text(result)} "
+              "(× dense) = ratio to the dense row of this run.", "",
               "| row | tool | " + " | ".join(c[0] for c in columns) + " |",
               "|---|---|" + "---|" * len(columns)]
     for row in rows:
@@ -761,6 +780,14 @@ def run(args: argparse.Namespace) -> dict:
             entry["error"] = f"{type(exc).__name__}: {exc}"
             entry["traceback"] = traceback.format_exc()
             print(f"  {row.name} failed: {entry['error'][:300]}", flush=True)
+    if args.chat_rows:
+        print(f"[{time.perf_counter() - start:6.0f} s] chat quality of {', '.join(args.chat_rows)}", flush=True)
+        try:
+            add_chat(result, args.chat_rows, args.out / "chat_quality.json", args.threads,
+                     *((4, 4) if args.quick else (None, None)))
+        except Exception as exc:  # noqa: BLE001 - reported; the speed step still runs
+            result["chat_error"] = f"{type(exc).__name__}: {exc}"
+            print(f"  chat quality failed: {result['chat_error'][:300]}", flush=True)
     measured = [r for r in result["rows"] if r["name"] in built and "skipped" not in r and not r.get("static_shapes")]
     if measured:
         print(f"[{time.perf_counter() - start:6.0f} s] decode speed of {len(measured)} bundles", flush=True)
@@ -845,7 +872,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--from-json", type=Path, default=None,
                         help="measure nothing: render the table, checks and plots from this committed raw JSON "
                              "(with --readme: the README block names it, and a test compares the two)")
-    return parser.parse_args(argv)
+    parser.add_argument("--chat-rows", nargs="*", default=list(DEFAULT_CHAT_ROWS), choices=ROW_NAMES,
+                        help="rows whose chat quality is measured against dense (none: leave the columns out)")
+    parser.add_argument("--measure-chat", action="store_true",
+                        help="with --from-json: measure the chat columns of --chat-rows on that run's bundles "
+                             "(their sizes are checked against the run's record) and write OUT/bench.json")
+    args = parser.parse_args(argv)
+    if args.measure_chat and args.from_json is None:
+        parser.error("--measure-chat needs --from-json (a full run measures chat itself)")
+    return args
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -861,6 +896,11 @@ def main(argv: list[str] | None = None) -> None:
             raise SystemExit(f"benchmarks.run: error: {source} is not a file")
         result = json.loads(source.read_text())
         args.out.mkdir(parents=True, exist_ok=True)
+        if args.measure_chat:
+            try:
+                add_chat(result, args.chat_rows, args.out / "chat_quality.json", args.threads, verify_sizes=True)
+            except ValueError as exc:
+                raise SystemExit(f"benchmarks.run: error: {exc}") from None
         render(result, args.out)
     else:
         result = run(args)

@@ -42,10 +42,11 @@ class QuantizeWeightsPass(GraphPass):
 
     def __init__(self, bits: int, block: int = 32, accuracy_level: int = 4,
                  exclude: frozenset[str] = frozenset(), symmetric: bool = False,
-                 report: WeightQuantReport | None = None) -> None:
-        """``report``: accumulate into an existing report (several passes at different bit widths)."""
+                 report: WeightQuantReport | None = None, grid: tuple[float, ...] = (1.0,)) -> None:
+        """``report``: accumulate into an existing report (several passes at different bit widths); ``grid``: the
+        block range shrinks searched for the least squared error (:func:`quantize_blockwise`; (1.0,): none)."""
         super().__init__()
-        self.symmetric = symmetric
+        self.symmetric, self.grid = symmetric, grid
         self.bits, self.block, self.accuracy_level = bits, block, accuracy_level
         self.exclude = exclude
         self.report = report if report is not None else WeightQuantReport()
@@ -78,7 +79,7 @@ class QuantizeWeightsPass(GraphPass):
                 self.report.skipped[node.name] = f"weight dtype {weight.dtype}"
                 continue
             k, n = weight.shape
-            quant = quantize_blockwise(weight, self.bits, self.block, symmetric=self.symmetric)
+            quant = quantize_blockwise(weight, self.bits, self.block, self.grid, symmetric=self.symmetric)
             packed, scales, zeros = pack_matmulnbits(quant)
             base = f"{node.name}/q{self.bits}"
             inputs = [node.inputs[0], initializer(graph, f"{base}/B", packed), initializer(graph, f"{base}/scales", scales)]

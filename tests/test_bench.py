@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from benchmarks import run as bench
+from benchmarks.bench_chat import add_chat, bundle_sizes, check_same_bundle
 from qsvd_export.runtimes.decode import DecoderRunner
 
 
@@ -137,6 +138,8 @@ def test_measure_quality_and_report(peers, tmp_path) -> None:  # type: ignore[no
     for row in bench.ROWS:
         entry = {"name": row.name, "label": row.label, "tool": row.tool, "family": row.family}
         if row.name in built:
+            entry["bundle"] = str(built[row.name])
+            entry["graph_bytes"], entry["weight_bytes"] = bundle_sizes(built[row.name])
             quality = bench.measure_quality(built[row.name], windows)
             assert all(np.isfinite(quality[c]) and quality[c] > 1 for c in bench.CORPORA)
             entry.update(quality)
@@ -153,6 +156,15 @@ def test_measure_quality_and_report(peers, tmp_path) -> None:  # type: ignore[no
     result = {"model": "tiny-llama", "mode": "quick", "date": "today", "threads": 2, "rows": rows,
               "machine": bench.machine(), "versions": bench.tool_versions(), "bandwidth_gb_s": 10.0,
               "protocol": {"windows": 2, "perplexity": "2 × 16", "speed": "fake"}}
+    # chat columns: the static npu row runs through its chunks, and a dense-vs-dense row would read KL 0
+    add_chat(result, ["ours-w8a8", "ours-npu"], tmp_path / "chat.json", prompts=2, qa=2, verify_sizes=True, raw=True,
+             reply_tokens=4, answer_tokens=4)  # the tiny npu graphs hold 48 positions
+    by_name = {r["name"]: r for r in rows}
+    for name in ("ours-w8a8", "ours-npu"):
+        assert by_name[name]["chat_kl"] >= 0 and 0 <= by_name[name]["chat_top1"] <= 1
+        assert by_name[name]["qa_total"] == 2 and by_name[name]["qa_kept"] <= by_name[name]["qa_dense_correct"]
+    assert by_name["dense"]["qa_total"] == 2 and "chat_kl" not in by_name["ort-int8"]
+    assert json.loads((tmp_path / "chat.json").read_text())["settings"]["prompts"] == 2
     bench.render(result, tmp_path)
     markdown = (tmp_path / "bench.md").read_text()
     assert json.loads((tmp_path / "bench.json").read_text())["claims"] == result["claims"]
@@ -169,6 +181,20 @@ def test_measure_quality_and_report(peers, tmp_path) -> None:  # type: ignore[no
     assert result["plots"] == ["ppl_vs_kv.png", "ppl_vs_decode.png"]
     for name in result["plots"]:
         assert (tmp_path / name).read_bytes().startswith(b"\x89PNG") and f"]({name})" in markdown
+
+
+def test_chat_on_an_earlier_run_refuses_a_changed_bundle(peers, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    built, _ = peers
+    graph_bytes, weight_bytes = bundle_sizes(built["ours-w8a8"])
+    row = {"name": "ours-w8a8", "bundle": str(built["ours-w8a8"]), "graph_bytes": graph_bytes,
+           "weight_bytes": weight_bytes}
+    assert check_same_bundle(row) == built["ours-w8a8"]
+    with pytest.raises(ValueError, match="not the measured bundle"):
+        check_same_bundle({**row, "weight_bytes": weight_bytes + 1})
+    with pytest.raises(ValueError, match="is gone"):
+        check_same_bundle({**row, "bundle": str(tmp_path / "missing")})
+    with pytest.raises(SystemExit):
+        bench.parse_args(["--measure-chat"])  # a full run measures chat itself
 
 
 def test_pareto_front() -> None:

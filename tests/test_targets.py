@@ -184,3 +184,43 @@ def test_export_default_for_cpu_is_smoothed_w4a8_only_where_smoothing_works():
     gpt2 = load_model("tiny-gpt2")
     assert export_preset(dataclasses.replace(gpt2, tokenizer=object()), "cpu") == (None, False)
     assert export_preset(dataclasses.replace(llama, tokenizer=object()), "gpu") == (None, False)
+
+
+def _lm_head_bits(model: ir.Model) -> dict[str, int]:
+    outputs = {v.name for v in model.graph.outputs}
+    return {n.name: n.attributes["bits"].value for n in model.graph
+            if n.op_type == "MatMulNBits" and n.outputs[0].name in outputs}
+
+
+def test_cpu_policy_keeps_the_lm_head_at_8_bits_under_4_bit_weights_unless_told_not_to(bundles):
+    import dataclasses
+
+    from qsvd_export.onnx_io import load_onnx
+    from qsvd_export.quant.presets import parse_bits
+    from qsvd_export.targets.cpu import CPU
+
+    dense = bundles.dense("llama") / "model.onnx"
+    default, plain = load_onnx(dense), load_onnx(dense)
+    report = CPU.quantize(default, parse_bits("w4a8"))
+    assert list(_lm_head_bits(default).values()) == [8] and len(report["output_matmuls_at_8_bits"]) == 1
+    report = dataclasses.replace(CPU, output_matmul_bits=None).quantize(plain, parse_bits("w4a8"))
+    assert list(_lm_head_bits(plain).values()) == [4] and not any(k.startswith("output_") for k in report)
+    bits = {n.attributes["bits"].value for n in plain.graph if n.op_type == "MatMulNBits"}
+    assert bits == {4}
+
+
+def test_cpu_policy_range_grid_reaches_the_weight_quantizer(bundles):
+    import dataclasses
+
+    from qsvd_export.onnx_io import load_onnx
+    from qsvd_export.quant.presets import parse_bits
+    from qsvd_export.targets.cpu import CPU
+
+    dense = bundles.dense("llama") / "model.onnx"
+    plain, searched = load_onnx(dense), load_onnx(dense)
+    CPU.quantize(plain, parse_bits("w4a16"))
+    dataclasses.replace(CPU, weight_range_grid=RANGE_GRID).quantize(searched, parse_bits("w4a16"))
+    scales = [{v.name: v.const_value.numpy() for v in m.graph.initializers.values() if v.name.endswith("/scales")}
+              for m in (plain, searched)]
+    assert scales[0].keys() == scales[1].keys()
+    assert any(not np.array_equal(scales[0][k], scales[1][k]) for k in scales[0])  # some block range shrank

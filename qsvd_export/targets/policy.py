@@ -36,6 +36,8 @@ class TargetPolicy:
     default_bits: str
     allowed_bits: tuple[str, ...]
     block_size: int = 32
+    output_matmul_bits: int | None = 8  # under lower-bit weights, MatMuls producing graph outputs (the lm_head)
+    weight_range_grid: tuple[float, ...] = (1.0,)  # MatMulNBits block range shrinks searched by weight MSE
     smoothed_default: str | None = None  # export's default when activation-aware smoothing is possible
     float16: bool = False  # convert activations, float weights and the cache to fp16 after quantizing
     quantize_embedding: bool = False  # an fp32 table read only by Gather → 8-bit GatherBlockQuantized
@@ -126,8 +128,9 @@ class TargetPolicy:
 
     def _quantize_weights(self, model: ir.Model, bits: Bits) -> dict[str, Any]:
         """Weight-only MatMulNBits. With 4-bit weights the MatMuls that produce graph outputs (the lm_head)
-        stay at 8 bits: measured on smollm2 (8 windows), int4 everywhere costs 1.33× perplexity, int8
-        lm_head brings it to 1.22×."""
+        stay at ``output_matmul_bits`` (8): measured on smollm2 (8 windows), int4 everywhere costs 1.33×
+        perplexity, int8 lm_head brings it to 1.22× (dev split: docs/decisions.md). No block range search
+        (``weight_range_grid``), also by measurement."""
         if bits.weights is None:
             return {"quantized_matmuls": 0}
         accuracy_level = 4 if bits.activations == 8 else 1
@@ -136,13 +139,16 @@ class TargetPolicy:
         from qsvd_export.passes.quantize_weights import QuantizeWeightsPass, WeightQuantReport
 
         done = WeightQuantReport()
-        if bits.weights < 8:
+        grid = self.weight_range_grid
+        if self.output_matmul_bits is not None and bits.weights < self.output_matmul_bits:
             outputs = {v.name for v in model.graph.outputs}
             heads = frozenset(n.name for n in model.graph if n.op_type == "MatMul" and n.outputs[0].name in outputs)
             others = frozenset(n.name for n in model.graph if n.op_type == "MatMul") - heads
-            QuantizeWeightsPass(8, self.block_size, accuracy_level, exclude=others, symmetric=True, report=done)(model)
-            report["output_matmuls_at_8_bits"] = list(done.quantized)
-        QuantizeWeightsPass(bits.weights, self.block_size, accuracy_level, symmetric=True, report=done)(model)
+            QuantizeWeightsPass(self.output_matmul_bits, self.block_size, accuracy_level, exclude=others,
+                                symmetric=True, report=done, grid=grid)(model)
+            report[f"output_matmuls_at_{self.output_matmul_bits}_bits"] = list(done.quantized)
+        QuantizeWeightsPass(bits.weights, self.block_size, accuracy_level, symmetric=True, report=done,
+                            grid=grid)(model)
         report.update(done.as_dict())
         if self.quantize_embedding:  # after the lm_head took its own copy of a tied table
             from qsvd_export.passes.quantize_embedding import QuantizeEmbeddingPass
