@@ -55,7 +55,7 @@ MINILM_METHOD_KEYS = [f"{allocation}:{grouping}" for allocation, grouping, _ in 
 # encoder calibrations compared by --minilm-calibrations: name -> (CompressOptions overrides)
 MINILM_CALIBRATIONS = {
     "default": {},  # 256 x 32-token windows, Cholesky input whitening (CALIBRATION_DEFAULTS, encoder)
-    "windows-128": {"calib_windows": 64, "calib_length": 128, "grad_windows": 32},  # same tokens, 128-token windows
+    "windows-128": {"calib_windows": 128, "calib_length": 128},  # 128 x 128-token windows (docs/results.md)
     "absmean-input": {"fisher_input": "absmean"},
 }
 

@@ -195,8 +195,26 @@ def _load_processor(folder: Path) -> Any:
     return AutoProcessor.from_pretrained(folder, trust_remote_code=False)
 
 
+TORCH_STAGE_TRANSFORMERS = (5, 24)  # the export's cache= call and out.cache (export.py)
+
+
+def require_torch_stage_transformers(version: str | None = None) -> None:
+    """Raise one :class:`UsageError` when the installed transformers (or ``version``) is older than the torch stage
+    needs (:data:`TORCH_STAGE_TRANSFORMERS`). The graph path (``qsvd-export MODEL.onnx``) does not call this: it
+    runs with the transformers 4.57 that optimum-onnx pins."""
+    version = version or _installed_version("transformers")
+    parts = [int(p) if p.isdigit() else 0 for p in version.split(".")[:2]]
+    if tuple(parts) < TORCH_STAGE_TRANSFORMERS:
+        floor = ".".join(map(str, TORCH_STAGE_TRANSFORMERS))
+        raise UsageError(f"loading a model for export/compress needs transformers >= {floor}, this environment has "
+                         f"{version} (optimum-onnx 0.1.0 pins 4.x): run the export in a separate venv, or compile "
+                         "an exported graph here with `qsvd-export MODEL.onnx`")
+
+
 def load_model(spec: str, seed: int = 0) -> LoadedModel:
-    """Resolve ``spec`` (zoo name, ``tiny-<family>`` or local folder) to a loaded model."""
+    """Resolve ``spec`` (zoo name, ``tiny-<family>`` or local folder) to a loaded model (torch stage: checks the
+    transformers version first)."""
+    require_torch_stage_transformers()
     if spec in ZOO:
         return ZOO[spec].loader()
     if spec.startswith("tiny-"):

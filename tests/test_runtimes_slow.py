@@ -1,12 +1,14 @@
 """smollm2 bundles in the runtimes receivers already use, each in a fresh venv built from PyPI at pinned versions:
 onnxruntime-genai alone (no torch, transformers or qsvd-export) and optimum-onnx with transformers 4.x.
 
-Slow (``pytest -m slow``): two venvs and two real bundles. Nothing is cached outside the test's tmp dir (pip runs
+Slow (``pytest -m slow``): two venvs and two real bundles; qsvd-export itself is then installed into the optimum
+venv and compiles a graph there. Nothing is cached outside the test's tmp dir (pip runs
 with --no-cache-dir)."""
 
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 import time
@@ -16,6 +18,7 @@ import pytest
 
 from qsvd_export import ExportOptions, export_model, load_bundle
 from qsvd_export.genai_config import GENAI_VERSION
+from qsvd_export.runtime_files import portable_tokenizer_config
 
 pytestmark = pytest.mark.slow
 
@@ -99,8 +102,14 @@ print(json.dumps({"transformers": transformers.__version__, "prompt_ids": ids, "
 """
 
 
-def test_optimum_with_transformers_4_generates_the_runners_tokens(smollm2_bundles, tmp_path):
-    python = fresh_venv(tmp_path / "venv", OPTIMUM_PINS)
+@pytest.fixture(scope="module")
+def optimum_python(tmp_path_factory: pytest.TempPathFactory) -> str:
+    """A fresh venv with optimum-onnx 0.1.0 and the transformers 4.x it pins (no qsvd-export yet)."""
+    return fresh_venv(tmp_path_factory.mktemp("optimum") / "venv", OPTIMUM_PINS)
+
+
+def test_optimum_with_transformers_4_generates_the_runners_tokens(smollm2_bundles, optimum_python, tmp_path):
+    python = optimum_python
     bundle = smollm2_bundles["dense fp32"]
     assert json.loads((bundle / "report.json").read_text())["runtimes"]["optimum"]["runs"] is True
     ids, new, _ = reference(bundle)
@@ -111,3 +120,32 @@ def test_optimum_with_transformers_4_generates_the_runners_tokens(smollm2_bundle
     assert result["transformers"].startswith("4.")
     assert result["prompt_ids"] == ids  # the bundle's tokenizer_config.json loads in 4.x with the same template
     assert result["new_ids"] == new
+
+
+def test_the_package_installs_and_compiles_graphs_beside_optimum(optimum_python, tmp_path):
+    """`pip install .` into optimum-onnx's venv resolves without moving its pins; there the front door compiles
+    optimum's graph (dense and graph-only QSVD, cpu), and the torch stage says in one line that it needs 5.x."""
+    python = optimum_python
+    pip = subprocess.run([python, "-m", "pip", "install", "-q", "--no-cache-dir", str(ROOT), *OPTIMUM_PINS],
+                         capture_output=True, text=True, timeout=1800)
+    assert pip.returncode == 0, pip.stderr[-3000:]
+    check = subprocess.run([python, "-m", "pip", "check"], capture_output=True, text=True, timeout=300)
+    assert check.returncode == 0, check.stdout[-2000:]
+    versions = subprocess.run([python, "-c", "import transformers, optimum.onnxruntime, qsvd_export; "
+                               "print(transformers.__version__)"], capture_output=True, text=True, cwd=tmp_path)
+    assert versions.returncode == 0 and versions.stdout.startswith("4."), versions.stderr[-2000:]
+    source = tmp_path / "optimum_llama"
+    shutil.copytree(ROOT / "tests" / "fixtures" / "optimum_llama", source)
+    portable_tokenizer_config(source)  # the fixture's tiny tokenizer was written by 5.x; optimum's own are 4.x's
+    for name, extra in (("dense", []), ("kv50", ["--budget", "kv=0.5", "--calib-windows", "4", "--grad-windows", "2"])):
+        out = tmp_path / name
+        run = subprocess.run([python, "-m", "qsvd_export", str(source / "model.onnx"), "--target", "cpu", *extra,
+                              "-o", str(out), "-q"], capture_output=True, text=True, timeout=900, cwd=tmp_path)
+        assert run.returncode == 0, run.stderr[-3000:]
+        generate = subprocess.run([python, "-m", "qsvd_export", "run", str(out), "--prompt", "hello",
+                                   "--max-new-tokens", "4"], capture_output=True, text=True, timeout=600, cwd=tmp_path)
+        assert generate.returncode == 0, generate.stderr[-3000:]
+    refused = subprocess.run([python, "-m", "qsvd_export", "export", "tiny-llama", "-o", str(tmp_path / "x")],
+                             capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    error = refused.stderr.strip().splitlines()[-1]
+    assert refused.returncode == 2 and "needs transformers >= 5.24" in error and not (tmp_path / "x").exists()
