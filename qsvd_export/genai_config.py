@@ -13,8 +13,11 @@ cache that genai's default KV cache can bind works, latent ones included. What g
 - heads and head size may differ between layers (0.18 detects per-layer shapes from the session's inputs);
   the config's ``num_key_value_heads`` / ``head_size`` are layer 0's.
 
+A bundle that caches one latent per layer (``past_key_values.{i}.latent``, float32 or uint8 codes) runs through
+``model.genai.onnx``, the same graph with each latent shown as a key/value pair (:mod:`qsvd_export.genai_latent`).
+
 Layouts it cannot bind are *refused with a reason* (recorded in report.json and the bundle README), never an
-error: a single ``.latent`` tensor per layer, 3-D caches, mixed dtypes, static-shape npu graphs (genai's
+error: a latent with a second cache tensor (the 4-bit latent's sink), other 3-D caches, mixed dtypes, static-shape npu graphs (genai's
 QNN sliding-window cache, ``src/models/windowed_kv_cache.cpp``, wants uint8 caches, keys stored transposed
 ``[heads, batch, head_size, slots]`` and presents of only the new window, where our npu graphs take float
 caches ``[batch, heads, slots, head_size]`` and return all slots), encoders and vision-language bundles
@@ -23,6 +26,7 @@ caches ``[batch, heads, slots, head_size]`` and return all slots), encoders and 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -45,12 +49,21 @@ class GenaiDecision:
 
     config: dict[str, Any] | None
     reason: str = ""
+    latent_graph: bool = False  # the config runs model.genai.onnx (each latent shown as key/value), to be written
+    padding_bytes_per_token: int = 0  # what that view adds per token over the latent (odd ranks)
 
     def report(self) -> dict[str, Any]:
         """The ``runtimes.onnxruntime_genai`` entry of report.json."""
         if self.config is None:
             return {"runs": False, "reason": self.reason}
-        return {"runs": True, "file": GENAI_CONFIG, "tested_version": GENAI_VERSION}
+        entry = {"runs": True, "file": GENAI_CONFIG, "tested_version": GENAI_VERSION}
+        if self.latent_graph:
+            from qsvd_export.genai_latent import GENAI_GRAPH
+
+            entry.update(graph=GENAI_GRAPH, layout="each latent [batch, past, r] as key and value [batch, 1, past, "
+                                                   "ceil(r/2)] halves, joined inside the graph; weights shared with "
+                                                   "model.onnx", padding_bytes_per_token=self.padding_bytes_per_token)
+        return entry
 
 
 def _cache_refusal(config: BundleConfig) -> str:
@@ -62,7 +75,7 @@ def _cache_refusal(config: BundleConfig) -> str:
         parts = {t.input.rsplit(".", 1)[-1]: t for t in layer.tensors}
         if set(parts) != {"key", "value"} or len(layer.tensors) != 2:
             return (f"layer {layer.layer} caches {', '.join(sorted(t.input for t in layer.tensors))}: genai binds exactly "
-                    "past_key_values.{i}.key and .value per layer (a single .latent tensor has no genai form)")
+                    "past_key_values.{i}.key and .value per layer")
         key, value = parts["key"], parts["value"]
         for tensor in (key, value):
             if len(tensor.shape) != 4 or tensor.sequence_axis != 2:
@@ -100,12 +113,24 @@ def decide(config: BundleConfig, target: str | None = None) -> GenaiDecision:
                                    "(src/models/windowed_kv_cache.cpp) needs uint8 cache I/O, keys as "
                                    "[heads, batch, head_size, slots] and presents of the new window only; these graphs "
                                    f"take {dtype} [batch, heads, slots, head_size] caches and return every slot")
-    refusal = _cache_refusal(config)
-    if refusal:
-        return GenaiDecision(None, refusal)
     spec = config.graph("model")
     if "logits" not in spec.outputs or "input_ids" not in spec.inputs:
         return GenaiDecision(None, "the graph needs input_ids and logits (genai feeds token ids)")
+    if any(layer.kind == "latent" for layer in config.cache):
+        from qsvd_export.genai_latent import GENAI_GRAPH, latent_view, padding_bytes_per_token
+
+        view = latent_view(config)
+        if isinstance(view, str):
+            return GenaiDecision(None, view)
+        shown = dataclasses.replace(config, cache=view)
+        refusal = _cache_refusal(shown)
+        if refusal:
+            return GenaiDecision(None, refusal)
+        return GenaiDecision(_config(shown, GENAI_GRAPH, target), latent_graph=True,
+                             padding_bytes_per_token=padding_bytes_per_token(config))
+    refusal = _cache_refusal(config)
+    if refusal:
+        return GenaiDecision(None, refusal)
     return GenaiDecision(_config(config, spec.filename, target))
 
 
@@ -155,6 +180,10 @@ def _config(config: BundleConfig, filename: str, target: str | None) -> dict[str
 def write_genai_config(folder: Path, config: BundleConfig, target: str | None = None) -> dict[str, Any]:
     """Write ``genai_config.json`` into ``folder`` when genai can run the bundle; returns the report entry."""
     decision = decide(config, target)
+    if decision.latent_graph:
+        from qsvd_export.genai_latent import write_genai_graph
+
+        write_genai_graph(Path(folder), config)
     if decision.config is not None:
         (Path(folder) / GENAI_CONFIG).write_text(json.dumps(decision.config, indent=2) + "\n")
     return decision.report()

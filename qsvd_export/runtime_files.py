@@ -104,6 +104,9 @@ def readme_section(runtimes: dict[str, Any]) -> str:
     if genai["runs"]:
         lines.append(f"- onnxruntime-genai: `{genai['file']}` (tested with {genai['tested_version']}); "
                      "`og.Model(bundle)`, see samples/genai_chat.py")
+        if genai.get("graph"):
+            lines.append(f"  genai runs `{genai['graph']}`: {genai['layout']} (+{genai['padding_bytes_per_token']} "
+                         "B/token of odd-rank padding in genai's cache)")
     else:
         lines.append(f"- onnxruntime-genai: not runnable: {genai['reason']}")
     optimum = runtimes["optimum"]

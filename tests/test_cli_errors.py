@@ -263,3 +263,16 @@ def test_compress_cuda_without_a_gpu(tmp_path):
     proc = run_cli("compress", "tiny-llama", "--budget", "kv=0.5", "--device", "cuda", "-o", str(tmp_path / "out"))
     assert_one_line_error(proc, 5, "sees no CUDA GPU")
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("version,refused", [("4.57.6", True), ("5.23.1", True), ("5.24.0", False), ("5.30.0.dev0", False),
+                                             ("unknown", True)])
+def test_torch_stage_names_the_transformers_it_needs(version, refused):
+    from qsvd_export.errors import UsageError
+    from qsvd_export.zoo import require_torch_stage_transformers
+
+    if refused:
+        with pytest.raises(UsageError, match=r"needs transformers >= 5\.24, this environment has "):
+            require_torch_stage_transformers(version)
+    else:
+        require_torch_stage_transformers(version)

@@ -64,13 +64,16 @@ def _kv(layer: int, heads: int, size: int, dtype: str = "float32") -> LayerCache
                     ["batch_size", heads, "past_sequence_length", size], dtype, 2) for part in ("key", "value")])
 
 
-def _latent(layer: int, rank: int) -> LayerCache:
-    return LayerCache(layer, "latent", [CacheTensor(f"past_key_values.{layer}.latent", f"present.{layer}.latent",
-                                                    ["batch_size", "past_sequence_length", rank], "float32", 1)], rank)
+def _latent(layer: int, rank: int, sink: bool = False, dtype: str = "float32") -> LayerCache:
+    parts = ["latent", "latent_sink"] if sink else ["latent"]
+    return LayerCache(layer, "latent", [CacheTensor(f"past_key_values.{layer}.{part}", f"present.{layer}.{part}",
+                                                    ["batch_size", "past_sequence_length", rank], dtype, 1)
+                                        for part in parts], rank)
 
 
 @pytest.mark.parametrize("cache, extra, fragment", [
-    ([_latent(0, 24), _latent(1, 16)], {}, "a single .latent tensor has no genai form"),
+    ([_latent(0, 24, sink=True), _latent(1, 16, sink=True)], {}, "the 4-bit latent's float32 sink"),
+    ([_latent(0, 24, dtype="uint16")], {}, "genai allocates"),
     ([_kv(0, 2, 8), _kv(1, 2, 8, "float16")], {}, "mix dtypes"),
     ([_kv(0, 2, 8, "uint16"), _kv(1, 2, 8, "uint16")], {}, "is not one genai allocates"),
     ([_kv(0, 2, 8)], {"static_shapes": {"context_length": 64, "prefill_length": 16}}, "windowed_kv_cache.cpp"),
@@ -206,18 +209,72 @@ def test_genai_chat_sample_on_a_tiny_bundle(bundles, tmp_path):
                                                           "static graphs")
 
 
-def test_todays_latent_bundle_is_refused_with_the_reason(tmp_path):
-    """A kv=0.5 bundle caches one past_key_values.{i}.latent per layer: refused in report.json and README."""
+def _session_outputs(path: Path, feeds: dict) -> dict:
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    names = [o.name for o in session.get_outputs()]
+    return dict(zip(names, session.run(names, feeds)))
+
+
+def _latent_feeds(config: BundleConfig, ids: list[int], past: dict) -> dict:
+    import numpy as np
+
+    total = len(ids) + next(iter(past.values())).shape[1]
+    return {"input_ids": np.asarray([ids]), "attention_mask": np.ones((1, total), dtype=np.int64),
+            "position_ids": np.arange(total - len(ids), total)[None, :], **past}
+
+
+def test_latent_bundles_run_in_genai_through_a_key_value_view(tmp_path):
+    """kv=0.5 bundles (fp32 latent, and the cpu target's uint8 codes) run in genai through model.genai.onnx: the
+    same logits and latents as model.onnx in ONNX Runtime, the runner's tokens in genai; the 4-bit latent (a
+    second, sink tensor per layer) is refused with the reason."""
+    import numpy as np
+
     from qsvd_export import CompressionOptions, compress_model
+    from qsvd_export.cli import main
+    from qsvd_export.genai_latent import GENAI_GRAPH
 
     result = compress_model("tiny-llama", tmp_path / "kv50", CompressionOptions(
         budget="kv=0.5", calib_windows=4, calib_length=32, grad_windows=1))
-    assert any(layer.kind == "latent" for layer in result.config.cache)
-    entry = result.report["runtimes"]["onnxruntime_genai"]
-    assert entry["runs"] is False and "single .latent tensor" in entry["reason"]
-    assert not (result.out / GENAI_CONFIG).exists()
-    assert entry["reason"] in (result.out / "README.md").read_text()
-    assert result.report["runtimes"]["optimum"]["runs"] is False
+    cpu = tmp_path / "kv50-cpu"
+    assert main([str(result.out / "model.onnx"), "--target", "cpu", "-o", str(cpu), "-q"]) == 0
+    for bundle in (result.out, cpu):
+        config = load_bundle_config(bundle)
+        assert all(layer.kind == "latent" for layer in config.cache)
+        entry = json.loads((bundle / "report.json").read_text())["runtimes"]["onnxruntime_genai"]
+        assert entry["runs"] is True and entry["graph"] == GENAI_GRAPH and (bundle / GENAI_GRAPH).is_file()
+        odd = sum(1 for layer in config.cache if layer.tensors[0].shape[2] % 2)
+        assert entry["padding_bytes_per_token"] == odd * (4 if config.cache[0].tensors[0].dtype == "float32" else 1)
+        # prefill then one decode step, each latent split into halves for the genai graph
+        dtype = np.dtype(config.cache[0].tensors[0].dtype)
+        past = {t.input: np.zeros((1, 0, t.shape[2]), dtype) for layer in config.cache for t in layer.tensors}
+        ids = PROMPT
+        for _ in range(2):
+            feeds = _latent_feeds(config, ids, past)
+            halves = {}
+            for name, latent in past.items():
+                layer, half = name.split(".")[1], (latent.shape[2] + 1) // 2
+                padded = np.concatenate([latent, np.zeros((1, latent.shape[1], 2 * half - latent.shape[2]), dtype)], 2)
+                halves[f"past_key_values.{layer}.key"] = padded[:, None, :, :half]
+                halves[f"past_key_values.{layer}.value"] = padded[:, None, :, half:]
+            ours = _session_outputs(bundle / "model.onnx", feeds)
+            shown = _session_outputs(bundle / GENAI_GRAPH, {**{k: v for k, v in feeds.items() if k not in past},
+                                                            **halves})
+            np.testing.assert_array_equal(shown["logits"], ours["logits"])
+            for layer in config.cache:
+                present = ours[layer.tensors[0].output]
+                joined = np.concatenate([shown[f"present.{layer.layer}.key"], shown[f"present.{layer.layer}.value"]], 3)
+                np.testing.assert_array_equal(joined[:, 0, :, :present.shape[2]], present)
+                assert not joined[:, 0, :, present.shape[2]:].any()  # the odd rank's padding channel stays zero
+            past = {layer.tensors[0].input: ours[layer.tensors[0].output] for layer in config.cache}
+            ids = [int(ours["logits"][0, -1].argmax())]
+        assert genai_tokens(bundle, PROMPT, 12) == runner_tokens(bundle, PROMPT, 12)
+    four = tmp_path / "kv50-cpu4"
+    assert main([str(result.out / "model.onnx"), "--target", "cpu", "--kv-bits", "4", "-o", str(four), "-q"]) == 0
+    entry = json.loads((four / "report.json").read_text())["runtimes"]["onnxruntime_genai"]
+    assert entry["runs"] is False and "sink" in entry["reason"] and not (four / GENAI_CONFIG).exists()
+    assert entry["reason"] in (four / "README.md").read_text() and not (four / GENAI_GRAPH).exists()
 
 
 def test_tokenizer_config_is_portable_and_still_loads(tmp_path):
