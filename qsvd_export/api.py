@@ -124,6 +124,7 @@ class CompressionOptions(_TargetFlags):
     rotate_mlp: bool = False
     rotate_o_proj: bool = False
     min_rank: int = 8
+    rank_multiple: int = 1
     seed: int = 0
     device: str = "cpu"
     device_map: str | None = None

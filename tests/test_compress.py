@@ -146,6 +146,24 @@ def test_qsvd_allocation_keeps_q_dense_when_only_kv_is_budgeted():
     assert all(set(c) == {"kv"} for c in choices)
 
 
+def test_rank_multiple_rounds_every_cached_rank_and_keeps_the_budget():
+    """Layers of odd importance decays: without rounding some cached ranks come out odd; with rank_multiple=2 every
+    one is even, the KV budget still holds, and it spends the slack it can (within one step of the plain total)."""
+    from qsvd_export.compress.allocate import _totals
+
+    layers = [_synthetic_layer(1.0, scale) for scale in (10.0, 3.0, 1.0, 0.3, 0.1)]
+    for li, s in enumerate(layers):  # distinct decays so that prices cut at odd ranks
+        s.importance["kv"] = s.importance["kv"] * np.exp(-np.arange(16) * 0.07 * li)
+    budget = Budget(kv=0.47)
+    plain = allocate_qsvd(layers, budget, grouping="kv", min_rank=1)
+    assert any(len(c["kv"]) % 2 for c in plain)  # the case the rounding exists for
+    even = allocate_qsvd(layers, budget, grouping="kv", min_rank=1, rank_multiple=2)
+    assert all(len(c["kv"]) % 2 == 0 for c in even)
+    assert _totals(layers, even)[1] <= budget.kv + 1e-12
+    assert sum(len(c["kv"]) for c in even) >= sum(len(c["kv"]) for c in plain) - 2 * len(layers)
+    assert all(np.all(np.diff(c["kv"]) > 0) for c in even)  # kept indices stay sorted and unique
+
+
 def test_uniform_allocation_is_the_largest_rank_that_fits():
     layers = [_synthetic_layer(1.0, 1.0) for _ in range(2)]
     choices = allocate_uniform(layers, Budget(kv=0.5), grouping="kv")

@@ -159,6 +159,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_rotation(p)
     _add_target(p, bits=False)
     p.add_argument("--min-rank", type=int, default=8)
+    p.add_argument("--rank-multiple", type=int, default=1,
+                   help="round each cached latent rank to a multiple (2: no padding channel in 4-bit or genai caches)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cpu",
                    help="where the torch stage runs: cpu (default), cuda or cuda:N (calibration, gradients, SVDs; "

@@ -90,7 +90,7 @@ def compress_request(args: argparse.Namespace) -> dict[str, Any]:
     from qsvd_export.compress.options import CompressOptions
     from qsvd_export.quant.presets import parse_bits
 
-    for flag in ("calib_windows", "calib_length", "grad_windows", "eval_windows", "min_rank"):
+    for flag in ("calib_windows", "calib_length", "grad_windows", "eval_windows", "min_rank", "rank_multiple"):
         if getattr(args, flag) is not None and getattr(args, flag) < (2 if flag == "calib_length" else 0 if flag == "grad_windows" else 1):
             raise UsageError(f"--{flag.replace('_', '-')} is too small ({getattr(args, flag)})")
     if args.bits is not None:
@@ -104,7 +104,8 @@ def compress_request(args: argparse.Namespace) -> dict[str, Any]:
         calib_length=args.calib_length, grad_windows=args.grad_windows, importance=args.importance,
         bits=args.bits or "fp", beta=args.beta, rotation=args.rotation, residual_rotation=args.rotate,
         rotate_mlp=args.rotate_mlp, rotate_o_proj=args.rotate_o_proj,
-        min_rank=args.min_rank, seed=args.seed, device=args.device, device_map=args.device_map,
+        min_rank=args.min_rank, rank_multiple=args.rank_multiple, seed=args.seed, device=args.device,
+        device_map=args.device_map,
     )
     if args.kv_form == "absorbed" and (args.target != "cpu" or options.budget.params is not None):
         raise UsageError("--kv-form absorbed needs --target cpu and a KV-only budget (--budget kv=R2)")

@@ -127,6 +127,49 @@ def _fill_slack(layers: list[LayerScores], choices: list[Choice], budget: Budget
     return choices
 
 
+def _cached(dims: LayerDims, members: str) -> bool:
+    return bool(dims.cached and ("k" in members or "v" in members))
+
+
+def round_cached_ranks(layers: list[LayerScores], choices: list[Choice], budget: Budget, multiple: int,
+                       min_rank: int = 1) -> list[Choice]:
+    """Every cached latent rank made a multiple of ``multiple`` (the 4-bit cache packs two channels per byte, genai's
+    key/value view splits the latent in halves: an odd rank costs a padding channel). Each odd group first drops its
+    least important kept components down to the multiple (the budget still holds; not below ``min_rank``), then the freed slack is given
+    back in whole steps of ``multiple`` components, most important step first, while the budget holds (a group that
+    could not drop, being at ``min_rank``, is rounded up first when the budget allows)."""
+    if multiple <= 1:
+        return choices
+    choices = [dict(c) for c in choices]
+    for s, choice in zip(layers, choices):
+        for members, keep in choice.items():
+            extra = len(keep) % multiple
+            if _cached(s.dims, members) and extra and len(keep) - extra >= max(multiple, min_rank):
+                imp = s.importance[members]
+                choice[members] = np.sort(keep[np.argsort(imp[keep], kind="stable")[extra:]])
+    r1, r2 = _totals(layers, choices)
+    dense_p = sum(s.dims.dense_params for s in layers)
+    dense_kv = sum(s.dims.dense_kv for s in layers)
+    steps = []
+    for li, (s, choice) in enumerate(zip(layers, choices)):
+        for members, keep in choice.items():
+            if not _cached(s.dims, members):
+                continue
+            need = multiple - len(keep) % multiple  # a whole step, or what a group left below the multiple lacks
+            dropped = np.setdiff1d(np.arange(len(s.importance[members])), keep)
+            dropped = dropped[np.argsort(-s.importance[members][dropped], kind="stable")][:need]
+            if len(dropped) == need:
+                steps.append((need == multiple, -float(s.importance[members][dropped].sum()), li, members, dropped))
+    for _, _, li, members, add in sorted(steps, key=lambda step: step[:2]):  # unrounded groups first
+        d = layers[li].dims
+        add_p = len(add) * d.group_params_per_rank(members) / dense_p
+        add_kv = len(add) / dense_kv
+        if within(budget, r1 + add_p, r2 + add_kv):
+            choices[li][members] = np.sort(np.concatenate([choices[li][members], add]))
+            r1, r2 = r1 + add_p, r2 + add_kv
+    return choices
+
+
 def _price_range(layers: list[LayerScores]) -> tuple[float, float]:
     values = np.concatenate([v for s in layers for v in s.importance.values()])
     positive = values[values > 0]
@@ -159,8 +202,10 @@ def _min_feasible_lambda(layers, mu, grouping, min_rank, budget, lo, hi):  # typ
     return math.exp(b), best
 
 
-def allocate_qsvd(layers: list[LayerScores], budget: Budget, grouping: str = "auto", min_rank: int = 8) -> list[Choice]:
-    """Importance-driven allocation with per-layer grouping under ``budget`` (see module docstring)."""
+def allocate_qsvd(layers: list[LayerScores], budget: Budget, grouping: str = "auto", min_rank: int = 8,
+                  rank_multiple: int = 1) -> list[Choice]:
+    """Importance-driven allocation with per-layer grouping under ``budget`` (see module docstring); cached
+    latent ranks rounded to ``rank_multiple`` (:func:`round_cached_ranks`)."""
     if grouping not in ("auto", "qkv", "kv"):
         raise UsageError(f"grouping '{grouping}' is not available with gradient allocation (auto, qkv, kv)")
     lo, hi = _price_range(layers)
@@ -177,7 +222,7 @@ def allocate_qsvd(layers: list[LayerScores], budget: Budget, grouping: str = "au
         r1, r2 = _totals(layers, choices)
         if not within(budget, r1, r2):
             continue
-        choices = _fill_slack(layers, choices, budget)
+        choices = round_cached_ranks(layers, _fill_slack(layers, choices, budget), budget, rank_multiple, min_rank)
         lost = _lost_importance(layers, choices)
         if best is None or lost < best[0]:
             best = (lost, choices)

@@ -313,7 +313,7 @@ def allocate(analysis: Analysis, options: CompressOptions) -> list[dict[str, np.
     if options.allocation not in ALLOCATIONS:
         raise UsageError(f"unknown allocation '{options.allocation}' (choose from {', '.join(ALLOCATIONS)})")
     if options.allocation == "qsvd" and options.grouping != "separate":
-        return allocate_qsvd(analysis.scores, options.budget, options.grouping, options.min_rank)
+        return allocate_qsvd(analysis.scores, options.budget, options.grouping, options.min_rank, options.rank_multiple)
     if options.allocation == "fisher":
         return allocate_fisher(analysis.scores, options.budget, options.grouping, options.min_rank)
     return allocate_uniform(analysis.scores, options.budget, options.grouping)
@@ -377,6 +377,7 @@ def build_plan(model_name: str, model_type: str, analysis: Analysis, options: Co
             "beta": "fixed" if options.beta is not None else ("searched" if bits.weights else "0.5 (fp: no effect)"),
             "rotation": options.rotation,
             "min_rank": options.min_rank,
+            **({"rank_multiple": options.rank_multiple} if options.rank_multiple != 1 else {}),
         },
         calibration=analysis.calibration,
         seed=options.seed,

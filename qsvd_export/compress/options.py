@@ -52,6 +52,7 @@ class CompressOptions:
     rotate_mlp: bool = False  # with residual_rotation: down_proj inputs rotated online (one MatMul per layer)
     rotate_o_proj: bool = False  # with residual_rotation: o_proj inputs rotated online (across and within heads)
     min_rank: int = 8
+    rank_multiple: int = 1  # cached latent ranks rounded to a multiple (2: no padding channel in 4-bit / genai caches)
     seed: int = 0
     device: str = "cpu"  # where the torch stage runs (calibration, gradients, SVDs): cpu, cuda, cuda:N
     device_map: str | None = None  # or split over GPUs: an accelerate strategy (auto, balanced, ...) or a JSON file
