@@ -173,3 +173,42 @@ def test_torch_scorer_generates_like_the_dense_bundle(bundles):
     torch_scorer, onnx_scorer = TorchScorer(build_tiny("llama").model), BundleScorer(bundles.dense("llama"))
     assert torch_scorer.generate(ids, 8, []) == onnx_scorer.generate(ids, 8, [])
     assert np.abs(torch_scorer.logits(ids) - onnx_scorer.logits(ids)).max() < 1e-3
+
+
+def test_chat_calibration_windows_are_the_models_replies_to_prompts_kept_apart():
+    """Chat-formatted calibration: the calibration prompts are disjoint from the chat-quality set; windows are the
+    templated prompts followed by the dense model's greedy replies, deterministic; mixed = half wiki, half chat."""
+    from qsvd_export.chat_calibration import CALIB_PROMPTS, chat_calibration_windows, smooth_calibration_windows
+    from qsvd_export.chat_quality import TorchScorer
+    from qsvd_export.tiny import build_tiny
+
+    prompts = json.loads(CALIB_PROMPTS.read_text())["prompts"]
+    chat_set = load_chat_set()
+    assert len(prompts) >= 40 and not set(prompts) & (set(chat_set.prompts) | {q for q, _ in chat_set.qa})
+    model, tokenizer = build_tiny("llama").model, _ChatBytes()
+    windows = chat_calibration_windows(model, tokenizer, 2, 64, reply_tokens=8)
+    assert windows.shape == (2, 64) and windows.dtype == np.int64
+    first = chat_ids(tokenizer, prompts[0])
+    reply = TorchScorer(model).generate(first, 8, [])
+    assert windows.reshape(-1)[:len(first) + len(reply)].tolist() == first + reply
+    np.testing.assert_array_equal(windows, chat_calibration_windows(model, tokenizer, 2, 64, reply_tokens=8))
+    mixed = smooth_calibration_windows(model, tokenizer, "mixed", 2, 64)
+    chat_only = chat_calibration_windows(model, tokenizer, 1, 64)
+    assert mixed.shape == (2, 64) and mixed[1].tolist() == chat_only[0].tolist()  # half wiki_calib, then chat
+    assert mixed[0].tolist() == smooth_calibration_windows(model, tokenizer, "wiki", 1, 64)[0].tolist()
+    with pytest.raises(UsageError, match="chat template"):
+        chat_calibration_windows(model, ByteTokenizer(), 1, 64)
+    with pytest.raises(UsageError, match="fewer than"):
+        chat_calibration_windows(model, tokenizer, 1000, 64, reply_tokens=1)
+
+
+def test_smooth_calib_needs_smoothing_and_a_chat_template(tmp_path, capsys):
+    from qsvd_export.cli import main
+
+    code = main(["export", "tiny-llama", "-o", str(tmp_path / "a"), "--target", "cpu", "--bits", "w4a8",
+                 "--no-smooth", "--smooth-calib", "chat"])
+    assert code == 2 and "does nothing with --no-smooth" in capsys.readouterr().err
+    code = main(["export", "tiny-llama", "-o", str(tmp_path / "b"), "--target", "cpu", "--bits", "w4a8",
+                 "--smooth", "--smooth-calib", "chat", "-q"])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and "chat template" in err and len(err.splitlines()) == 1 and not (tmp_path / "b").exists()

@@ -51,12 +51,14 @@ def export_preset(loaded: LoadedModel, target: str) -> tuple[str | None, bool]:
     return None, False
 
 
-def smooth_for_target(loaded: LoadedModel, target: str, bits: str | None, windows: int, seed: int) -> dict[str, Any]:
-    """Smooth ``loaded`` for ``target``'s weight bits (options already checked by check_target_options)."""
+def smooth_for_target(loaded: LoadedModel, target: str, bits: str | None, windows: int, seed: int,
+                      calibration: str = "wiki") -> dict[str, Any]:
+    """Smooth ``loaded`` for ``target``'s weight bits (options already checked by check_target_options), calibrated
+    on ``windows`` × 512 tokens of ``calibration`` (:func:`qsvd_export.chat_calibration.smooth_calibration_windows`)."""
     import torch
 
+    from qsvd_export.chat_calibration import smooth_calibration_windows
     from qsvd_export.compress.smooth import smooth_for_weight_bits
-    from qsvd_export.data import read_text, token_windows
     from qsvd_export.targets import policy_for
 
     policy = policy_for(target)
@@ -64,9 +66,10 @@ def smooth_for_target(loaded: LoadedModel, target: str, bits: str | None, window
     assert chosen.weights is not None
     if loaded.tokenizer is None:
         raise UsageError(f"{loaded.name}: no tokenizer, so no text calibration for --smooth")
-    rows = token_windows(loaded.tokenizer, read_text("wiki_calib"), 512, windows, source="wiki_calib")
+    rows = smooth_calibration_windows(loaded.model, loaded.tokenizer, calibration, windows)  # type: ignore[arg-type]
     batches = [torch.from_numpy(row[None, :]) for row in rows]
-    return smooth_for_weight_bits(loaded.model, batches, chosen.weights, policy.block_size, seed)
+    report = smooth_for_weight_bits(loaded.model, batches, chosen.weights, policy.block_size, seed)
+    return report if calibration == "wiki" else {**report, "calibration_text": calibration}
 
 
 def check_rotation_options(rotate: bool, online: bool, target: str | None, bits: str | None) -> None:

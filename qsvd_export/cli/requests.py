@@ -77,9 +77,12 @@ def export_request(args: argparse.Namespace) -> dict[str, Any]:
 
     check_target_options(args.target, args.bits, args.smooth)
     check_rotation_options(args.rotate, args.rotate_mlp or args.rotate_o_proj, args.target, args.bits)
+    if args.smooth_calib != "wiki" and args.smooth is False:
+        raise UsageError("--smooth-calib chooses the smoothing's calibration text; it does nothing with --no-smooth")
     return dict(spec=args.model, out=args.output, overwrite=args.overwrite, seed=args.seed,
                 rotate=args.rotate, rotate_mlp=args.rotate_mlp, rotate_o_proj=args.rotate_o_proj,
-                target=target_request(args, args.bits, kv=kv_options(args)), smooth=args.smooth, mobile=args.mobile)
+                target=target_request(args, args.bits, kv=kv_options(args)), smooth=args.smooth,
+                smooth_calib=args.smooth_calib, mobile=args.mobile)
 
 
 def compress_request(args: argparse.Namespace) -> dict[str, Any]:
