@@ -45,8 +45,8 @@ def build(dense: Path, out: Path, bits: str, overrides: dict) -> dict:
         shutil.rmtree(out)
     copy_bundle_files(dense, out)
     ir.save(model, out / "model.onnx", external_data="model.onnx.data")
-    return {k: v for k, v in report.items()
-            if k in ("quantized_matmuls", "packed_weight_bytes", "block_size", "accuracy_level") or k.startswith("output_")}
+    kept = ("quantized_matmuls", "packed_weight_bytes", "block_size", "accuracy_level")
+    return {k: v for k, v in report.items() if k in kept or k.startswith("output_")}
 
 
 def main() -> int:

@@ -1,9 +1,9 @@
 """smollm2 bundles in the runtimes receivers already use, each in a fresh venv built from PyPI at pinned versions:
 onnxruntime-genai alone (no torch, transformers or qsvd-export) and optimum-onnx with transformers 4.x.
 
-Slow (``pytest -m slow``): two venvs and three real bundles (dense fp32, the cpu default, a kv=0.5 int8 latent); qsvd-export itself is then installed into the optimum
-venv and compiles a graph there. Nothing is cached outside the test's tmp dir (pip runs
-with --no-cache-dir)."""
+Slow (``pytest -m slow``): two venvs and three real bundles (dense fp32, the cpu default, a kv=0.5 int8
+latent); qsvd-export itself is then installed into the optimum venv and compiles a graph there. Nothing is
+cached outside the test's tmp dir (pip runs with --no-cache-dir)."""
 
 from __future__ import annotations
 
