@@ -89,7 +89,7 @@ class ExportOptions(_TargetFlags):
     rotate_mlp: bool = False
     rotate_o_proj: bool = False
     smooth: bool | None = None
-    smooth_calib: Literal["wiki", "chat", "mixed"] = "wiki"
+    smooth_calib: Literal["auto", "wiki", "chat", "mixed"] = "auto"
     overwrite: bool = False
 
     def argv(self) -> list[str]:

@@ -3,8 +3,9 @@
 An instruct model is used on chat-formatted text, while ``wiki_calib`` is prose. The windows here are each prompt
 of ``corpora/chat_calib_prompts.json`` (disjoint from the chat-quality set, ``chat_prompts.json``) in the model's
 chat template followed by the dense model's greedy reply, concatenated in file order and cut into ``count`` ×
-``length`` tokens. Deterministic (greedy, fixed prompts). ``smooth_calibration_windows`` mixes them with wiki_calib
-for ``export --smooth-calib mixed``.
+``length`` tokens. Deterministic (greedy, fixed prompts). ``smooth_calibration_windows`` picks the windows for
+``export --smooth-calib``: ``auto`` (default) takes them for instruct models (a chat template) and wiki_calib
+otherwise; ``mixed`` takes half of each.
 """
 
 from __future__ import annotations
@@ -19,7 +20,15 @@ from qsvd_export.errors import UsageError
 
 CALIB_PROMPTS = Path(__file__).parent / "corpora" / "chat_calib_prompts.json"
 REPLY_TOKENS = 192
-SmoothCalibration = Literal["wiki", "chat", "mixed"]
+SmoothCalibration = Literal["auto", "wiki", "chat", "mixed"]
+
+
+def resolve_smooth_calibration(source: SmoothCalibration, tokenizer: Any) -> str:
+    """``auto`` (the default): ``chat`` for a tokenizer with a chat template, else ``wiki``. Chosen on the dev split
+    (smollm2 w4a8: 25.434 chat vs 25.869 wiki; docs/decisions.md)."""
+    if source != "auto":
+        return source
+    return "chat" if getattr(tokenizer, "chat_template", None) else "wiki"
 
 
 def chat_calibration_windows(model: Any, tokenizer: Any, count: int, length: int = 512,
@@ -42,9 +51,12 @@ def chat_calibration_windows(model: Any, tokenizer: Any, count: int, length: int
 
 def smooth_calibration_windows(model: Any, tokenizer: Any, source: SmoothCalibration, count: int,
                                length: int = 512) -> np.ndarray:
-    """Calibration windows for smoothing: ``wiki`` (wiki_calib), ``chat`` (:func:`chat_calibration_windows`) or
-    ``mixed`` (the first half of the count from wiki_calib, the rest chat)."""
+    """Calibration windows for smoothing: ``wiki`` (wiki_calib), ``chat`` (:func:`chat_calibration_windows`),
+    ``mixed`` (the first half of the count from wiki_calib, the rest chat) or ``auto``
+    (:func:`resolve_smooth_calibration`)."""
     from qsvd_export.data import read_text, token_windows
+
+    source = resolve_smooth_calibration(source, tokenizer)  # type: ignore[assignment]
 
     if source == "wiki":
         return token_windows(tokenizer, read_text("wiki_calib"), length, count, source="wiki_calib")

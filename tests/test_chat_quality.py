@@ -198,6 +198,12 @@ def test_chat_calibration_windows_are_the_models_replies_to_prompts_kept_apart()
     assert mixed[0].tolist() == smooth_calibration_windows(model, tokenizer, "wiki", 1, 64)[0].tolist()
     with pytest.raises(UsageError, match="chat template"):
         chat_calibration_windows(model, ByteTokenizer(), 1, 64)
+    from qsvd_export.chat_calibration import resolve_smooth_calibration
+
+    assert resolve_smooth_calibration("auto", tokenizer) == "chat"  # instruct models: chat-formatted (dev-chosen)
+    assert resolve_smooth_calibration("auto", ByteTokenizer()) == "wiki"  # no template: wiki_calib
+    assert resolve_smooth_calibration("mixed", ByteTokenizer()) == "mixed"
+    np.testing.assert_array_equal(smooth_calibration_windows(model, tokenizer, "auto", 1, 64), chat_only)
     with pytest.raises(UsageError, match="fewer than"):
         chat_calibration_windows(model, tokenizer, 1000, 64, reply_tokens=1)
 

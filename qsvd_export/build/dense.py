@@ -31,7 +31,7 @@ if TYPE_CHECKING:
 
 def build_dense_bundle(spec: str, out: Path, overwrite: bool = False, seed: int = 0, rotate: bool = False,
                        rotate_mlp: bool = False, rotate_o_proj: bool = False, target: TargetRequest | None = None,
-                       smooth: bool | None = None, smooth_windows: int = 16, smooth_calib: str = "wiki",
+                       smooth: bool | None = None, smooth_windows: int = 16, smooth_calib: str = "auto",
                        mobile: bool = False,
                        eval_text: str | None = None, eval_windows: int = 32) -> BuildResult:
     """``qsvd-export export``: the dense bundle of ``spec`` (fp32, or quantized for ``target``).
@@ -40,8 +40,8 @@ def build_dense_bundle(spec: str, out: Path, overwrite: bool = False, seed: int 
     ``rotate_mlp``: also rotate every down_proj input online (one constant MatMul per layer);
     ``rotate_o_proj``: every o_proj input (across and within heads).
     ``smooth``: activation-aware weight scaling for the target's weight bits, calibrated on
-    ``smooth_windows`` × 512 tokens of wiki_calib (outputs unchanged in fp32; ``smooth_calib`` chat | mixed:
-    chat-formatted windows, :mod:`qsvd_export.chat_calibration`). With ``target`` set and
+    ``smooth_windows`` × 512 tokens (outputs unchanged in fp32) of ``smooth_calib``: auto (chat-formatted windows for
+    a tokenizer with a chat template, else wiki_calib), wiki, chat or mixed (:mod:`qsvd_export.chat_calibration`). With ``target`` set and
     neither ``target.bits`` nor ``smooth`` given, the policy's export preset applies (cpu: smoothed w4a8 for
     the llama family with a tokenizer, else the plain default).
     ``target.kv``: the KV cache of the fused attention (cpu target): an absorbed latent under a KV budget and/or

@@ -52,12 +52,12 @@ def export_preset(loaded: LoadedModel, target: str) -> tuple[str | None, bool]:
 
 
 def smooth_for_target(loaded: LoadedModel, target: str, bits: str | None, windows: int, seed: int,
-                      calibration: str = "wiki") -> dict[str, Any]:
+                      calibration: str = "auto") -> dict[str, Any]:
     """Smooth ``loaded`` for ``target``'s weight bits (options already checked by check_target_options), calibrated
     on ``windows`` × 512 tokens of ``calibration`` (:func:`qsvd_export.chat_calibration.smooth_calibration_windows`)."""
     import torch
 
-    from qsvd_export.chat_calibration import smooth_calibration_windows
+    from qsvd_export.chat_calibration import resolve_smooth_calibration, smooth_calibration_windows
     from qsvd_export.compress.smooth import smooth_for_weight_bits
     from qsvd_export.targets import policy_for
 
@@ -66,6 +66,7 @@ def smooth_for_target(loaded: LoadedModel, target: str, bits: str | None, window
     assert chosen.weights is not None
     if loaded.tokenizer is None:
         raise UsageError(f"{loaded.name}: no tokenizer, so no text calibration for --smooth")
+    calibration = resolve_smooth_calibration(calibration, loaded.tokenizer)  # type: ignore[arg-type]
     rows = smooth_calibration_windows(loaded.model, loaded.tokenizer, calibration, windows)  # type: ignore[arg-type]
     batches = [torch.from_numpy(row[None, :]) for row in rows]
     report = smooth_for_weight_bits(loaded.model, batches, chosen.weights, policy.block_size, seed)

@@ -98,9 +98,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--smooth", action=argparse.BooleanOptionalAction, default=None,
                    help="activation-aware weight scaling for --target's weight bits (16 x 512 calibration tokens); "
                         "default with --target cpu and no --bits: on, with w4a8, for llama-family models")
-    p.add_argument("--smooth-calib", choices=["wiki", "chat", "mixed"], default="wiki",
-                   help="smoothing calibration text: wiki_calib (default), the model's own chat-formatted replies to "
-                        "the project's calibration prompts, or half of each")
+    p.add_argument("--smooth-calib", choices=["auto", "wiki", "chat", "mixed"], default="auto",
+                   help="smoothing calibration text: the model's own chat-formatted replies to the project's calibration "
+                        "prompts (chat), wiki_calib (wiki) or half of each (mixed); auto (default): chat for models "
+                        "with a chat template, else wiki")
     _add_common(p)
 
     p = sub.add_parser("run", help="greedy generation from a decoder or vision-language bundle")

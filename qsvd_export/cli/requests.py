@@ -77,7 +77,7 @@ def export_request(args: argparse.Namespace) -> dict[str, Any]:
 
     check_target_options(args.target, args.bits, args.smooth)
     check_rotation_options(args.rotate, args.rotate_mlp or args.rotate_o_proj, args.target, args.bits)
-    if args.smooth_calib != "wiki" and args.smooth is False:
+    if args.smooth_calib != "auto" and args.smooth is False:
         raise UsageError("--smooth-calib chooses the smoothing's calibration text; it does nothing with --no-smooth")
     return dict(spec=args.model, out=args.output, overwrite=args.overwrite, seed=args.seed,
                 rotate=args.rotate, rotate_mlp=args.rotate_mlp, rotate_o_proj=args.rotate_o_proj,
