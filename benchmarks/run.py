@@ -73,7 +73,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from benchmarks.bench_chat import DEFAULT_CHAT_ROWS, add_chat, qa_cells
+from benchmarks.bench_chat import DEFAULT_CHAT_ROWS, add_chat, bundle_sizes, qa_cells
 from benchmarks.labels import row_label
 from benchmarks.pareto import dominated_by
 from benchmarks.pareto import pareto_front as strict_front
@@ -742,7 +742,6 @@ def run(args: argparse.Namespace) -> dict:
         "rows": [],
     }
     from qsvd_export.bundle import load_bundle_config
-    from qsvd_export.build.files import graph_weight_bytes
 
     built: dict[str, Path] = {}
     windows = None
@@ -766,8 +765,7 @@ def run(args: argparse.Namespace) -> dict:
                 entry["skipped"] = "measured in full mode only (--quick measures the rows built from it)"
                 continue
             config = load_bundle_config(bundle)
-            entry["weight_bytes"] = graph_weight_bytes(bundle, config)
-            entry["graph_bytes"] = sum((bundle / g.filename).stat().st_size for g in config.graphs)
+            entry["graph_bytes"], entry["weight_bytes"] = bundle_sizes(bundle)
             entry["weight_mb"] = entry["weight_bytes"] / 1e6
             entry["static_shapes"] = bool(config.static_shapes)
             entry["r1"], entry["r2"] = compression_ratios(bundle, [built.get(PARENTS.get(row.name, ""))])

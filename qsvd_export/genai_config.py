@@ -117,7 +117,7 @@ def decide(config: BundleConfig, target: str | None = None) -> GenaiDecision:
     if "logits" not in spec.outputs or "input_ids" not in spec.inputs:
         return GenaiDecision(None, "the graph needs input_ids and logits (genai feeds token ids)")
     if any(layer.kind == "latent" for layer in config.cache):
-        from qsvd_export.genai_latent import GENAI_GRAPH, latent_view, padding_bytes_per_token
+        from qsvd_export.genai_latent import GENAI_GRAPH, latent_view
 
         view = latent_view(config)
         if isinstance(view, str):
@@ -127,7 +127,7 @@ def decide(config: BundleConfig, target: str | None = None) -> GenaiDecision:
         if refusal:
             return GenaiDecision(None, refusal)
         return GenaiDecision(_config(shown, GENAI_GRAPH, target), latent_graph=True,
-                             padding_bytes_per_token=padding_bytes_per_token(config))
+                             padding_bytes_per_token=shown.kv_bytes_per_token() - config.kv_bytes_per_token())
     refusal = _cache_refusal(config)
     if refusal:
         return GenaiDecision(None, refusal)

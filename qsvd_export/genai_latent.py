@@ -28,12 +28,12 @@ from qsvd_export.errors import BadInputError
 
 GENAI_GRAPH = "model.genai.onnx"
 _LATENT = re.compile(r"past_key_values\.(\d+)\.latent$")
-_GENAI_DTYPES = {"float32", "float16", "int8", "uint8"}
 
 
 def latent_view(config: BundleConfig) -> list[LayerCache] | str:
     """The key/value cache genai binds for a bundle that caches exactly one latent per layer, or why there is none
-    ("" is never returned). Layers caching a dense key/value pair are not touched (returned as they are)."""
+    ("" is never returned). Layers caching a dense key/value pair are not touched (returned as they are); the
+    view's dtypes are checked with the other key/value caches (``genai_config._cache_refusal``)."""
     view = []
     for layer in config.cache:
         names = [t.input for t in layer.tensors]
@@ -46,20 +46,12 @@ def latent_view(config: BundleConfig) -> list[LayerCache] | str:
         tensor = layer.tensors[0]
         if len(tensor.shape) != 3 or tensor.sequence_axis != 1 or not isinstance(tensor.shape[2], int):
             return f"{tensor.input} is {tensor.shape}: a latent shown to genai must be [batch, past, r] with a static r"
-        if tensor.dtype not in _GENAI_DTYPES:
-            return f"{tensor.input} is {tensor.dtype}: genai allocates {', '.join(sorted(_GENAI_DTYPES))}"
         half = (tensor.shape[2] + 1) // 2
         shape = [tensor.shape[0], 1, tensor.shape[1], half]
         view.append(LayerCache(layer.layer, "latent", [
             CacheTensor(f"past_key_values.{layer.layer}.{part}", f"present.{layer.layer}.{part}", list(shape),
                         tensor.dtype, 2) for part in ("key", "value")], layer.rank))
     return view
-
-
-def padding_bytes_per_token(config: BundleConfig) -> int:
-    """Bytes per token the key/value halves add over the latent (one code per odd-rank layer)."""
-    return sum(t.bytes_per_position() // t.shape[2] for layer in config.cache if layer.kind == "latent"
-               for t in layer.tensors if isinstance(t.shape[2], int) and t.shape[2] % 2)
 
 
 def write_genai_graph(folder: Path, config: BundleConfig) -> str:

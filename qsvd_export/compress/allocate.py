@@ -105,6 +105,28 @@ def _lost_importance(layers: list[LayerScores], choices: list[Choice]) -> float:
     return lost
 
 
+def _cached(dims: LayerDims, members: str) -> bool:
+    return bool(dims.cached and ("k" in members or "v" in members))
+
+
+def _add_within_budget(layers: list[LayerScores], choices: list[Choice], budget: Budget,
+                       additions: list[tuple[int, str, np.ndarray]]) -> list[Choice]:
+    """``choices`` with each of ``additions`` (layer, group, component indices), taken in order, added where the
+    budget still holds after it."""
+    choices = [dict(c) for c in choices]
+    r1, r2 = _totals(layers, choices)
+    dense_p = sum(s.dims.dense_params for s in layers)
+    dense_kv = sum(s.dims.dense_kv for s in layers)
+    for li, members, add in additions:
+        d = layers[li].dims
+        add_p = len(add) * d.group_params_per_rank(members) / dense_p
+        add_kv = len(add) * (1.0 if _cached(d, members) else 0.0) / dense_kv
+        if within(budget, r1 + add_p, r2 + add_kv):
+            choices[li][members] = np.sort(np.concatenate([choices[li][members], add]))
+            r1, r2 = r1 + add_p, r2 + add_kv
+    return choices
+
+
 def _fill_slack(layers: list[LayerScores], choices: list[Choice], budget: Budget) -> list[Choice]:
     """Add back dropped components, most important first, while the budget still holds."""
     candidates = []
@@ -113,22 +135,8 @@ def _fill_slack(layers: list[LayerScores], choices: list[Choice], budget: Budget
             dropped = np.setdiff1d(np.arange(len(s.importance[members])), keep)
             candidates += [(float(s.importance[members][i]), li, members, int(i)) for i in dropped]
     candidates.sort(key=lambda c: -c[0])
-    choices = [dict(c) for c in choices]
-    r1, r2 = _totals(layers, choices)
-    dense_p = sum(s.dims.dense_params for s in layers)
-    dense_kv = sum(s.dims.dense_kv for s in layers)
-    for _, li, members, i in candidates:
-        d = layers[li].dims
-        add_p = d.group_params_per_rank(members) / dense_p
-        add_kv = (1.0 if d.cached and ("k" in members or "v" in members) else 0.0) / dense_kv
-        if within(budget, r1 + add_p, r2 + add_kv):
-            choices[li][members] = np.sort(np.append(choices[li][members], i))
-            r1, r2 = r1 + add_p, r2 + add_kv
-    return choices
-
-
-def _cached(dims: LayerDims, members: str) -> bool:
-    return bool(dims.cached and ("k" in members or "v" in members))
+    return _add_within_budget(layers, choices, budget,
+                              [(li, members, np.asarray([i])) for _, li, members, i in candidates])
 
 
 def round_cached_ranks(layers: list[LayerScores], choices: list[Choice], budget: Budget, multiple: int,
@@ -147,9 +155,6 @@ def round_cached_ranks(layers: list[LayerScores], choices: list[Choice], budget:
             if _cached(s.dims, members) and extra and len(keep) - extra >= max(multiple, min_rank):
                 imp = s.importance[members]
                 choice[members] = np.sort(keep[np.argsort(imp[keep], kind="stable")[extra:]])
-    r1, r2 = _totals(layers, choices)
-    dense_p = sum(s.dims.dense_params for s in layers)
-    dense_kv = sum(s.dims.dense_kv for s in layers)
     steps = []
     for li, (s, choice) in enumerate(zip(layers, choices)):
         for members, keep in choice.items():
@@ -160,14 +165,8 @@ def round_cached_ranks(layers: list[LayerScores], choices: list[Choice], budget:
             dropped = dropped[np.argsort(-s.importance[members][dropped], kind="stable")][:need]
             if len(dropped) == need:
                 steps.append((need == multiple, -float(s.importance[members][dropped].sum()), li, members, dropped))
-    for _, _, li, members, add in sorted(steps, key=lambda step: step[:2]):  # unrounded groups first
-        d = layers[li].dims
-        add_p = len(add) * d.group_params_per_rank(members) / dense_p
-        add_kv = len(add) / dense_kv
-        if within(budget, r1 + add_p, r2 + add_kv):
-            choices[li][members] = np.sort(np.concatenate([choices[li][members], add]))
-            r1, r2 = r1 + add_p, r2 + add_kv
-    return choices
+    steps.sort(key=lambda step: step[:2])  # unrounded groups first
+    return _add_within_budget(layers, choices, budget, [(li, members, add) for _, _, li, members, add in steps])
 
 
 def _price_range(layers: list[LayerScores]) -> tuple[float, float]:
