@@ -18,12 +18,22 @@ from qsvd_export.runtimes.metrics import window_nll
 from qsvd_export.runtimes.sessions import SessionOptions, create_session
 
 Cache = dict[str, np.ndarray]
+PREFILL_CHUNK = 1024  # prompt tokens per forward by default: bounds unfused attention's [B, H, chunk, T] scores
 
 
 class DecoderRunner:
-    """One ONNX Runtime session over a bundle's decoder graph (role ``model``: dynamic shapes)."""
+    """One ONNX Runtime session over a bundle's decoder graph (role ``model``: dynamic shapes).
 
-    def __init__(self, bundle: str | Path, target: str = "cpu", options: SessionOptions | None = None) -> None:
+    ``prefill_chunk``: a longer prompt is fed through the growing cache at most this many tokens per forward
+    (None: one forward). Graphs without fused attention hold [batch, heads, new, past + new] scores per layer, so
+    one forward of 8,192 tokens peaks near 20 GB on smollm2; chunks of 1,024 keep that to an eighth. The logits are
+    those of one forward up to float rounding."""
+
+    def __init__(self, bundle: str | Path, target: str = "cpu", options: SessionOptions | None = None,
+                 prefill_chunk: int | None = PREFILL_CHUNK) -> None:
+        if prefill_chunk is not None and prefill_chunk < 1:
+            raise UsageError(f"prefill chunk must be at least 1 token (got {prefill_chunk})")
+        self.prefill_chunk = prefill_chunk
         self.bundle = Path(bundle)
         self.config: BundleConfig = load_bundle_config(self.bundle)
         if self.config.kind not in ("decoder", "vlm"):
@@ -62,11 +72,20 @@ class DecoderRunner:
         return values["logits"], present
 
     def prefill(self, token_ids: np.ndarray) -> tuple[np.ndarray, Cache]:
-        """Forward a [batch, seq] block of ids (or [batch, seq, hidden] embeddings) with an empty cache."""
+        """Forward a [batch, seq] block of ids (or [batch, seq, hidden] embeddings) with an empty cache, in
+        chunks of ``prefill_chunk`` tokens; returns logits [batch, seq, vocab] and the cache after the block."""
         batch, seq = token_ids.shape[:2]
-        mask = np.ones((batch, seq), dtype=np.int64)
-        positions = np.broadcast_to(np.arange(seq, dtype=np.int64), (batch, seq))
-        return self.step(token_ids, mask, positions, self.empty_cache(batch))
+        if seq < 1:
+            raise UsageError("empty prompt: prefill needs at least one token")
+        chunk = self.prefill_chunk or seq
+        cache, parts = self.empty_cache(batch), []
+        for start in range(0, seq, chunk):
+            stop = min(seq, start + chunk)
+            mask = np.ones((batch, stop), dtype=np.int64)
+            positions = np.broadcast_to(np.arange(start, stop, dtype=np.int64), (batch, stop - start))
+            logits, cache = self.step(token_ids[:, start:stop], mask, positions, cache)
+            parts.append(logits)
+        return (parts[0] if len(parts) == 1 else np.concatenate(parts, axis=1)), cache
 
     def generate(self, prompt_ids: list[int], max_new_tokens: int, eos_ids: list[int] | None = None,
                  prompt: np.ndarray | None = None,

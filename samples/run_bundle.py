@@ -121,8 +121,9 @@ class DynamicLoop(Loop):
     """Role ``model``: shapes grow. Cache starts with 0 slots on each sequence axis; every call
     appends the new tokens (``present`` has past + S slots); the mask is all ones over past + S."""
 
-    def __init__(self, bundle: Bundle) -> None:
+    def __init__(self, bundle: Bundle, prefill_chunk: int = 1024) -> None:
         super().__init__(bundle)
+        self.prefill_chunk = prefill_chunk  # 0: the whole prompt in one call
         self.session = open_session(bundle, "model")
         self.capacity = int(bundle.config.get("model_config", {}).get("context_length") or 0) or None
         self.cache = {t.input: np.zeros([1 if d == "batch_size" else 0 if d == "past_sequence_length" else d
@@ -138,7 +139,10 @@ class DynamicLoop(Loop):
         return logits[0, -1]
 
     def start(self, prompt: list[int]) -> np.ndarray:
-        return self.forward(prompt)
+        chunk = self.prefill_chunk or len(prompt)
+        for start in range(0, len(prompt), chunk):
+            logits = self.forward(prompt[start:start + chunk])
+        return logits
 
     def push(self, token: int) -> np.ndarray:
         return self.forward([token])
@@ -259,16 +263,20 @@ def main(argv: list[str] | None = None) -> int:
     source.add_argument("--ids", help="prompt token ids, comma-separated (skips the tokenizer)")
     parser.add_argument("--max-new-tokens", type=int, default=32)
     parser.add_argument("--print-ids", action="store_true", help="also print prompt_ids: and new_ids: lines")
+    parser.add_argument("--prefill-chunk", type=int, default=1024,
+                        help="prompt tokens per call of the dynamic graph (0: the whole prompt in one call)")
     args = parser.parse_args(argv)
     try:
         if args.max_new_tokens < 1:
             raise BundleError("--max-new-tokens must be at least 1")
+        if args.prefill_chunk < 0:
+            raise BundleError("--prefill-chunk must be 0 (one call) or a positive token count")
         bundle = load_bundle(args.bundle)
         codec = Codec(bundle)
         if args.prompt is not None and not codec.available:
             raise BundleError(f"{args.bundle}: bundle has no tokenizer.json; pass --ids")
         prompt = parse_ids(args.ids) if args.ids is not None else codec.encode(args.prompt)
-        loop = StaticLoop(bundle) if bundle.config.get("static_shapes") else DynamicLoop(bundle)
+        loop = StaticLoop(bundle) if bundle.config.get("static_shapes") else DynamicLoop(bundle, args.prefill_chunk)
         new = generate(loop, prompt, args.max_new_tokens, bundle.eos)
     except BundleError as exc:
         print(f"run_bundle: error: {exc}", file=sys.stderr)

@@ -44,6 +44,9 @@ def test_fused_graph_equals_the_decomposed_one_in_prefill_and_decode(family, bun
         assert np.abs(a - b).max() < 1e-5
         length += 1
     assert reference.generate([5, 6, 7], 6) == fused.generate([5, 6, 7], 6)
+    from tests.test_latent_cache_8bit import assert_chunked_prefill_equals_one_forward
+
+    assert_chunked_prefill_equals_one_forward(tmp_path / "fused")  # GroupQueryAttention over a past and new tokens
 
 
 def test_latent_layers_are_left_alone_with_the_reason(tmp_path, capsys):

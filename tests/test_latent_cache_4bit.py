@@ -12,7 +12,8 @@ import pytest
 from qsvd_export.bundle import load_bundle_config
 from qsvd_export.cli import main
 from qsvd_export.runtimes.decode import DecoderRunner
-from tests.test_latent_cache_8bit import IDS, SMALL, _latent_cache_graph, assert_decode_equals_prefill
+from tests.test_latent_cache_8bit import (IDS, SMALL, _latent_cache_graph, assert_chunked_prefill_equals_one_forward,
+                                         assert_decode_equals_prefill)
 
 
 @pytest.fixture(scope="module")
@@ -55,6 +56,11 @@ def test_packed_codes_cross_the_boundary_at_half_a_byte_per_channel(bundles4):
     assert report["target"]["latent_cache"]["sink_bytes"] == config.kv_fixed_bytes()
     assert report["kv_bytes_per_token"] == config.kv_bytes_per_token()
     assert "4-bit codes, two per uint8 byte" in (bundles4 / "int4" / "README.md").read_text()
+
+
+def test_int4_latent_prefill_in_chunks_equals_one_forward(bundles4):
+    """The exact first token (sink pair) is taken by the first chunk and carried through the later ones."""
+    assert_chunked_prefill_equals_one_forward(bundles4 / "int4")
 
 
 def test_int4_latent_decode_equals_its_prefill(bundles4):

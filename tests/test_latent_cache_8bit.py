@@ -75,6 +75,36 @@ def assert_decode_equals_prefill(runner: DecoderRunner, check_cache, split: int 
     np.testing.assert_allclose(np.stack(steps, 1), full[:, split - 1:], atol=1e-4)
 
 
+def assert_chunked_prefill_equals_one_forward(bundle, chunk: int = 4) -> None:
+    """A prefill fed ``chunk`` tokens per forward through the growing cache gives one forward's logits and cache."""
+    ids = np.random.default_rng(1).integers(0, 256, (1, 11))
+    whole, whole_cache = DecoderRunner(bundle, prefill_chunk=None).prefill(ids)
+    chunked, chunked_cache = DecoderRunner(bundle, prefill_chunk=chunk).prefill(ids)
+    assert chunked.shape == whole.shape and np.abs(chunked - whole).max() < 1e-4
+    assert chunked_cache.keys() == whole_cache.keys()
+    for name, value in whole_cache.items():
+        assert chunked_cache[name].shape == value.shape and chunked_cache[name].dtype == value.dtype
+        assert np.abs(chunked_cache[name].astype(np.float64) - value.astype(np.float64)).max() <= (
+            1e-4 if value.dtype.kind == "f" else 1)  # a code may round the other way at a boundary
+
+
+def test_int8_latent_prefill_in_chunks_equals_one_forward(latent_bundles):
+    assert_chunked_prefill_equals_one_forward(latent_bundles / "int8")
+
+
+def test_unfused_dense_prefill_in_chunks_equals_one_forward(bundles):
+    assert_chunked_prefill_equals_one_forward(bundles.dense("llama"), chunk=3)
+
+
+def test_prefill_chunk_below_one_token_is_refused(bundles):
+    from qsvd_export.errors import UsageError
+
+    with pytest.raises(UsageError, match="at least 1 token"):
+        DecoderRunner(bundles.dense("llama"), prefill_chunk=0)
+    with pytest.raises(UsageError, match="empty prompt"):
+        DecoderRunner(bundles.dense("llama")).prefill(np.zeros((1, 0), dtype=np.int64))
+
+
 def test_int8_latent_decode_equals_its_prefill(latent_bundles):
     """Decode steps over the 8-bit codes give the logits a prefill of the whole sequence gives (same codes)."""
     def uint8_codes(cache, length):

@@ -147,6 +147,9 @@ def test_sample_loops_reproduce_the_runtime_logits_step_by_step(tiny):
                                            cache)
             assert np.array_equal(loop.push(token), reference[0, -1]), (kind, length)
             length += 1
+        chunked = sample.DynamicLoop(sample.load_bundle(tiny[kind]), prefill_chunk=5)  # 5 + 5 + 5 + 5 + 1 tokens
+        reference, _ = DecoderRunner(tiny[kind], prefill_chunk=5).prefill(np.asarray([prompt]))
+        assert np.array_equal(chunked.start(prompt), reference[0, -1]) and chunked.length == len(prompt)
     for kind in ("dense-npu", "latent-npu"):
         loop = sample.StaticLoop(sample.load_bundle(tiny[kind]))
         decoder = StaticDecoder.from_bundle(tiny[kind])
@@ -170,6 +173,8 @@ def test_errors_are_one_line_with_exit_code_2(tmp_path, tiny):
         assert result.returncode == 2 and result.stdout == "", name
         assert result.stderr.count("\n") == 1 and expected[name] in result.stderr, result.stderr
         assert "Traceback" not in result.stderr
+    negative = run_sample(str(tiny["dense"]), "--prompt", "hi", "--prefill-chunk", "-1")
+    assert negative.returncode == 2 and "--prefill-chunk must be" in negative.stderr
     too_long = run_sample(str(tiny["dense-npu"]), "--prompt", "x" * (CONTEXT + 1))
     assert too_long.returncode == 2 and "does not fit the 48-token context" in too_long.stderr
 
