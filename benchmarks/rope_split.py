@@ -67,6 +67,7 @@ FORMS: list[dict[str, Any]] = [
     {"form": "rope-split", "rope_dims": 96, "mix": True, "rank": 192, "latent": "all-keys"},
     {"form": "rope-split", "rope_dims": 64, "mix": True, "rank": 192, "latent": "all-keys"},
     {"form": "rope-split", "rope_dims": 32, "mix": True, "rank": 192, "latent": "all-keys"},
+    {"form": "rope-split", "rope_dims": 0, "mix": True, "rank": 192, "latent": "all-keys"},  # no RoPE at all
 ]
 DISTANCE = 512
 

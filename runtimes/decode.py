@@ -18,27 +18,40 @@ from qsvd_export.runtimes.metrics import window_nll
 from qsvd_export.runtimes.sessions import SessionOptions, create_session
 
 Cache = dict[str, np.ndarray]
-PREFILL_CHUNK = 1024  # prompt tokens per forward by default: bounds unfused attention's [B, H, chunk, T] scores
+PREFILL_CHUNK = 512  # prompt tokens per forward where attention is not fused (docs/results.md, prefill in chunks)
+FUSED_ATTENTION = {"GroupQueryAttention", "MultiHeadAttention", "Attention"}
+
+
+def has_fused_attention(model_path: Path) -> bool:
+    """Whether the graph runs attention in one fused op (its scores never leave the kernel)."""
+    import onnx
+
+    graph = onnx.load(model_path, load_external_data=False).graph
+    return any(node.op_type in FUSED_ATTENTION for node in graph.node)
 
 
 class DecoderRunner:
     """One ONNX Runtime session over a bundle's decoder graph (role ``model``: dynamic shapes).
 
     ``prefill_chunk``: a longer prompt is fed through the growing cache at most this many tokens per forward
-    (None: one forward). Graphs without fused attention hold [batch, heads, new, past + new] scores per layer, so
-    one forward of 8,192 tokens peaks near 20 GB on smollm2; chunks of 1,024 keep that to an eighth. The logits are
-    those of one forward up to float rounding."""
+    (None: one forward; "auto": :data:`PREFILL_CHUNK` where the graph's attention is not fused, else one forward).
+    Unfused attention holds [batch, heads, new, past + new] scores per layer: one forward of 8,192 tokens through the
+    smollm2 kv=0.5 latent graph peaks at 8.7 GB (18.5 GB after a second one), chunks of 512 at 4.1 GB, and run
+    faster. Fused graphs gain nothing from chunks. The logits are those of one forward up to float rounding."""
 
     def __init__(self, bundle: str | Path, target: str = "cpu", options: SessionOptions | None = None,
-                 prefill_chunk: int | None = PREFILL_CHUNK) -> None:
-        if prefill_chunk is not None and prefill_chunk < 1:
-            raise UsageError(f"prefill chunk must be at least 1 token (got {prefill_chunk})")
-        self.prefill_chunk = prefill_chunk
+                 prefill_chunk: int | None | str = "auto") -> None:
+        if prefill_chunk != "auto" and prefill_chunk is not None and (
+                not isinstance(prefill_chunk, int) or prefill_chunk < 1):
+            raise UsageError(f"prefill chunk must be at least 1 token, None or 'auto' (got {prefill_chunk!r})")
         self.bundle = Path(bundle)
         self.config: BundleConfig = load_bundle_config(self.bundle)
         if self.config.kind not in ("decoder", "vlm"):
             raise UsageError(f"{bundle}: a {self.config.kind} bundle has no decode loop")
         spec = self.config.graph("model")
+        if prefill_chunk == "auto":
+            prefill_chunk = None if has_fused_attention(self.bundle / spec.filename) else PREFILL_CHUNK
+        self.prefill_chunk: int | None = prefill_chunk  # type: ignore[assignment]
         self.session = create_session(self.bundle / spec.filename, target, options)
         self.graph_inputs = {i.name for i in self.session.get_inputs()}
         embeds = next((i for i in self.session.get_inputs() if i.name == "inputs_embeds"), None)
@@ -78,14 +91,18 @@ class DecoderRunner:
         if seq < 1:
             raise UsageError("empty prompt: prefill needs at least one token")
         chunk = self.prefill_chunk or seq
-        cache, parts = self.empty_cache(batch), []
+        cache, out = self.empty_cache(batch), None
         for start in range(0, seq, chunk):
             stop = min(seq, start + chunk)
             mask = np.ones((batch, stop), dtype=np.int64)
             positions = np.broadcast_to(np.arange(start, stop, dtype=np.int64), (batch, stop - start))
             logits, cache = self.step(token_ids[:, start:stop], mask, positions, cache)
-            parts.append(logits)
-        return (parts[0] if len(parts) == 1 else np.concatenate(parts, axis=1)), cache
+            if stop - start == seq:
+                return logits, cache
+            if out is None:  # one logits buffer, filled chunk by chunk (no concatenated copy)
+                out = np.empty((batch, seq, logits.shape[-1]), dtype=logits.dtype)
+            out[:, start:stop] = logits
+        return out, cache
 
     def generate(self, prompt_ids: list[int], max_new_tokens: int, eos_ids: list[int] | None = None,
                  prompt: np.ndarray | None = None,

@@ -121,7 +121,7 @@ class DynamicLoop(Loop):
     """Role ``model``: shapes grow. Cache starts with 0 slots on each sequence axis; every call
     appends the new tokens (``present`` has past + S slots); the mask is all ones over past + S."""
 
-    def __init__(self, bundle: Bundle, prefill_chunk: int = 1024) -> None:
+    def __init__(self, bundle: Bundle, prefill_chunk: int = 0) -> None:
         super().__init__(bundle)
         self.prefill_chunk = prefill_chunk  # 0: the whole prompt in one call
         self.session = open_session(bundle, "model")
@@ -263,8 +263,9 @@ def main(argv: list[str] | None = None) -> int:
     source.add_argument("--ids", help="prompt token ids, comma-separated (skips the tokenizer)")
     parser.add_argument("--max-new-tokens", type=int, default=32)
     parser.add_argument("--print-ids", action="store_true", help="also print prompt_ids: and new_ids: lines")
-    parser.add_argument("--prefill-chunk", type=int, default=1024,
-                        help="prompt tokens per call of the dynamic graph (0: the whole prompt in one call)")
+    parser.add_argument("--prefill-chunk", type=int, default=0,
+                        help="prompt tokens per call of the dynamic graph (0, the default: the whole prompt in one "
+                             "call; 512 bounds the memory of graphs without fused attention, e.g. latent graphs)")
     args = parser.parse_args(argv)
     try:
         if args.max_new_tokens < 1:

@@ -5,7 +5,7 @@
 
 Per bundle, in its own process: for each length, a prefill of random tokens then ``--steps`` decode steps; prints
 the peak RSS (MB) after each, so arena growth from one prefill to the next shows, and each prefill's seconds. ``--prefill-chunk``: prompt
-tokens per forward (DecoderRunner's default 1,024; 0 = the whole prompt in one forward).
+tokens per forward (default: DecoderRunner's "auto"; 0 = the whole prompt in one forward).
 """
 
 from __future__ import annotations
@@ -20,10 +20,10 @@ import time
 import numpy as np
 
 
-def probe(bundle: str, lengths: list[int], steps: int, chunk: int) -> dict[str, list]:
+def probe(bundle: str, lengths: list[int], steps: int, chunk: str) -> dict[str, list]:
     from qsvd_export.runtimes.decode import DecoderRunner
 
-    runner = DecoderRunner(bundle, prefill_chunk=chunk or None)
+    runner = DecoderRunner(bundle, prefill_chunk="auto" if chunk == "auto" else int(chunk) or None)
     vocab = int(runner.config.model_config.get("vocab_size", 256))
     peaks, seconds = [], []
     for length in lengths:
@@ -41,7 +41,8 @@ def main() -> None:
     parser.add_argument("bundles", nargs="+")
     parser.add_argument("--lengths", type=int, nargs="+", default=[512, 512, 512, 2048, 2048, 2048])
     parser.add_argument("--steps", type=int, default=8)
-    parser.add_argument("--prefill-chunk", type=int, default=1024)
+    parser.add_argument("--prefill-chunk", default="auto", help="tokens per forward, 0 = one forward (default: "
+                        "DecoderRunner's choice)")
     parser.add_argument("--json", help="also write the rows to this file")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -53,7 +54,7 @@ def main() -> None:
         out = subprocess.run([sys.executable, __file__, bundle, "--worker", "--steps", str(args.steps),
                               "--prefill-chunk", str(args.prefill_chunk), "--lengths", *map(str, args.lengths)],
                              check=True, capture_output=True, text=True).stdout
-        rows.append({"bundle": bundle, "lengths": args.lengths, "prefill_chunk": args.prefill_chunk or None,
+        rows.append({"bundle": bundle, "lengths": args.lengths, "prefill_chunk": args.prefill_chunk,
                      **json.loads(out.splitlines()[-1])})
         print(json.dumps(rows[-1]), flush=True)
     if args.json:

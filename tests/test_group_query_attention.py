@@ -47,6 +47,7 @@ def test_fused_graph_equals_the_decomposed_one_in_prefill_and_decode(family, bun
     from tests.test_latent_cache_8bit import assert_chunked_prefill_equals_one_forward
 
     assert_chunked_prefill_equals_one_forward(tmp_path / "fused")  # GroupQueryAttention over a past and new tokens
+    assert fused.prefill_chunk is None and reference.prefill_chunk == 512  # fused attention: one forward
 
 
 def test_latent_layers_are_left_alone_with_the_reason(tmp_path, capsys):

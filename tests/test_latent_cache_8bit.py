@@ -90,6 +90,7 @@ def assert_chunked_prefill_equals_one_forward(bundle, chunk: int = 4) -> None:
 
 def test_int8_latent_prefill_in_chunks_equals_one_forward(latent_bundles):
     assert_chunked_prefill_equals_one_forward(latent_bundles / "int8")
+    assert DecoderRunner(latent_bundles / "int8").prefill_chunk == 512  # unfused attention: chunked by default
 
 
 def test_unfused_dense_prefill_in_chunks_equals_one_forward(bundles):
