@@ -188,17 +188,22 @@ def main(argv: list[str] | None = None) -> None:
         ppl = perplexity(torch_window_nlls(loaded.model, dev))
         rows.append({**spec, "keep": args.keep if spec["form"] != "dense" else 1.0, "dev_ppl": round(ppl, 4)})
         print(json.dumps(rows[-1]), flush=True)
-    dense = rows[0]["dev_ppl"]
-    for row in rows:
+    write_result({"model": args.model, "calib": f"{args.calib_windows} x 512 wiki_calib",
+                  "eval": f"dev {args.windows} x 512",
+                  "fit": "plain PCA of the uncentered second moment, uniform rank per layer", "rows": rows,
+                  "reproduce": "python -m benchmarks.joint_latent --json results/joint_latent_dev_smollm2.json"},
+                 args.json)
+
+
+def write_result(result: dict[str, Any], path: Path | None) -> None:
+    """Add each row's ``ratio`` to the first (dense) row's perplexity, print the result and write it to ``path``."""
+    dense = result["rows"][0]["dev_ppl"]
+    for row in result["rows"]:
         row["ratio"] = round(row["dev_ppl"] / dense, 4)
-    result = {"model": args.model, "calib": f"{args.calib_windows} x 512 wiki_calib",
-              "eval": f"dev {args.windows} x 512",
-              "fit": "plain PCA of the uncentered second moment, uniform rank per layer", "rows": rows,
-              "reproduce": "python -m benchmarks.joint_latent --json results/joint_latent_dev_smollm2.json"}
     text = json.dumps(result, indent=1)
     print(text)
-    if args.json is not None:
-        args.json.write_text(text + "\n")
+    if path is not None:
+        path.write_text(text + "\n")
 
 
 if __name__ == "__main__":

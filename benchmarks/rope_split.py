@@ -40,6 +40,8 @@ from typing import Any
 
 import torch
 
+from benchmarks.joint_latent import _rotate_half, write_result
+
 FORMS: list[dict[str, Any]] = [
     {"form": "dense"},
     # RoPE dropped from some key components, nothing compressed: what the split alone costs
@@ -80,11 +82,6 @@ def _complex(x: torch.Tensor) -> torch.Tensor:
 
 def _real(z: torch.Tensor) -> torch.Tensor:
     return torch.cat([z.real, z.imag], dim=-1)
-
-
-def _rotate_half(x: torch.Tensor) -> torch.Tensor:
-    half = x.shape[-1] // 2
-    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
 
 
 class RopeSplit:
@@ -331,17 +328,12 @@ def main(argv: list[str] | None = None) -> None:
                                                                config.num_key_value_heads, head_dim)}
         rows.append(row)
         print(json.dumps(row), flush=True)
-    dense = rows[0]["dev_ppl"]
-    for row in rows:
-        row["ratio"] = round(row["dev_ppl"] / dense, 4)
-    result = {"model": args.model, "calib": f"{args.calib_windows} x 512 wiki_calib",
-              "eval": f"dev {args.windows} x 512", "distance_for_ranking": DISTANCE,
-              "fit": "plain PCA of the uncentered second moment, one rank for every layer", "rows": rows,
-              "reproduce": "python -m benchmarks.rope_split --json results/rope_split_dev_smollm2.json"}
-    text = json.dumps(result, indent=1)
-    print(text)
-    if args.json is not None:
-        args.json.write_text(text + "\n")
+    write_result({"model": args.model, "calib": f"{args.calib_windows} x 512 wiki_calib",
+                  "eval": f"dev {args.windows} x 512", "distance_for_ranking": DISTANCE,
+                  "fit": "plain PCA of the uncentered second moment, or the score/output metric where 'metric' is "
+                         "set; one rank for every layer", "rows": rows,
+                  "reproduce": "python -m benchmarks.rope_split --json results/rope_split_dev_smollm2.json"},
+                 args.json)
 
 
 if __name__ == "__main__":
