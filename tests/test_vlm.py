@@ -129,6 +129,9 @@ def test_compressed_bundle_matches_the_plan_in_torch(compressed_vlm: Path, tiny_
     with torch.no_grad():
         ref = model(input_ids=torch.tensor([ids]), pixel_values=_model_pixels(family, pixel_values)).logits
     assert np.abs(logits - ref.numpy()).max() <= 1e-4
+    runner.decoder.prefill_chunk = 7  # embeddings fed in chunks through the latent cache
+    chunked, _ = runner.decoder.prefill(runner.prompt_embeddings(np.asarray([ids]), pixel_values))
+    assert len(ids) > 7 and np.abs(chunked - ref.numpy()).max() <= 1e-4
     assert runner.generate(ids, pixel_values, NEW_TOKENS) == _torch_tokens(family, model, ids, pixel_values)
 
 
