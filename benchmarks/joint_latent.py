@@ -160,23 +160,36 @@ def patched(model: Any) -> list[LatentOracle]:
     return holder
 
 
-def main(argv: list[str] | None = None) -> None:
-    from qsvd_export.data import dev_windows, read_text, token_windows
-    from qsvd_export.evaluate import torch_window_nlls
-    from qsvd_export.runtimes.metrics import perplexity
-    from qsvd_export.zoo import load_model
-
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def oracle_parser(description: str) -> argparse.ArgumentParser:
+    """The options every torch-oracle benchmark takes: model, calibration and dev windows, JSON output."""
+    parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--model", default="smollm2-135m")
-    parser.add_argument("--keep", type=float, default=0.5, help="cached values kept, of the dense cache")
     parser.add_argument("--calib-windows", type=int, default=16)
     parser.add_argument("--windows", type=int, default=8)
     parser.add_argument("--json", type=Path, default=None)
-    args = parser.parse_args(argv)
+    return parser
+
+
+def oracle_inputs(args: argparse.Namespace) -> tuple[Any, Any, Any]:
+    """(loaded model, calibration windows [calib_windows, 512] of wiki_calib, dev windows [windows, 512]), with
+    autograd off."""
+    from qsvd_export.data import dev_windows, read_text, token_windows
+    from qsvd_export.zoo import load_model
+
     torch.set_grad_enabled(False)
     loaded = load_model(args.model)
     calib = token_windows(loaded.tokenizer, read_text("wiki_calib"), 512, args.calib_windows, source="wiki_calib")
-    dev = dev_windows(loaded.tokenizer, args.windows, 512)
+    return loaded, calib, dev_windows(loaded.tokenizer, args.windows, 512)
+
+
+def main(argv: list[str] | None = None) -> None:
+    from qsvd_export.evaluate import torch_window_nlls
+    from qsvd_export.runtimes.metrics import perplexity
+
+    parser = oracle_parser(__doc__.splitlines()[0])
+    parser.add_argument("--keep", type=float, default=0.5, help="cached values kept, of the dense cache")
+    args = parser.parse_args(argv)
+    loaded, calib, dev = oracle_inputs(args)
     rows = []
     holder = patched(loaded.model)
     for spec in FORMS:

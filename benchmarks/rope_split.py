@@ -33,14 +33,12 @@ at half the cache: 1.407× dense there, ``results/joint_latent_dev_smollm2.json`
 
 from __future__ import annotations
 
-import argparse
 import json
-from pathlib import Path
 from typing import Any
 
 import torch
 
-from benchmarks.joint_latent import _rotate_half, write_result
+from benchmarks.joint_latent import _rotate_half, oracle_inputs, oracle_parser, write_result
 
 FORMS: list[dict[str, Any]] = [
     {"form": "dense"},
@@ -101,6 +99,14 @@ class RopeSplit:
         self.output_grams: dict[int, torch.Tensor] = {}  # [G, D, D]: Σ_h∈g W_o,hᵀ W_o,h
         self.metrics: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # whiten, unwhiten [2·G·D]²
         self.bases: dict[int, torch.Tensor] = {}
+
+    def fit(self) -> None:
+        """Fit what the pass just collected ("rotations": mixes, kept components, metrics; "latent": the bases)."""
+        if self.mode == "rotations":
+            self.fit_rotations()
+            self.fit_metrics()
+        else:
+            self.fit_latent()
 
     def collect_rotations(self, layer: int, zq: torch.Tensor, zk: torch.Tensor, plain_q: torch.Tensor,
                           o_proj: torch.Tensor) -> None:
@@ -286,24 +292,14 @@ def decode_macs_vs_dense(spec: dict[str, Any], heads: int, kv_heads: int, head_d
 
 
 def main(argv: list[str] | None = None) -> None:
-    from qsvd_export.data import dev_windows, read_text, token_windows
     from qsvd_export.evaluate import torch_window_nlls
     from qsvd_export.runtimes.metrics import perplexity
-    from qsvd_export.zoo import load_model
 
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", default="smollm2-135m")
-    parser.add_argument("--calib-windows", type=int, default=16)
-    parser.add_argument("--windows", type=int, default=8)
-    parser.add_argument("--json", type=Path, default=None)
-    args = parser.parse_args(argv)
-    torch.set_grad_enabled(False)
-    loaded = load_model(args.model)
+    args = oracle_parser(__doc__.splitlines()[0]).parse_args(argv)
+    loaded, calib, dev = oracle_inputs(args)
     config = loaded.model.config
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
     inv_freq = loaded.model.model.rotary_emb.inv_freq
-    calib = token_windows(loaded.tokenizer, read_text("wiki_calib"), 512, args.calib_windows, source="wiki_calib")
-    dev = dev_windows(loaded.tokenizer, args.windows, 512)
     dense_values = 2 * config.num_key_value_heads * head_dim
     holder: list[RopeSplit] = []
     patched(loaded.model, holder)
@@ -314,11 +310,7 @@ def main(argv: list[str] | None = None) -> None:
         if spec["form"] != "dense":
             while form.mode != "eval":
                 torch_window_nlls(loaded.model, calib)
-                if form.mode == "rotations":
-                    form.fit_rotations()
-                    form.fit_metrics()
-                else:
-                    form.fit_latent()
+                form.fit()
         ppl = perplexity(torch_window_nlls(loaded.model, dev))
         cached = None if not spec.get("rank") else (
             spec["rank"] if spec.get("latent") == "all-keys" else spec["rope_dims"] + spec["rank"])

@@ -36,7 +36,7 @@ class DecoderRunner:
     ``prefill_chunk``: a longer prompt is fed through the growing cache at most this many tokens per forward
     (None: one forward; "auto": :data:`PREFILL_CHUNK` where the graph's attention is not fused, else one forward).
     Unfused attention holds [batch, heads, new, past + new] scores per layer: one forward of 8,192 tokens through the
-    smollm2 kv=0.5 latent graph peaks at 8.7 GB (18.5 GB after a second one), chunks of 512 at 4.1 GB, and run
+    smollm2 kv=0.5 latent graph peaks at 8.7 GB (18.5 GB after a second one), chunks of 512 at 2.8 GB, and run
     faster. Fused graphs gain nothing from chunks. The logits are those of one forward up to float rounding."""
 
     def __init__(self, bundle: str | Path, target: str = "cpu", options: SessionOptions | None = None,

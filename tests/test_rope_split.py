@@ -30,11 +30,7 @@ def logits_of(tiny, spec):  # type: ignore[no-untyped-def]
     with torch.no_grad():
         while form.mode != "eval":
             model(input_ids=ids, use_cache=False)
-            if form.mode == "rotations":
-                form.fit_rotations()
-                form.fit_metrics()
-            else:
-                form.fit_latent()
+            form.fit()
         return model(input_ids=ids, use_cache=False).logits
 
 
