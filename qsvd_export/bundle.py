@@ -86,6 +86,9 @@ class BundleConfig:
     source: dict[str, Any] = field(default_factory=dict)
     # npu bundles: {"context_length": T, "prefill_length": S, "cache": "right-aligned"} (runtimes/static_decode.py)
     static_shapes: dict[str, Any] = field(default_factory=dict)
+    # dynamic decoder / VLM bundles whose attention is not fused: the most prompt tokens a runtime should feed per
+    # forward (one forward holds [batch, heads, S, past + S] scores per layer); None: the whole prompt at once
+    prefill_chunk: int | None = None
     format: str = FORMAT
     format_version: int = FORMAT_VERSION
 
@@ -105,6 +108,8 @@ class BundleConfig:
 
     def to_json(self) -> str:
         data = asdict(self)
+        if data["prefill_chunk"] is None:
+            del data["prefill_chunk"]
         for graph in data["graphs"]:  # optional fields are written only when set (older configs stay byte-identical)
             if graph["ort_filename"] is None:
                 del graph["ort_filename"]

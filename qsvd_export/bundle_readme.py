@@ -109,6 +109,9 @@ def render_decoder_readme(config: BundleConfig, report: dict[str, Any]) -> str:
         "## Driving it",
         "",
         f"1. Prefill: the prompt as `input_ids`, every cache input with past = 0 ({dtype}, zeros of shape [B, …, 0, …]).",
+        *([f"   Feed a long prompt at most {config.prefill_chunk} tokens per call (`prefill_chunk` in `{CONFIG_NAME}`),",
+           "   each chunk through the cache the previous one returned: attention here is not fused, and one call",
+           "   holds [B, heads, n, past + n] scores per layer."] if config.prefill_chunk else []),
         "2. Decode: feed each `present.{i}.*` back as `past_key_values.{i}.*`, the chosen token as `input_ids`",
         "   [B, 1], the mask one longer, `position_ids` = the number of tokens so far.",
         "3. Greedy: next token = argmax of the last logits row; stop at an id of "

@@ -19,15 +19,23 @@ from qsvd_export.runtimes.sessions import SessionOptions, create_session
 
 Cache = dict[str, np.ndarray]
 PREFILL_CHUNK = 512  # prompt tokens per forward where attention is not fused (docs/results.md, prefill in chunks)
-FUSED_ATTENTION = {"GroupQueryAttention", "MultiHeadAttention", "Attention"}
 
 
 def has_fused_attention(model_path: Path) -> bool:
     """Whether the graph runs attention in one fused op (its scores never leave the kernel)."""
     import onnx
 
+    from qsvd_export.passes.find_attention import FUSED_ATTENTION
+
     graph = onnx.load(model_path, load_external_data=False).graph
     return any(node.op_type in FUSED_ATTENTION for node in graph.node)
+
+
+def prefill_chunk_for(model_path: Path) -> int | None:
+    """Prompt tokens per forward a runtime should feed this decoder graph: :data:`PREFILL_CHUNK` where attention is
+    not fused, None (the whole prompt in one forward) where it is. Bundles record it (``qsvd_config.json`` →
+    ``prefill_chunk``) for runtimes that cannot read the graph."""
+    return None if has_fused_attention(model_path) else PREFILL_CHUNK
 
 
 class DecoderRunner:
@@ -50,7 +58,7 @@ class DecoderRunner:
             raise UsageError(f"{bundle}: a {self.config.kind} bundle has no decode loop")
         spec = self.config.graph("model")
         if prefill_chunk == "auto":
-            prefill_chunk = None if has_fused_attention(self.bundle / spec.filename) else PREFILL_CHUNK
+            prefill_chunk = prefill_chunk_for(self.bundle / spec.filename)
         self.prefill_chunk: int | None = prefill_chunk  # type: ignore[assignment]
         self.session = create_session(self.bundle / spec.filename, target, options)
         self.graph_inputs = {i.name for i in self.session.get_inputs()}

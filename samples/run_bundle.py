@@ -49,6 +49,7 @@ class Bundle:
     tensors: list[CacheTensor]  # every layer's cache tensors, layer order
     graphs: dict[str, str]  # role → file name
     eos: set[int]
+    prefill_chunk: int  # prompt tokens per call of the dynamic graph; 0: the whole prompt (fused attention)
 
 
 def load_bundle(folder: Path) -> Bundle:
@@ -68,11 +69,14 @@ def load_bundle(folder: Path) -> Bundle:
                    for layer in config["cache"] for t in layer["tensors"]]
         graphs = {g["role"]: g["filename"] for g in config["graphs"]}
         eos = {int(i) for i in config.get("generation", {}).get("eos_token_ids") or []}
+        prefill_chunk = int(config.get("prefill_chunk") or 0)
+        if prefill_chunk < 0:
+            raise ValueError(f"prefill_chunk {prefill_chunk} is negative")
     except (json.JSONDecodeError, AttributeError, KeyError, TypeError, ValueError) as exc:
         raise BundleError(f"{path}: malformed bundle config ({exc.__class__.__name__}: {exc})") from None
     if any(t.dtype not in DTYPES for t in tensors):
         raise BundleError(f"{path}: unsupported cache dtype")
-    return Bundle(folder, config, tensors, graphs, eos)
+    return Bundle(folder, config, tensors, graphs, eos, prefill_chunk)
 
 
 def open_session(bundle: Bundle, role: str) -> ort.InferenceSession:
@@ -263,21 +267,23 @@ def main(argv: list[str] | None = None) -> int:
     source.add_argument("--ids", help="prompt token ids, comma-separated (skips the tokenizer)")
     parser.add_argument("--max-new-tokens", type=int, default=32)
     parser.add_argument("--print-ids", action="store_true", help="also print prompt_ids: and new_ids: lines")
-    parser.add_argument("--prefill-chunk", type=int, default=0,
-                        help="prompt tokens per call of the dynamic graph (0, the default: the whole prompt in one "
-                             "call; 512 bounds the memory of graphs without fused attention, e.g. latent graphs)")
+    parser.add_argument("--prefill-chunk", type=int, default=None,
+                        help="prompt tokens per call of the dynamic graph (default: the bundle's prefill_chunk, "
+                             "recorded for graphs without fused attention, e.g. latent graphs; 0: the whole prompt "
+                             "in one call)")
     args = parser.parse_args(argv)
     try:
         if args.max_new_tokens < 1:
             raise BundleError("--max-new-tokens must be at least 1")
-        if args.prefill_chunk < 0:
+        if args.prefill_chunk is not None and args.prefill_chunk < 0:
             raise BundleError("--prefill-chunk must be 0 (one call) or a positive token count")
         bundle = load_bundle(args.bundle)
+        chunk = args.prefill_chunk if args.prefill_chunk is not None else bundle.prefill_chunk
         codec = Codec(bundle)
         if args.prompt is not None and not codec.available:
             raise BundleError(f"{args.bundle}: bundle has no tokenizer.json; pass --ids")
         prompt = parse_ids(args.ids) if args.ids is not None else codec.encode(args.prompt)
-        loop = StaticLoop(bundle) if bundle.config.get("static_shapes") else DynamicLoop(bundle, args.prefill_chunk)
+        loop = StaticLoop(bundle) if bundle.config.get("static_shapes") else DynamicLoop(bundle, chunk)
         new = generate(loop, prompt, args.max_new_tokens, bundle.eos)
     except BundleError as exc:
         print(f"run_bundle: error: {exc}", file=sys.stderr)

@@ -1,11 +1,13 @@
 """Peak resident memory of a decoder bundle across repeated prefills (ONNX Runtime's arena growth).
 
     python scripts/prefill_rss_probe.py BUNDLE [BUNDLE ...] [--lengths 512 512 512 2048 2048 2048] [--steps 8]
-        [--prefill-chunk N] [--json OUT]
+        [--prefill-chunk N] [--runtime runner|genai] [--json OUT]
 
 Per bundle, in its own process: for each length, a prefill of random tokens then ``--steps`` decode steps; prints
-the peak RSS (MB) after each, so arena growth from one prefill to the next shows, and each prefill's seconds. ``--prefill-chunk``: prompt
-tokens per forward (default: DecoderRunner's "auto"; 0 = the whole prompt in one forward).
+the peak RSS (MB) after each, so arena growth from one prefill to the next shows, and each prefill's seconds.
+``--prefill-chunk``: prompt tokens per forward (default "auto": DecoderRunner's choice, or for genai the bundle's
+``prefill_chunk``; 0 = the whole prompt in one forward). ``--runtime genai``: onnxruntime-genai's generator, the
+prompt appended in chunks as samples/genai_chat.py does.
 """
 
 from __future__ import annotations
@@ -36,6 +38,32 @@ def probe(bundle: str, lengths: list[int], steps: int, chunk: str) -> dict[str, 
     return {"peak_rss_mb": peaks, "prefill_s": seconds}
 
 
+def probe_genai(bundle: str, lengths: list[int], steps: int, chunk: str) -> dict[str, list]:
+    import onnxruntime_genai as og
+
+    from qsvd_export.bundle import load_bundle_config
+
+    config = load_bundle_config(bundle)
+    size = (config.prefill_chunk or 0) if chunk == "auto" else int(chunk)
+    model = og.Model(bundle)
+    vocab = int(config.model_config.get("vocab_size", 256))
+    peaks, seconds = [], []
+    for length in lengths:
+        prompt = np.random.default_rng(length).integers(0, vocab, length).astype(np.int32)
+        params = og.GeneratorParams(model)
+        params.set_search_options(max_length=length + steps, do_sample=False)
+        generator = og.Generator(model, params)
+        start = time.perf_counter()
+        for first in range(0, length, size or length):
+            generator.append_tokens(prompt[first:first + (size or length)])
+        seconds.append(round(time.perf_counter() - start, 2))
+        for _ in range(steps):
+            generator.generate_next_token()
+        del generator
+        peaks.append(round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024))
+    return {"peak_rss_mb": peaks, "prefill_s": seconds, "chunk": size}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("bundles", nargs="+")
@@ -43,18 +71,22 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=8)
     parser.add_argument("--prefill-chunk", default="auto", help="tokens per forward, 0 = one forward (default: "
                         "DecoderRunner's choice)")
+    parser.add_argument("--runtime", choices=["runner", "genai"], default="runner")
     parser.add_argument("--json", help="also write the rows to this file")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
-        print(json.dumps(probe(args.bundles[0], args.lengths, args.steps, args.prefill_chunk)))
+        measure = probe_genai if args.runtime == "genai" else probe
+        print(json.dumps(measure(args.bundles[0], args.lengths, args.steps, args.prefill_chunk)))
         return
     rows = []
     for bundle in args.bundles:
         out = subprocess.run([sys.executable, __file__, bundle, "--worker", "--steps", str(args.steps),
-                              "--prefill-chunk", str(args.prefill_chunk), "--lengths", *map(str, args.lengths)],
+                              "--prefill-chunk", str(args.prefill_chunk), "--runtime", args.runtime,
+                              "--lengths", *map(str, args.lengths)],
                              check=True, capture_output=True, text=True).stdout
-        rows.append({"bundle": bundle, "lengths": args.lengths, "prefill_chunk": args.prefill_chunk,
+        rows.append({"bundle": bundle, "runtime": args.runtime, "lengths": args.lengths,
+                     "prefill_chunk": args.prefill_chunk,
                      **json.loads(out.splitlines()[-1])})
         print(json.dumps(rows[-1]), flush=True)
     if args.json:

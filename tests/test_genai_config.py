@@ -16,12 +16,13 @@ og = pytest.importorskip("onnxruntime_genai")  # in the test extra (constraints.
 PROMPT = [5, 17, 42, 9, 100, 3]
 
 
-def genai_tokens(bundle: Path, prompt: list[int], new: int) -> list[int]:
+def genai_tokens(bundle: Path, prompt: list[int], new: int, chunk: int = 0) -> list[int]:
     model = og.Model(str(bundle))
     params = og.GeneratorParams(model)
     params.set_search_options(max_length=len(prompt) + new, do_sample=False)
     generator = og.Generator(model, params)
-    generator.append_tokens(prompt)
+    for start in range(0, len(prompt), chunk or len(prompt)):  # genai appends a prompt in parts through its cache
+        generator.append_tokens(prompt[start:start + (chunk or len(prompt))])
     out = []
     while not generator.is_done():
         generator.generate_next_token()
@@ -49,6 +50,9 @@ def test_cpu_w4a8_bundle_with_group_query_attention_runs_in_genai(tmp_path):
 
     result = export_model("tiny-llama", tmp_path / "w4a8", ExportOptions(target="cpu", bits="w4a8"))
     assert result.report["target"]["attention"]["group_query_attention"] > 0  # the fused form genai must run
+    assert load_bundle_config(result.out).prefill_chunk is None  # fused: the whole prompt in one forward
+    assert "prefill_chunk" not in (result.out / CONFIG_NAME).read_text()
+    assert "tokens per call" not in (result.out / "README.md").read_text()
     assert genai_tokens(result.out, PROMPT, 12) == runner_tokens(result.out, PROMPT, 12)
 
 
@@ -194,10 +198,15 @@ def test_genai_chat_sample_on_a_tiny_bundle(bundles, tmp_path):
 
     sample = Path(__file__).resolve().parents[1] / "samples" / "genai_chat.py"
     bundle = bundles.dense("llama")
-    run = subprocess.run([sys.executable, str(sample), str(bundle), "--ids", ",".join(map(str, PROMPT)),
-                          "--max-new-tokens", "10"], capture_output=True, text=True, timeout=300)
-    assert run.returncode == 0, run.stderr
-    assert json.loads(run.stdout)["new_ids"] == runner_tokens(bundle, PROMPT, 10)
+    for chunk in ([], ["--prefill-chunk", "4"]):  # the bundle's chunk (512: one append here), then 4 + 2 tokens
+        run = subprocess.run([sys.executable, str(sample), str(bundle), "--ids", ",".join(map(str, PROMPT)),
+                              "--max-new-tokens", "10", *chunk], capture_output=True, text=True, timeout=300)
+        assert run.returncode == 0, run.stderr
+        assert json.loads(run.stdout)["new_ids"] == runner_tokens(bundle, PROMPT, 10)
+    run = subprocess.run([sys.executable, str(sample), str(bundle), "--ids", "1", "--prefill-chunk", "-1"],
+                         capture_output=True, text=True, timeout=300)
+    assert run.returncode == 2 and run.stderr.strip() == ("genai_chat: error: --prefill-chunk must be 0 (the whole "
+                                                          "prompt) or a positive token count")
 
     refused = tmp_path / "npu-like"
     refused.mkdir()
@@ -270,6 +279,9 @@ def test_latent_bundles_run_in_genai_through_a_key_value_view(tmp_path):
             past = {layer.tensors[0].input: ours[layer.tensors[0].output] for layer in config.cache}
             ids = [int(ours["logits"][0, -1].argmax())]
         assert genai_tokens(bundle, PROMPT, 12) == runner_tokens(bundle, PROMPT, 12)
+        assert config.prefill_chunk == 512  # unfused attention: runtimes should append long prompts in parts
+        assert "at most 512 tokens per call" in (bundle / "README.md").read_text()
+        assert genai_tokens(bundle, PROMPT, 12, chunk=4) == runner_tokens(bundle, PROMPT, 12)
     four = tmp_path / "kv50-cpu4"
     assert main([str(result.out / "model.onnx"), "--target", "cpu", "--kv-bits", "4", "-o", str(four), "-q"]) == 0
     entry = json.loads((four / "report.json").read_text())["runtimes"]["onnxruntime_genai"]

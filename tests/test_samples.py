@@ -147,6 +147,7 @@ def test_sample_loops_reproduce_the_runtime_logits_step_by_step(tiny):
                                            cache)
             assert np.array_equal(loop.push(token), reference[0, -1]), (kind, length)
             length += 1
+        assert sample.load_bundle(tiny[kind]).prefill_chunk == runner.prefill_chunk == 512  # unfused: recorded
         chunked = sample.DynamicLoop(sample.load_bundle(tiny[kind]), prefill_chunk=5)  # 5 + 5 + 5 + 5 + 1 tokens
         reference, _ = DecoderRunner(tiny[kind], prefill_chunk=5).prefill(np.asarray([prompt]))
         assert np.array_equal(chunked.start(prompt), reference[0, -1]) and chunked.length == len(prompt)
@@ -160,6 +161,28 @@ def test_sample_loops_reproduce_the_runtime_logits_step_by_step(tiny):
             assert np.array_equal(loop.push(token), step[-1]), (kind, state.next_position)
             assert np.array_equal(loop.mask, state.mask) and loop.length == state.next_position
         assert loop.length == CONTEXT
+
+
+def test_prompt_is_chunked_as_the_bundle_records_unless_told(tmp_path, tiny, monkeypatch):
+    """No --prefill-chunk: the bundle's ``prefill_chunk`` (absent: one call); --prefill-chunk N overrides it."""
+    import shutil
+
+    sample = load_sample()
+    chunks = []
+    real_loop = sample.DynamicLoop
+    monkeypatch.setattr(sample, "DynamicLoop", lambda bundle, chunk: chunks.append(chunk) or real_loop(bundle, chunk))
+    bundle = tmp_path / "bundle"
+    shutil.copytree(tiny["latent"], bundle)
+    config = json.loads((bundle / "qsvd_config.json").read_text())
+    for recorded, flag, expected in ((5, [], 5), (5, ["--prefill-chunk", "0"], 0), (None, [], 0),
+                                     (None, ["--prefill-chunk", "7"], 7)):
+        if recorded is None:
+            config.pop("prefill_chunk", None)
+        else:
+            config["prefill_chunk"] = recorded
+        (bundle / "qsvd_config.json").write_text(json.dumps(config))
+        assert sample.main([str(bundle), "--ids", "1,2,3,4,5,6,7,8,9,10,11", "--max-new-tokens", "2", *flag]) == 0
+        assert chunks[-1] == expected, (recorded, flag)
 
 
 def test_errors_are_one_line_with_exit_code_2(tmp_path, tiny):

@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Any
 
 import onnx_ir as ir
 
-from qsvd_export.bundle import BundleConfig, write_json
+from qsvd_export.bundle import CONFIG_NAME, BundleConfig, write_json
 
 if TYPE_CHECKING:
     from qsvd_export.build.request import TargetRequest
@@ -69,10 +69,14 @@ def finish_bundle(folder: Path, config: BundleConfig, report: dict[str, Any], mo
     packaging (.ort graphs, reduced-build operator config, their verification; ``mobile.py`` updates
     qsvd_config.json), the runtime files (genai, optimum), the summary and ``report.md``, then the one write of
     ``report.json`` (``report`` plus ``mobile``, ``runtimes`` and ``summary``), the bundle README and
-    ``timings.json``."""
+    ``timings.json``. A dynamic decoder's config records its prefill chunk (:func:`prefill_chunk_for`)."""
     from qsvd_export.bundle_readme import write_readme
     from qsvd_export.report import write_report
+    from qsvd_export.runtimes.decode import prefill_chunk_for
 
+    if config.kind in ("decoder", "vlm") and not config.static_shapes:
+        config.prefill_chunk = prefill_chunk_for(folder / config.graph("model").filename)
+        (folder / CONFIG_NAME).write_text(config.to_json())
     if mobile:
         from qsvd_export.progress import info
         from qsvd_export.targets.mobile import package_mobile
