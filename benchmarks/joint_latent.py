@@ -34,7 +34,7 @@ FORMS = [
     {"form": "dense"},
     {"form": "joint-pre-rope", "groups": 1},
     {"form": "joint-post-rope", "groups": 1},
-    {"form": "joint-post-rope", "groups": 3},
+    {"form": "joint-post-rope", "groups": "kv_heads"},  # one latent per KV head (3 on smollm2)
     {"form": "separate-post-rope", "groups": 1},
     {"form": "partial-rope", "groups": 1, "exact": 16},
     {"form": "partial-rope", "groups": 1, "exact": 32},
@@ -70,7 +70,7 @@ class LatentOracle:
         v = value[0].transpose(0, 1).reshape(value.shape[2], -1)
         if self.spec["form"] == "separate-post-rope":
             return [k, v]
-        groups = self.spec["groups"]
+        groups = heads if self.spec["groups"] == "kv_heads" else self.spec["groups"]
         per = heads // groups
         d = key.shape[3]
         return [torch.cat([k[:, g * per * d:(g + 1) * per * d], v[:, g * per * d:(g + 1) * per * d]], dim=1)
@@ -200,6 +200,8 @@ def main(argv: list[str] | None = None) -> None:
             oracle.fit()
         ppl = perplexity(torch_window_nlls(loaded.model, dev))
         rows.append({**spec, "keep": args.keep if spec["form"] != "dense" else 1.0, "dev_ppl": round(ppl, 4)})
+        if spec.get("groups") == "kv_heads":
+            rows[-1]["groups"] = oracle.heads
         print(json.dumps(rows[-1]), flush=True)
     write_result({"model": args.model, "calib": f"{args.calib_windows} x 512 wiki_calib",
                   "eval": f"dev {args.windows} x 512",
