@@ -173,6 +173,8 @@ def _config(config: BundleConfig, filename: str, target: str | None) -> dict[str
             "min_length": 0, "no_repeat_ngram_size": 0, "num_beams": 1, "num_return_sequences": 1,
             "past_present_share_buffer": False, "repetition_penalty": 1.0, "temperature": 1.0, "top_k": 1,
             "top_p": 1.0,
+            # unfused attention: genai feeds a prompt through the cache this many tokens per forward
+            **({"chunk_size": config.prefill_chunk} if config.prefill_chunk else {}),
         },
     }
 

@@ -8,9 +8,10 @@
 
 The bundle's ``genai_config.json`` (written by qsvd-export wherever genai can run the bundle; ``report.json`` →
 ``runtimes.onnxruntime_genai`` says why not elsewhere) names the graph, the cache tensors and the greedy
-search settings. The model's chat template (``tokenizer_config.json`` → ``chat_template``) formats every turn;
-the conversation is kept, so each answer sees the earlier turns. Output streams token by token. Errors are one
-line on stderr with exit code 2.
+search settings, and for graphs without fused attention ``search.chunk_size``: genai itself then feeds a long
+prompt through the cache in parts of that many tokens. The model's chat template (``tokenizer_config.json`` →
+``chat_template``) formats every turn; the conversation is kept, so each answer sees the earlier turns. Output
+streams token by token. Errors are one line on stderr with exit code 2.
 """
 
 from __future__ import annotations
@@ -39,30 +40,13 @@ def open_model(bundle: Path) -> og.Model:
     return og.Model(str(bundle))
 
 
-def bundle_prefill_chunk(bundle: Path) -> int:
-    """The prompt tokens per forward the bundle asks for (``qsvd_config.json`` → ``prefill_chunk``, recorded where
-    attention is not fused, e.g. latent graphs); 0: the whole prompt in one forward."""
-    path = bundle / "qsvd_config.json"
-    try:
-        chunk = int(json.loads(path.read_text()).get("prefill_chunk") or 0) if path.is_file() else 0
-    except (json.JSONDecodeError, AttributeError, TypeError, ValueError) as exc:
-        fail(f"{path}: malformed bundle config ({exc.__class__.__name__}: {exc})")
-    if chunk < 0:
-        fail(f"{path}: prefill_chunk {chunk} is negative")
-    return chunk
-
-
-def generate(model: og.Model, prompt_ids: list[int], max_new_tokens: int, on_token=None,
-             prefill_chunk: int = 0) -> tuple[list[int], float]:
+def generate(model: og.Model, prompt_ids: list[int], max_new_tokens: int, on_token=None) -> tuple[list[int], float]:
     """Greedy new ids after ``prompt_ids`` (stops at an EOS id or ``max_new_tokens``), and decode tokens/s
-    (every token after the first, whose time includes the prefill). The prompt is appended ``prefill_chunk``
-    tokens at a time (0: at once): unfused attention holds [heads, chunk, past + chunk] scores per layer."""
+    (every token after the first, whose time includes the prefill)."""
     params = og.GeneratorParams(model)
     params.set_search_options(max_length=len(prompt_ids) + max_new_tokens, do_sample=False)
     generator = og.Generator(model, params)
-    chunk = prefill_chunk or max(len(prompt_ids), 1)
-    for start in range(0, len(prompt_ids), chunk):
-        generator.append_tokens(prompt_ids[start:start + chunk])
+    generator.append_tokens(prompt_ids)
     new: list[int] = []
     first = None
     while not generator.is_done():
@@ -82,12 +66,11 @@ def chat_ids(tokenizer: og.Tokenizer, messages: list[dict[str, str]]) -> list[in
     return [int(i) for i in tokenizer.encode(text)]
 
 
-def turn(model: og.Model, tokenizer: og.Tokenizer, messages: list[dict[str, str]], max_new_tokens: int,
-         prefill_chunk: int = 0) -> str:
+def turn(model: og.Model, tokenizer: og.Tokenizer, messages: list[dict[str, str]], max_new_tokens: int) -> str:
     """One assistant turn, streamed to stdout; appended to ``messages``."""
     stream = tokenizer.create_stream()
     new, _ = generate(model, chat_ids(tokenizer, messages), max_new_tokens,
-                      lambda token: print(stream.decode(token), end="", flush=True), prefill_chunk)
+                      lambda token: print(stream.decode(token), end="", flush=True))
     print()
     answer = tokenizer.decode(new)
     messages.append({"role": "assistant", "content": answer})
@@ -101,23 +84,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--ids", help="comma-separated prompt token ids (no tokenizer, no chat template)")
     parser.add_argument("--max-new-tokens", type=int, default=128)
     parser.add_argument("--print-ids", action="store_true", help="print prompt_ids, new_ids and decode tok/s as JSON")
-    parser.add_argument("--prefill-chunk", type=int, default=None,
-                        help="prompt tokens per append (default: the bundle's prefill_chunk; 0: the whole prompt)")
     args = parser.parse_args(argv)
     if not args.bundle.is_dir():
         fail(f"{args.bundle}: bundle folder not found")
     if args.max_new_tokens < 1:
         fail("--max-new-tokens must be at least 1")
-    if args.prefill_chunk is not None and args.prefill_chunk < 0:
-        fail("--prefill-chunk must be 0 (the whole prompt) or a positive token count")
-    chunk = args.prefill_chunk if args.prefill_chunk is not None else bundle_prefill_chunk(args.bundle)
     model = open_model(args.bundle)
     if args.ids is not None:
         try:
             prompt_ids = [int(i) for i in args.ids.split(",")]
         except ValueError:
             fail(f"--ids must be comma-separated integers, got {args.ids!r}")
-        new, rate = generate(model, prompt_ids, args.max_new_tokens, prefill_chunk=chunk)
+        new, rate = generate(model, prompt_ids, args.max_new_tokens)
         print(json.dumps({"prompt_ids": prompt_ids, "new_ids": new, "decode_tokens_per_s": round(rate, 2)}))
         return 0
     tokenizer = og.Tokenizer(model)
@@ -126,11 +104,11 @@ def main(argv: list[str] | None = None) -> int:
         messages.append({"role": "user", "content": args.prompt})
         if args.print_ids:
             prompt_ids = chat_ids(tokenizer, messages)
-            new, rate = generate(model, prompt_ids, args.max_new_tokens, prefill_chunk=chunk)
+            new, rate = generate(model, prompt_ids, args.max_new_tokens)
             print(json.dumps({"prompt_ids": prompt_ids, "new_ids": new, "text": tokenizer.decode(new),
                               "decode_tokens_per_s": round(rate, 2)}))
         else:
-            turn(model, tokenizer, messages, args.max_new_tokens, chunk)
+            turn(model, tokenizer, messages, args.max_new_tokens)
         return 0
     while True:
         try:
@@ -140,7 +118,7 @@ def main(argv: list[str] | None = None) -> int:
         if not line:
             return 0
         messages.append({"role": "user", "content": line})
-        turn(model, tokenizer, messages, args.max_new_tokens, chunk)
+        turn(model, tokenizer, messages, args.max_new_tokens)
 
 
 if __name__ == "__main__":

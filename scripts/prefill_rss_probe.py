@@ -6,8 +6,9 @@
 Per bundle, in its own process: for each length, a prefill of random tokens then ``--steps`` decode steps; prints
 the peak RSS (MB) after each, so arena growth from one prefill to the next shows, and each prefill's seconds.
 ``--prefill-chunk``: prompt tokens per forward (default "auto": DecoderRunner's choice, or for genai the bundle's
-``prefill_chunk``; 0 = the whole prompt in one forward). ``--runtime genai``: onnxruntime-genai's generator, the
-prompt appended in chunks as samples/genai_chat.py does.
+``genai_config.json`` → ``search.chunk_size``; 0 = the whole prompt in one forward). ``--runtime genai``:
+onnxruntime-genai's generator, the prompt appended at once (genai chunks it), an explicit chunk set by a config
+overlay.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import resource
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
 
@@ -43,10 +45,13 @@ def probe_genai(bundle: str, lengths: list[int], steps: int, chunk: str) -> dict
 
     from qsvd_export.bundle import load_bundle_config
 
-    config = load_bundle_config(bundle)
-    size = (config.prefill_chunk or 0) if chunk == "auto" else int(chunk)
-    model = og.Model(bundle)
-    vocab = int(config.model_config.get("vocab_size", 256))
+    settings = og.Config(bundle)
+    if chunk != "auto":
+        settings.overlay(json.dumps({"search": {"chunk_size": int(chunk)}}))
+    model = og.Model(settings)
+    size = json.loads((Path(bundle) / "genai_config.json").read_text())["search"].get("chunk_size", 0) \
+        if chunk == "auto" else int(chunk)
+    vocab = int(load_bundle_config(bundle).model_config.get("vocab_size", 256))
     peaks, seconds = [], []
     for length in lengths:
         prompt = np.random.default_rng(length).integers(0, vocab, length).astype(np.int32)
@@ -54,8 +59,7 @@ def probe_genai(bundle: str, lengths: list[int], steps: int, chunk: str) -> dict
         params.set_search_options(max_length=length + steps, do_sample=False)
         generator = og.Generator(model, params)
         start = time.perf_counter()
-        for first in range(0, length, size or length):
-            generator.append_tokens(prompt[first:first + (size or length)])
+        generator.append_tokens(prompt)
         seconds.append(round(time.perf_counter() - start, 2))
         for _ in range(steps):
             generator.generate_next_token()

@@ -16,18 +16,39 @@ og = pytest.importorskip("onnxruntime_genai")  # in the test extra (constraints.
 PROMPT = [5, 17, 42, 9, 100, 3]
 
 
-def genai_tokens(bundle: Path, prompt: list[int], new: int, chunk: int = 0) -> list[int]:
-    model = og.Model(str(bundle))
+def genai_tokens(bundle: Path, prompt: list[int], new: int, chunk: int | None = None) -> list[int]:
+    """genai's greedy tokens; ``chunk``: its ``search.chunk_size`` overridden (as an app would, by a config overlay)."""
+    config = og.Config(str(bundle))
+    if chunk is not None:
+        config.overlay(json.dumps({"search": {"chunk_size": chunk}}))
+    model = og.Model(config)
     params = og.GeneratorParams(model)
     params.set_search_options(max_length=len(prompt) + new, do_sample=False)
     generator = og.Generator(model, params)
-    for start in range(0, len(prompt), chunk or len(prompt)):  # genai appends a prompt in parts through its cache
-        generator.append_tokens(prompt[start:start + (chunk or len(prompt))])
+    generator.append_tokens(prompt)
     out = []
     while not generator.is_done():
         generator.generate_next_token()
         out.append(int(generator.get_next_tokens()[0]))
     return out
+
+
+def genai_input_ids(bundle: Path, prompt: list[int], new: int, chunk: int) -> list[list[int]]:
+    """The ``input_ids`` of every forward genai runs (read from its model-input log) for the prompt and ``new``
+    tokens with ``search.chunk_size`` = ``chunk``."""
+    import re
+
+    logs: list[str] = []
+    og.set_log_callback(logs.append)
+    og.set_log_options(enabled=True, model_input_values=True)
+    try:
+        genai_tokens(bundle, prompt, new, chunk)
+    finally:
+        og.set_log_options(enabled=False, model_input_values=False)
+        og.set_log_callback(None)
+    text = re.sub(r"\x1b\[[0-9;]*m", "", "".join(logs))  # the log is coloured
+    feeds = re.findall(r"Name: input_ids .*?\nValues\[ ([\d ]+) \]", text)
+    return [[int(v) for v in values.split()] for values in feeds]
 
 
 def runner_tokens(bundle: Path, prompt: list[int], new: int) -> list[int]:
@@ -53,6 +74,7 @@ def test_cpu_w4a8_bundle_with_group_query_attention_runs_in_genai(tmp_path):
     assert load_bundle_config(result.out).prefill_chunk is None  # fused: the whole prompt in one forward
     assert "prefill_chunk" not in (result.out / CONFIG_NAME).read_text()
     assert "tokens per call" not in (result.out / "README.md").read_text()
+    assert "chunk_size" not in json.loads((result.out / GENAI_CONFIG).read_text())["search"]
     assert genai_tokens(result.out, PROMPT, 12) == runner_tokens(result.out, PROMPT, 12)
 
 
@@ -198,15 +220,10 @@ def test_genai_chat_sample_on_a_tiny_bundle(bundles, tmp_path):
 
     sample = Path(__file__).resolve().parents[1] / "samples" / "genai_chat.py"
     bundle = bundles.dense("llama")
-    for chunk in ([], ["--prefill-chunk", "4"]):  # the bundle's chunk (512: one append here), then 4 + 2 tokens
-        run = subprocess.run([sys.executable, str(sample), str(bundle), "--ids", ",".join(map(str, PROMPT)),
-                              "--max-new-tokens", "10", *chunk], capture_output=True, text=True, timeout=300)
-        assert run.returncode == 0, run.stderr
-        assert json.loads(run.stdout)["new_ids"] == runner_tokens(bundle, PROMPT, 10)
-    run = subprocess.run([sys.executable, str(sample), str(bundle), "--ids", "1", "--prefill-chunk", "-1"],
-                         capture_output=True, text=True, timeout=300)
-    assert run.returncode == 2 and run.stderr.strip() == ("genai_chat: error: --prefill-chunk must be 0 (the whole "
-                                                          "prompt) or a positive token count")
+    run = subprocess.run([sys.executable, str(sample), str(bundle), "--ids", ",".join(map(str, PROMPT)),
+                          "--max-new-tokens", "10"], capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr
+    assert json.loads(run.stdout)["new_ids"] == runner_tokens(bundle, PROMPT, 10)
 
     refused = tmp_path / "npu-like"
     refused.mkdir()
@@ -279,8 +296,11 @@ def test_latent_bundles_run_in_genai_through_a_key_value_view(tmp_path):
             past = {layer.tensors[0].input: ours[layer.tensors[0].output] for layer in config.cache}
             ids = [int(ours["logits"][0, -1].argmax())]
         assert genai_tokens(bundle, PROMPT, 12) == runner_tokens(bundle, PROMPT, 12)
-        assert config.prefill_chunk == 512  # unfused attention: runtimes should append long prompts in parts
-        assert "at most 512 tokens per call" in (bundle / "README.md").read_text()
+        # unfused attention: genai feeds long prompts through the cache in parts (search.chunk_size), as the runner
+        assert config.prefill_chunk == 512 and "at most 512 tokens per call" in (bundle / "README.md").read_text()
+        assert json.loads((bundle / GENAI_CONFIG).read_text())["search"]["chunk_size"] == 512
+        feeds = genai_input_ids(bundle, PROMPT, 3, chunk=4)
+        assert feeds[:2] == [PROMPT[:4], PROMPT[4:]] and all(len(ids) == 1 for ids in feeds[2:])
         assert genai_tokens(bundle, PROMPT, 12, chunk=4) == runner_tokens(bundle, PROMPT, 12)
     four = tmp_path / "kv50-cpu4"
     assert main([str(result.out / "model.onnx"), "--target", "cpu", "--kv-bits", "4", "-o", str(four), "-q"]) == 0
