@@ -85,10 +85,13 @@ def main() -> None:
         return
     rows = []
     for bundle in args.bundles:
-        out = subprocess.run([sys.executable, __file__, bundle, "--worker", "--steps", str(args.steps),
-                              "--prefill-chunk", str(args.prefill_chunk), "--runtime", args.runtime,
-                              "--lengths", *map(str, args.lengths)],
-                             check=True, capture_output=True, text=True).stdout
+        worker = subprocess.run([sys.executable, __file__, bundle, "--worker", "--steps", str(args.steps),
+                                 "--prefill-chunk", str(args.prefill_chunk), "--runtime", args.runtime,
+                                 "--lengths", *map(str, args.lengths)], capture_output=True, text=True)
+        if worker.returncode != 0:  # e.g. a length past the model's context
+            last = (worker.stderr.strip().splitlines() or ["no output"])[-1]
+            raise SystemExit(f"prefill_rss_probe: {bundle}: the worker failed: {last}")
+        out = worker.stdout
         rows.append({"bundle": bundle, "runtime": args.runtime, "lengths": args.lengths,
                      "prefill_chunk": args.prefill_chunk,
                      **json.loads(out.splitlines()[-1])})
