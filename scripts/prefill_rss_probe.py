@@ -45,12 +45,11 @@ def probe_genai(bundle: str, lengths: list[int], steps: int, chunk: str) -> dict
 
     from qsvd_export.bundle import load_bundle_config
 
+    size = int(chunk) if chunk != "auto" else \
+        json.loads((Path(bundle) / "genai_config.json").read_text())["search"].get("chunk_size", 0)
     settings = og.Config(bundle)
-    if chunk != "auto":
-        settings.overlay(json.dumps({"search": {"chunk_size": int(chunk)}}))
+    settings.overlay(json.dumps({"search": {"chunk_size": size}}))  # the one value reported below
     model = og.Model(settings)
-    size = json.loads((Path(bundle) / "genai_config.json").read_text())["search"].get("chunk_size", 0) \
-        if chunk == "auto" else int(chunk)
     vocab = int(load_bundle_config(bundle).model_config.get("vocab_size", 256))
     peaks, seconds = [], []
     for length in lengths:
