@@ -2,8 +2,8 @@
 
     python -m benchmarks.profile_decode BUNDLE [--context 2048] [--steps 16] [--threads 2]
 
-Prefills ``--context`` random tokens, then profiles ``--steps`` single-token decode steps (the prefill
-and ``--warmup`` steps are excluded from the totals). Nodes our passes created are named ``qsvd/layerN/<pass>/...``; they are
+Prefills ``--context`` random tokens, then profiles ``--steps`` single-token decode steps (the prefill runs,
+chunked or not, and ``--warmup`` steps are excluded from the totals). Nodes our passes created are named ``qsvd/layerN/<pass>/...``; they are
 grouped by ``<pass>/<part>`` (``latent_kv/k`` = key rebuilt from the latent cache incl. RoPE,
 ``fold_value`` = attention-weighted latent and the folded V/O matmul, ``kv`` = down-projection).
 Every other node is grouped by operator type. Prints ms per decode step and share per group.
@@ -48,7 +48,8 @@ def profile(bundle: Path, context: int, steps: int, threads: int, warmup: int = 
             length += 1
         trace = json.loads(Path(runner.session.end_profiling()).read_text())
     runs = [e for e in trace if e.get("cat") == "Session" and e.get("name") == "model_run"]
-    decode_runs = runs[1 + warmup :]  # the prefill and the warm-up steps are left out
+    # The prefill (one run, or one per chunk where attention is not fused) and the warm-up steps are left out.
+    decode_runs = runs[-steps:]
     start = decode_runs[0]["ts"]
     totals: collections.Counter[str] = collections.Counter()
     for event in trace:
