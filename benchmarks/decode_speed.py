@@ -4,7 +4,8 @@
 
 Per bundle (each in its own subprocess so peak RSS is its own): prefill latency for a 512-token
 prompt; decode tokens/s generating ``--new-tokens`` tokens after a prompt of each context length;
-peak resident memory; weight bytes. Medians of ``--runs`` timed runs after one warm-up. The memory
+peak resident memory; weight bytes. Medians of ``--runs`` timed runs after one warm-up; every run's decode
+rate is kept as well (``decode_<context>_tok_s_runs``, printed as [min–max]), so a bimodal speed shows. The memory
 bandwidth is measured in the same run (numpy copy) and gives the decode roofline: bytes read per token
 (weights + cache at that context) ÷ bandwidth, reported as achieved ÷ bound. Weights read per token are
 the graph's initializer bytes, except that a table read only by ``Gather`` (an untied embedding) counts
@@ -101,6 +102,7 @@ def worker(bundle: Path, contexts: list[int], new_tokens: int, runs: int, thread
             if run > 0:  # the first run warms up
                 rates.append(new_tokens / (time.perf_counter() - start))
         result[f"decode_{context}_tok_s"] = statistics.median(rates)
+        result[f"decode_{context}_tok_s_runs"] = rates
     result["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     return result
 
@@ -137,7 +139,9 @@ def main(argv: list[str] | None = None) -> None:
     for runs in samples:
         row = dict(runs[0])
         for key in row:
-            if key.startswith(("decode_", "prefill_", "peak_rss")):
+            if key.endswith("_runs"):  # every timed run of every round, in order: the spread behind the median
+                row[key] = [rate for r in runs for rate in r[key]]
+            elif key.startswith(("decode_", "prefill_", "peak_rss")):
                 row[key] = statistics.median(r[key] for r in runs)
         row["rounds"] = len(runs)
         row["started"] = [r["started"] for r in runs]  # one wall-clock start per round: the interleaving
@@ -153,7 +157,8 @@ def main(argv: list[str] | None = None) -> None:
         print(json.dumps(row), flush=True)
     base = rows[0]
     for row in rows:
-        row["ratios"] = {k: row[k] / base[k] for k in row if k.startswith(("decode_", "prefill_")) and base.get(k)}
+        row["ratios"] = {k: row[k] / base[k] for k in row
+                         if k.startswith(("decode_", "prefill_")) and not k.endswith("_runs") and base.get(k)}
     result = {"machine": f"{platform.machine()}, {args.threads} threads", "bandwidth_gb_s": bandwidth / 1e9,
               "date": time.strftime("%Y-%m-%d"), "rows": rows}
     args.out.parent.mkdir(parents=True, exist_ok=True)
@@ -164,7 +169,8 @@ def main(argv: list[str] | None = None) -> None:
     print(" | ".join(header))
     for row in rows:
         cells = [Path(row["bundle"]).name, f"{row[f'prefill_{args.prefill_length}_ms']:.0f}"]
-        cells += [f"{row[f'decode_{c}_tok_s']:.1f} ({row['ratios'][f'decode_{c}_tok_s']:.2f}x, "
+        cells += [f"{row[f'decode_{c}_tok_s']:.1f} [{min(row[f'decode_{c}_tok_s_runs']):.1f}–"
+                  f"{max(row[f'decode_{c}_tok_s_runs']):.1f}] ({row['ratios'][f'decode_{c}_tok_s']:.2f}x, "
                   f"{row[f'achieved_over_roofline_{c}']:.2f} of roofline)" for c in args.contexts]
         cells += [f"{row['peak_rss_mb']:.0f}", str(row["kv_bytes_per_token"])]
         print(" | ".join(cells))

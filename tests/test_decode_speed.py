@@ -43,6 +43,8 @@ def test_decode_speed_writes_every_figure_for_every_bundle(speed) -> None:  # ty
         for context in contexts:
             rate = row[f"decode_{context}_tok_s"]
             assert rate > 0
+            every_run = row[f"decode_{context}_tok_s_runs"]  # 2 timed runs × 2 rounds, the median among them
+            assert len(every_run) == 4 and min(every_run) <= rate <= max(every_run)
             bound = result["bandwidth_gb_s"] * 1e9 / (row["weight_bytes_read_per_token"]
                                                       + context * row["kv_bytes_per_token"])
             assert row[f"roofline_{context}_tok_s"] == pytest.approx(bound, rel=1e-9)
@@ -50,6 +52,7 @@ def test_decode_speed_writes_every_figure_for_every_bundle(speed) -> None:  # ty
     first, second = result["rows"]
     assert first["ratios"]["decode_16_tok_s"] == 1.0  # the first bundle is the baseline
     assert second["ratios"]["decode_32_tok_s"] == pytest.approx(second["decode_32_tok_s"] / first["decode_32_tok_s"])
+    assert f"[{min(first['decode_16_tok_s_runs']):.1f}–" in stdout
     assert "decode@16 tok/s" in stdout and f"{result['bandwidth_gb_s']:.1f} GB/s" in stdout
 
 
