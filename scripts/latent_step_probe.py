@@ -1,0 +1,239 @@
+"""Where the 8-bit latent's decode step goes, measured on whole-model variants of one bundle (issue 22).
+
+    python scripts/latent_step_probe.py DENSE LATENT --work DIR --json OUT [--context 2048] [--rounds 3] [--runs 5]
+
+Writes variants of LATENT's ``model.onnx`` under ``DIR`` (weights hard-linked, not copied):
+
+- ``block_diagonal``: an exact rewrite: the rebuilt keys stay [B, T, KVH·D], RoPE runs on them as one 3D
+  ``RotaryEmbedding`` (num_heads KVH) and the scores are one MatMul of a block-diagonal query [B, H·S, KVH·D]
+  with their transpose: no Reshape/Transpose of the rebuilt keys, 3× the score multiply-adds (zeros);
+- ``no_rebuild`` (ablation, not the model): the key rebuild reads 8 latent channels instead of r;
+- ``no_value_product`` (ablation, not the model): the attention-weighted latent reads one cached token.
+
+Each of DENSE, LATENT and the variants then runs in its own process, rounds interleaved: ``--runs`` times a
+``--context``-token prefill and 12 timed decode steps (after 2 untimed), 2 threads. The JSON keeps every step's
+ms; the print gives min / p10 / median. The exact variant's logits are compared with LATENT's first.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import onnx
+from onnx import helper, numpy_helper
+
+STEP_WORKER = r"""
+import json, sys, time, numpy as np
+from qsvd_export.runtimes.decode import DecoderRunner
+from qsvd_export.runtimes.sessions import SessionOptions
+bundle, context, runs = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+runner = DecoderRunner(bundle, "cpu", SessionOptions(threads=2))
+prompt = np.random.default_rng(0).integers(0, 49000, (1, context))
+steps = []
+for _ in range(runs):
+    logits, cache = runner.prefill(prompt)
+    length = context
+    for i in range(14):
+        token = np.asarray([[int(np.argmax(logits[0, -1]))]])
+        start = time.perf_counter()
+        logits, cache = runner.step(token, np.ones((1, length + 1)), np.asarray([[length]]), cache)
+        if i >= 2:
+            steps.append(1000 * (time.perf_counter() - start))
+        length += 1
+print(json.dumps(steps))
+"""
+
+
+def _producers(graph: onnx.GraphProto) -> dict[str, onnx.NodeProto]:
+    return {out: node for node in graph.node for out in node.output}
+
+
+def _consumers(graph: onnx.GraphProto, name: str) -> list[onnx.NodeProto]:
+    return [node for node in graph.node if name in node.input]
+
+
+def _const(graph: onnx.GraphProto, name: str, value: np.ndarray) -> str:
+    graph.initializer.append(numpy_helper.from_array(value, name))
+    return name
+
+
+def _external(bundle: Path, tensor: onnx.TensorProto) -> np.ndarray:
+    info = {e.key: e.value for e in tensor.external_data}
+    dtype = helper.tensor_dtype_to_np_dtype(tensor.data_type)
+    count = int(info["length"]) // np.dtype(dtype).itemsize
+    return np.fromfile(bundle / info["location"], dtype=dtype, count=count,
+                       offset=int(info.get("offset", 0))).reshape(tuple(tensor.dims))
+
+
+def _replace(graph: onnx.GraphProto, old: onnx.NodeProto, new: list[onnx.NodeProto]) -> None:
+    index = list(graph.node).index(old)
+    graph.node.remove(old)
+    for k, node in enumerate(new):
+        graph.node.insert(index + k, node)
+
+
+def _prune_and_sort(graph: onnx.GraphProto) -> None:
+    """Topological order, then only the nodes the graph outputs need."""
+    ready = {i.name for i in graph.input} | {i.name for i in graph.initializer} | {""}
+    ordered, pending = [], list(graph.node)
+    while pending:
+        rest = []
+        for node in pending:
+            if all(i in ready for i in node.input):
+                ordered.append(node)
+                ready.update(node.output)
+            else:
+                rest.append(node)
+        if len(rest) == len(pending):
+            raise RuntimeError("graph has a cycle or a missing input")
+        pending = rest
+    needed = {o.name for o in graph.output}
+    alive = []
+    for node in reversed(ordered):
+        if any(o in needed for o in node.output):
+            alive.append(node)
+            needed.update(node.input)
+    del graph.node[:]
+    graph.node.extend(reversed(alive))
+
+
+def block_diagonal(model: onnx.ModelProto, bundle: Path) -> int:
+    """Grouped score MatMuls over RoPE(Transpose(Reshape(keys))) → block-diagonal query × flat rotated keys."""
+    graph, produced, count = model.graph, _producers(model.graph), 0
+    initializers = {i.name: i for i in graph.initializer}
+    for matmul in [n for n in graph.node if n.op_type == "MatMul" and n.name.endswith("grouped/matmul")]:
+        query_grouped, key_t = produced[matmul.input[0]], produced[matmul.input[1]]
+        rope = produced.get(key_t.input[0])
+        if rope is None or rope.op_type != "RotaryEmbedding":
+            continue
+        reshape = produced[produced[rope.input[0]].input[0]]
+        kv_heads, dim = (int(d) for d in numpy_helper.to_array(initializers[reshape.input[1]])[2:])
+        (scores,) = _consumers(graph, matmul.output[0])
+        heads = int(numpy_helper.to_array(initializers[scores.input[1]])[1])
+        p = f"{matmul.name}/block_diagonal"
+        mask = np.kron(np.eye(kv_heads), np.ones((heads // kv_heads, dim))).astype(np.float32)
+        _replace(graph, scores, [
+            helper.make_node("RotaryEmbedding", [reshape.input[0], *rope.input[1:]], [f"{p}/keys"], name=f"{p}/rope",
+                             domain="com.microsoft", interleaved=0, num_heads=kv_heads),
+            helper.make_node("Tile", [query_grouped.input[0], _const(graph, f"{p}/repeats",
+                                                                      np.array([1, 1, 1, kv_heads], np.int64))],
+                             [f"{p}/tiled"], name=f"{p}/tile"),
+            helper.make_node("Mul", [f"{p}/tiled", _const(graph, f"{p}/mask", mask.reshape(heads, 1, -1))],
+                             [f"{p}/query"], name=f"{p}/mask"),
+            helper.make_node("Reshape", [f"{p}/query", _const(graph, f"{p}/rows", np.array([0, -1, kv_heads * dim],
+                                                                                          np.int64))],
+                             [f"{p}/query3"], name=f"{p}/query3"),
+            helper.make_node("Transpose", [f"{p}/keys"], [f"{p}/keys_t"], name=f"{p}/keys_t", perm=[0, 2, 1]),
+            helper.make_node("MatMul", [f"{p}/query3", f"{p}/keys_t"], [f"{p}/scores3"], name=f"{p}/matmul"),
+            helper.make_node("Shape", [f"{p}/scores3"], [f"{p}/length"], name=f"{p}/length", start=2),
+            helper.make_node("Concat", [_const(graph, f"{p}/lead", np.array([0, heads, -1], np.int64)), f"{p}/length"],
+                             [f"{p}/shape"], name=f"{p}/shape", axis=0),
+            helper.make_node("Reshape", [f"{p}/scores3", f"{p}/shape"], [scores.output[0]], name=f"{p}/scores")])
+        count += 1
+    return count
+
+
+def no_rebuild(model: onnx.ModelProto, bundle: Path) -> int:
+    """Ablation: every MatMulIntegerToFloat key rebuild reads 8 latent channels (8 rows of its weight)."""
+    graph, count = model.graph, 0
+    initializers = {i.name: i for i in graph.initializer}
+    for node in [n for n in graph.node if n.op_type == "MatMulIntegerToFloat"]:
+        weight = _external(bundle, initializers[node.input[1]])
+        p = f"{node.name}/ablation"
+        graph.node.append(helper.make_node(
+            "Slice", [node.input[0], _const(graph, f"{p}/start", np.array([0], np.int64)),
+                      _const(graph, f"{p}/end", np.array([8], np.int64)),
+                      _const(graph, f"{p}/axis", np.array([2], np.int64))],
+            [f"{p}/codes"], name=f"{p}/slice"))
+        node.input[0], node.input[1] = f"{p}/codes", _const(graph, f"{p}/weight", weight[:8].copy())
+        count += 1
+    return count
+
+
+def no_value_product(model: onnx.ModelProto, bundle: Path) -> int:
+    """Ablation: every attention-weighted latent product reads the first cached token only."""
+    graph, count = model.graph, 0
+    for node in [n for n in graph.node if n.op_type == "MatMul" and n.name.endswith("fold_value/weighted_latent")]:
+        p = f"{node.name}/ablation"
+        one = [_const(graph, f"{p}/start", np.array([0], np.int64)), _const(graph, f"{p}/end", np.array([1], np.int64))]
+        for k, axis in ((0, 3), (1, 2)):
+            graph.node.append(helper.make_node("Slice", [node.input[k], *one, _const(graph, f"{p}/axis{k}",
+                                                                                     np.array([axis], np.int64))],
+                                               [f"{p}/in{k}"], name=f"{p}/slice{k}"))
+            node.input[k] = f"{p}/in{k}"
+        count += 1
+    return count
+
+
+VARIANTS = {"block_diagonal": block_diagonal, "no_rebuild": no_rebuild, "no_value_product": no_value_product}
+
+
+def write_variant(bundle: Path, work: Path, name: str) -> tuple[Path, int]:
+    target = work / name
+    if target.exists():
+        shutil.rmtree(target)
+    target.mkdir(parents=True)
+    for item in bundle.iterdir():
+        if item.name != "model.onnx" and item.is_file():
+            os.link(item, target / item.name)
+    model = onnx.load(bundle / "model.onnx", load_external_data=False)
+    count = VARIANTS[name](model, bundle)
+    _prune_and_sort(model.graph)
+    onnx.save(model, target / "model.onnx")
+    return target, count
+
+
+def largest_logit_difference(a: Path, b: Path, length: int = 600) -> float:
+    from qsvd_export.runtimes.decode import DecoderRunner
+
+    prompt = np.random.default_rng(1).integers(0, 49000, (1, length))
+    first, _ = DecoderRunner(a, "cpu").prefill(prompt)
+    second, _ = DecoderRunner(b, "cpu").prefill(prompt)
+    return float(np.abs(first - second).max())
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("dense", type=Path)
+    parser.add_argument("latent", type=Path)
+    parser.add_argument("--work", type=Path, required=True)
+    parser.add_argument("--json", type=Path, required=True)
+    parser.add_argument("--context", type=int, default=2048)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--runs", type=int, default=5)
+    args = parser.parse_args()
+    rows = {"dense": args.dense, "latent": args.latent}
+    rewrites = {}
+    for name in VARIANTS:
+        rows[name], rewrites[name] = write_variant(args.latent, args.work, name)
+    exact = largest_logit_difference(args.latent, rows["block_diagonal"])
+    steps: dict[str, list[float]] = {name: [] for name in rows}
+    for _ in range(args.rounds):
+        for name, bundle in rows.items():
+            out = subprocess.run([sys.executable, "-c", STEP_WORKER, str(bundle), str(args.context), str(args.runs)],
+                                 capture_output=True, text=True, check=True).stdout.strip().splitlines()[-1]
+            steps[name] += json.loads(out)
+    summary = {}
+    for name, times in steps.items():
+        ordered = sorted(times)
+        summary[name] = {"min_ms": ordered[0], "p10_ms": ordered[len(ordered) // 10],
+                         "median_ms": statistics.median(ordered), "steps_ms": times}
+        print(f"{name:18s} min {ordered[0]:6.2f}  p10 {ordered[len(ordered) // 10]:6.2f}  "
+              f"median {statistics.median(ordered):6.2f} ms per step", flush=True)
+    result = {"command": " ".join(sys.argv), "context": args.context, "threads": 2, "rewrites": rewrites,
+              "block_diagonal_max_abs_logit_difference": exact, "rows": summary}
+    args.json.parent.mkdir(parents=True, exist_ok=True)
+    args.json.write_text(json.dumps(result, indent=1) + "\n")
+    print(f"block_diagonal max |Δlogit| vs the bundle: {exact:.3g}")
+
+
+if __name__ == "__main__":
+    main()
