@@ -3,9 +3,9 @@
     python -m benchmarks.profile_decode BUNDLE [--context 2048] [--steps 16] [--threads 2]
 
 Prefills ``--context`` random tokens, then profiles ``--steps`` single-token decode steps (the prefill runs,
-chunked or not, and ``--warmup`` steps are excluded from the totals). Nodes our passes created are named ``qsvd/layerN/<pass>/...``; they are
-grouped by ``<pass>/<part>`` (``latent_kv/k`` = key rebuilt from the latent cache incl. RoPE,
-``fold_value`` = attention-weighted latent and the folded V/O matmul, ``kv`` = down-projection).
+chunked or not, and ``--warmup`` steps are excluded from the totals). Nodes our passes created are named
+``qsvd/layerN/<pass>/...``; they are grouped by ``<pass>/<part>`` (``latent_kv/k`` = key rebuilt from the latent
+cache incl. RoPE, ``fold_value`` = attention-weighted latent and the folded V/O matmul, ``kv`` = down-projection).
 Every other node is grouped by operator type. Prints ms per decode step and share per group.
 """
 
