@@ -1,7 +1,7 @@
 """Perplexity and KV bytes of decoder bundles on one text, each ratio against the first bundle (one run).
 
     python -m benchmarks.bundle_perplexity REF_BUNDLE BUNDLE... [--text dev|wiki_eval|news_eval] [--windows 8]
-                                          [--json OUT]
+                                          [--length 512] [--json OUT]
 
 ``dev`` is the decoder dev split (the last 512-token windows of wiki_calib, which calibration never reads):
 settings are chosen there, and reported on wiki_eval / news_eval. Windows are scored with one prefill each
@@ -29,14 +29,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("bundles", type=Path, nargs="+", help="decoder bundles; the first is the reference")
     parser.add_argument("--text", default="dev", help="dev (the last windows of wiki_calib) or a corpus name")
     parser.add_argument("--windows", type=int, default=8)
+    parser.add_argument("--length", type=int, default=512,
+                        help="tokens per window (EVAL.md: 512; longer windows test long-context attention)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--json", type=Path)
     args = parser.parse_args(argv)
     tokenizer = bundle_tokenizer(args.bundles[0])
     if args.text == "dev":
-        rows = dev_windows(tokenizer, args.windows)
+        rows = dev_windows(tokenizer, args.windows, args.length)
     else:
-        rows = token_windows(tokenizer, read_text(args.text), 512, args.windows, source=args.text)
+        rows = token_windows(tokenizer, read_text(args.text), args.length, args.windows, source=args.text)
     results = []
     for bundle in args.bundles:
         runner = DecoderRunner(bundle, options=SessionOptions(threads=args.threads))

@@ -25,3 +25,15 @@ def test_rows_are_measured_and_written(bundles, tmp_path, capsys):
 
     rows = token_windows(bundle_tokenizer(dense), read_text("wiki_eval"), 512, 2, source="wiki_eval")
     assert first["perplexity"] == round(perplexity(DecoderRunner(dense).window_nlls(rows)), 4)
+
+
+def test_window_length_is_an_option(bundles, tmp_path, capsys):
+    dense = bundles.dense("llama")
+    assert main([str(dense), "--text", "wiki_eval", "--windows", "1", "--length", "96"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    from qsvd_export.bundle import bundle_tokenizer
+    from qsvd_export.data import read_text, token_windows
+
+    rows = token_windows(bundle_tokenizer(dense), read_text("wiki_eval"), 96, 1, source="wiki_eval")
+    assert result["length"] == 96 and result["windows"] == 1
+    assert result["rows"][0]["perplexity"] == round(perplexity(DecoderRunner(dense).window_nlls(rows)), 4)
