@@ -11,7 +11,9 @@ Writes variants of LATENT's ``model.onnx`` under ``DIR`` (weights hard-linked, n
 - ``no_value_product`` (ablation, not the model): the attention-weighted latent reads one cached token;
 - ``value_product_uint8`` (not exact): the attention-weighted latent straight on the uint8 codes,
   ``MatMulIntegerToFloat(QuantizeLinear(P / rowmax(P), 1/255, 0), codes, 1/255, 1, 0, z) · rowmax(P)`` with P
-  reshaped to [B, H·S, T]: no float copy of the cache, probabilities on a per-row 8-bit grid.
+  reshaped to [B, H·S, T]: no float copy of the cache, probabilities on a per-row 8-bit grid;
+- ``value_product_uint8_residual`` (not exact): the same plus a second integer product of the probabilities'
+  rounding residual on a 255× finer grid (twice the product's arithmetic, still no float copy of the cache).
 
 Each of DENSE, LATENT and the variants then runs in its own process, rounds interleaved: ``--runs`` times a
 ``--context``-token prefill and 12 timed decode steps (after 2 untimed), 2 threads. The JSON keeps every step's
@@ -176,8 +178,9 @@ def no_value_product(model: onnx.ModelProto, bundle: Path) -> int:
     return count
 
 
-def value_product_uint8(model: onnx.ModelProto, bundle: Path) -> int:
-    """The attention-weighted latent as an 8-bit × 8-bit product on the cached codes (see the module docstring)."""
+def value_product_uint8(model: onnx.ModelProto, bundle: Path, residual: bool = False) -> int:
+    """The attention-weighted latent as an 8-bit × 8-bit product on the cached codes (see the module docstring);
+    ``residual``: plus a second product of the probabilities' rounding residual on a 255× finer grid."""
     graph, produced, count = model.graph, _producers(model.graph), 0
     initializers = {i.name: i for i in graph.initializer}
     for node in [n for n in graph.node if n.op_type == "MatMul" and n.name.endswith("fold_value/weighted_latent")]:
@@ -198,8 +201,10 @@ def value_product_uint8(model: onnx.ModelProto, bundle: Path) -> int:
                              [f"{p}/rowmax"], name=f"{p}/rowmax", keepdims=1),
             helper.make_node("Div", [f"{p}/p3", f"{p}/rowmax"], [f"{p}/normalized"], name=f"{p}/normalized"),
             helper.make_node("QuantizeLinear", [f"{p}/normalized", grid, zero_p], [f"{p}/p8"], name=f"{p}/p8"),
-            helper.make_node("MatMulIntegerToFloat", [f"{p}/p8", codes, grid, one, zero_p, zero], [f"{p}/product"],
+            helper.make_node("MatMulIntegerToFloat", [f"{p}/p8", codes, grid, one, zero_p, zero], [f"{p}/coarse"],
                              name=f"{p}/product", domain="com.microsoft"),
+            *(_residual_product(graph, p, codes, zero, grid, zero_p) if residual else
+              [helper.make_node("Identity", [f"{p}/coarse"], [f"{p}/product"], name=f"{p}/total")]),
             helper.make_node("Mul", [f"{p}/product", f"{p}/rowmax"], [f"{p}/scaled"], name=f"{p}/scaled"),
             helper.make_node("Shape", [probabilities], [f"{p}/lead_dims"], name=f"{p}/lead_dims", end=3),
             helper.make_node("Shape", [codes], [f"{p}/rank"], name=f"{p}/rank", start=2),
@@ -209,8 +214,25 @@ def value_product_uint8(model: onnx.ModelProto, bundle: Path) -> int:
     return count
 
 
+def _residual_product(graph: onnx.GraphProto, p: str, codes: str, zero: str, grid: str,
+                      zero_p: str) -> list[onnx.NodeProto]:
+    """r = P/rowmax − DequantizeLinear(p8) ∈ [−1/510, 1/510] on a uint8 grid of step 1/(510·127) around 128, times
+    the codes; added to the coarse product."""
+    fine = _const(graph, f"{p}/fine", np.float32(1 / (510 * 127)))
+    middle = _const(graph, f"{p}/middle", np.uint8(128))
+    return [
+        helper.make_node("DequantizeLinear", [f"{p}/p8", grid, zero_p], [f"{p}/rounded"], name=f"{p}/rounded"),
+        helper.make_node("Sub", [f"{p}/normalized", f"{p}/rounded"], [f"{p}/residual"], name=f"{p}/residual"),
+        helper.make_node("QuantizeLinear", [f"{p}/residual", fine, middle], [f"{p}/r8"], name=f"{p}/r8"),
+        helper.make_node("MatMulIntegerToFloat", [f"{p}/r8", codes, fine, _const(graph, f"{p}/unit", np.float32(1)),
+                                                  middle, zero], [f"{p}/fine_product"],
+                         name=f"{p}/fine_product", domain="com.microsoft"),
+        helper.make_node("Add", [f"{p}/coarse", f"{p}/fine_product"], [f"{p}/product"], name=f"{p}/total")]
+
+
 VARIANTS = {"block_diagonal": block_diagonal, "no_rebuild": no_rebuild, "no_value_product": no_value_product,
-            "value_product_uint8": value_product_uint8}
+            "value_product_uint8": value_product_uint8,
+            "value_product_uint8_residual": lambda model, bundle: value_product_uint8(model, bundle, residual=True)}
 
 
 def write_variant(bundle: Path, work: Path, name: str) -> tuple[Path, int]:
