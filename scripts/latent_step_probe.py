@@ -41,7 +41,8 @@ from qsvd_export.runtimes.decode import DecoderRunner
 from qsvd_export.runtimes.sessions import SessionOptions
 bundle, context, runs = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
 runner = DecoderRunner(bundle, "cpu", SessionOptions(threads=2))
-prompt = np.random.default_rng(0).integers(0, 49000, (1, context))
+vocab = int(runner.config.model_config.get("vocab_size", 256))
+prompt = np.random.default_rng(0).integers(0, vocab, (1, context))
 steps = []
 for _ in range(runs):
     logits, cache = runner.prefill(prompt)
@@ -71,6 +72,8 @@ def _const(graph: onnx.GraphProto, name: str, value: np.ndarray) -> str:
 
 
 def _external(bundle: Path, tensor: onnx.TensorProto) -> np.ndarray:
+    """An external initializer read by offset: onnx refuses a data file with several hard links, which every
+    variant's hard-linked weights give the bundle's."""
     info = {e.key: e.value for e in tensor.external_data}
     dtype = helper.tensor_dtype_to_np_dtype(tensor.data_type)
     count = int(info["length"]) // np.dtype(dtype).itemsize
@@ -253,8 +256,10 @@ def write_variant(bundle: Path, work: Path, name: str) -> tuple[Path, int]:
 def largest_logit_difference(a: Path, b: Path, length: int = 600) -> float:
     from qsvd_export.runtimes.decode import DecoderRunner
 
-    prompt = np.random.default_rng(1).integers(0, 49000, (1, length))
-    first, _ = DecoderRunner(a, "cpu").prefill(prompt)
+    reference = DecoderRunner(a, "cpu")
+    vocab = int(reference.config.model_config.get("vocab_size", 256))
+    prompt = np.random.default_rng(1).integers(0, vocab, (1, length))
+    first, _ = reference.prefill(prompt)
     second, _ = DecoderRunner(b, "cpu").prefill(prompt)
     return float(np.abs(first - second).max())
 
@@ -278,9 +283,12 @@ def main() -> None:
     steps: dict[str, list[float]] = {name: [] for name in rows}
     for _ in range(args.rounds):
         for name, bundle in rows.items():
-            out = subprocess.run([sys.executable, "-c", STEP_WORKER, str(bundle), str(args.context), str(args.runs)],
-                                 capture_output=True, text=True, check=True).stdout.strip().splitlines()[-1]
-            steps[name] += json.loads(out)
+            worker = subprocess.run([sys.executable, "-c", STEP_WORKER, str(bundle), str(args.context),
+                                     str(args.runs)], capture_output=True, text=True)
+            if worker.returncode != 0:
+                last = (worker.stderr.strip().splitlines() or ["no output"])[-1]
+                raise SystemExit(f"latent_step_probe: {name} ({bundle}): the worker failed: {last}")
+            steps[name] += json.loads(worker.stdout.strip().splitlines()[-1])
     summary = {}
     for name, times in steps.items():
         ordered = sorted(times)
