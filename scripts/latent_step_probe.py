@@ -13,10 +13,13 @@ Writes variants of LATENT's ``model.onnx`` under ``DIR`` (weights hard-linked, n
   ``MatMulIntegerToFloat(QuantizeLinear(P / rowmax(P), 1/255, 0), codes, 1/255, 1, 0, z) · rowmax(P)`` with P
   reshaped to [B, H·S, T]: no float copy of the cache, probabilities on a per-row 8-bit grid;
 - ``value_product_uint8_residual`` (not exact): the same plus a second integer product of the probabilities'
-  rounding residual on a 255× finer grid (twice the product's arithmetic, still no float copy of the cache).
+  rounding residual on a 255× finer grid (twice the product's arithmetic, still no float copy of the cache);
+- ``value_product_uint8_stacked`` (not exact): both grids in one product, one pass over the codes: the coarse codes
+  ``QuantizeLinear(P / rowmax − 1/510, 1/255, 0)`` (rounded down) and the residual's ``QuantizeLinear(·, 1/65025, 0)``
+  stacked as rows of one uint8 left operand.
 
 Each of DENSE, LATENT and the variants then runs in its own process, rounds interleaved: ``--runs`` times a
-``--context``-token prefill and 12 timed decode steps (after 2 untimed), 2 threads. The JSON keeps every step's
+``--context``-token prefill and 12 timed decode steps (after 2 untimed), ``--threads`` (2). The JSON keeps every step's
 ms; the print gives min / p10 / median. The exact variant's logits are compared with LATENT's first.
 """
 
@@ -39,8 +42,8 @@ STEP_WORKER = r"""
 import json, sys, time, numpy as np
 from qsvd_export.runtimes.decode import DecoderRunner
 from qsvd_export.runtimes.sessions import SessionOptions
-bundle, context, runs = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
-runner = DecoderRunner(bundle, "cpu", SessionOptions(threads=2))
+bundle, context, runs, threads = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
+runner = DecoderRunner(bundle, "cpu", SessionOptions(threads=threads))
 vocab = int(runner.config.model_config.get("vocab_size", 256))
 prompt = np.random.default_rng(0).integers(0, vocab, (1, context))
 steps = []
@@ -233,9 +236,55 @@ def _residual_product(graph: onnx.GraphProto, p: str, codes: str, zero: str, gri
         helper.make_node("Add", [f"{p}/coarse", f"{p}/fine_product"], [f"{p}/product"], name=f"{p}/total")]
 
 
+def value_product_uint8_stacked(model: onnx.ModelProto, bundle: Path) -> int:
+    """Both grids of the residual form in one ``MatMulIntegerToFloat`` (see the module docstring)."""
+    graph, produced, count = model.graph, _producers(model.graph), 0
+    initializers = {i.name: i for i in graph.initializer}
+    for node in [n for n in graph.node if n.op_type == "MatMul" and n.name.endswith("fold_value/weighted_latent")]:
+        probabilities, latent4 = node.input
+        dequantize = produced[produced[latent4].input[0]]
+        codes, zero = dequantize.input[0], dequantize.input[2]
+        if zero not in initializers:
+            continue
+        p = f"{node.name}/stacked"
+        grid, fine = _const(graph, f"{p}/grid", np.float32(1 / 255)), _const(graph, f"{p}/fine", np.float32(1 / 65025))
+        one, zero_p = _const(graph, f"{p}/one", np.float32(1)), _const(graph, f"{p}/zero_p", np.uint8(0))
+        _replace(graph, node, [
+            helper.make_node("Shape", [probabilities], [f"{p}/length"], name=f"{p}/length", start=3),
+            helper.make_node("Concat", [_const(graph, f"{p}/lead", np.array([0, -1], np.int64)), f"{p}/length"],
+                             [f"{p}/rows"], name=f"{p}/rows", axis=0),
+            helper.make_node("Reshape", [probabilities, f"{p}/rows"], [f"{p}/p3"], name=f"{p}/p3"),
+            helper.make_node("ReduceMax", [f"{p}/p3", _const(graph, f"{p}/last", np.array([-1], np.int64))],
+                             [f"{p}/rowmax"], name=f"{p}/rowmax", keepdims=1),
+            helper.make_node("Div", [f"{p}/p3", f"{p}/rowmax"], [f"{p}/normalized"], name=f"{p}/normalized"),
+            helper.make_node("Sub", [f"{p}/normalized", _const(graph, f"{p}/half", np.float32(1 / 510))],
+                             [f"{p}/lowered"], name=f"{p}/lowered"),
+            helper.make_node("QuantizeLinear", [f"{p}/lowered", grid, zero_p], [f"{p}/p8"], name=f"{p}/p8"),
+            helper.make_node("DequantizeLinear", [f"{p}/p8", grid, zero_p], [f"{p}/rounded"], name=f"{p}/rounded"),
+            helper.make_node("Sub", [f"{p}/normalized", f"{p}/rounded"], [f"{p}/residual"], name=f"{p}/residual"),
+            helper.make_node("QuantizeLinear", [f"{p}/residual", fine, zero_p], [f"{p}/r8"], name=f"{p}/r8"),
+            helper.make_node("Concat", [f"{p}/p8", f"{p}/r8"], [f"{p}/both"], name=f"{p}/both", axis=1),
+            helper.make_node("MatMulIntegerToFloat", [f"{p}/both", codes, one, one, zero_p, zero], [f"{p}/stacked"],
+                             name=f"{p}/product", domain="com.microsoft"),
+            helper.make_node("Split", [f"{p}/stacked"], [f"{p}/coarse", f"{p}/fine_part"], name=f"{p}/split",
+                             axis=1, num_outputs=2),
+            helper.make_node("Mul", [f"{p}/coarse", _const(graph, f"{p}/step", np.float32(255))], [f"{p}/coarse255"],
+                             name=f"{p}/coarse255"),
+            helper.make_node("Add", [f"{p}/coarse255", f"{p}/fine_part"], [f"{p}/sum"], name=f"{p}/sum"),
+            helper.make_node("Mul", [f"{p}/rowmax", fine], [f"{p}/row_scale"], name=f"{p}/row_scale"),
+            helper.make_node("Mul", [f"{p}/sum", f"{p}/row_scale"], [f"{p}/scaled"], name=f"{p}/scaled"),
+            helper.make_node("Shape", [probabilities], [f"{p}/lead_dims"], name=f"{p}/lead_dims", end=3),
+            helper.make_node("Shape", [codes], [f"{p}/rank"], name=f"{p}/rank", start=2),
+            helper.make_node("Concat", [f"{p}/lead_dims", f"{p}/rank"], [f"{p}/shape"], name=f"{p}/shape", axis=0),
+            helper.make_node("Reshape", [f"{p}/scaled", f"{p}/shape"], [node.output[0]], name=f"{p}/out")])
+        count += 1
+    return count
+
+
 VARIANTS = {"block_diagonal": block_diagonal, "no_rebuild": no_rebuild, "no_value_product": no_value_product,
             "value_product_uint8": value_product_uint8,
-            "value_product_uint8_residual": lambda model, bundle: value_product_uint8(model, bundle, residual=True)}
+            "value_product_uint8_residual": lambda model, bundle: value_product_uint8(model, bundle, residual=True),
+            "value_product_uint8_stacked": value_product_uint8_stacked}
 
 
 def write_variant(bundle: Path, work: Path, name: str) -> tuple[Path, int]:
@@ -273,6 +322,7 @@ def main() -> None:
     parser.add_argument("--context", type=int, default=2048)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--runs", type=int, default=5)
+    parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--variants", nargs="+", choices=sorted(VARIANTS), default=sorted(VARIANTS))
     args = parser.parse_args()
     rows = {"dense": args.dense, "latent": args.latent}
@@ -284,7 +334,7 @@ def main() -> None:
     for _ in range(args.rounds):
         for name, bundle in rows.items():
             worker = subprocess.run([sys.executable, "-c", STEP_WORKER, str(bundle), str(args.context),
-                                     str(args.runs)], capture_output=True, text=True)
+                                     str(args.runs), str(args.threads)], capture_output=True, text=True)
             if worker.returncode != 0:
                 last = (worker.stderr.strip().splitlines() or ["no output"])[-1]
                 raise SystemExit(f"latent_step_probe: {name} ({bundle}): the worker failed: {last}")
@@ -296,7 +346,8 @@ def main() -> None:
                          "median_ms": statistics.median(ordered), "steps_ms": times}
         print(f"{name:18s} min {ordered[0]:6.2f}  p10 {ordered[len(ordered) // 10]:6.2f}  "
               f"median {statistics.median(ordered):6.2f} ms per step", flush=True)
-    result = {"command": " ".join(sys.argv), "context": args.context, "threads": 2, "rewrites": rewrites,
+    result = {"command": " ".join(sys.argv), "context": args.context, "threads": args.threads,
+              "rewrites": rewrites,
               "block_diagonal_max_abs_logit_difference": exact, "rows": summary}
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps(result, indent=1) + "\n")
