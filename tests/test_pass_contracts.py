@@ -27,6 +27,7 @@ from qsvd_export.passes.fold_rotations import FoldRotationsPass
 from qsvd_export.passes.fold_value import FoldValuePass
 from qsvd_export.passes.fuse_rotary import FuseRotaryEmbeddingPass
 from qsvd_export.passes.group_query_attention import FuseGroupQueryAttentionPass
+from qsvd_export.passes.integer_value_product import IntegerValueProductPass
 from qsvd_export.passes.grouped_query_scores import GroupedQueryScoresPass
 from qsvd_export.passes.latent_kv import LatentKVPass
 from qsvd_export.passes.latent_sink import KeepLatentSinkPass
@@ -109,6 +110,8 @@ VIOLATIONS: dict[type, Callable[[], tuple[ir.passes.PassBase, ir.Model, str]]] =
                                       _matmul_model(), "no latent cache input 'past_key_values.0.latent'"),
     KeepLatentSinkPass: lambda: (KeepLatentSinkPass(["past_key_values.0.latent"]), _matmul_model(),
                                  "no latent cache input 'past_key_values.0.latent'"),
+    IntegerValueProductPass: lambda: (IntegerValueProductPass(), _matmul_model(),
+                                      "no Softmax-weighted product over a uint8 latent cache"),
 }
 
 

@@ -8,7 +8,8 @@ rewritten by :class:`~qsvd_export.passes.quantize_latent_cache.QuantizeLatentCac
 lists each latent tensor as ``uint8`` with its ``quantization`` ``{"axis": 2, "scale": [r floats], "zero_point":
 128}`` (4-bit: ``"zero_point": 8, "bits": 4`` and a ``"packing"`` note; the tensor's last dimension is ⌈r/2⌉ bytes).
 The scales live in the graph too; runtimes pass the codes back unchanged. Inside the graph the cache is read as
-codes with the scales folded into its readers (:mod:`~qsvd_export.passes.fold_latent_scales`).
+codes with the scales folded into its readers (:mod:`~qsvd_export.passes.fold_latent_scales`), and the
+attention-weighted latent is one integer product on the codes (:mod:`~qsvd_export.passes.integer_value_product`).
 """
 
 from __future__ import annotations
@@ -111,6 +112,7 @@ def quantize_latent_cache(folder: Path, config: BundleConfig, tokenizer: Any, ca
     from qsvd_export.data import read_text, token_windows
     from qsvd_export.passes.contracts import run_passes
     from qsvd_export.passes.fold_latent_scales import FoldLatentScalesPass
+    from qsvd_export.passes.integer_value_product import IntegerValueProductPass
     from qsvd_export.passes.latent_sink import KeepLatentSinkPass
     from qsvd_export.passes.quantize_latent_cache import ZERO_POINT, ZERO_POINT_4, QuantizeLatentCachePass
     from qsvd_export.progress import info
@@ -131,8 +133,9 @@ def quantize_latent_cache(folder: Path, config: BundleConfig, tokenizer: Any, ca
     import onnx_ir as ir
 
     model = ir.load(folder / GRAPH_FILE)  # the bundle's own graph: no input checks or clean-ups
-    passes = [QuantizeLatentCachePass(scales, bits, levels), FoldLatentScalesPass()]
-    run_passes(model, passes + ([KeepLatentSinkPass(list(scales))] if bits == 4 else []))
+    sink = [KeepLatentSinkPass(list(scales))] if bits == 4 else []
+    run_passes(model, [QuantizeLatentCachePass(scales, bits, levels), FoldLatentScalesPass(), *sink,
+                       IntegerValueProductPass()])
     with tempfile.TemporaryDirectory(dir=folder) as tmp:  # the loaded graph reads the data file it replaces
         save_graph(model, Path(tmp))
         del model
@@ -151,7 +154,9 @@ def quantize_latent_cache(folder: Path, config: BundleConfig, tokenizer: Any, ca
                    f"of {calib_text} (the first token of each window left out)")
     return {"bits": bits, "layout": layout,
             "decode": "keys rebuilt by MatMulIntegerToFloat on the codes (scales folded into its int8 weight); the "
-                      "attention-weighted latent scaled after the product (no per-step dequantize of the cache)",
+                      "attention-weighted latent by one MatMulIntegerToFloat on the codes, the probabilities on two "
+                      "uint8 grids (1/255 and 1/65025 of each row's maximum), scaled after the product (no float "
+                      "copy of the cache)",
             "calibration": calibration,
             "tensors": len(scales), "kv_bytes_per_token": config.kv_bytes_per_token(),
             "static_scale_bytes": 4 * sum(len(s) for s in scales.values()),
