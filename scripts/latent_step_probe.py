@@ -16,7 +16,8 @@ Writes variants of LATENT's ``model.onnx`` under ``DIR`` (weights hard-linked, n
   rounding residual on a 255× finer grid (twice the product's arithmetic, still no float copy of the cache);
 - ``value_product_uint8_stacked`` (not exact): both grids in one product, one pass over the codes: the coarse codes
   ``QuantizeLinear(P / rowmax − 1/510, 1/255, 0)`` (rounded down) and the residual's ``QuantizeLinear(·, 1/65025, 0)``
-  stacked as rows of one uint8 left operand.
+  stacked as rows of one uint8 left operand. Since stop 37 this is what the cpu target builds
+  (:mod:`passes.integer_value_product`); the variant applies that pass, so a bundle built before it can be compared.
 
 Each of DENSE, LATENT and the variants then runs in its own process, rounds interleaved: ``--runs`` times a
 ``--context``-token prefill and 12 timed decode steps (after 2 untimed), ``--threads`` (2). The JSON keeps every step's
@@ -237,47 +238,16 @@ def _residual_product(graph: onnx.GraphProto, p: str, codes: str, zero: str, gri
 
 
 def value_product_uint8_stacked(model: onnx.ModelProto, bundle: Path) -> int:
-    """Both grids of the residual form in one ``MatMulIntegerToFloat`` (see the module docstring)."""
-    graph, produced, count = model.graph, _producers(model.graph), 0
-    initializers = {i.name: i for i in graph.initializer}
-    for node in [n for n in graph.node if n.op_type == "MatMul" and n.name.endswith("fold_value/weighted_latent")]:
-        probabilities, latent4 = node.input
-        dequantize = produced[produced[latent4].input[0]]
-        codes, zero = dequantize.input[0], dequantize.input[2]
-        if zero not in initializers:
-            continue
-        p = f"{node.name}/stacked"
-        grid, fine = _const(graph, f"{p}/grid", np.float32(1 / 255)), _const(graph, f"{p}/fine", np.float32(1 / 65025))
-        one, zero_p = _const(graph, f"{p}/one", np.float32(1)), _const(graph, f"{p}/zero_p", np.uint8(0))
-        _replace(graph, node, [
-            helper.make_node("Shape", [probabilities], [f"{p}/length"], name=f"{p}/length", start=3),
-            helper.make_node("Concat", [_const(graph, f"{p}/lead", np.array([0, -1], np.int64)), f"{p}/length"],
-                             [f"{p}/rows"], name=f"{p}/rows", axis=0),
-            helper.make_node("Reshape", [probabilities, f"{p}/rows"], [f"{p}/p3"], name=f"{p}/p3"),
-            helper.make_node("ReduceMax", [f"{p}/p3", _const(graph, f"{p}/last", np.array([-1], np.int64))],
-                             [f"{p}/rowmax"], name=f"{p}/rowmax", keepdims=1),
-            helper.make_node("Div", [f"{p}/p3", f"{p}/rowmax"], [f"{p}/normalized"], name=f"{p}/normalized"),
-            helper.make_node("Sub", [f"{p}/normalized", _const(graph, f"{p}/half", np.float32(1 / 510))],
-                             [f"{p}/lowered"], name=f"{p}/lowered"),
-            helper.make_node("QuantizeLinear", [f"{p}/lowered", grid, zero_p], [f"{p}/p8"], name=f"{p}/p8"),
-            helper.make_node("DequantizeLinear", [f"{p}/p8", grid, zero_p], [f"{p}/rounded"], name=f"{p}/rounded"),
-            helper.make_node("Sub", [f"{p}/normalized", f"{p}/rounded"], [f"{p}/residual"], name=f"{p}/residual"),
-            helper.make_node("QuantizeLinear", [f"{p}/residual", fine, zero_p], [f"{p}/r8"], name=f"{p}/r8"),
-            helper.make_node("Concat", [f"{p}/p8", f"{p}/r8"], [f"{p}/both"], name=f"{p}/both", axis=1),
-            helper.make_node("MatMulIntegerToFloat", [f"{p}/both", codes, one, one, zero_p, zero], [f"{p}/stacked"],
-                             name=f"{p}/product", domain="com.microsoft"),
-            helper.make_node("Split", [f"{p}/stacked"], [f"{p}/coarse", f"{p}/fine_part"], name=f"{p}/split",
-                             axis=1, num_outputs=2),
-            helper.make_node("Mul", [f"{p}/coarse", _const(graph, f"{p}/step", np.float32(255))], [f"{p}/coarse255"],
-                             name=f"{p}/coarse255"),
-            helper.make_node("Add", [f"{p}/coarse255", f"{p}/fine_part"], [f"{p}/sum"], name=f"{p}/sum"),
-            helper.make_node("Mul", [f"{p}/rowmax", fine], [f"{p}/row_scale"], name=f"{p}/row_scale"),
-            helper.make_node("Mul", [f"{p}/sum", f"{p}/row_scale"], [f"{p}/scaled"], name=f"{p}/scaled"),
-            helper.make_node("Shape", [probabilities], [f"{p}/lead_dims"], name=f"{p}/lead_dims", end=3),
-            helper.make_node("Shape", [codes], [f"{p}/rank"], name=f"{p}/rank", start=2),
-            helper.make_node("Concat", [f"{p}/lead_dims", f"{p}/rank"], [f"{p}/shape"], name=f"{p}/shape", axis=0),
-            helper.make_node("Reshape", [f"{p}/scaled", f"{p}/shape"], [node.output[0]], name=f"{p}/out")])
-        count += 1
+    """Both grids in one ``MatMulIntegerToFloat``: the shipped pass, :mod:`passes.integer_value_product`."""
+    import onnx_ir as ir
+
+    from qsvd_export.passes.contracts import run_passes
+    from qsvd_export.passes.integer_value_product import IntegerValueProductPass, weighted_latents
+
+    graph = ir.from_proto(model)
+    count = len(weighted_latents(graph.graph))
+    run_passes(graph, [IntegerValueProductPass()])
+    model.CopyFrom(ir.to_proto(graph))
     return count
 
 
