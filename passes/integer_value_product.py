@@ -88,9 +88,10 @@ def _batched_product(user: ir.Node, index: int) -> ir.Node | None:
     return user
 
 
-def _softmax_rows(value: ir.Value | None) -> bool:
+def _softmax_rows(value: ir.Value | None, opset: int) -> bool:
+    """``value`` is a Softmax over its last axis (opset ≥ 13 semantics: the default axis is -1)."""
     node = value.producer() if value is not None else None
-    if node is None or node.op_type != "Softmax" or node.domain not in ("", "ai.onnx"):
+    if node is None or node.op_type != "Softmax" or node.domain not in ("", "ai.onnx") or opset < 13:
         return False
     axis = node.attributes.get("axis")
     rank = len(value.shape) if value is not None and value.shape is not None else None
@@ -100,6 +101,7 @@ def _softmax_rows(value: ir.Value | None) -> bool:
 def weighted_latents(graph: ir.Graph) -> list[WeightedLatent]:
     """Every attention-weighted latent product this pass rewrites (module doc)."""
     latents = _latent_outputs(graph)
+    opset = graph.opset_imports.get("", graph.opset_imports.get("ai.onnx", 1))
     found = []
     for node in graph:
         view = _codes_view(node, latents)
@@ -107,7 +109,7 @@ def weighted_latents(graph: ir.Graph) -> list[WeightedLatent]:
             continue
         for user, index in list(node.outputs[0].uses()):
             product = _batched_product(user, index)
-            if product is not None and _softmax_rows(product.inputs[0]):
+            if product is not None and _softmax_rows(product.inputs[0], opset):
                 found.append(WeightedLatent(product, product.inputs[0], *view))  # type: ignore[arg-type]
     return found
 

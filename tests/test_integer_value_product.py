@@ -121,3 +121,11 @@ def test_probabilities_that_are_not_a_softmax_are_left_alone():
     assert not weighted_latents(model.graph)
     with pytest.raises(PassPreconditionError, match="no Softmax-weighted product over a uint8 latent cache"):
         run_passes(model, [IntegerValueProductPass()])
+
+
+def test_an_opset_12_softmax_is_not_read_as_rows():
+    """Before opset 13 Softmax normalizes over flattened trailing axes (default axis 1): not a last-axis row."""
+    model = _coded(8, np.full(RANK, 0.02, np.float32))
+    assert weighted_latents(model.graph)
+    model.graph.opset_imports[""] = 12
+    assert not weighted_latents(model.graph)
