@@ -54,6 +54,7 @@ def test_packed_codes_cross_the_boundary_at_half_a_byte_per_channel(bundles4):
     assert ops.count("MatMulIntegerToFloat") == 4 and ops.count("BitwiseAnd") == 2 and ops.count("Clip") >= 2
     report = json.loads((bundles4 / "int4" / "report.json").read_text())
     assert report["target"]["latent_cache"]["bits"] == 4
+    assert report["target"]["latent_cache"]["integer_value_products"] == len(tensors)
     assert report["target"]["latent_cache"]["sink_bytes"] == config.kv_fixed_bytes()
     assert report["kv_bytes_per_token"] == config.kv_bytes_per_token()
     assert "4-bit codes, two per uint8 byte" in (bundles4 / "int4" / "README.md").read_text()

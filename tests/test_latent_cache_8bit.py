@@ -54,6 +54,7 @@ def test_latent_cache_crosses_the_boundary_as_uint8_codes(latent_bundles):
     report = json.loads((latent_bundles / "int8" / "report.json").read_text())
     assert report["kv_bytes_per_token"] == config.kv_bytes_per_token()
     assert report["target"]["latent_cache"]["tensors"] == len(tensors)
+    assert report["target"]["latent_cache"]["integer_value_products"] == len(tensors)  # one per latent layer
     assert report["target"]["latent_cache"]["static_scale_bytes"] == 4 * sum(t.shape[-1] for t in tensors)
     assert "uint8 codes with static per-channel scales" in (latent_bundles / "int8" / "README.md").read_text()
     assert "codes with static" not in (latent_bundles / "cpu" / "README.md").read_text()
@@ -244,3 +245,25 @@ def test_decode_macs_count_the_integer_products(latent_bundles):
     rows = 2 * config.model_config["num_attention_heads"]
     expected = sum((context + 1) * layer.tensors[0].shape[-1] * (key_width + rows) for layer in config.cache)
     assert counted["macs_by_op"]["MatMulIntegerToFloat"] == expected
+
+
+def test_a_latent_read_without_softmax_probabilities_keeps_the_float_product(tmp_path):
+    """quantize_latent_cache on a graph whose latent feeds no Softmax-weighted product: codes in the I/O, no integer
+    value product (the pass would have nothing to rewrite), and the report says so."""
+    import onnx_ir as ir
+
+    from qsvd_export.bundle import BundleConfig, CacheTensor, GraphSpec, LayerCache
+    from qsvd_export.build.files import save_graph
+    from qsvd_export.targets.latent_cache import quantize_latent_cache
+
+    save_graph(ir.from_proto(_latent_cache_graph()), tmp_path)
+    tensor = CacheTensor("past_key_values.0.latent", "present.0.latent", ["batch_size", "past_sequence_length", 4],
+                         "float32", 1)
+    spec = GraphSpec("model", "model.onnx", [tensor.input, "new"], [tensor.output, "y"])
+    config = BundleConfig("hand", "llama", "decoder", [spec],
+                          cache=[LayerCache(0, "latent", [tensor], rank=4)])
+    entry = quantize_latent_cache(tmp_path, config, None, scales={tensor.input: np.full(4, 0.1, np.float32)})
+    assert entry["integer_value_products"] == 0 and "per-step dequantize" in entry["decode"]
+    proto = onnx.load(tmp_path / "model.onnx", load_external_data=False)
+    assert "MatMulIntegerToFloat" not in [n.op_type for n in proto.graph.node]
+    assert config.cache[0].tensors[0].dtype == "uint8"

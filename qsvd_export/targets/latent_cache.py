@@ -112,7 +112,7 @@ def quantize_latent_cache(folder: Path, config: BundleConfig, tokenizer: Any, ca
     from qsvd_export.data import read_text, token_windows
     from qsvd_export.passes.contracts import run_passes
     from qsvd_export.passes.fold_latent_scales import FoldLatentScalesPass
-    from qsvd_export.passes.integer_value_product import IntegerValueProductPass
+    from qsvd_export.passes.integer_value_product import IntegerValueProductPass, weighted_latents
     from qsvd_export.passes.latent_sink import KeepLatentSinkPass
     from qsvd_export.passes.quantize_latent_cache import ZERO_POINT, ZERO_POINT_4, QuantizeLatentCachePass
     from qsvd_export.progress import info
@@ -134,8 +134,10 @@ def quantize_latent_cache(folder: Path, config: BundleConfig, tokenizer: Any, ca
 
     model = ir.load(folder / GRAPH_FILE)  # the bundle's own graph: no input checks or clean-ups
     sink = [KeepLatentSinkPass(list(scales))] if bits == 4 else []
-    run_passes(model, [QuantizeLatentCachePass(scales, bits, levels), FoldLatentScalesPass(), *sink,
-                       IntegerValueProductPass()])
+    run_passes(model, [QuantizeLatentCachePass(scales, bits, levels), FoldLatentScalesPass(), *sink])
+    integer_products = len(weighted_latents(model.graph))
+    if integer_products:  # a graph whose probabilities are no Softmax keeps the float product
+        run_passes(model, [IntegerValueProductPass()])
     with tempfile.TemporaryDirectory(dir=folder) as tmp:  # the loaded graph reads the data file it replaces
         save_graph(model, Path(tmp))
         del model
@@ -154,9 +156,11 @@ def quantize_latent_cache(folder: Path, config: BundleConfig, tokenizer: Any, ca
                    f"of {calib_text} (the first token of each window left out)")
     return {"bits": bits, "layout": layout,
             "decode": "keys rebuilt by MatMulIntegerToFloat on the codes (scales folded into its int8 weight); the "
-                      "attention-weighted latent by one MatMulIntegerToFloat on the codes, the probabilities on two "
-                      "uint8 grids (1/255 and 1/65025 of each row's maximum), scaled after the product (no float "
-                      "copy of the cache)",
+                      + ("attention-weighted latent by one MatMulIntegerToFloat on the codes, the probabilities on two "
+                         "uint8 grids (1/255 and 1/65025 of each row's maximum), scaled after the product (no float "
+                         "copy of the cache)" if integer_products else
+                         "attention-weighted latent scaled after the product (no per-step dequantize of the cache)"),
+            "integer_value_products": integer_products,
             "calibration": calibration,
             "tensors": len(scales), "kv_bytes_per_token": config.kv_bytes_per_token(),
             "static_scale_bytes": 4 * sum(len(s) for s in scales.values()),
