@@ -32,19 +32,17 @@ from onnx_ir.passes import common
 
 from qsvd_export.passes._graph import add_node, const_array, initializer
 from qsvd_export.passes.contracts import GraphPass
-from qsvd_export.passes.quantize_latent_cache import LATENT_INPUT, unpacked_codes_source
+from qsvd_export.passes.quantize_latent_cache import latent_codes_predicate
 
 
 def latent_dequantizers(graph: ir.Graph) -> list[ir.Node]:
     """The ``DequantizeLinear(codes, s, z, axis=2)`` nodes with a constant per-channel scale and one zero point for
     every channel, where ``codes`` is ``present.i.latent`` or its unpacked 4-bit codes."""
-    outputs = {id(v) for v in graph.outputs
-               if LATENT_INPUT.match((v.name or "").replace("present.", "past_key_values.", 1))}
+    is_latent_codes = latent_codes_predicate(graph)
     found = []
     for node in graph:
         codes = node.inputs[0] if node.inputs else None
-        if node.op_type != "DequantizeLinear" or node.domain not in ("", "ai.onnx") or codes is None \
-                or id(codes) not in outputs and id(unpacked_codes_source(codes)) not in outputs:
+        if node.op_type != "DequantizeLinear" or node.domain not in ("", "ai.onnx") or not is_latent_codes(codes):
             continue
         scale = const_array(node.inputs[1])
         zero = const_array(node.inputs[2]) if len(node.inputs) > 2 else None

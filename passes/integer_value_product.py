@@ -24,6 +24,7 @@ Products whose left operand is not a Softmax over the last axis (no non-negative
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable
 
 import numpy as np
 import onnx_ir as ir
@@ -31,7 +32,8 @@ from onnx_ir.passes import common
 
 from qsvd_export.passes._graph import add_node, const_array, initializer, typed
 from qsvd_export.passes.contracts import GraphPass
-from qsvd_export.passes.quantize_latent_cache import LATENT_INPUT, unpacked_codes_source
+from qsvd_export.passes.fold_latent_scales import weighted_product
+from qsvd_export.passes.quantize_latent_cache import latent_codes_predicate
 
 COARSE_STEP = 255  # the first grid: 1/255 of the row maximum
 FINE_STEP = 255 * 255  # the remainder's grid: 1/65025
@@ -47,19 +49,13 @@ class WeightedLatent:
     zero: ir.Value
 
 
-def _latent_outputs(graph: ir.Graph) -> set[int]:
-    return {id(v) for v in graph.outputs
-            if LATENT_INPUT.match((v.name or "").replace("present.", "past_key_values.", 1))}
-
-
-def _codes_view(node: ir.Node, latents: set[int]) -> tuple[ir.Value, ir.Value] | None:
+def _codes_view(node: ir.Node, is_latent_codes: Callable[[ir.Value | None], bool]) -> tuple[ir.Value, ir.Value] | None:
     """(stored, zero) when ``node`` is ``DequantizeLinear(stored, 1, z)`` of a latent cache's uint8 codes, per
     tensor, with a scalar constant zero point."""
     if node.op_type != "DequantizeLinear" or node.domain not in ("", "ai.onnx") or len(node.inputs) != 3:
         return None
     stored, scale, zero = node.inputs
-    if stored is None or zero is None or stored.dtype != ir.DataType.UINT8 \
-            or id(stored) not in latents and id(unpacked_codes_source(stored)) not in latents:
+    if stored is None or zero is None or stored.dtype != ir.DataType.UINT8 or not is_latent_codes(stored):
         return None
     scale_array, zero_array = const_array(scale), const_array(zero)
     if scale_array is None or scale_array.size != 1 or float(scale_array.ravel()[0]) != 1.0 \
@@ -69,23 +65,21 @@ def _codes_view(node: ir.Node, latents: set[int]) -> tuple[ir.Value, ir.Value] |
 
 
 def _batched_product(user: ir.Node, index: int) -> ir.Node | None:
-    """The MatMul reading the [B, T, r] codes as its right operand through single-use Unsqueezes that only add axes
+    """fold_latent_scales' :func:`weighted_product` of the [B, T, r] codes, when its Unsqueezes only add axes
     between B and T (so the MatMul is batched over B and broadcast over the added axes), or None."""
+    product = weighted_product(user, index)
     dims = ["batch", "length", "channels"]
-    while user.op_type == "Unsqueeze" and user.domain in ("", "ai.onnx") and index == 0:
+    while product is not None and user is not product:
         axes = const_array(user.inputs[1]) if len(user.inputs) > 1 else None
-        uses = list(user.outputs[0].uses())
-        if axes is None or len(uses) != 1:
+        if axes is None:
             return None
         rank = len(dims) + axes.size
         for axis in sorted(int(a) % rank for a in axes.ravel()):
             dims.insert(axis, "one")
         if dims[0] != "batch" or dims[-2:] != ["length", "channels"]:
             return None
-        user, index = uses[0]
-    if user.op_type != "MatMul" or user.domain not in ("", "ai.onnx") or index != 1:
-        return None
-    return user
+        user = next(iter(user.outputs[0].uses()))[0]  # single use: weighted_product checked it
+    return product
 
 
 def _softmax_rows(value: ir.Value | None, opset: int) -> bool:
@@ -100,11 +94,11 @@ def _softmax_rows(value: ir.Value | None, opset: int) -> bool:
 
 def weighted_latents(graph: ir.Graph) -> list[WeightedLatent]:
     """Every attention-weighted latent product this pass rewrites (module doc)."""
-    latents = _latent_outputs(graph)
+    is_latent_codes = latent_codes_predicate(graph)
     opset = graph.opset_imports.get("", graph.opset_imports.get("ai.onnx", 1))
     found = []
     for node in graph:
-        view = _codes_view(node, latents)
+        view = _codes_view(node, is_latent_codes)
         if view is None:
             continue
         for user, index in list(node.outputs[0].uses()):

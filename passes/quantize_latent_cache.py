@@ -23,6 +23,7 @@ unpacking is two elementwise kernels and a Concat, with no interleave.
 from __future__ import annotations
 
 import re
+from typing import Callable
 
 import numpy as np
 import onnx_ir as ir
@@ -47,6 +48,14 @@ def latent_cache_concat(graph: ir.Graph, past: ir.Value) -> ir.Node | None:
     if node.inputs[0] is not past or axis is None or axis.as_int() not in (1, -2):
         return None
     return node
+
+
+def latent_codes_predicate(graph: ir.Graph) -> Callable[[ir.Value | None], bool]:
+    """A test of whether a value is a coded latent cache: a ``present.i.latent`` graph output itself, or its
+    unpacked 4-bit codes (:func:`unpacked_codes_source`)."""
+    outputs = {id(v) for v in graph.outputs
+               if LATENT_INPUT.match((v.name or "").replace("present.", "past_key_values.", 1))}
+    return lambda value: value is not None and (id(value) in outputs or id(unpacked_codes_source(value)) in outputs)
 
 
 def unpacked_codes_source(value: ir.Value) -> ir.Value | None:

@@ -20,7 +20,7 @@ NAME = "past_key_values.0.latent"
 RNG = np.random.default_rng(11)
 
 
-def _attention_graph(softmax: bool = True) -> onnx.ModelProto:
+def _attention_graph(softmax: bool = True, axis: int = 1) -> onnx.ModelProto:
     """A float latent cache [B, T, r] and ``weighted = Softmax(scores) · Unsqueeze(present, 1)`` [B, H, S, r]
     (scores [B, H, S, T]), plus ``keys = present · W`` (another reader of the latent)."""
     probabilities = "probs" if softmax else "scores"
@@ -29,7 +29,7 @@ def _attention_graph(softmax: bool = True) -> onnx.ModelProto:
              helper.make_node("Unsqueeze", ["present.0.latent", "one"], ["latent4"]),
              helper.make_node("MatMul", [probabilities, "latent4"], ["weighted"]),
              helper.make_node("MatMul", ["present.0.latent", "w"], ["keys"])]
-    tensors = [numpy_helper.from_array(np.asarray([1], np.int64), "one"),
+    tensors = [numpy_helper.from_array(np.asarray([axis], np.int64), "one"),
                numpy_helper.from_array(RNG.standard_normal((RANK, 8)).astype(np.float32), "w")]
     latent = lambda n: helper.make_tensor_value_info(n, TensorProto.FLOAT, ["batch", None, RANK])  # noqa: E731
     graph = helper.make_graph(
@@ -128,4 +128,10 @@ def test_an_opset_12_softmax_is_not_read_as_rows():
     model = _coded(8, np.full(RANK, 0.02, np.float32))
     assert weighted_latents(model.graph)
     model.graph.opset_imports[""] = 12
+    assert not weighted_latents(model.graph)
+
+
+def test_an_unsqueeze_before_the_batch_axis_is_not_a_batched_product():
+    """Unsqueeze(codes, 0) broadcasts the codes' batch against P's heads: not a product batched over B."""
+    model = _coded(8, np.full(RANK, 0.02, np.float32), proto=_attention_graph(axis=0))
     assert not weighted_latents(model.graph)
