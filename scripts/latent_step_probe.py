@@ -125,6 +125,19 @@ def _prune_and_sort(graph: onnx.GraphProto) -> None:
     graph.node.extend(reversed(alive))
 
 
+def _key_rebuild(produced: dict[str, onnx.NodeProto], initializers: dict[str, onnx.TensorProto],
+                 transposed: str) -> tuple[onnx.NodeProto, onnx.NodeProto, int, int] | None:
+    """(rebuild, reshape, KVH, D) when ``transposed`` is ``Transpose(Reshape(MatMulIntegerToFloat(codes, W),
+    [.., KVH, D]))``, the latent's head-major rebuilt keys, else None."""
+    transpose = produced.get(transposed)
+    reshape = produced.get(transpose.input[0]) if transpose is not None and transpose.op_type == "Transpose" else None
+    rebuild = produced.get(reshape.input[0]) if reshape is not None and reshape.op_type == "Reshape" else None
+    if rebuild is None or rebuild.op_type != "MatMulIntegerToFloat" or len(rebuild.input) != 5:
+        return None
+    kv_heads, dim = (int(d) for d in numpy_helper.to_array(initializers[reshape.input[1]])[2:])
+    return rebuild, reshape, kv_heads, dim
+
+
 def block_diagonal(model: onnx.ModelProto, bundle: Path) -> int:
     """Grouped score MatMuls over RoPE(Transpose(Reshape(keys))) → block-diagonal query × flat rotated keys."""
     graph, produced, count = model.graph, _producers(model.graph), 0
@@ -168,11 +181,10 @@ def per_head_rebuild(model: onnx.ModelProto, bundle: Path) -> int:
     graph, produced, count = model.graph, _producers(model.graph), 0
     initializers = {i.name: i for i in graph.initializer}
     for transpose in [n for n in graph.node if n.op_type == "Transpose" and "latent_kv/k" in n.name]:
-        reshape = produced.get(transpose.input[0])
-        rebuild = produced.get(reshape.input[0]) if reshape is not None and reshape.op_type == "Reshape" else None
-        if rebuild is None or rebuild.op_type != "MatMulIntegerToFloat" or len(rebuild.input) != 5:
+        found = _key_rebuild(produced, initializers, transpose.output[0])
+        if found is None:
             continue
-        kv_heads, dim = (int(d) for d in numpy_helper.to_array(initializers[reshape.input[1]])[2:])
+        rebuild, _, kv_heads, dim = found
         weight, scales = (_array(bundle, initializers[rebuild.input[k]]) for k in (1, 3))
         p = f"{rebuild.name}/per_head"
         heads_weight = np.ascontiguousarray(weight.reshape(weight.shape[0], kv_heads, dim).transpose(1, 0, 2))
@@ -200,13 +212,12 @@ def partial_rebuild_cost(model: onnx.ModelProto, bundle: Path) -> int:
     for matmul in [n for n in graph.node if n.op_type == "MatMul" and n.name.endswith("grouped/matmul")]:
         query, key_t = matmul.input[0], produced[matmul.input[1]]
         rope = produced.get(key_t.input[0])
-        transpose = produced.get(rope.input[0]) if rope is not None and rope.op_type == "RotaryEmbedding" else None
-        reshape = produced.get(transpose.input[0]) if transpose is not None else None
-        rebuild = produced.get(reshape.input[0]) if reshape is not None and reshape.op_type == "Reshape" else None
-        if rebuild is None or rebuild.op_type != "MatMulIntegerToFloat":
+        found = _key_rebuild(produced, initializers, rope.input[0]) \
+            if rope is not None and rope.op_type == "RotaryEmbedding" else None
+        if found is None:
             continue
+        rebuild, reshape, kv_heads, dim = found
         (scores,) = _consumers(graph, matmul.output[0])
-        kv_heads, dim = (int(d) for d in numpy_helper.to_array(initializers[reshape.input[1]])[2:])
         weight, scales = (_array(bundle, initializers[rebuild.input[k]]) for k in (1, 3))
         rank, half = weight.shape[0], dim // 2
         per_head = weight.reshape(rank, kv_heads, dim)
